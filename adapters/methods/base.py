@@ -79,8 +79,12 @@ class AdaptationMethod:
         """Return the model with this method attached and only its parameters trainable."""
         raise NotImplementedError
 
-    def save(self, model: "nn.Module", folder: Path) -> None:
-        """Write only what training changed (adapter_config.json + adapter_model.safetensors)."""
+    def save(self, model: "nn.Module", folder: Path, state_dict: dict | None = None) -> None:
+        """Write only what training changed (adapter_config.json + adapter_model.safetensors).
+
+        `state_dict` is the full gathered state dict when parameters are sharded (DeepSpeed
+        ZeRO-3); pick this method's tensors from it instead of reading the (empty) shards.
+        """
         raise NotImplementedError
 
     def load(self, model: "nn.Module", folder: Path, adapter_name: str = "default", is_trainable: bool = False) -> "nn.Module":

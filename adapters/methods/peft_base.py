@@ -41,8 +41,9 @@ class PeftMethod(AdaptationMethod):
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(head_module_names(model)))
         return get_peft_model(model, config, adapter_name=adapter_name)
 
-    def save(self, model, folder: Path) -> None:
-        model.save_pretrained(str(folder), safe_serialization=True)
+    def save(self, model, folder: Path, state_dict=None) -> None:
+        # peft picks this adapter's tensors out of state_dict (gathered under ZeRO-3) itself.
+        model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
 
     def load(self, model, folder: Path, adapter_name="default", is_trainable=False):
         from peft import PeftModel

@@ -1,0 +1,81 @@
+"""Resumable checkpoints that hold only what training changes (adapter weights, optimizer, schedule).
+
+The frozen base is never written: a SmolLM2 checkpoint is a few MB instead of 540 MB.
+Written atomically (temp folder + rename), read back without unpickling (safetensors and
+torch.load(weights_only=True)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.json"
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise KeyError(f"checkpoint has parameters the model lacks: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def save_checkpoint(folder: Path, accelerator, model, optimizer, scheduler, state: dict) -> None:
+    folder = Path(folder)
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        # DeepSpeed shards optimizer state across ranks: only its own checkpointing can save it.
+        accelerator.save_state(str(folder))
+        if accelerator.is_main_process:
+            (folder / STATE_FILE).write_text(json.dumps(state))
+        accelerator.wait_for_everyone()
+        return
+    if accelerator.is_main_process:
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state_dict(accelerator.unwrap_model(model)), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "python_rng": random.getstate()[1][:1]}))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> dict:
+    folder = Path(folder)
+    state = json.loads((folder / STATE_FILE).read_text())
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        accelerator.load_state(str(folder))
+        return state
+    load_trainable_state_dict(accelerator.unwrap_model(model), load_file(str(folder / "trainable.safetensors")))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    torch.set_rng_state(torch.load(folder / "rng.pt", weights_only=True)["torch"])
+    return state
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted(
+        (p for p in (Path(run_dir) / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file()),
+        key=lambda p: int(p.name.split("-")[1]),
+    )
+    return ckpts[-1] if ckpts else None
