@@ -163,6 +163,10 @@ class MeanPoolingClassifier(nn.Module):
         return self.backbone.get_input_embeddings()
 
     @property
+    def num_labels(self) -> int:  # peft's sequence-classification wrapper reads it
+        return self.config.num_labels
+
+    @property
     def device(self):
         return next(self.parameters()).device
 
@@ -173,7 +177,13 @@ class MeanPoolingClassifier(nn.Module):
     def prepare_inputs_for_generation(self, *args, **kwargs):  # pragma: no cover - never generates
         raise NotImplementedError
 
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, token_type_ids=None, **kwargs):
+    def forward(
+        self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, token_type_ids=None, past_key_values=None, **kwargs
+    ):
+        # past_key_values is named so that peft prefix tuning calls this forward (mean pooling intact)
+        # instead of the backbone alone; the prefix keys/values reach every attention layer.
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
         kwargs.pop("num_items_in_batch", None)
         kwargs.pop("output_attentions", None)
         kwargs.pop("output_hidden_states", None)
@@ -184,6 +194,8 @@ class MeanPoolingClassifier(nn.Module):
         states = out.last_hidden_state
         if attention_mask is None:
             attention_mask = torch.ones(states.shape[:2], device=states.device, dtype=torch.long)
+        if attention_mask.shape[1] > states.shape[1]:  # prefix tuning: mask covers the prefix, which has no states
+            attention_mask = attention_mask[:, -states.shape[1] :]
         if attention_mask.shape[1] != states.shape[1]:  # prompt tokens prepended by peft
             extra = states.shape[1] - attention_mask.shape[1]
             attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], extra), attention_mask], dim=1)

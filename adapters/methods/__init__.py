@@ -14,3 +14,8 @@ from adapters.methods.base import (  # noqa: F401
     register_method,
 )
 from adapters.methods import lora  # noqa: F401,E402
+from adapters.methods import ia3  # noqa: F401,E402
+from adapters.methods import loha  # noqa: F401,E402
+from adapters.methods import lokr  # noqa: F401,E402
+from adapters.methods import vera  # noqa: F401,E402
+from adapters.methods import prompt_learning  # noqa: F401,E402

@@ -1,0 +1,48 @@
+"""VeRA: one frozen random low-rank pair shared by all layers, with trained per-layer scaling vectors (peft VeRA)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from adapters.methods.base import MethodOptions, register_method
+from adapters.methods.lora import resolve_target_modules
+from adapters.methods.peft_base import PeftMethod
+
+
+class VeraOptions(MethodOptions):
+    r: int = Field(256, ge=1, description="Rank of the shared random projections (VeRA uses far higher ranks than LoRA).")
+    target_modules: Literal["attention", "mlp", "all", "all-linear"] | list[str] = Field(
+        "all",
+        description="Which linear layers get VeRA: attention, mlp, all (both), all-linear, or a list of names. "
+        "Layers of different shapes share slices of one projection sized for the largest.",
+    )
+    projection_prng_key: int = Field(0, description="Seed of the shared random projections.")
+    save_projection: bool = Field(
+        True, description="Save the shared projections with the adapter (larger file, but no dependence on the RNG)."
+    )
+    d_initial: float = Field(0.1, gt=0, description="Initial value of the trained scaling vector d.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the VeRA input.")
+
+
+class VeraMethod(PeftMethod):
+    name = "vera"
+    summary = "VeRA: shared frozen random low-rank matrices, trained per-layer scaling vectors (peft VeRA); smallest trainable set."
+    Options = VeraOptions
+    mixable = False  # peft 0.21 ignores per-row adapter_names for VeRA (LoRA-only feature)
+
+    def peft_config(self, options: VeraOptions, task, model):
+        from peft import VeraConfig
+
+        return VeraConfig(
+            r=options.r,
+            target_modules=resolve_target_modules(options.target_modules, model),
+            projection_prng_key=options.projection_prng_key,
+            save_projection=options.save_projection,
+            d_initial=options.d_initial,
+            vera_dropout=options.dropout,
+        )
+
+
+register_method(VeraMethod())
