@@ -85,3 +85,46 @@ def store_root(tmp_path) -> Path:
     root = tmp_path / "store"
     root.mkdir()
     return root
+
+
+@pytest.fixture()
+def make_adapter_folder(tmp_path):
+    """Factory for small LoRA-shaped adapter folders (peft config + safetensors + manifest.json).
+
+    No torch: for store/manifest tests that need valid folders, not a model. Each call makes a
+    new folder with different weights; keyword arguments go to build_manifest.
+    """
+    import itertools
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from adapters.manifest import build_manifest, write_manifest
+
+    counter = itertools.count()
+
+    def make(base_fingerprint: str = "sha256:" + "0" * 64, **manifest_fields) -> Path:
+        n = next(counter)
+        folder = tmp_path / f"adapter-src-{n}"
+        folder.mkdir()
+        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        rng = np.random.default_rng(n)
+        weights = {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal((2, 32)).astype("float32"),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": rng.standard_normal((32, 2)).astype("float32"),
+        }
+        save_file(weights, str(folder / "adapter_model.safetensors"))
+        fields = {
+            "task": "causal-lm",
+            "method": {"name": "lora", "options": {"r": 2}},
+            "base_model": {"name": "tiny-base", "fingerprint": base_fingerprint},
+            "metrics": {"accuracy": 0.5},
+            "training": {"train": {"lr": 1e-4}},
+            **manifest_fields,
+        }
+        write_manifest(folder, build_manifest(**fields))
+        return folder
+
+    return make
