@@ -1,0 +1,192 @@
+"""Metrics, computed through `evaluate` with the local metric modules in this folder.
+
+Classification: accuracy, F1 macro/micro, precision/recall macro, MCC; a per-class report; the
+confusion matrix saved as JSON and PNG. Generation: exact match (normalized), perplexity.
+
+Predictions and references may be class ids or label names; a prediction outside the label
+set (a causal LM answering "maybe") becomes id -1, which only ever counts as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+METRICS_DIR = Path(__file__).resolve().parent
+OTHER = "(other)"  # confusion-matrix column for predictions outside the label set
+
+
+@lru_cache(maxsize=None)
+def load_metric(name: str):
+    """An `evaluate` metric from the module adapters/metrics/<name>.py (works offline)."""
+    import evaluate
+
+    path = METRICS_DIR / f"{name}.py"
+    if not path.is_file():
+        available = sorted(p.stem for p in METRICS_DIR.glob("*.py") if p.stem != "__init__")
+        raise ValueError(f"unknown metric {name!r}; available: {', '.join(available)}")
+    return evaluate.load(str(path), keep_in_memory=True)
+
+
+def _to_ids(values: Sequence[Any], labels: Sequence[str]) -> list[int]:
+    index = {str(label): i for i, label in enumerate(labels)}
+    ids = []
+    for v in values:
+        if isinstance(v, numbers.Integral) and not isinstance(v, bool):  # a class id (numpy ints too)
+            i = int(v)
+            ids.append(i if 0 <= i < len(labels) else -1)
+        else:
+            ids.append(index.get(str(v), -1))
+    return ids
+
+
+def _prepare(preds, refs, labels):
+    preds, refs = list(preds), list(refs)
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
+    if not refs:
+        raise ValueError("no predictions to score")
+    if labels is None:
+        labels = sorted({str(v) for v in refs} | {str(v) for v in preds})
+    labels = [str(label) for label in labels]
+    pred_ids, ref_ids = _to_ids(preds, labels), _to_ids(refs, labels)
+    if -1 in ref_ids:
+        unknown = sorted({str(r) for r, i in zip(refs, ref_ids) if i == -1})[:5]
+        raise ValueError(f"references {unknown} are not among the labels {labels}")
+    return pred_ids, ref_ids, labels
+
+
+def classification_metrics(preds: Sequence, refs: Sequence, labels: Sequence[str] | None = None) -> dict[str, float]:
+    """accuracy, f1_macro, f1_micro, precision_macro, recall_macro, mcc (averages over `labels`)."""
+    pred_ids, ref_ids, labels = _prepare(preds, refs, labels)
+    ids = list(range(len(labels)))
+    args = {"predictions": pred_ids, "references": ref_ids}
+    return {
+        "accuracy": load_metric("accuracy").compute(**args)["accuracy"],
+        "f1_macro": load_metric("f1").compute(**args, labels=ids, average="macro")["f1"],
+        "f1_micro": load_metric("f1").compute(**args, labels=ids, average="micro")["f1"],
+        "precision_macro": load_metric("precision").compute(**args, labels=ids, average="macro")["precision"],
+        "recall_macro": load_metric("recall").compute(**args, labels=ids, average="macro")["recall"],
+        "mcc": load_metric("matthews_correlation").compute(**args)["matthews_correlation"],
+    }
+
+
+def per_class_report(preds: Sequence, refs: Sequence, labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """{label: {precision, recall, f1, support}} plus "unknown_predictions" (answers outside the labels)."""
+    pred_ids, ref_ids, labels = _prepare(preds, refs, labels)
+    ids = list(range(len(labels)))
+    args = {"predictions": pred_ids, "references": ref_ids, "labels": ids, "average": None}
+    precision = load_metric("precision").compute(**args)["precision"]
+    recall = load_metric("recall").compute(**args)["recall"]
+    f1 = load_metric("f1").compute(**args)["f1"]
+    report: dict[str, Any] = {
+        label: {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": ref_ids.count(i)}
+        for i, label in enumerate(labels)
+    }
+    report["unknown_predictions"] = pred_ids.count(-1)
+    return report
+
+
+def confusion_matrix(preds: Sequence, refs: Sequence, labels: Sequence[str] | None = None) -> dict[str, Any]:
+    """{"labels", "columns", "matrix"}: matrix[i][j] = rows of true labels[i] predicted as columns[j];
+    an extra "(other)" column appears when some predictions are outside the labels."""
+    pred_ids, ref_ids, labels = _prepare(preds, refs, labels)
+    ids = list(range(len(labels)))
+    other = -1 in pred_ids
+    matrix = load_metric("confusion_matrix").compute(
+        predictions=pred_ids, references=ref_ids, labels=ids + ([-1] if other else [])
+    )["confusion_matrix"]
+    if other:
+        matrix = matrix[:-1]  # the (other) row: no reference is ever outside the labels
+    return {"labels": labels, "columns": labels + ([OTHER] if other else []), "matrix": matrix}
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder, fsync, rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_confusion_matrix(preds: Sequence, refs: Sequence, labels: Sequence[str] | None, out_dir: str | Path) -> dict[str, Path]:
+    """Write confusion_matrix.json (matrix + per-class report) and confusion_matrix.png to out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cm = confusion_matrix(preds, refs, labels)
+    payload = {**cm, "per_class": per_class_report(preds, refs, cm["labels"]), "num_rows": len(list(refs))}
+    json_path, png_path = out_dir / "confusion_matrix.json", out_dir / "confusion_matrix.png"
+    _atomic_write(json_path, lambda fh: fh.write(json.dumps(payload, indent=2).encode()))
+    figure = _plot_confusion_matrix(cm)
+    _atomic_write(png_path, lambda fh: figure.savefig(fh, format="png", dpi=100))
+    return {"json": json_path, "png": png_path}
+
+
+def _plot_confusion_matrix(cm: dict[str, Any]):
+    # Figure + Agg canvas directly: no pyplot global state, no display needed.
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    matrix = np.asarray(cm["matrix"], dtype=float)
+    rows, cols = cm["labels"], cm["columns"]
+    size = max(4.0, 0.45 * len(cols) + 2.5)
+    fig = Figure(figsize=(size, size * 0.9))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    # Colour by row share, so rare classes are as readable as frequent ones.
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    ax.set_xticks(range(len(cols)), labels=cols, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), labels=rows)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(cols) <= 20:
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center",
+                        color="white" if shares[i, j] > 0.5 else "black", fontsize=8)
+    ax.set_title(f"confusion matrix ({int(matrix.sum())} rows)")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------- generation
+def normalize_answer(text: str) -> str:
+    """strip, lowercase, whitespace collapsed, trailing punctuation dropped (as exact_match compares)."""
+    import string
+
+    return " ".join(str(text).strip().lower().split()).rstrip(string.punctuation + " \t\n").strip()
+
+
+def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
+    """Fraction of generated answers equal to the reference after normalize_answer."""
+    preds, refs = [str(p) for p in preds], [str(r) for r in refs]
+    if len(preds) != len(refs):
+        raise ValueError(f"{len(preds)} predictions for {len(refs)} references")
+    if not refs:
+        return 0.0
+    return float(load_metric("exact_match").compute(predictions=preds, references=refs)["exact_match"])
+
+
+def perplexity_from_loss(mean_loss: float) -> float:
+    """exp(mean token cross-entropy in nats); inf instead of an OverflowError for diverged runs."""
+    if mean_loss is None or (isinstance(mean_loss, float) and math.isnan(mean_loss)):
+        return float("nan")
+    try:
+        return math.exp(mean_loss)
+    except OverflowError:
+        return float("inf")
