@@ -1,0 +1,675 @@
+"""Serve many adapters from one loaded base: an LRU of resident adapters and mixed-adapter batches.
+
+The base loads once. Adapters load by reference (a store reference ``name``, ``name@3``,
+``name@prod``, or an adapter folder) under private peft adapter names (``a0``, ``a1``, ...),
+up to ``capacity`` at a time; the least recently used one is deleted to make room.
+
+A batch may mix rows of different adapters (and the bare base, ``"base"``). Rows whose
+adapters' method is mixable (the LoRA family; the registry's ``mixable`` flag) share one
+forward pass through peft's per-row ``adapter_names``; rows of other methods run in one
+pass per adapter. Results come back in request order either way.
+
+One lock guards the model: a load, an unload and a forward pass never overlap, so no request
+sees a half-loaded adapter. Reading and verifying adapter files happens outside the lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.config import ModelConfig, QuantizationConfig
+from adapters.errors import ConfigError, StoreError
+from adapters.generation import DecodedRow, SamplingParams, decode_batch, encode_prompt, eos_ids
+
+log = logging.getLogger(__name__)
+
+BASE = "base"  # the reference that means "no adapter"
+PEFT_BASE = "__base__"  # peft's adapter_names value for the bare base
+MANIFEST = "manifest.json"
+TASKS = ("causal-lm", "sequence-classification")
+
+
+# ------------------------------------------------------------------ requests and results
+@dataclass
+class GenerationRequest:
+    """One row to generate for. Give ``prompt`` (text) or ``messages`` (chat)."""
+
+    adapter: str = BASE
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    raw: bool = False  # True: do not apply the adapter's training prompt format to plain text
+
+
+@dataclass
+class GenerationResult:
+    adapter: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class ClassificationRequest:
+    adapter: str
+    text: str
+
+
+@dataclass
+class ClassificationResult:
+    adapter: str
+    label: str
+    label_id: int
+    confidence: float
+    probabilities: dict[str, float]
+    logits: list[float]
+    input_tokens: int
+
+
+@dataclass
+class ResolvedAdapter:
+    """What a reference points to, before it is loaded."""
+
+    key: str  # the real folder path: two references to the same version share one slot
+    path: Path
+    manifest: dict
+    method: str
+    mixable: bool
+    is_prompt_learning: bool
+    peft_type: str
+    num_labels: int | None
+
+
+@dataclass
+class ResidentAdapter:
+    slot: str  # the peft adapter name
+    adapter: ResolvedAdapter
+    loaded_at: float
+    load_seconds: float
+    uses: int = 0
+    refs: set[str] = field(default_factory=set)
+
+
+@dataclass
+class EngineStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    evictions: int = 0
+    unloads: int = 0
+    last_load_seconds: float = 0.0
+
+
+# ------------------------------------------------------------------ the engine
+class InferenceEngine:
+    """One base model, many adapters. Thread-safe."""
+
+    def __init__(
+        self,
+        base: str | ModelConfig,
+        task: str = "causal-lm",
+        quantization: QuantizationConfig | dict | int | None = None,
+        capacity: int = 8,
+        store: Any = None,
+        dtype: str = "float32",
+        pooling: str = "auto",
+        device: str | None = None,
+        max_input_tokens: int | None = None,
+        allow_base_mismatch: bool = False,
+    ):
+        from adapters.modeling import load_backbone, load_tokenizer
+
+        if task not in TASKS:
+            raise ConfigError(f"task {task!r} is not served; valid tasks: {', '.join(TASKS)}")
+        if capacity < 1:
+            raise ConfigError(f"capacity must be >= 1 (got {capacity})")
+        if isinstance(quantization, int):
+            quantization = QuantizationConfig(bits=quantization)
+        elif isinstance(quantization, dict):
+            quantization = QuantizationConfig(**quantization)
+        self.model_config = base if isinstance(base, ModelConfig) else ModelConfig(name=str(base), dtype=dtype, quantization=quantization, pooling=pooling)
+        self.base_name = self.model_config.name
+        self.task = task
+        self.capacity = capacity
+        self.store = store
+        self.allow_base_mismatch = allow_base_mismatch
+        self.stats = EngineStats()
+        self._lock = threading.RLock()
+        self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # key -> resident, LRU order
+        self._next_slot = 0
+        self._tuner_layers: list[torch.nn.Module] = []
+        self._active_slot: str | None = None
+        self._pinned_keys: dict[str, str] = {}
+
+        t0 = time.perf_counter()
+        self.tokenizer = load_tokenizer(self.model_config)
+        # A classifier's head is per adapter (peft modules_to_save); the base's own head is a placeholder.
+        label2id = {"LABEL_0": 0, "LABEL_1": 1} if task == "sequence-classification" else None
+        model = load_backbone(self.model_config, task, label2id)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() and self.model_config.quantization is None else None
+        if device is not None and self.model_config.quantization is None:
+            model.to(device)
+        self.device = next(model.parameters()).device
+        model.eval()
+        self._base_model = model
+        self._peft = None  # the PeftModel, once an adapter is loaded
+        self.base_load_seconds = time.perf_counter() - t0
+        self.max_input_tokens = max_input_tokens or int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self._stop_ids = eos_ids(model, self.tokenizer) if task == "causal-lm" else set()
+        self._base_fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ references
+    def store_of(self):
+        """The adapter store that resolves references (the default store unless one was given)."""
+        if self.store is None or isinstance(self.store, (str, Path)):
+            from adapters.store import AdapterStore
+
+            self.store = AdapterStore(self.store)
+        return self.store
+
+    def key_of(self, ref: str) -> str:
+        """The folder a reference points at now (cheap: no checksums). Tags may move between calls."""
+        from adapters.store import is_path_ref
+
+        if not isinstance(ref, str) or not ref.strip():
+            raise ConfigError("adapter reference must be a non-empty string")
+        if ref == BASE:
+            raise ConfigError("'base' is the bare base model, not an adapter")
+        if is_path_ref(ref):
+            return str(Path(ref).expanduser().resolve())
+        return str(self.store_of().locate(ref).path.resolve())
+
+    def resolve(self, ref: str) -> ResolvedAdapter:
+        """Resolve a reference, verify its files' checksums and its base model, read what serving needs.
+
+        Raises ConfigError, StoreError or BaseMismatchError (a StoreError) naming the problem.
+        """
+        from adapters.methods import method_of_folder
+        from adapters.store import check_publishable_files
+
+        self.key_of(ref)  # validates the reference
+        path, manifest = self.store_of().resolve(ref, verify=True)
+        path = Path(path)
+        check_publishable_files(path)  # safetensors present, nothing that unpickles
+        self._check_base(ref, path, manifest)
+        manifest = dict(manifest or {})
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        method = method_of_folder(path)
+        task = manifest.get("task")
+        if task and task != self.task:
+            raise ConfigError(f"adapter {ref!r} was trained for task {task!r}; this engine serves {self.task!r}")
+        peft_type = str(cfg.get("peft_type", "")).upper()
+        num_labels = None
+        if self.task == "sequence-classification":
+            labels = manifest.get("labels")
+            num_labels = self._head_size(path) or (len(labels) if labels else None)
+        return ResolvedAdapter(
+            key=str(path.resolve()),
+            path=path,
+            manifest=manifest,
+            method=method.name,
+            mixable=bool(method.mixable),
+            is_prompt_learning=peft_type in _PROMPT_LEARNING,
+            peft_type=peft_type,
+            num_labels=num_labels,
+        )
+
+    def base_fingerprint(self) -> str | None:
+        """Fingerprint of the base model's files (None for a hub id that is not a local folder)."""
+        if self._base_fingerprint is None:
+            from adapters.builtins import resolve_model
+            from adapters.fingerprint import fingerprint_model
+
+            where = Path(resolve_model(self.model_config.name))
+            self._base_fingerprint = fingerprint_model(where) if where.is_dir() else ""
+        return self._base_fingerprint or None
+
+    def _check_base(self, ref: str, path: Path, manifest: dict | None) -> None:
+        """Refuse an adapter trained on another base (the store's check), unless allowed."""
+        from adapters.store import check_base
+
+        if manifest is None:
+            if not self.allow_base_mismatch:
+                raise StoreError(
+                    f"adapter {ref!r} ({path}) has no manifest.json, so its base model cannot be checked; "
+                    "publish it with a manifest, or start the engine with allow_base_mismatch=True"
+                )
+            log.warning("serving %s without a manifest: base model unchecked", path)
+            return
+        check_base(manifest, self.base_fingerprint(), allow_mismatch=self.allow_base_mismatch, base_name=self.base_name)
+
+    def _head_size(self, path: Path) -> int | None:
+        from safetensors import safe_open
+
+        from adapters.methods.peft_base import head_module_names
+
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            return None
+        heads = head_module_names(self._base_model)
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                for head in heads:
+                    if key.endswith(f"{head}.weight") or key.endswith(f"{head}.modules_to_save.weight"):
+                        return int(fh.get_slice(key).get_shape()[0])
+        return None
+
+    # ------------------------------------------------------------------ residency
+    def load(self, ref: str) -> ResidentAdapter:
+        """Make an adapter resident (a cache hit costs a dict look-up). Returns its resident entry."""
+        adapter = self.resolve(ref)
+        with self._lock:
+            return self._ensure_resident(adapter, ref, pinned=set())
+
+    def unload(self, ref: str) -> bool:
+        """Delete an adapter from memory. Returns False if it was not resident."""
+        key = self._cached_key(ref)
+        with self._lock:
+            if key not in self._resident:
+                return False
+            self._evict(key)
+            self.stats.unloads += 1
+            return True
+
+    def _cached_key(self, ref: str) -> str:
+        # A folder path or name@<version> always means the same files (store versions are
+        # immutable), so its key is remembered; a bare name or a tag is looked up each time.
+        key = self._pinned_keys.get(ref)
+        if key is None:
+            key = self.key_of(ref)
+            if _is_pinned_ref(ref):
+                if len(self._pinned_keys) > 4096:
+                    self._pinned_keys.clear()
+                self._pinned_keys[ref] = key
+        return key
+
+    def activate(self, ref: str) -> str:
+        """Make ``ref`` the active adapter for single-adapter calls; ``base`` disables adapters.
+
+        A resident adapter costs a dict look-up and one attribute per adapted layer; otherwise it
+        is loaded first. Returns the peft adapter name.
+        """
+        if ref == BASE:
+            with self._lock:
+                self._activate_slot(None)
+            return PEFT_BASE
+        key = self._cached_key(ref)
+        with self._lock:
+            entry = self._resident.get(key)
+            if entry is not None:
+                self.stats.hits += 1
+                self._resident.move_to_end(key)
+                entry.refs.add(ref)
+            else:
+                entry = None
+        if entry is None:
+            adapter = self.resolve(ref)
+            with self._lock:
+                entry = self._ensure_resident(adapter, ref, pinned=set())
+                self._activate_slot(entry.slot)
+            return entry.slot
+        with self._lock:
+            if entry.adapter.key not in self._resident:  # evicted meanwhile by another thread
+                entry = self._ensure_resident(entry.adapter, ref, pinned=set())
+            self._activate_slot(entry.slot)
+        return entry.slot
+
+    def resident(self) -> list[dict]:
+        """Resident adapters, least recently used first."""
+        with self._lock:
+            return [
+                {
+                    "key": e.adapter.key,
+                    "slot": e.slot,
+                    "refs": sorted(e.refs),
+                    "name": e.adapter.manifest.get("name"),
+                    "version": e.adapter.manifest.get("version"),
+                    "method": e.adapter.method,
+                    "mixable": e.adapter.mixable,
+                    "labels": self._labels(e),
+                    "uses": e.uses,
+                    "load_seconds": round(e.load_seconds, 4),
+                }
+                for e in self._resident.values()
+            ]
+
+    def _ensure_resident(self, adapter: ResolvedAdapter, ref: str, pinned: set[str]) -> ResidentAdapter:
+        entry = self._resident.get(adapter.key)
+        if entry is not None:
+            self.stats.hits += 1
+            self._resident.move_to_end(adapter.key)
+            entry.refs.add(ref)
+            return entry
+        self.stats.misses += 1
+        self._check_peft_type(adapter, pinned)
+        while len(self._resident) >= self.capacity:
+            victim = next((k for k in self._resident if k not in pinned), None)
+            if victim is None:
+                raise ConfigError(f"a batch needs more than capacity={self.capacity} adapters at once")
+            self._evict(victim)
+        t0 = time.perf_counter()
+        slot = f"a{self._next_slot}"
+        self._next_slot += 1
+        self._attach(adapter, slot)
+        seconds = time.perf_counter() - t0
+        entry = ResidentAdapter(slot=slot, adapter=adapter, loaded_at=time.time(), load_seconds=seconds, refs={ref})
+        self._resident[adapter.key] = entry
+        self.stats.loads += 1
+        self.stats.last_load_seconds = seconds
+        return entry
+
+    def _check_peft_type(self, adapter: ResolvedAdapter, pinned: set[str]) -> None:
+        # One PeftModel holds adapters of one peft type (LoRA and DoRA share LORA).
+        if self._peft is None:
+            return
+        current = str(getattr(self._peft, "peft_type", "")).split(".")[-1].upper()
+        if current == adapter.peft_type:
+            return
+        if pinned or self._resident:
+            raise ConfigError(
+                f"adapter {adapter.manifest.get('name') or adapter.path} uses peft type {adapter.peft_type}, "
+                f"but the resident adapters use {current}; one engine serves one peft type at a time "
+                "(unload the others first, or start another engine)"
+            )
+        self._base_model = self._peft.unload()  # no adapters resident: start a fresh wrapper
+        self._peft = None
+
+    def _attach(self, adapter: ResolvedAdapter, slot: str) -> None:
+        from peft import PeftModel
+
+        if adapter.num_labels is not None:
+            self._resize_heads(adapter.num_labels)
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(
+                self._base_model, str(adapter.path), adapter_name=slot, is_trainable=False, low_cpu_mem_usage=True
+            )
+        else:
+            self._peft.load_adapter(str(adapter.path), adapter_name=slot, is_trainable=False, low_cpu_mem_usage=True)
+        self._peft.eval()
+        self._refresh_tuner_layers()
+        if self._active_slot is None or self._active_slot not in self._slots():
+            self._activate_slot(slot)
+        else:
+            self._activate_slot(self._active_slot)
+
+    def _evict(self, key: str) -> None:
+        entry = self._resident.pop(key)
+        remaining = self._slots()
+        if self._active_slot == entry.slot:
+            self._active_slot = None
+        if remaining:
+            self._peft.delete_adapter(entry.slot)
+            self._refresh_tuner_layers()
+            self._activate_slot(self._active_slot or remaining[0])
+        else:
+            # peft keeps at least one adapter; drop the wrapper and restore the plain base instead.
+            self._base_model = self._peft.unload()
+            self._peft = None
+            self._tuner_layers = []
+            self._active_slot = None
+        self.stats.evictions += 1
+
+    def _slots(self) -> list[str]:
+        return [e.slot for e in self._resident.values()]
+
+    def _refresh_tuner_layers(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        self._tuner_layers = [m for m in self._peft.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+
+    def _activate_slot(self, slot: str | None) -> None:
+        """Point every adapter layer at ``slot`` (None: the bare base).
+
+        peft's set_adapter also flips requires_grad on every adapter of every layer, which grows
+        with the number of resident adapters; at inference only the active name matters.
+        """
+        if self._peft is None:
+            return
+        if slot is None:
+            for m in self._tuner_layers:
+                m._disable_adapters = True
+            self._active_slot = None
+            return
+        for m in self._tuner_layers:
+            m._active_adapter = slot if not isinstance(m._active_adapter, list) else [slot]
+            m._disable_adapters = False
+        if self._peft.peft_config[slot].is_prompt_learning:
+            self._peft.set_adapter(slot)  # no tuner layers to walk: cheap
+        else:
+            self._peft.base_model.active_adapter = slot
+        self._active_slot = slot
+
+    def _labels(self, entry: ResidentAdapter) -> list[str] | None:
+        labels = entry.adapter.manifest.get("labels")
+        if labels:
+            return list(labels)
+        if entry.adapter.num_labels:
+            return [f"LABEL_{i}" for i in range(entry.adapter.num_labels)]
+        return None
+
+    def _resize_heads(self, num_labels: int) -> None:
+        """Give the placeholder head the adapter's label count, so peft's per-adapter copy matches its weights."""
+        from peft.utils.other import ModulesToSaveWrapper
+
+        from adapters.methods.peft_base import head_module_names
+
+        root = self._base_model
+        for name in head_module_names(root):
+            module = root.get_submodule(name)
+            holder = module
+            current = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
+            if not isinstance(current, torch.nn.Linear) or current.out_features == num_labels:
+                continue
+            fresh = torch.nn.Linear(current.in_features, num_labels, bias=current.bias is not None)
+            fresh = fresh.to(device=current.weight.device, dtype=current.weight.dtype)
+            if isinstance(holder, ModulesToSaveWrapper):
+                holder.original_module = fresh
+            else:
+                parent_name, _, attr = name.rpartition(".")
+                setattr(root.get_submodule(parent_name) if parent_name else root, attr, fresh)
+        if hasattr(root, "config"):
+            root.config.num_labels = num_labels
+
+    # ------------------------------------------------------------------ batches
+    def _resolve_rows(self, refs: list[str]) -> list[ResolvedAdapter | None]:
+        """What each row's reference points at; a resident adapter is found without touching its files."""
+        found: dict[str, ResolvedAdapter | None] = {}
+        out = []
+        for ref in refs:
+            if ref not in found:
+                if ref == BASE:
+                    found[ref] = None
+                else:
+                    key = self._cached_key(ref)
+                    with self._lock:
+                        entry = self._resident.get(key)
+                    found[ref] = entry.adapter if entry is not None else self.resolve(ref)
+            out.append(found[ref])
+        return out
+
+    def _plan(self, adapters: list[ResolvedAdapter | None]) -> list[tuple[bool, list[int]]]:
+        """Split row indices into passes: (mixed, rows). Mixable rows (and base rows) share passes
+        of at most ``capacity`` distinct adapters; each non-mixable adapter gets its own pass."""
+        passes: list[tuple[bool, list[int]]] = []
+        mix_groups: dict[Any, list[int]] = {}
+        solo: dict[str, list[int]] = {}
+        for i, a in enumerate(adapters):
+            if a is None or a.mixable:
+                group = a.num_labels if (a is not None and self.task == "sequence-classification") else None
+                mix_groups.setdefault(group, []).append(i)
+            else:
+                solo.setdefault(a.key, []).append(i)
+        for rows in mix_groups.values():
+            chunk: list[int] = []
+            keys: set[str] = set()
+            for i in rows:
+                key = adapters[i].key if adapters[i] is not None else None
+                if key is not None and key not in keys and len(keys) >= self.capacity:
+                    passes.append((True, chunk))
+                    chunk, keys = [], set()
+                if key is not None:
+                    keys.add(key)
+                chunk.append(i)
+            if chunk:
+                passes.append((True, chunk))
+        passes.extend((False, rows) for rows in solo.values())
+        return passes
+
+    def _prepare_pass(self, refs: list[str], adapters: list[ResolvedAdapter | None], rows: list[int], mixed: bool):
+        """Under the lock: make the pass's adapters resident; return the per-row peft adapter names
+        (mixed) or None after activating the single adapter (or the base)."""
+        pinned = {adapters[i].key for i in rows if adapters[i] is not None}
+        slots = []
+        for i in rows:
+            a = adapters[i]
+            if a is None:
+                slots.append(PEFT_BASE)
+                continue
+            entry = self._ensure_resident(a, refs[i], pinned)
+            entry.uses += 1
+            slots.append(entry.slot)
+        distinct = set(slots)
+        if self._peft is None:
+            return None  # only base rows and no adapter loaded: the plain model
+        if len(distinct) == 1:
+            only = slots[0]
+            self._activate_slot(None if only == PEFT_BASE else only)
+            return None
+        # Mixed pass: peft falls back to the base for a ModulesToSaveWrapper whose active adapter it
+        # does not hold, so point the layers at an adapter of this pass.
+        self._activate_slot(next(s for s in slots if s != PEFT_BASE))
+        return slots
+
+    def _forward_fn(self):
+        return self._peft if self._peft is not None else self._base_model
+
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        """Generate for a batch of rows that may use different adapters. Results are in request order."""
+        if self.task != "causal-lm":
+            raise ConfigError(f"generate needs a causal-lm engine; this engine serves {self.task!r}")
+        refs = [r.adapter or BASE for r in requests]
+        adapters = self._resolve_rows(refs)
+        prompts: list[list[int]] = []
+        for req, a in zip(requests, adapters):
+            spec = None if (req.raw or a is None) else a.manifest.get("prompt")
+            ids = encode_prompt(self.tokenizer, req.prompt, req.messages, spec)
+            if len(ids) + req.params.max_new_tokens > self.max_input_tokens:
+                raise ConfigError(
+                    f"prompt ({len(ids)} tokens) + max_new_tokens ({req.params.max_new_tokens}) exceeds the "
+                    f"model's limit of {self.max_input_tokens} tokens"
+                )
+            prompts.append(ids)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for mixed, rows in self._plan(adapters):
+            with self._lock:
+                names = self._prepare_pass(refs, adapters, rows, mixed)
+                is_prompt_learning = any(adapters[i] is not None and adapters[i].is_prompt_learning for i in rows)
+                if is_prompt_learning:
+                    decoded = [self._generate_prompt_learning(prompts[i], requests[i].params) for i in rows]
+                else:
+                    decoded = decode_batch(
+                        self._forward_fn(), self.tokenizer, [prompts[i] for i in rows], [requests[i].params for i in rows],
+                        self._stop_ids, adapter_names=names, device=self.device,
+                    )
+            for i, d in zip(rows, decoded):
+                results[i] = GenerationResult(
+                    adapter=refs[i], text=d.text, token_ids=d.token_ids, finish_reason=d.finish_reason,
+                    prompt_tokens=len(prompts[i]), completion_tokens=len(d.token_ids),
+                )
+        return results  # type: ignore[return-value]
+
+    def _generate_prompt_learning(self, prompt: list[int], params: SamplingParams) -> DecodedRow:
+        # Prompt-learning methods prepend virtual tokens inside peft's generate; run them one row at a
+        # time through it (their rows never mix, and a single row needs no padding).
+        ids = torch.tensor([prompt], device=self.device)
+        kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+        if params.temperature > 0:
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
+        else:
+            kwargs.update(do_sample=False)
+        if params.stop:
+            kwargs.update(stop_strings=params.stop, tokenizer=self.tokenizer)
+        with torch.inference_mode():
+            out = self._peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+        new = [int(t) for t in out[0, len(prompt):]]
+        finish = "length"
+        if new and new[-1] in self._stop_ids:
+            new, finish = new[:-1], "stop"
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        for s in params.stop:
+            if s in text:
+                text, finish = text[: text.find(s)], "stop"
+        return DecodedRow(new, text, finish)
+
+    def classify(self, requests: list[ClassificationRequest]) -> list[ClassificationResult]:
+        """Classify a batch of texts; each row names its adapter (which carries its own head)."""
+        if self.task != "sequence-classification":
+            raise ConfigError(f"classify needs a sequence-classification engine; this engine serves {self.task!r}")
+        refs = [r.adapter for r in requests]
+        if any(ref == BASE or not ref for ref in refs):
+            raise ConfigError("classification needs an adapter: the base model has no trained head")
+        adapters = self._resolve_rows(refs)
+        encoded = []
+        for req, a in zip(requests, adapters):
+            limit = int(((a.manifest.get("training") or {}).get("data") or {}).get("max_length") or self.max_input_tokens)
+            ids = self.tokenizer(req.text, truncation=True, max_length=min(limit, self.max_input_tokens))["input_ids"]
+            encoded.append(ids)
+        results: list[ClassificationResult | None] = [None] * len(requests)
+        for mixed, rows in self._plan(adapters):
+            with self._lock, torch.inference_mode():
+                names = self._prepare_pass(refs, adapters, rows, mixed)
+                logits = self._classify_pass([encoded[i] for i in rows], names)
+                labels_of = {i: self._labels(self._resident[adapters[i].key]) for i in rows}
+            for i, row_logits in zip(rows, logits):
+                labels = labels_of[i]
+                probs = torch.softmax(row_logits.float(), dim=-1)
+                best = int(torch.argmax(probs))
+                results[i] = ClassificationResult(
+                    adapter=refs[i], label=labels[best], label_id=best, confidence=float(probs[best]),
+                    probabilities={labels[k]: float(probs[k]) for k in range(len(labels))},
+                    logits=[float(v) for v in row_logits], input_tokens=len(encoded[i]),
+                )
+        return results  # type: ignore[return-value]
+
+    def _classify_pass(self, encoded: list[list[int]], names: list[str] | None) -> torch.Tensor:
+        pad_id = self.tokenizer.pad_token_id or 0
+        width = max(len(e) for e in encoded)
+        ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, e in enumerate(encoded):  # right padding: encoders and last-token pooling both handle it
+            ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
+        extra = {"adapter_names": names} if names is not None else {}
+        out = self._forward_fn()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **extra)
+        return out.logits.detach().cpu()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+
+_PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
+
+
+def _is_pinned_ref(ref: str) -> bool:
+    """A folder or name@<version> always means the same files; a bare name or a tag may move."""
+    from adapters.store import is_path_ref
+
+    if is_path_ref(ref):
+        return True
+    _, _, suffix = ref.partition("@")
+    return suffix.isdigit()

@@ -1,0 +1,206 @@
+"""InferenceEngine: LRU residency, mixed-adapter batches equal to single-adapter runs, generation options."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from adapters.engine import ClassificationRequest, GenerationRequest, InferenceEngine
+from adapters.errors import ConfigError, StoreError
+from adapters.generation import SamplingParams, format_prompt
+from serving_helpers import make_adapter
+
+PROMPTS = ["Hello there", "The capital of France is", "Once upon a time, long ago in a land", "x", "2 + 2 ="]
+
+
+@pytest.fixture(scope="module")
+def lm_adapters(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm-adapters")
+    return {
+        "A": make_adapter(tiny_llama_dir, root / "A", seed=1),
+        "B": make_adapter(tiny_llama_dir, root / "B", seed=2),
+        "C": make_adapter(tiny_llama_dir, root / "C", seed=3, options={"r": 8, "target_modules": "all"}),
+        "D": make_adapter(tiny_llama_dir, root / "D", method="dora", seed=4),  # not mixable: split path
+        "P": make_adapter(tiny_llama_dir, root / "P", seed=5, prompt={"system_prompt": "Answer briefly.", "instruction": "Classify:"}),
+    }
+
+
+@pytest.fixture(scope="module")
+def lm_engine(tiny_llama_dir, tmp_path_factory):
+    return InferenceEngine(str(tiny_llama_dir), task="causal-lm", capacity=8, store=tmp_path_factory.mktemp("store"))
+
+
+def greedy(adapter, prompt, n=8):
+    return GenerationRequest(adapter=str(adapter), prompt=prompt, params=SamplingParams(max_new_tokens=n))
+
+
+def test_mixed_batch_equals_each_row_alone(lm_engine, lm_adapters):
+    a = lm_adapters
+    rows = [(a["A"], PROMPTS[0]), (a["B"], PROMPTS[1]), ("base", PROMPTS[2]), (a["D"], PROMPTS[3]),
+            (a["C"], PROMPTS[4]), (a["A"], PROMPTS[2]), ("base", PROMPTS[0]), (a["D"], PROMPTS[1])]
+    requests = [greedy(ad, p, n=10) for ad, p in rows]
+    mixed = lm_engine.generate(requests)
+    for req, got in zip(requests, mixed):
+        alone = lm_engine.generate([req])[0]
+        assert got.token_ids == alone.token_ids, req.adapter
+        assert got.adapter == req.adapter and got.completion_tokens == len(got.token_ids)
+    # the adapters really differ: the same prompt gives different continuations
+    same_prompt = lm_engine.generate([greedy(ad, PROMPTS[1], n=10) for ad in ("base", a["A"], a["B"], a["C"], a["D"])])
+    assert len({tuple(r.token_ids) for r in same_prompt}) == 5
+
+
+def test_mixed_pass_uses_per_row_adapter_names(lm_engine, lm_adapters):
+    a = lm_adapters
+    adapters = lm_engine._resolve_rows([str(a["A"]), "base", str(a["D"]), str(a["B"])])
+    passes = lm_engine._plan(adapters)
+    assert (True, [0, 1, 3]) in passes and (False, [2]) in passes  # LoRA + base mix; DoRA alone
+
+
+def test_more_adapters_than_capacity_in_one_batch(tiny_llama_dir, lm_adapters, store_root):
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store_root)
+    a = lm_adapters
+    requests = [greedy(a[k], PROMPTS[i % len(PROMPTS)], n=4) for i, k in enumerate("ABCAB")]
+    mixed = engine.generate(requests)
+    assert len(engine.resident()) == 2
+    for req, got in zip(requests, mixed):
+        assert got.token_ids == engine.generate([req])[0].token_ids
+
+
+def test_lru_eviction_load_unload(tiny_llama_dir, lm_adapters, store_root):
+    a = lm_adapters
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store_root)
+    before = engine.generate([greedy("base", PROMPTS[1])])[0].token_ids
+    engine.load(str(a["A"]))
+    engine.load(str(a["B"]))
+    engine.activate(str(a["A"]))  # A becomes most recently used
+    engine.load(str(a["C"]))  # evicts B, the least recently used
+    keys = [r["key"] for r in engine.resident()]
+    assert keys == [str(a["A"].resolve()), str(a["C"].resolve())]
+    assert engine.stats.evictions == 1 and engine.stats.loads == 3 and engine.stats.hits >= 1
+    assert "a1" not in engine._peft.peft_config  # B's peft adapter was deleted, not just hidden
+    # the same folder through another spelling shares one slot
+    engine.load(str(a["A"]) + "/")
+    assert len(engine.resident()) == 2
+    assert engine.unload(str(a["A"])) is True and engine.unload(str(a["A"])) is False
+    assert engine.unload(str(a["C"])) is True
+    assert engine.resident() == [] and engine._peft is None
+    # with every adapter gone the base is untouched
+    assert engine.generate([greedy("base", PROMPTS[1])])[0].token_ids == before
+    with pytest.raises(StoreError, match="not an adapter folder"):
+        engine.load(str(tiny_llama_dir))
+    with pytest.raises(StoreError, match="no adapter named"):
+        engine.generate([greedy("no-such-adapter@3", "hi")])
+
+
+def test_activate_then_reload_is_consistent(tiny_llama_dir, lm_adapters, store_root):
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=3, store=store_root)
+    ref = str(lm_adapters["B"])
+    first = engine.generate([greedy(ref, PROMPTS[0])])[0].token_ids
+    engine.unload(ref)
+    engine.load(str(lm_adapters["A"]))
+    assert engine.generate([greedy(ref, PROMPTS[0])])[0].token_ids == first
+
+
+def test_sampling_seed_stop_and_length(lm_engine, lm_adapters):
+    ref = str(lm_adapters["A"])
+    sampled = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=7)
+    r1 = lm_engine.generate([GenerationRequest(adapter=ref, prompt=PROMPTS[0], params=sampled)])[0]
+    r2 = lm_engine.generate([GenerationRequest(adapter=ref, prompt=PROMPTS[0], params=sampled),
+                             greedy(lm_adapters["B"], PROMPTS[1])])[0]
+    assert r1.token_ids == r2.token_ids  # the seed is per row, not per batch
+    other = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=8)
+    r3 = lm_engine.generate([GenerationRequest(adapter=ref, prompt=PROMPTS[0], params=other)])[0]
+    assert r3.token_ids != r1.token_ids
+    full = lm_engine.generate([greedy(ref, PROMPTS[1], n=12)])[0]
+    assert full.finish_reason == "length" and full.completion_tokens == 12
+    stop = full.text[len(full.text) // 2:][:3]
+    assert stop
+    stopped = lm_engine.generate([GenerationRequest(adapter=ref, prompt=PROMPTS[1], params=SamplingParams(max_new_tokens=12, stop=[stop]))])[0]
+    assert stopped.finish_reason == "stop" and stop not in stopped.text and full.text.startswith(stopped.text)
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_manifest_prompt_format_and_chat(lm_engine, lm_adapters):
+    ref = str(lm_adapters["P"])
+    tok = lm_engine.tokenizer
+    formatted = format_prompt(tok, "Where is Paris?", None, {"system_prompt": "Answer briefly.", "instruction": "Classify:"})
+    assert "Answer briefly." in formatted and "Classify:\nWhere is Paris?" in formatted and formatted.endswith("assistant\n")
+    plain = lm_engine.generate([greedy(ref, "Where is Paris?")])[0]
+    as_chat = lm_engine.generate([GenerationRequest(adapter=ref, messages=[
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Classify:\nWhere is Paris?"}],
+        params=SamplingParams(max_new_tokens=8))])[0]
+    raw = lm_engine.generate([GenerationRequest(adapter=ref, prompt="Where is Paris?", raw=True, params=SamplingParams(max_new_tokens=8))])[0]
+    assert plain.token_ids == as_chat.token_ids  # the recorded format was applied
+    assert plain.prompt_tokens > raw.prompt_tokens
+    with pytest.raises(ConfigError, match="exceeds"):
+        lm_engine.generate([greedy(ref, "word " * 300)])
+
+
+def test_concurrent_generate_while_loading(tiny_llama_dir, lm_adapters, store_root):
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store_root)
+    a = lm_adapters
+    refs = [str(a[k]) for k in "ABC"]
+    expected = {r: engine.generate([greedy(r, PROMPTS[0], n=6)])[0].token_ids for r in refs}
+    errors, done = [], threading.Event()
+
+    def churn():
+        while not done.is_set():
+            for r in refs:
+                engine.load(r)
+                engine.unload(r)
+
+    def client(r):
+        try:
+            for _ in range(3):
+                assert engine.generate([greedy(r, PROMPTS[0], n=6)])[0].token_ids == expected[r]
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    clients = [threading.Thread(target=client, args=(r,)) for r in refs * 2]
+    for t in clients:
+        t.start()
+    for t in clients:
+        t.join()
+    done.set()
+    churner.join()
+    assert not errors
+
+
+# ------------------------------------------------------------------ classification
+@pytest.fixture(scope="module")
+def cls_adapters(tiny_bert_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cls-adapters")
+    return {
+        "spam": make_adapter(tiny_bert_dir, root / "spam", task="sequence-classification", seed=11, labels=["ham", "spam"]),
+        "topic": make_adapter(tiny_bert_dir, root / "topic", task="sequence-classification", seed=12, labels=["a", "b", "c"]),
+        "topic2": make_adapter(tiny_bert_dir, root / "topic2", task="sequence-classification", seed=13, labels=["x", "y", "z"]),
+        "dora": make_adapter(tiny_bert_dir, root / "dora", task="sequence-classification", method="dora", seed=14, labels=["no", "yes"]),
+    }
+
+
+def test_mixed_classification_equals_each_row_alone(tiny_bert_dir, cls_adapters, store_root):
+    engine = InferenceEngine(str(tiny_bert_dir), task="sequence-classification", capacity=4, store=store_root)
+    c = cls_adapters
+    texts = ["win a free prize now", "see you at lunch", "what is the capital of peru", "call me", "hello world again and again"]
+    refs = [c["spam"], c["topic"], c["topic2"], c["dora"], c["topic"], c["spam"]]
+    requests = [ClassificationRequest(adapter=str(r), text=texts[i % len(texts)]) for i, r in enumerate(refs)]
+    mixed = engine.classify(requests)
+    for req, got in zip(requests, mixed):
+        alone = engine.classify([req])[0]
+        assert got.label == alone.label
+        torch.testing.assert_close(torch.tensor(got.logits), torch.tensor(alone.logits), atol=1e-5, rtol=1e-5)
+        assert abs(sum(got.probabilities.values()) - 1) < 1e-5
+    assert set(mixed[0].probabilities) == {"ham", "spam"} and set(mixed[1].probabilities) == {"a", "b", "c"}
+    # two three-label adapters give different logits for the same text: each row used its own head
+    same = engine.classify([ClassificationRequest(adapter=str(c["topic"]), text=texts[0]),
+                            ClassificationRequest(adapter=str(c["topic2"]), text=texts[0])])
+    assert same[0].logits != same[1].logits
+    with pytest.raises(ConfigError, match="needs an adapter"):
+        engine.classify([ClassificationRequest(adapter="base", text="hi")])
+    with pytest.raises(ConfigError, match="causal-lm"):
+        engine.generate([greedy("base", "hi")])
