@@ -86,6 +86,39 @@ def build_manifest(**fields: Any) -> dict:
     return manifest
 
 
+def base_model_entry(name: str, path: str | os.PathLike, revision: str | None = None, tokenizer: Any = None) -> dict:
+    """The manifest's base_model dict for a local base folder: fingerprints of its weights
+    (cached) and of its tokenizer (the loaded `tokenizer` if given, else the folder's)."""
+    from adapters.fingerprint import fingerprint_model, fingerprint_tokenizer
+
+    return {
+        "name": name,
+        "path": os.fspath(path),
+        "revision": revision,
+        "fingerprint": fingerprint_model(path),
+        "tokenizer_fingerprint": fingerprint_tokenizer(tokenizer if tokenizer is not None else path),
+    }
+
+
+def data_entry(source: str, train: Any, validation: Any = None, test: Any = None) -> dict:
+    """The manifest's data dict: row counts per split and one fingerprint over all given splits
+    (a change to the evaluation rows changes what the metrics mean, so it counts too)."""
+    import hashlib
+
+    from adapters.fingerprint import PREFIX, fingerprint_dataset
+
+    splits = {"train": train, "validation": validation, "test": test}
+    h = hashlib.sha256()
+    for split, rows in splits.items():
+        if rows is not None:
+            h.update(f"{split}={fingerprint_dataset(rows)}\n".encode())
+    return {
+        "source": source,
+        "fingerprint": PREFIX + h.hexdigest(),
+        **{f"num_{split}": (len(rows) if rows is not None else None) for split, rows in splits.items()},
+    }
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -161,7 +194,7 @@ def file_checksums(folder: str | Path) -> dict[str, str]:
     return sums
 
 
-def write_json_atomic(path: str | Path, value: Any) -> None:
+def write_json_atomic(path: str | Path, value: Any, mode: int = 0o644) -> None:
     """Write JSON so that readers see the old file or the complete new one: temp + fsync + rename."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -171,6 +204,7 @@ def write_json_atomic(path: str | Path, value: Any) -> None:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes 0600 files; manifests are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -131,11 +131,12 @@ def check_publishable_files(folder: Path) -> None:
 
 
 def _copy_file(src: Path, dst: Path) -> None:
-    """Copy one file and fsync it (the publish is only as durable as its slowest file)."""
+    """Copy one file, fsync it and make it read-only (published versions are never edited in place)."""
     with open(src, "rb") as fin, open(dst, "xb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
         fout.flush()
         os.fsync(fout.fileno())
+    os.chmod(dst, 0o444)
 
 
 def _place_version(staged: Path, final: Path) -> None:
@@ -148,6 +149,8 @@ class AdapterStore:
         if root is None:
             root = os.environ.get("ADAPTERKIT_STORE") or (cache_dir() / "store")
         path = Path(root).expanduser()
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"store root {path} exists and is not a folder")
         path.mkdir(parents=True, exist_ok=True)
         self.root = path.resolve()
 
@@ -259,6 +262,7 @@ class AdapterStore:
                     if rel_dir == Path(".") and fname == MANIFEST:
                         continue
                     _copy_file(Path(dirpath) / fname, staged / rel_dir / fname)
+            check_publishable_files(staged)  # what was copied, in case the source changed meanwhile
             sums = file_checksums(staged)
             listed = manifest.get("files") or {}
             if listed and listed != sums:
@@ -273,7 +277,7 @@ class AdapterStore:
                 final = {**manifest, "name": name, "version": version, "files": sums}
                 if parent is not None:
                     final["parent"] = str(parent)
-                write_json_atomic(staged / MANIFEST, final)
+                write_json_atomic(staged / MANIFEST, final, mode=0o444)
                 fsync_dir(staged)
                 _place_version(staged, name_dir / str(version))
                 fsync_dir(name_dir)
@@ -459,7 +463,7 @@ class AdapterStore:
             pointing = sorted(t for t, v in state["tags"].items() if v == located.version)
             if pointing and not force:
                 raise StoreError(
-                    f"{located} is tagged {', '.join(pointing)}; move or remove the tag(s) first, or force the removal"
+                    f"{located} is tagged {', '.join(pointing)}; move or remove the tag(s) first, or force the removal (--force)"
                 )
             self._remove_version(name_dir, located.version)
             remaining = self.versions(name)
@@ -552,7 +556,11 @@ class AdapterStore:
                     if version in tagged:
                         continue
                     if not dry_run:
-                        self.rm(f"{name}@{version}")
+                        try:
+                            self.rm(f"{name}@{version}")
+                        except StoreError as err:  # tagged or removed meanwhile by another process
+                            log.info("gc kept %s@%d: %s", name, version, err)
+                            continue
                     removed.append(f"{name}/{version}")
         return removed
 

@@ -14,6 +14,7 @@ from adapters.manifest import (
     MANIFEST,
     MANIFEST_KEYS,
     build_manifest,
+    data_entry,
     file_checksums,
     read_manifest,
     verify_folder,
@@ -107,3 +108,17 @@ def test_file_checksums_refuse_links(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "real")
     with pytest.raises(StoreError, match="link is a link"):
         file_checksums(tmp_path)
+
+
+def test_data_entry_counts_rows_and_fingerprints_every_split():
+    train = [{"text": "a", "label": 0}, {"text": "b", "label": 1}]
+    test = [{"text": "c", "label": 0}]
+    entry = data_entry("trec", train, test=test)
+    assert entry["source"] == "trec"
+    assert (entry["num_train"], entry["num_validation"], entry["num_test"]) == (2, None, 1)
+    assert entry["fingerprint"].startswith("sha256:")
+    assert data_entry("trec", train, test=test)["fingerprint"] == entry["fingerprint"]
+    assert data_entry("trec", train, test=[{"text": "d", "label": 0}])["fingerprint"] != entry["fingerprint"]
+    assert data_entry("trec", train, validation=test)["fingerprint"] != entry["fingerprint"]  # which split matters
+    m = build_manifest(task="sequence-classification", method="lora", base_model=BASE, data=entry)
+    assert m["data"] == entry

@@ -35,6 +35,7 @@ def real_lora(tiny_llama_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from adapters.fingerprint import fingerprint_model, fingerprint_tokenizer
+    from adapters.manifest import base_model_entry
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
@@ -49,14 +50,11 @@ def real_lora(tiny_llama_dir, tmp_path_factory):
     manifest = build_manifest(
         task="causal-lm",
         method={"name": "lora", "options": {"r": 4, "alpha": 8}},
-        base_model={
-            "name": "tiny-llama",
-            "path": str(tiny_llama_dir),
-            "fingerprint": fingerprint_model(tiny_llama_dir),
-            "tokenizer_fingerprint": fingerprint_tokenizer(tiny_llama_dir),
-        },
+        base_model=base_model_entry("tiny-llama", tiny_llama_dir),
         metrics={"eval_loss": 1.25},
     )
+    assert manifest["base_model"]["fingerprint"] == fingerprint_model(tiny_llama_dir)
+    assert manifest["base_model"]["tokenizer_fingerprint"] == fingerprint_tokenizer(tiny_llama_dir)
     write_manifest(folder, manifest)
     ids = torch.tensor([[1, 5, 9, 42, 7]])
     with torch.no_grad():
@@ -223,6 +221,8 @@ def test_corrupted_file_is_reported_by_verify_and_refused_by_load(store_root, ma
     ref = store.publish(make_adapter_folder(), "clf")
     assert store.verify() == {"clf@1": []}
     weights = ref.path / "adapter_model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o444  # published files are read-only
+    weights.chmod(0o644)
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -488,6 +488,7 @@ def test_import_refuses_an_archive_whose_files_do_not_match_the_manifest(store_r
     store = AdapterStore(store_root)
     store.publish(make_adapter_folder(), "clf")
     dest = store.export("clf", tmp_path / "copy")
+    (dest / "adapter_config.json").chmod(0o644)
     (dest / "adapter_config.json").write_text("{}")  # tampered in transit
     with pytest.raises(StoreError, match="does not match its manifest"):
         AdapterStore(tmp_path / "other").import_(dest)

@@ -79,6 +79,7 @@ def test_tag_promote_rollback_rm(cli, two_versions):
 def test_verify_exit_status(cli, two_versions, store_root):
     status, out, _ = cli("verify")
     assert status == 0 and "2 ok, 0 failed" in out
+    (store_root / "clf" / "2" / "adapter_config.json").chmod(0o644)
     (store_root / "clf" / "2" / "adapter_config.json").write_text("{}")
     status, out, _ = cli("verify")
     assert status == 1 and "FAILED  clf@2" in out and "adapter_config.json: checksum mismatch" in out
