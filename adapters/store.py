@@ -262,6 +262,7 @@ class AdapterStore:
                     if rel_dir == Path(".") and fname == MANIFEST:
                         continue
                     _copy_file(Path(dirpath) / fname, staged / rel_dir / fname)
+                fsync_dir(staged / rel_dir)
             check_publishable_files(staged)  # what was copied, in case the source changed meanwhile
             sums = file_checksums(staged)
             listed = manifest.get("files") or {}
