@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import tarfile
-import tempfile
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
