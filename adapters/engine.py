@@ -410,6 +410,8 @@ class InferenceEngine:
         if self._active_slot == entry.slot:
             self._active_slot = None
         if remaining:
+            if self._active_slot is None:  # point peft at a survivor first: deleting the active one warns
+                self._activate_slot(remaining[0])
             self._peft.delete_adapter(entry.slot)
             self._refresh_tuner_layers()
             self._activate_slot(self._active_slot or remaining[0])

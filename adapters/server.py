@@ -646,3 +646,34 @@ def _version() -> str:
     from adapters import __version__
 
     return __version__
+
+
+# ------------------------------------------------------------------ running it
+class BackgroundServer:
+    """uvicorn serving ``app`` from a thread, on ``host`` and a free port (port 0) unless one is given.
+
+    For tests and benchmarks: ``with BackgroundServer(app) as srv: httpx.get(srv.url + "/health")``.
+    """
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        import uvicorn
+
+        self.config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self.server.run, name="adapterkit-uvicorn", daemon=True)
+        self.url = ""
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
