@@ -366,3 +366,94 @@ def embedder(model_name_or_path: str, revision: str | None = None, batch_size: i
     embed.model_path = path  # type: ignore[attr-defined]
     embed.tokenizer = tokenizer  # type: ignore[attr-defined]
     return embed
+
+
+# ---------------------------------------------------------------- from a training run
+def predict_classifier(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_length: int = 128):
+    """(class ids, softmax confidence of each prediction) of a sequence classifier."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    preds: list[int] = []
+    confs: list[float] = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                batch = tokenizer(
+                    list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                ).to(device)
+                probs = model(**batch).logits.float().softmax(-1)
+                conf, pred = probs.max(-1)
+                preds += pred.tolist()
+                confs += conf.tolist()
+    finally:
+        model.train(was_training)
+    return preds, confs
+
+
+def build_training_reference(
+    model,
+    tokenizer,
+    cfg,
+    prepared,
+    out_dir: str | os.PathLike,
+    write: bool = True,
+    max_heldout: int = 1000,
+    max_embed: int = 200,
+) -> dict[str, Any] | None:
+    """The drift reference of a finished run, for ``manifest["reference"]``.
+
+    Call it on EVERY process after training (held-out predictions run the model, which under
+    ZeRO-3 is a collective) and before ``write_manifest`` (the manifest checksums the
+    ``reference.safetensors`` this writes into out_dir). Only where ``write`` is true
+    (the main process) are the base-model embeddings computed and the file written; the
+    others return None.
+
+    model: the trained model (a classifier's held-out predictions and confidences are the
+    reference for the predicted labels the server will log); tokenizer: its tokenizer;
+    cfg: the RunConfig; prepared: adapters.data.PreparedData (raw text splits).
+    """
+    data = cfg.data
+    train_split = prepared.splits["train"]
+    texts = [str(t) for t in train_split[data.text_field]]
+    heldout = None
+    for name in ("test", "validation"):
+        if name in prepared.splits and len(prepared.splits[name]):
+            heldout = prepared.splits[name]
+            break
+    predictions = confidences = None
+    labels = None
+    label_names = None
+    if cfg.task == "sequence-classification":
+        labels = [str(l) for l in train_split[data.label_field]]
+        label_names = prepared.labels
+        if heldout is not None:
+            held_texts = [str(t) for t in heldout[data.text_field]][:max_heldout]
+            ids, confidences = predict_classifier(model, tokenizer, held_texts, cfg.train.eval_batch_size, data.max_length)
+            predictions = [prepared.labels[i] for i in ids]
+    else:
+        from adapters.data import label_words
+
+        words = label_words(data)
+        target_field = data.response_field or data.label_field
+        labels = [words.get(str(t), str(t)) for t in train_split[target_field]]
+    if not write:
+        return None
+    embed_fn = None
+    if max_embed > 0:
+        embed_fn = embedder(cfg.model.name, revision=cfg.model.revision, batch_size=cfg.train.eval_batch_size, max_length=data.max_length)
+    ref = build_reference(
+        texts,
+        labels,
+        tokenizer=tokenizer,
+        predictions=predictions,
+        confidences=confidences,
+        embed_fn=embed_fn,
+        label_names=label_names,
+        max_embed=max_embed,
+        seed=cfg.train.seed,
+        embed_model=cfg.model.name,
+    )
+    return ref.save(out_dir)

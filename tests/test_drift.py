@@ -144,3 +144,16 @@ def test_worst_status():
     assert worst(["ok", "skipped"]) == "ok"
     assert worst(["ok", "warn", "skipped"]) == "warn"
     assert worst(["warn", "alarm", "ok"]) == "alarm"
+
+
+def test_mmd_statistic_equals_the_direct_formula():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(30, 5)), rng.normal(size=(40, 5)) + 0.3
+    bw = 1.7
+
+    def k(a, b):
+        return np.exp(-((a[:, None, :] - b[None, :, :]) ** 2).sum(-1) / (2 * bw**2))
+
+    kxx, kyy = k(x, x), k(y, y)
+    direct = (kxx.sum() - np.trace(kxx)) / (30 * 29) + (kyy.sum() - np.trace(kyy)) / (40 * 39) - 2 * k(x, y).mean()
+    assert mmd_permutation_test(x, y, 20, 0, bandwidth=bw)[0] == pytest.approx(direct, rel=1e-9)
