@@ -58,8 +58,9 @@ class TextSimilarity:
     that only share common n-grams ('what is the') stay low. Comparing every pair exactly is
     a near-dense sparse product (slow at 10k x 10k), so the search runs in two stages:
     candidates from vectors without the common n-grams (document frequency above ~1%), whose
-    products are very sparse, then the exact cosine of the top candidates. Queries with too
-    few rare n-grams for that are compared exactly against every corpus text.
+    products are very sparse, then the exact cosine of the top candidates. Texts with too few
+    rare n-grams for that (short or boilerplate ones) are compared exactly with every text of
+    the other side.
     """
 
     TOP_CANDIDATES = 5
@@ -88,6 +89,8 @@ class TextSimilarity:
         corpus_rows = self.full[corpus]
         corpus_full = corpus_rows.T.tocsr()
         corpus_rare = self.rare[corpus].T.tocsr()
+        weak_corpus = np.nonzero(np.diff(self.rare[corpus].indptr) < self.MIN_RARE_NGRAMS)[0]
+        weak_corpus_full = corpus_rows[weak_corpus].T.tocsr()
         found: list[tuple[int, int, float]] = []
         for start in range(0, len(queries), chunk):
             rows = queries[start:start + chunk]
@@ -110,13 +113,21 @@ class TextSimilarity:
                 for i, c, sim in zip(pq, pc, sims):
                     if sim > best.get(int(i), (-1, -1.0))[1]:
                         best[int(i)] = (int(c), float(sim))
+            if len(weak_corpus):
+                exact = (q_full @ weak_corpus_full).tocsr()
+                top_c = np.asarray(exact.argmax(axis=1)).ravel()
+                top_s = np.asarray(exact.max(axis=1).todense()).ravel()
+                for i in np.nonzero(top_s > 0)[0]:
+                    if top_s[i] > best.get(int(i), (-1, -1.0))[1]:
+                        best[int(i)] = (int(weak_corpus[top_c[i]]), float(top_s[i]))
             weak_rows = np.nonzero(weak)[0]
             if len(weak_rows):
                 exact = (q_full[weak_rows] @ corpus_full).tocsr()
                 top_c = np.asarray(exact.argmax(axis=1)).ravel()
                 top_s = np.asarray(exact.max(axis=1).todense()).ravel()
                 for i, c, sim in zip(weak_rows, top_c, top_s):
-                    best[int(i)] = (int(c), float(sim))
+                    if sim > best.get(int(i), (-1, -1.0))[1]:
+                        best[int(i)] = (int(c), float(sim))
             found += [(start + i, c, sim) for i, (c, sim) in sorted(best.items()) if sim >= threshold - 1e-6]
         return found
 
