@@ -375,6 +375,8 @@ def monitor(
     version = manifest.get("version")
     label = f"{name}@{version}" if version is not None else str(adapter_ref)
     records = read_window(traffic_log, adapter=traffic_adapter or name, since=since, until=until, limit=limit)
+    failed = [r for r in records if (r.get("status") or 200) >= 400]
+    records = [r for r in records if (r.get("status") or 200) < 400]  # rejected requests have no prediction
     t = thresholds or DriftThresholds()
 
     if not embed:
@@ -410,6 +412,7 @@ def monitor(
         "from": datetime.fromtimestamp(min(times), timezone.utc).isoformat(timespec="seconds") if times else None,
         "to": datetime.fromtimestamp(max(times), timezone.utc).isoformat(timespec="seconds") if times else None,
         "versions_seen": sorted({str(r.get("adapter")) for r in records}),
+        "failed_requests_excluded": len(failed),
     }
     report = build_report(
         records, reference, t, adapter=label, tokenizer=tokenizer, embed_fn=embed_fn, window=window, fail_on=fail_on

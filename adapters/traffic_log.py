@@ -86,7 +86,9 @@ class TrafficLogger:
         sample_rate: fraction of requests kept, in [0, 1].
         log_text: also store the raw text and its token ids (off by default: privacy).
         seed: seed of the sampling decisions, for reproducible samples.
-        tokenizer: counts tokens (and unknown tokens) from the text when the record has no ids.
+        tokenizer: the base model's tokenizer. With it, token statistics are counted from the
+            text exactly as the training reference counts them (no special tokens); without
+            it, counts given by the caller are stored as they come. Give it.
         vocabulary: token ids seen in training (``Reference.vocabulary``); with it each record
             gets ``oov_tokens`` at log time, so OOV drift works without storing text.
         embed_fn: texts -> (n, d) array; with it each kept record stores the input's embedding,
@@ -135,7 +137,8 @@ class TrafficLogger:
             self._fh = None
             self._db = _open_sqlite(self.path)
 
-    # The server's hook: `server.on_request = logger.log` or `create_app(..., on_request=logger)`.
+    # The server's hook: ServerSettings(on_request=logger, traffic_include_text=True) hands the
+    # text to the logger in-process; what is stored is decided here (log_text).
     def __call__(self, record: Mapping[str, Any]) -> dict | None:
         return self.log(record)
 
@@ -176,15 +179,23 @@ class TrafficLogger:
             "time": datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds"),
             "adapter": None if record.get("adapter") is None else str(record.get("adapter")),
         }
-        for key in ("request_id", "base_model", "task"):
+        for key in ("request_id", "endpoint", "base_model", "task"):
             if record.get(key) is not None:
                 out[key] = str(record[key])
+        if record.get("status") is not None:
+            out["status"] = _int_or_none(record["status"])
 
-        ids = record.get("input_ids")
-        if ids is None and text is not None and self.tokenizer is not None:
+        # Token statistics must be counted the way the training reference counted them (no
+        # special tokens, no truncation): the logger's own tokenizer on the raw text wins over
+        # ids or counts from the caller (a server counts [CLS]/[SEP] and truncates).
+        ids = None
+        if text is not None and self.tokenizer is not None:
             ids = token_counts(self.tokenizer, text)
-        if ids is not None:
-            ids = [int(i) for i in ids]
+        elif record.get("input_ids") is not None:
+            ids = [int(i) for i in record["input_ids"]]
+            if self.tokenizer is not None:
+                special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+                ids = [i for i in ids if i not in special]
         out["input_chars"] = len(text) if text is not None else _int_or_none(record.get("input_chars"))
         out["input_tokens"] = len(ids) if ids is not None else _int_or_none(_first(record, ("input_tokens", "num_tokens")))
         if ids is not None and ids:

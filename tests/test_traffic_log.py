@@ -183,3 +183,19 @@ def test_adapter_matching():
     assert adapter_matches("clf@3", "clf") and adapter_matches("clf", "clf")
     assert adapter_matches("clf@3", "clf@3") and not adapter_matches("clf@2", "clf@3")
     assert not adapter_matches("clf2@1", "clf") and not adapter_matches(None, "clf")
+
+
+def test_server_shaped_record_is_counted_like_the_reference(tmp_path, tokenizer):
+    """The server's hook passes ids with [CLS]/[SEP] and counts them; the logger recounts from text."""
+    text = "Who wrote Hamlet ?"
+    server_ids = tokenizer(text)["input_ids"]
+    row = {"request_id": "cls-1", "endpoint": "classify", "adapter": "clf@prod", "status": 200, "latency_s": 0.01,
+           "input_chars": len(text), "input_tokens": len(server_ids), "label": "HUM", "confidence": 0.8,
+           "text": text, "input_ids": server_ids}
+    with TrafficLogger(tmp_path / "t.jsonl", tokenizer=tokenizer) as logger:
+        rec = logger.log(row)
+        no_text = logger.log({k: v for k, v in row.items() if k != "text"})
+    plain = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    assert rec["input_tokens"] == plain == len(server_ids) - 2
+    assert no_text["input_tokens"] == plain  # special ids stripped when only ids are given
+    assert rec["status"] == 200 and rec["endpoint"] == "classify" and "text" not in rec
