@@ -19,3 +19,7 @@ from adapters.methods import loha  # noqa: F401,E402
 from adapters.methods import lokr  # noqa: F401,E402
 from adapters.methods import vera  # noqa: F401,E402
 from adapters.methods import prompt_learning  # noqa: F401,E402
+from adapters.methods import bottleneck  # noqa: F401,E402
+from adapters.methods import head_only  # noqa: F401,E402
+from adapters.methods import partial  # noqa: F401,E402
+from adapters.methods import full  # noqa: F401,E402

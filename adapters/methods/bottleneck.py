@@ -1,0 +1,118 @@
+"""Bottleneck adapters (Houlsby: after attention and feed-forward; Pfeiffer: after feed-forward).
+
+The tuner itself lives in ``adapters.peft_bottleneck`` and is registered with peft, so the
+saved folder is peft's layout and ``peft.PeftModel.from_pretrained`` loads it once
+``adapters.peft_bottleneck`` has been imported. This module only maps options to its config;
+it stays free of torch so that config validation and ``--list-methods`` are light.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from adapters.errors import ConfigError
+from adapters.methods.base import MethodOptions, ModelInfo, register_method
+from adapters.methods.peft_base import PeftMethod
+
+
+class BottleneckVariantOptions(MethodOptions):
+    """Options shared by every variant; `init` comes before `residual` so that its validator can see it."""
+
+    reduction_factor: float = Field(16, gt=0, description="Bottleneck width = hidden size / reduction_factor.")
+    non_linearity: Literal["relu", "gelu", "swish", "silu", "tanh"] = Field(
+        "relu", description="Activation inside the bottleneck."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the bottleneck.")
+    init: Literal["near-identity", "random"] = Field(
+        "near-identity", description="near-identity: zero up-projection, so training starts from the base model."
+    )
+    residual: bool = Field(
+        True, description="Output h + adapter(h); false replaces the sub-layer output by adapter(h) (needs init=random)."
+    )
+    layers: list[int] | None = Field(None, description="Only these block indices (default: every block).")
+    top_layers: int | None = Field(None, ge=1, description="Only the top N blocks (shorthand for layers).")
+
+    @field_validator("residual")
+    @classmethod
+    def _residual_needs_nonzero_init(cls, residual: bool, info: ValidationInfo) -> bool:
+        if not residual and info.data.get("init") == "near-identity":
+            raise ValueError(
+                "residual=false with init=near-identity would zero every adapted sub-layer at the start; "
+                "keep residual=true or set init=random"
+            )
+        return residual
+
+
+class BottleneckOptions(BottleneckVariantOptions):
+    variant: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="houlsby: adapters after attention and feed-forward; pfeiffer: after feed-forward only."
+    )
+
+
+class BottleneckMethod(PeftMethod):
+    name = "bottleneck"
+    summary = "Small bottleneck MLPs inserted after sub-layers (Houlsby/Pfeiffer adapters, a peft tuner of ours)."
+    Options = BottleneckOptions
+    fixed_variant: ClassVar[str | None] = None
+    mixable = False  # a forward pass runs one adapter (or a stack of them) for the whole batch
+
+    def variant(self, options) -> str:
+        return self.fixed_variant or options.variant
+
+    def check_model(self, options, info: ModelInfo, task: str) -> None:
+        from adapters.peft_bottleneck import SUPPORTED_MODEL_TYPES
+
+        if info.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"method {self.name!r} cannot hook into model type {info.model_type!r}; "
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        bad = [i for i in options.layers or [] if not 0 <= i < info.num_layers]
+        if bad:
+            raise ConfigError(
+                f"method.layers ({self.name}): {bad} out of range; the model has blocks 0..{info.num_layers - 1}"
+            )
+
+    def peft_config(self, options, task, model):
+        from adapters.peft_bottleneck import BottleneckConfig
+
+        layers = options.layers
+        if options.top_layers is not None:
+            n = model.config.num_hidden_layers
+            layers = list(range(max(0, n - options.top_layers), n))
+        return BottleneckConfig(
+            variant=self.variant(options),
+            reduction_factor=options.reduction_factor,
+            non_linearity=options.non_linearity,
+            dropout=options.dropout,
+            residual=options.residual,
+            init_weights=options.init == "near-identity",
+            layers=layers,
+            adapterkit_method=self.name,
+        )
+
+    def load(self, model, folder, adapter_name="default", is_trainable=False):
+        import adapters.peft_bottleneck  # noqa: F401  (registers the BOTTLENECK peft type)
+
+        return super().load(model, folder, adapter_name=adapter_name, is_trainable=is_trainable)
+
+
+class HoulsbyMethod(BottleneckMethod):
+    name = "houlsby"
+    summary = "Bottleneck adapters after attention and after the feed-forward block (bottleneck, variant=houlsby)."
+    Options = BottleneckVariantOptions
+    fixed_variant = "houlsby"
+
+
+class PfeifferMethod(BottleneckMethod):
+    name = "pfeiffer"
+    summary = "Bottleneck adapters after the feed-forward block only (bottleneck, variant=pfeiffer)."
+    Options = BottleneckVariantOptions
+    fixed_variant = "pfeiffer"
+
+
+register_method(BottleneckMethod())
+register_method(HoulsbyMethod())
+register_method(PfeifferMethod())

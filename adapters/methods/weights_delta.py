@@ -1,0 +1,224 @@
+"""Save and load only the backbone weights a classic strategy trained (head, top blocks, or all).
+
+Shared by ``head-only``, ``partial`` and ``full``. The folder mirrors peft's layout so the store
+and the inference engine treat it like any adapter:
+
+- ``adapter_config.json``: ``{"adapterkit_method", "options", "task", "parameter_names",
+  "base_model_name_or_path", "base_model_type"}``
+- ``adapter_model.safetensors``: exactly the tensors named in ``parameter_names``.
+
+Loading = load the base, then ``load_state_dict(strict=False)`` with those keys, checking that every
+key landed on a parameter of the same shape. A tied weight (lm_head = embeddings) is one tensor
+and is saved once, under its first name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adapters.errors import BaseMismatchError, ConfigError
+from adapters.methods.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+DELTA_ATTR = "adapterkit_delta"  # the model attribute that remembers what a classic method trains
+
+# Final norms of decoders sit between the last block and the head: they belong to the "top".
+FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "norm_f", "final_layernorm")
+
+
+@dataclass
+class WeightsDelta:
+    """What a classic strategy trains on one model: its method, options and parameter names."""
+
+    method: str
+    options: dict[str, Any]
+    task: str
+    parameter_names: list[str]
+    adapter_name: str = "default"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def train_only(model: "nn.Module", prefixes: list[str] | None) -> list[str]:
+    """Make trainable exactly the parameters under `prefixes` (None: all). Returns their names, each
+    tensor once (a tied weight under its first name), in the model's order."""
+    names, seen = [], set()
+    # remove_duplicate=False: a tied weight must be unfrozen if any of its names is selected.
+    selected_ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if prefixes is None or _under(n, prefixes)}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        p.requires_grad_(id(p) in selected_ids)
+        if id(p) in selected_ids and id(p) not in seen:
+            seen.add(id(p))
+            names.append(n)
+    if not names:
+        raise ConfigError(f"no parameters matched {prefixes}: nothing would be trained")
+    return names
+
+
+def remember(model: "nn.Module", delta: WeightsDelta) -> "nn.Module":
+    existing = getattr(model, DELTA_ATTR, None)
+    if existing is not None and existing.adapter_name != delta.adapter_name:
+        raise ConfigError(
+            f"method {delta.method!r} changes the backbone's own weights: one model holds one such adapter "
+            f"({existing.adapter_name!r} is already loaded); load {delta.adapter_name!r} on a fresh base model"
+        )
+    setattr(model, DELTA_ATTR, delta)
+    return model
+
+
+def delta_of(model: "nn.Module") -> WeightsDelta:
+    delta = getattr(model, DELTA_ATTR, None)
+    if delta is None:
+        raise ConfigError("this model has no head-only/partial/full method attached: call attach() or load() first")
+    return delta
+
+
+def base_name_or_path(model: "nn.Module") -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
+
+
+def save_delta(model: "nn.Module", folder: Path, state_dict: dict[str, "torch.Tensor"] | None = None) -> None:
+    """Write the trained tensors and the config, each file atomically (temp + fsync + rename)."""
+    from safetensors.torch import save_file
+
+    delta = delta_of(model)
+    source = state_dict if state_dict is not None else dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in delta.parameter_names if n not in source]
+    if missing:
+        raise ConfigError(f"cannot save {delta.method!r}: the model has no parameters {missing[:5]}")
+    tensors = {n: source[n].detach().to("cpu").contiguous() for n in delta.parameter_names}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {
+        "adapterkit_method": delta.method,
+        "options": delta.options,
+        "task": delta.task,
+        "parameter_names": list(delta.parameter_names),
+        "base_model_name_or_path": base_name_or_path(model),
+        "base_model_type": getattr(getattr(model, "config", None), "model_type", None),
+        **delta.extra,
+    }
+    _write_atomic(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _write_atomic(folder / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{folder} is not an adapter folder: {ADAPTER_CONFIG} is missing")
+    return json.loads(path.read_text())
+
+
+def load_delta(model: "nn.Module", folder: Path, method: str) -> tuple["nn.Module", dict[str, Any]]:
+    """Load the saved tensors into `model` in place; every saved key must land on a same-shaped parameter."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config = read_config(folder)
+    if config.get("adapterkit_method") != method:
+        raise ConfigError(f"{folder} was saved by method {config.get('adapterkit_method')!r}, not {method!r}")
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    names = config.get("parameter_names") or []
+    if sorted(tensors) != sorted(names):
+        raise ConfigError(f"{folder}: {ADAPTER_WEIGHTS} does not hold the tensors {ADAPTER_CONFIG} lists")
+    own = dict(model.named_parameters(remove_duplicate=False))
+    unknown = [n for n in names if n not in own]
+    wrong_shape = [(n, tuple(tensors[n].shape), tuple(own[n].shape)) for n in names if n in own and own[n].shape != tensors[n].shape]
+    if unknown or wrong_shape:
+        raise BaseMismatchError(
+            f"{folder} does not fit this base model (saved on {config.get('base_model_name_or_path')!r}, "
+            f"type {config.get('base_model_type')!r}): "
+            + (f"unknown parameters {unknown[:5]}" if unknown else "")
+            + (f" shape mismatches {wrong_shape[:5]}" if wrong_shape else "")
+        )
+    result = model.load_state_dict(tensors, strict=False)
+    if result.unexpected_keys:  # cannot happen after the checks above; kept as the load's own verdict
+        raise BaseMismatchError(f"{folder}: keys not in the model: {result.unexpected_keys[:5]}")
+    return model, config
+
+
+def _write_atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- the shared method base
+def block_list_name(model: "nn.Module") -> str:
+    """Name of the ModuleList holding the transformer blocks (the one with num_hidden_layers entries)."""
+    import torch.nn as nn
+
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    candidates = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not candidates:
+        raise ConfigError(f"cannot find the {n_layers} transformer blocks of {type(model).__name__}")
+    return min(candidates, key=len)  # the outermost, should a block nest a list of the same length
+
+
+def top_modules(model: "nn.Module", blocks: str) -> list[str]:
+    """Modules above the last block that are not the head: a decoder's final norm, BERT's pooler."""
+    names = []
+    for name, module in model.named_modules():
+        if not name or _under(name, [blocks]) or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        last = name.rsplit(".", 1)[-1]
+        if last in FINAL_NORM_NAMES or last == "dense" and name.endswith("pooler.dense"):
+            names.append(name)
+    return names
+
+
+class DeltaMethod:
+    """Mixin for AdaptationMethod subclasses that train the backbone's own weights.
+
+    Subclasses implement ``trainable_prefixes(model, options, task)`` (None = everything).
+    """
+
+    mixable = False  # the weights themselves change: one adapter per model copy
+
+    def trainable_prefixes(self, model, options, task) -> list[str] | None:
+        raise NotImplementedError
+
+    def attach(self, model, options, task, adapter_name="default"):
+        options = self.parse_options(options)
+        names = train_only(model, self.trainable_prefixes(model, options, task))
+        return remember(model, WeightsDelta(self.name, options.model_dump(mode="json"), task, names, adapter_name))
+
+    def save(self, model, folder, state_dict=None):
+        save_delta(model, folder, state_dict)
+
+    def load(self, model, folder, adapter_name="default", is_trainable=False):
+        model, config = load_delta(model, folder, self.name)
+        names = config["parameter_names"]
+        if is_trainable:
+            train_only(model, names)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        return remember(model, WeightsDelta(self.name, config.get("options") or {}, config.get("task"), names, adapter_name))
