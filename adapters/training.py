@@ -83,7 +83,7 @@ class MetricsLog:
                 fh.write(json.dumps({"step": step, "time": time.time(), **values}, default=str) + "\n")
 
 
-def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None = None) -> TrainResult:
+def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None = None, on_model_ready=None) -> TrainResult:
     from accelerate.utils import broadcast_object_list, set_seed
 
     from adapters.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -120,6 +120,8 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
     parent = None
     if cfg.init_from:
         parent = _init_from_stored(model, cfg)
+    if on_model_ready is not None:
+        on_model_ready(model)  # e.g. the ladder's warm start; runs before the optimizer sees the weights
     trainable, total = count_parameters(model)
     accelerator.print(f"method {method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
