@@ -28,7 +28,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapters.config import MethodConfig, RunConfig, apply_overrides, load_config
+from adapters.config import RunConfig, apply_overrides, load_config
 from adapters.errors import ConfigError
 
 log = logging.getLogger(__name__)
