@@ -675,3 +675,64 @@ def _is_pinned_ref(ref: str) -> bool:
         return True
     _, _, suffix = ref.partition("@")
     return suffix.isdigit()
+
+
+# ------------------------------------------------------------------ records (scripts/infer.py)
+_SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
+
+
+def infer_records(engine: InferenceEngine, records: list[dict], adapter: str = BASE, defaults: dict | None = None, batch_size: int = 16) -> list[dict]:
+    """Run JSON records through the engine, ``batch_size`` rows per batch; returns one output per record.
+
+    A record holds ``prompt`` (or ``text``) or ``messages``, and optionally its own ``adapter``
+    and sampling keys (max_new_tokens, temperature, top_p, seed, stop). Other keys (an id...)
+    are copied to the output.
+    """
+    defaults = dict(defaults or {})
+    outputs: list[dict] = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        for n, rec in enumerate(chunk, start):
+            if not isinstance(rec, dict):
+                raise ConfigError(f"input record {n}: expected a JSON object, got {type(rec).__name__}")
+            if rec.get("prompt") is None and rec.get("text") is None and rec.get("messages") is None:
+                raise ConfigError(f"input record {n}: give 'prompt' (or 'text') or 'messages'")
+        if engine.task == "causal-lm":
+            requests = [
+                GenerationRequest(
+                    adapter=rec.get("adapter") or adapter,
+                    prompt=rec.get("prompt", rec.get("text")),
+                    messages=rec.get("messages"),
+                    params=SamplingParams(**{**defaults, **{k: rec[k] for k in _SAMPLING_KEYS if k in rec}}),
+                    raw=bool(rec.get("raw", False)),
+                )
+                for rec in chunk
+            ]
+            for rec, res in zip(chunk, engine.generate(requests)):
+                outputs.append({**rec, "adapter": res.adapter, "output": res.text, "finish_reason": res.finish_reason,
+                                "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens})
+        else:
+            requests = [ClassificationRequest(adapter=rec.get("adapter") or adapter, text=rec.get("text", rec.get("prompt"))) for rec in chunk]
+            for rec, res in zip(chunk, engine.classify(requests)):
+                outputs.append({**rec, "adapter": res.adapter, "label": res.label, "confidence": res.confidence, "probabilities": res.probabilities})
+    return outputs
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Write rows as JSON lines atomically (temp file + fsync + rename)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

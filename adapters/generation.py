@@ -9,6 +9,7 @@ a batch as alone. Finished rows leave the batch (and the KV cache) at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -50,42 +51,46 @@ class DecodedRow:
 
 # ------------------------------------------------------------------ prompt formats
 def format_prompt(tokenizer, text: str | None = None, messages: list[dict] | None = None, prompt_spec: dict | None = None) -> str:
-    """The exact text the model sees (see ``encode_prompt`` for its token ids).
+    """The text the model sees (``encode_prompt`` gives its token ids).
 
     - ``messages`` (chat): rendered with the tokenizer's chat template; an adapter's
       system prompt is added when the conversation has none.
-    - plain ``text`` for an adapter trained with a prompt format (manifest ``prompt``):
-      the instruction goes before the text and the system prompt into the chat template,
-      as in training.
-    - plain ``text`` otherwise: used as is (a raw completion prompt).
+    - plain ``text`` for an adapter with a recorded prompt format (manifest ``prompt``, written
+      by training): formatted exactly as training formatted its inputs (``adapters.data``).
+    - plain ``text`` otherwise (the base, or ``raw``): used as is.
     """
-    spec = prompt_spec or {}
-    system_prompt = spec.get("system_prompt")
-    instruction = spec.get("instruction")
     if messages is not None:
-        if not messages:
-            raise ConfigError("messages: give at least one message")
-        msgs = [dict(m) for m in messages]
-        if system_prompt and msgs[0].get("role") != "system":
-            msgs.insert(0, {"role": "system", "content": system_prompt})
-        return _apply_chat_template(tokenizer, msgs)
+        return _apply_chat_template(tokenizer, _with_system(messages, prompt_spec))
     if text is None:
         raise ConfigError("give a prompt (text) or messages")
-    if not (system_prompt or instruction):
+    if prompt_spec is None:
         return text
-    user = f"{instruction}\n{text}" if instruction else text
-    msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [{"role": "user", "content": user}]
-    if getattr(tokenizer, "chat_template", None):
-        return _apply_chat_template(tokenizer, msgs)
-    return "\n".join(m["content"] for m in msgs) + "\n"
+    return tokenizer.decode(encode_prompt(tokenizer, text, None, prompt_spec))
 
 
 def encode_prompt(tokenizer, text: str | None = None, messages: list[dict] | None = None, prompt_spec: dict | None = None) -> list[int]:
-    """Token ids of the formatted prompt. A rendered chat template already holds its special
-    tokens, so the tokenizer adds none (as ``apply_chat_template(tokenize=True)`` does)."""
-    rendered = format_prompt(tokenizer, text, messages, prompt_spec)
-    templated = rendered != text
-    return tokenizer(rendered, add_special_tokens=not templated)["input_ids"]
+    """Token ids of the prompt (see ``format_prompt``)."""
+    if messages is not None:
+        # A rendered chat template holds its special tokens: add none (as apply_chat_template does).
+        return tokenizer(format_prompt(tokenizer, None, messages, prompt_spec), add_special_tokens=False)["input_ids"]
+    if text is None:
+        raise ConfigError("give a prompt (text) or messages")
+    if prompt_spec is None:
+        return tokenizer(text)["input_ids"]
+    from adapters.data import build_prompt_ids
+
+    fmt = SimpleNamespace(instruction=prompt_spec.get("instruction"), system_prompt=prompt_spec.get("system_prompt"))
+    return list(build_prompt_ids(tokenizer, text, fmt))
+
+
+def _with_system(messages: list[dict], prompt_spec: dict | None) -> list[dict]:
+    if not messages:
+        raise ConfigError("messages: give at least one message")
+    msgs = [dict(m) for m in messages]
+    system_prompt = (prompt_spec or {}).get("system_prompt")
+    if system_prompt and msgs[0].get("role") != "system":
+        msgs.insert(0, {"role": "system", "content": system_prompt})
+    return msgs
 
 
 def _apply_chat_template(tokenizer, messages: list[dict]) -> str:

@@ -23,6 +23,7 @@ def make_adapter(
     options: dict | None = None,
     name: str | None = None,
     std: float = 0.2,
+    quantization: dict | None = None,
 ) -> Path:
     from adapters.config import ModelConfig
     from adapters.fingerprint import fingerprint_model
@@ -30,7 +31,7 @@ def make_adapter(
     from adapters.methods import get_method
     from adapters.modeling import load_backbone
 
-    model_cfg = ModelConfig(name=str(base_dir))
+    model_cfg = ModelConfig(name=str(base_dir), quantization=quantization)
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
     torch.manual_seed(seed)
     model = load_backbone(model_cfg, task, label2id)
@@ -51,7 +52,7 @@ def make_adapter(
         base_model={"name": str(base_dir), "path": str(base_dir), "fingerprint": fingerprint_model(base_dir)},
         labels=labels,
         prompt=prompt or {},
-        training={"data": {"max_length": 64}},
+        training={"data": {"max_length": 64}, "model": model_cfg.model_dump(mode="json")},
     )
     write_manifest(out, manifest)
     return out

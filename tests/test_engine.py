@@ -9,7 +9,9 @@ import torch
 
 from adapters.engine import ClassificationRequest, GenerationRequest, InferenceEngine
 from adapters.errors import ConfigError, StoreError
-from adapters.generation import SamplingParams, format_prompt
+from adapters.config import DataConfig
+from adapters.data import build_prompt_ids
+from adapters.generation import SamplingParams, encode_prompt, format_prompt
 from serving_helpers import make_adapter
 
 PROMPTS = ["Hello there", "The capital of France is", "Once upon a time, long ago in a land", "x", "2 + 2 ="]
@@ -128,6 +130,9 @@ def test_manifest_prompt_format_and_chat(lm_engine, lm_adapters):
     tok = lm_engine.tokenizer
     formatted = format_prompt(tok, "Where is Paris?", None, {"system_prompt": "Answer briefly.", "instruction": "Classify:"})
     assert "Answer briefly." in formatted and "Classify:\nWhere is Paris?" in formatted and formatted.endswith("assistant\n")
+    # exactly the ids training built for this format
+    data_cfg = DataConfig(name="x", system_prompt="Answer briefly.", instruction="Classify:")
+    assert encode_prompt(tok, "Where is Paris?", None, {"system_prompt": "Answer briefly.", "instruction": "Classify:"}) == build_prompt_ids(tok, "Where is Paris?", data_cfg)
     plain = lm_engine.generate([greedy(ref, "Where is Paris?")])[0]
     as_chat = lm_engine.generate([GenerationRequest(adapter=ref, messages=[
         {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Classify:\nWhere is Paris?"}],
@@ -204,3 +209,27 @@ def test_mixed_classification_equals_each_row_alone(tiny_bert_dir, cls_adapters,
         engine.classify([ClassificationRequest(adapter="base", text="hi")])
     with pytest.raises(ConfigError, match="causal-lm"):
         engine.generate([greedy("base", "hi")])
+
+
+def test_infer_script_prompt_and_jsonl(tiny_llama_dir, lm_adapters, tmp_path, capsys, monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("infer_script", Path(__file__).resolve().parents[1] / "scripts" / "infer.py")
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+    monkeypatch.setenv("ADAPTERKIT_STORE", str(tmp_path / "store"))
+    a, b = str(lm_adapters["A"]), str(lm_adapters["B"])
+    rows = [{"id": 1, "prompt": PROMPTS[0]}, {"id": 2, "prompt": PROMPTS[1], "adapter": b, "max_new_tokens": 3}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert infer.main(["--base", str(tiny_llama_dir), "--adapter", a, "--input", str(tmp_path / "in.jsonl"),
+                       "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "5"]) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["id"] for o in out] == [1, 2] and [o["adapter"] for o in out] == [a, b]
+    assert out[0]["completion_tokens"] <= 5 and out[1]["completion_tokens"] <= 3
+    engine = InferenceEngine(str(tiny_llama_dir), store=tmp_path / "store")
+    assert out[1]["output"] == engine.generate([greedy(b, PROMPTS[1], n=3)])[0].text
+    assert infer.main(["--base", str(tiny_llama_dir), "--adapter", a, "--prompt", PROMPTS[0], "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.strip() == out[0]["output"].strip()
+    assert infer.main(["--base", str(tiny_llama_dir), "--adapter", "missing@1", "--prompt", "x"]) == 2
