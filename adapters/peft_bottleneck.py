@@ -5,8 +5,9 @@ peft 0.21 has no bottleneck adapter and no public way to add a ``PeftType`` memb
 to peft's enum (a str-valued enum, extended the way ``aenum.extend_enum`` does it) and registers
 ``BottleneckConfig`` / ``BottleneckModel``. From then on peft treats it like any built-in method:
 ``get_peft_model``, ``PeftModel.from_pretrained``, ``load_adapter``, ``set_adapter``,
-``disable_adapter``, ``delete_adapter``, ``modules_to_save`` and ``save_pretrained`` all work, and
-the saved folder is peft's own layout (adapter_config.json + adapter_model.safetensors).
+``disable_adapter``, ``delete_adapter``, ``modules_to_save``, ``save_pretrained`` and mixed
+batches (``model(..., adapter_names=[...])``, one adapter per row) all work, and the saved folder
+is peft's own layout (adapter_config.json + adapter_model.safetensors).
 
 An adapter wraps the output projection of a sub-layer and rewrites its output h as
 ``h + up(dropout(act(down(h))))`` before the block adds its residual stream (and, in BERT,
@@ -20,7 +21,9 @@ Adapters are non-linear: they cannot be merged into the base weights.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -28,6 +31,7 @@ import torch.nn as nn
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
+from peft.utils.other import AuxiliaryTrainingWrapper
 
 PEFT_TYPE_NAME = "BOTTLENECK"
 PREFIX = "bottleneck_"
@@ -200,20 +204,29 @@ class BottleneckWrapper(nn.Module, BottleneckLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
+        if adapter_names is not None:  # one adapter per row (inference only; "__base__" = none)
+            mixed = result.clone()
+            for name in set(adapter_names):
+                if name in self.bottleneck_down:
+                    rows = [i for i, n in enumerate(adapter_names) if n == name]
+                    mixed[rows] = self._adapt(name, result[rows])
+            return mixed
         for name in self.active_adapters:
-            if name not in self.bottleneck_down:
-                continue
-            down = self.bottleneck_down[name]
-            h = result.to(down.weight.dtype)
-            z = self.bottleneck_up[name](self.bottleneck_dropout[name](self.bottleneck_act[name](down(h))))
-            z = z * self.bottleneck_scaling[name]
-            out = h + z if self.bottleneck_residual[name] else z
-            result = out.to(result.dtype)
+            if name in self.bottleneck_down:
+                result = self._adapt(name, result)
         return result
+
+    def _adapt(self, name: str, result: torch.Tensor) -> torch.Tensor:
+        down = self.bottleneck_down[name]
+        h = result.to(down.weight.dtype)
+        z = self.bottleneck_up[name](self.bottleneck_dropout[name](self.bottleneck_act[name](down(h))))
+        z = z * self.bottleneck_scaling[name]
+        out = h + z if self.bottleneck_residual[name] else z
+        return out.to(result.dtype)
 
     def __repr__(self) -> str:
         return "bottleneck." + super().__repr__()
@@ -242,8 +255,44 @@ class BottleneckModel(BaseTuner):
             new_module.requires_grad_(False)  # a second adapter is not trainable until set_adapter
         self._replace_module(parent, target_name, new_module, target)
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """Mixed batches: ``model(..., adapter_names=[...])`` runs each row through its own adapter
+        (and its own saved head), the way peft does it for LoRA."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = set()
+        for module in self.modules():
+            if isinstance(module, BottleneckLayer):
+                known |= set(module.bottleneck_down.keys())
+        unknown = {n for n in adapter_names if n != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate() repeats every row num_beams times
+            adapter_names = [n for n in adapter_names for _ in range(num_beams)]
+        handles = []
+        for module in self.modules():
+            if isinstance(module, (BottleneckLayer, AuxiliaryTrainingWrapper)):
+                hook = partial(_inject_adapter_names, adapter_names=list(adapter_names))
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def _check_merge_allowed(self):
         raise TypeError("bottleneck adapters are non-linear and cannot be merged into the base weights")
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
 
 
 def _register() -> None:

@@ -56,7 +56,7 @@ class BottleneckMethod(PeftMethod):
     summary = "Small bottleneck MLPs inserted after sub-layers (Houlsby/Pfeiffer adapters, a peft tuner of ours)."
     Options = BottleneckOptions
     fixed_variant: ClassVar[str | None] = None
-    mixable = False  # a forward pass runs one adapter (or a stack of them) for the whole batch
+    mixable = True  # model(..., adapter_names=[...]) gives each row its own adapter and head
 
     def variant(self, options) -> str:
         return self.fixed_variant or options.variant

@@ -185,6 +185,43 @@ def test_side_by_side_adapters_switch_and_disable(folders, tmp_path):
     assert torch.allclose(logits_of(model, batch), out_b, atol=1e-6)  # re-enabled afterwards
 
 
+@pytest.mark.parametrize("kind", ["llama-lm", "bert-cls"])
+def test_mixed_batch_gives_each_row_its_own_adapter_and_head(kind, folders, tmp_path):
+    """mixable=True: adapter_names per row reproduces each adapter's (and each saved head's) own output."""
+    import torch
+
+    task = BACKBONES[kind][0]
+    method = get_method("bottleneck")
+    assert method.mixable
+    for name, seed in (("trec", 1), ("spam", 2)):
+        base = load_tiny(kind, folders)[0]  # seeds torch itself: seed after it
+        torch.manual_seed(seed)
+        model = method.attach(base, method.parse_options({"init": "random"}), task)
+        with torch.no_grad():  # a distinct adapter and head without training
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
+        method.save(model, tmp_path / name)
+    model = method.load(load_tiny(kind, folders)[0], tmp_path / "trec", adapter_name="trec")
+    model = method.load(model, tmp_path / "spam", adapter_name="spam")
+    batch = make_batch(model, task)
+    single = {}
+    for name in ("trec", "spam"):
+        model.set_adapter(name)
+        single[name] = logits_of(model, batch)
+    with model.disable_adapter():
+        single["__base__"] = logits_of(model, batch)
+    rows = ["spam", "__base__", "trec", "spam"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=rows).logits
+    want = torch.stack([single[name][i] for i, name in enumerate(rows)])
+    assert torch.allclose(mixed, want, atol=1e-5)
+    assert not torch.allclose(single["trec"], single["spam"], atol=1e-3)
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        model(**inputs, adapter_names=["trec", "nope", "trec", "trec"])
+
+
 def test_plain_peft_loads_the_folder(folders, tiny_llama_dir, tmp_path):
     """With adapters.peft_bottleneck imported, peft's own API loads, switches and deletes our adapters."""
     import torch
