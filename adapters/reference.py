@@ -457,3 +457,59 @@ def build_training_reference(
         embed_model=cfg.model.name,
     )
     return ref.save(out_dir)
+
+
+def attach_reference(adapter_dir: str | os.PathLike, max_heldout: int = 1000, max_embed: int = 200) -> dict[str, Any]:
+    """Build and store the drift reference of an adapter folder that has none (trained before
+    references were recorded, or outside ``train``): re-creates its data splits from
+    ``manifest["training"]``, predicts the held-out split through the serving engine, writes
+    ``reference.safetensors`` and rewrites the manifest (checksums included).
+
+    Not for published store versions (they are immutable): attach, then publish.
+    """
+    from adapters.config import ModelConfig, load_config
+    from adapters.data import label_words, prepare_splits
+    from adapters.manifest import read_manifest, write_manifest
+
+    folder = Path(adapter_dir).resolve()
+    manifest = read_manifest(folder)
+    if not isinstance(manifest.get("training"), dict):
+        raise ConfigError(f"{folder}: the manifest has no training config, so the training data cannot be found again")
+    cfg = load_config(raw=manifest["training"])
+    prepared = prepare_splits(cfg)
+    data = cfg.data
+    texts = [str(t) for t in prepared.splits["train"][data.text_field]]
+    heldout = next((prepared.splits[s] for s in ("test", "validation") if s in prepared.splits and len(prepared.splits[s])), None)
+    predictions = confidences = None
+    if cfg.task == "sequence-classification":
+        labels = [str(l) for l in prepared.splits["train"][data.label_field]]
+        if heldout is not None:
+            from adapters.engine import ClassificationRequest, InferenceEngine
+
+            engine = InferenceEngine(ModelConfig.model_validate(manifest["training"]["model"]), task=cfg.task, capacity=1)
+            held_texts = [str(t) for t in heldout[data.text_field]][:max_heldout]
+            results = []
+            for start in range(0, len(held_texts), cfg.train.eval_batch_size):
+                chunk = held_texts[start : start + cfg.train.eval_batch_size]
+                results += engine.classify([ClassificationRequest(adapter=str(folder), text=t) for t in chunk])
+            predictions = [r.label for r in results]
+            confidences = [r.confidence for r in results]
+            tokenizer = engine.tokenizer
+        else:
+            from adapters.modeling import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model)
+    else:
+        from adapters.modeling import load_tokenizer
+
+        words = label_words(data)
+        labels = [words.get(str(t), str(t)) for t in prepared.splits["train"][data.response_field or data.label_field]]
+        tokenizer = load_tokenizer(cfg.model)
+    embed_fn = embedder(cfg.model.name, revision=cfg.model.revision, max_length=data.max_length) if max_embed > 0 else None
+    ref = build_reference(
+        texts, labels, tokenizer=tokenizer, predictions=predictions, confidences=confidences, embed_fn=embed_fn,
+        label_names=prepared.labels, max_embed=max_embed, seed=cfg.train.seed, embed_model=cfg.model.name,
+    )
+    stats = ref.save(folder)
+    write_manifest(folder, {**manifest, "reference": stats})
+    return stats
