@@ -68,6 +68,7 @@ def quantization_config(model_cfg: ModelConfig):
             f"model.quantization needs bitsandbytes, which cannot be imported here ({err}); "
             "install it or drop model.quantization"
         ) from err
+    _probe_bitsandbytes(q)
     if q.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
@@ -78,6 +79,27 @@ def quantization_config(model_cfg: ModelConfig):
         # DeepSpeed ZeRO-3 needs the packed storage dtype to match the compute dtype.
         bnb_4bit_quant_storage=DTYPES[q.compute_dtype],
     )
+
+
+def _probe_bitsandbytes(q) -> None:
+    """Quantize one small block on the device the model will use. A bitsandbytes build without a
+    backend for this device then fails here with a clear message instead of deep inside loading."""
+    import bitsandbytes
+    import bitsandbytes.functional as bnbf
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        block = torch.zeros(64, 64, device=device)
+        if q.bits == 4:
+            bnbf.quantize_4bit(block, quant_type=q.quant_type)
+        else:
+            bnbf.int8_vectorwise_quant(block.to(torch.float16))
+    except Exception as err:
+        raise ConfigError(
+            f"model.quantization: bitsandbytes {getattr(bitsandbytes, '__version__', '?')} cannot run "
+            f"{q.bits}-bit on {device} here ({type(err).__name__}: {err}); "
+            "drop model.quantization or install a bitsandbytes build for this device"
+        ) from err
 
 
 def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | None = None, device_map=None):

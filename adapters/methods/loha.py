@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from adapters.methods.base import MethodOptions, register_method
-from adapters.methods.lora import resolve_target_modules
+from adapters.methods.lora import excluded_modules, resolve_target_modules
 from adapters.methods.peft_base import PeftMethod
 
 
@@ -36,6 +36,7 @@ class LohaMethod(PeftMethod):
             rank_dropout=options.rank_dropout,
             module_dropout=options.module_dropout,
             target_modules=resolve_target_modules(options.target_modules, model),
+            exclude_modules=excluded_modules(options.target_modules, model),
         )
 
 

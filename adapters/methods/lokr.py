@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from adapters.methods.base import MethodOptions, register_method
-from adapters.methods.lora import resolve_target_modules
+from adapters.methods.lora import excluded_modules, resolve_target_modules
 from adapters.methods.peft_base import PeftMethod
 
 
@@ -40,6 +40,7 @@ class LokrMethod(PeftMethod):
             decompose_both=options.decompose_both,
             decompose_factor=options.decompose_factor,
             target_modules=resolve_target_modules(options.target_modules, model),
+            exclude_modules=excluded_modules(options.target_modules, model),
         )
 
 

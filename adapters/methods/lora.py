@@ -15,7 +15,7 @@ ATTENTION_MODULES = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "gpt2": ["c_attn", "c_proj"],
+    "gpt2": ["c_attn", "attn.c_proj"],  # bare "c_proj" would also match mlp.c_proj
     "bert": ["query", "key", "value", "attention.output.dense"],
     "roberta": ["query", "key", "value", "attention.output.dense"],
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin"],
@@ -29,6 +29,21 @@ MLP_MODULES = {
     "roberta": ["intermediate.dense", "output.dense"],
     "distilbert": ["lin1", "lin2"],
 }
+
+# peft matches target names by suffix: BERT's feed-forward output "output.dense" also matches the
+# attention output "attention.output.dense", which "mlp" must leave out.
+MLP_EXCLUDE = {
+    "bert": ["attention.output.dense"],
+    "roberta": ["attention.output.dense"],
+}
+
+
+def excluded_modules(targets, model) -> list[str] | None:
+    """Modules that a target-name suffix would catch but the chosen group does not mean."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if targets == "mlp":
+        return MLP_EXCLUDE.get(model_type)
+    return None
 
 
 def resolve_target_modules(targets, model) -> list[str] | str:
@@ -86,6 +101,7 @@ class LoraMethod(PeftMethod):
             lora_alpha=options.alpha,
             lora_dropout=options.dropout,
             target_modules=resolve_target_modules(options.target_modules, model),
+            exclude_modules=excluded_modules(options.target_modules, model),
             layers_to_transform=layers,
             use_dora=options.use_dora or self.force_dora,
             use_rslora=options.use_rslora,

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from adapters.methods.base import MethodOptions, register_method
-from adapters.methods.lora import resolve_target_modules
+from adapters.methods.lora import excluded_modules, resolve_target_modules
 from adapters.methods.peft_base import PeftMethod
 
 
@@ -38,6 +38,7 @@ class VeraMethod(PeftMethod):
         return VeraConfig(
             r=options.r,
             target_modules=resolve_target_modules(options.target_modules, model),
+            exclude_modules=excluded_modules(options.target_modules, model),
             projection_prng_key=options.projection_prng_key,
             save_projection=options.save_projection,
             d_initial=options.d_initial,
