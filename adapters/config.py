@@ -148,7 +148,7 @@ class RunConfig(Strict):
                 data = {**data, "method": {"name": method, "options": {}}}
             elif isinstance(method, dict) and "options" not in method:
                 rest = {k: v for k, v in method.items() if k != "name"}
-                data = {**data, "method": {"name": method.get("name"), "options": rest}}
+                data = {**data, "method": {"name": method.get("name", "lora"), "options": rest}}
         return data
 
     @model_validator(mode="after")

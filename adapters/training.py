@@ -43,7 +43,7 @@ def make_accelerator(cfg: RunConfig, run_dir: Path):
     from accelerate.utils import InitProcessGroupKwargs
 
     handlers = []
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # accelerate misreads CPU-only DeepSpeed ranks unless the process group backend is explicit.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
@@ -83,7 +83,8 @@ class MetricsLog:
                 fh.write(json.dumps({"step": step, "time": time.time(), **values}, default=str) + "\n")
 
 
-def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None = None, on_model_ready=None) -> TrainResult:
+def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None = None, stop_after: int | None = None, on_model_ready=None) -> TrainResult:
+    """Run one training job. `stop_after` ends the loop early at that step, as an interruption would."""
     from accelerate.utils import broadcast_object_list, set_seed
 
     from adapters.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -218,7 +219,7 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
                     "step": step, "epoch": epoch, "batches_done": batches_done, "best_value": best["value"],
                     "best_step": best["step"], "bad_evals": bad_evals, "history": history,
                 })
-            if step >= total_steps:
+            if step >= total_steps or (stop_after is not None and step >= stop_after):
                 stop = True
             if stop:
                 break

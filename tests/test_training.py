@@ -1,0 +1,136 @@
+"""The training loop on tiny models: loss falls, the adapter reloads exactly, resume continues, errors are clear."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.config import load_config
+from adapters.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(model_dir, run_dir, task="causal-lm", **overrides):
+    raw = {
+        "task": task,
+        "model": {"name": str(model_dir)},
+        "data": {"name": "trec", "max_length": 48, "max_train_samples": 96, "max_eval_samples": 24, "max_test_samples": 24},
+        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"lr": 5e-3, "batch_size": 8, "max_steps": 12, "log_every": 2, "seed": 1, "eval_batch_size": 16},
+        "eval": {"max_new_tokens": 3},
+        "output": {"run_dir": str(run_dir), "name": "tiny"},
+    }
+    for key, value in overrides.items():
+        node = raw
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return load_config(raw=raw)
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_causal_lm_trains_saves_and_reloads(tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from adapters.training import train
+
+    result = train(tiny_cfg(tiny_llama_dir, tmp_path / "run", train__lr=1e-2, train__max_steps=16))
+    curve = losses(result.run_dir)
+    assert curve[-1] < curve[0], curve
+    adapter = result.adapter_dir
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    assert (adapter / "manifest.json").is_file()
+    assert not list(adapter.glob("model*.safetensors")), "base weights must not be in the adapter folder"
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    assert manifest["task"] == "causal-lm" and manifest["method"]["name"] == "lora"
+    assert manifest["base_model"]["fingerprint"].startswith("sha256:")
+    assert "exact_match" in result.metrics["adapted"] and result.metrics["base"] is not None
+
+    # Plain peft loads it and reproduces the trained model's logits.
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    reloaded = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        logits = reloaded(input_ids=ids).logits
+    assert not torch.allclose(logits, base_logits), "the adapter changed nothing"
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    assert summary["adapter_dir"] == str(adapter)
+    assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "run_info.json").is_file()
+    assert list(result.run_dir.rglob("events.out.tfevents*")), "TensorBoard events missing"
+
+
+def test_classification_with_early_stopping_restores_best(tiny_bert_dir, tmp_path):
+    from adapters.training import train
+
+    cfg = tiny_cfg(
+        tiny_bert_dir, tmp_path / "run", task="sequence-classification",
+        train__max_steps=30, train__eval_every=3, train__lr=2e-2,
+        train__early_stopping={"metric": "eval_loss", "mode": "min", "patience": 2},
+    )
+    result = train(cfg)
+    rows = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals, "no evaluation was logged"
+    best = min(r["eval_loss"] for r in evals)
+    # After restoring the best checkpoint, the final validation loss is the best one seen.
+    assert result.metrics["validation"]["eval_loss"] == pytest.approx(best, rel=1e-4, abs=1e-5)
+    assert set(result.metrics["adapted"]) >= {"accuracy", "f1_macro", "loss"}
+    manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
+    assert manifest["labels"] == sorted(manifest["labels"]) and len(manifest["labels"]) >= 2
+
+
+def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(tiny_llama_dir, tmp_path):
+    from adapters.training import train
+
+    full = train(tiny_cfg(tiny_llama_dir, tmp_path / "full", train__max_steps=8, train__save_every=4, eval__baseline=False))
+    # Same run, "crashing" after step 4: train to 4, then resume to 8 from the checkpoint.
+    part = tiny_cfg(tiny_llama_dir, tmp_path / "part", train__max_steps=8, train__save_every=4, eval__baseline=False)
+    train(part, stop_after=4)
+    assert (tmp_path / "part" / "checkpoints" / "step-4").is_dir()
+    resumed = train(part, resume=True)
+    assert resumed.steps == 8
+    from safetensors.torch import load_file
+
+    a = load_file(str(full.adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(resumed.adapter_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_config_errors_name_the_key_and_choices(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: causal-lm\nmodel: {name: x}\ndata: {name: trec}\ntrain: {lr: 1e-3, shedule: cosine}\n")
+    with pytest.raises(ConfigError, match=r"train\.shedule.*valid keys.*scheduler"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"unknown method 'lorra'; valid methods: .*lora"):
+        load_config(raw={"task": "causal-lm", "model": {"name": "x"}, "data": {"name": "trec"}, "method": "lorra"})
+    with pytest.raises(ConfigError, match=r"train\.batch_size"):
+        load_config(raw={"task": "causal-lm", "model": {"name": "x"}, "data": {"name": "trec"}}, overrides=["train.batch_size=many"])
+    with pytest.raises(ConfigError, match=r"task"):
+        load_config(raw={"task": "translation", "model": {"name": "x"}, "data": {"name": "trec"}})
+
+
+def test_train_script_reports_config_errors_before_loading_a_model(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: causal-lm\nmodel: {name: x}\ndata: {name: trec}\n")
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", str(cfg), "--set", "method.rank=8"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "method.rank" in proc.stderr and "valid options" in proc.stderr
