@@ -151,6 +151,10 @@ class InferenceEngine:
         self._tuner_layers: list[torch.nn.Module] = []
         self._active_slot: str | None = None
         self._pinned_keys: dict[str, str] = {}
+        self._free: dict[str, str] = {}  # pooled slot -> config signature
+        self._slot_signature: dict[str, str] = {}
+        self._slot_params: dict[str, dict[str, torch.Tensor]] = {}
+        self._layer_dicts: list[tuple[dict, bool]] = []
 
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(self.model_config)
@@ -354,21 +358,37 @@ class InferenceEngine:
             return entry
         self.stats.misses += 1
         self._check_peft_type(adapter, pinned)
-        while len(self._resident) >= self.capacity:
-            victim = next((k for k in self._resident if k not in pinned), None)
-            if victim is None:
-                raise ConfigError(f"a batch needs more than capacity={self.capacity} adapters at once")
-            self._evict(victim)
         t0 = time.perf_counter()
-        slot = f"a{self._next_slot}"
-        self._next_slot += 1
-        self._attach(adapter, slot)
+        signature = _config_signature(adapter.path)
+        if len(self._resident) >= self.capacity and self._compatible_free(signature, adapter) is None:
+            self._evict(self._lru_victim(pinned))  # its slot may fit the new adapter
+        slot = self._compatible_free(signature, adapter)
+        if slot is not None and not self._refill(slot, adapter):
+            self._delete_slot(slot)
+            slot = None
+        if slot is None:
+            while len(self._resident) + len(self._free) >= self.capacity:
+                if self._free:
+                    self._delete_slot(next(iter(self._free)))
+                else:
+                    self._evict(self._lru_victim(pinned))
+                    self._delete_slot(next(iter(self._free)))
+            slot = f"a{self._next_slot}"
+            self._next_slot += 1
+            self._attach(adapter, slot)
+            self._slot_signature[slot] = signature
         seconds = time.perf_counter() - t0
         entry = ResidentAdapter(slot=slot, adapter=adapter, loaded_at=time.time(), load_seconds=seconds, refs={ref})
         self._resident[adapter.key] = entry
         self.stats.loads += 1
         self.stats.last_load_seconds = seconds
         return entry
+
+    def _lru_victim(self, pinned: set[str]) -> str:
+        victim = next((k for k in self._resident if k not in pinned), None)
+        if victim is None:
+            raise ConfigError(f"a batch needs more than capacity={self.capacity} adapters at once")
+        return victim
 
     def _check_peft_type(self, adapter: ResolvedAdapter, pinned: set[str]) -> None:
         # One PeftModel holds adapters of one peft type (LoRA and DoRA share LORA).
@@ -383,10 +403,10 @@ class InferenceEngine:
                 f"but the resident adapters use {current}; one engine serves one peft type at a time "
                 "(unload the others first, or start another engine)"
             )
-        self._base_model = self._peft.unload()  # no adapters resident: start a fresh wrapper
-        self._peft = None
+        self.trim()  # nothing resident: drop the pooled slots and start a fresh wrapper
 
     def _attach(self, adapter: ResolvedAdapter, slot: str) -> None:
+        """A new peft adapter: peft builds its layers (the slow path, ~0.1-1 s on SmolLM2)."""
         from peft import PeftModel
 
         if adapter.num_labels is not None:
@@ -399,29 +419,72 @@ class InferenceEngine:
             self._peft.load_adapter(str(adapter.path), adapter_name=slot, is_trainable=False, low_cpu_mem_usage=True)
         self._peft.eval()
         self._refresh_tuner_layers()
-        if self._active_slot is None or self._active_slot not in self._slots():
-            self._activate_slot(slot)
-        else:
-            self._activate_slot(self._active_slot)
+        self._activate_slot(self._active_slot if self._active_slot in self._slots() else slot)
 
-    def _evict(self, key: str) -> None:
-        entry = self._resident.pop(key)
-        remaining = self._slots()
-        if self._active_slot == entry.slot:
-            self._active_slot = None
-        if remaining:
-            if self._active_slot is None:  # point peft at a survivor first: deleting the active one warns
-                self._activate_slot(remaining[0])
-            self._peft.delete_adapter(entry.slot)
+    # Pooled slots: an evicted or unloaded adapter's layers stay allocated (within capacity), and the
+    # next adapter of the same shape is copied into them: a load then costs reading its file.
+    def _compatible_free(self, signature: str, adapter: ResolvedAdapter) -> str | None:
+        if adapter.is_prompt_learning:
+            return None
+        return next((slot for slot, sig in self._free.items() if sig == signature), None)
+
+    def _refill(self, slot: str, adapter: ResolvedAdapter) -> bool:
+        """Copy the adapter's weights into a pooled slot; False if its tensors do not fit after all."""
+        from safetensors import safe_open
+
+        targets = self._slot_tensors(slot)
+        with safe_open(str(adapter.path / "adapter_model.safetensors"), framework="pt") as fh:
+            keys = set(fh.keys())
+            if keys != set(targets) or any(tuple(fh.get_slice(k).get_shape()) != tuple(targets[k].shape) for k in keys):
+                return False  # e.g. a classification head of another size
+            with torch.no_grad():
+                for key in keys:
+                    targets[key].copy_(fh.get_tensor(key))
+        del self._free[slot]
+        return True
+
+    def _slot_tensors(self, slot: str) -> dict[str, torch.Tensor]:
+        """The slot's parameters under the key names of an adapter file (sharing their storage)."""
+        tensors = self._slot_params.get(slot)
+        if tensors is None:
+            from peft.utils import get_peft_model_state_dict
+
+            tensors = get_peft_model_state_dict(self._peft, adapter_name=slot)
+            self._slot_params[slot] = tensors
+        return tensors
+
+    def _delete_slot(self, slot: str, pooled: bool = True) -> None:
+        if pooled:
+            del self._free[slot]
+        self._slot_params.pop(slot, None)
+        self._slot_signature.pop(slot, None)
+        if self._resident or self._free:
+            if self._active_slot in (None, slot):  # point peft at a survivor first: deleting the active one warns
+                self._activate_slot(next(iter(self._slots() or list(self._free))))
+            self._peft.delete_adapter(slot)
             self._refresh_tuner_layers()
-            self._activate_slot(self._active_slot or remaining[0])
         else:
             # peft keeps at least one adapter; drop the wrapper and restore the plain base instead.
             self._base_model = self._peft.unload()
             self._peft = None
             self._tuner_layers = []
             self._active_slot = None
+
+    def _evict(self, key: str) -> None:
+        """Make an adapter non-resident; its slot joins the pool for the next adapter of its shape."""
+        entry = self._resident.pop(key)
+        if self._active_slot == entry.slot:
+            self._activate_slot(next(iter(self._slots()), None))
+        self._free[entry.slot] = self._slot_signature.get(entry.slot, "")
         self.stats.evictions += 1
+
+    def trim(self) -> int:
+        """Free the memory of pooled (non-resident) slots. Returns how many were deleted."""
+        with self._lock:
+            n = len(self._free)
+            for slot in list(self._free):
+                self._delete_slot(slot)
+            return n
 
     def _slots(self) -> list[str]:
         return [e.slot for e in self._resident.values()]
@@ -431,23 +494,26 @@ class InferenceEngine:
         from peft.utils.other import AuxiliaryTrainingWrapper
 
         self._tuner_layers = [m for m in self._peft.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        self._layer_dicts = [(m.__dict__, isinstance(m._active_adapter, list)) for m in self._tuner_layers]
 
     def _activate_slot(self, slot: str | None) -> None:
         """Point every adapter layer at ``slot`` (None: the bare base).
 
         peft's set_adapter also flips requires_grad on every adapter of every layer, which grows
-        with the number of resident adapters; at inference only the active name matters.
+        with the number of resident adapters; at inference only the active name matters, set
+        straight in each layer's __dict__ (nn.Module.__setattr__ is ~10x slower).
         """
         if self._peft is None:
             return
         if slot is None:
-            for m in self._tuner_layers:
-                m._disable_adapters = True
+            for d, _ in self._layer_dicts:
+                d["_disable_adapters"] = True
             self._active_slot = None
             return
-        for m in self._tuner_layers:
-            m._active_adapter = slot if not isinstance(m._active_adapter, list) else [slot]
-            m._disable_adapters = False
+        listed = [slot]
+        for d, is_list in self._layer_dicts:
+            d["_active_adapter"] = listed if is_list else slot
+            d["_disable_adapters"] = False
         if self._peft.peft_config[slot].is_prompt_learning:
             self._peft.set_adapter(slot)  # no tuner layers to walk: cheap
         else:
@@ -662,6 +728,15 @@ class InferenceEngine:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
+
+
+_IGNORED_CONFIG_KEYS = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
+
+
+def _config_signature(folder: Path) -> str:
+    """Adapters with equal signatures have identically shaped layers (a pooled slot fits)."""
+    cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
+    return json.dumps({k: v for k, v in cfg.items() if k not in _IGNORED_CONFIG_KEYS}, sort_keys=True, default=str)
 
 
 _PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}

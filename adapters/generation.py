@@ -29,6 +29,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False  # keep going past EOS (benchmarks: every row generates max_new_tokens)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -182,7 +183,7 @@ def decode_batch(
             p = params[row]
             token = _pick_next(logits[b], p, generators[row])
             finish = None
-            if token in stop_token_ids:
+            if token in stop_token_ids and not p.ignore_eos:
                 finish = FINISH_STOP
             else:
                 outputs[row].append(token)

@@ -87,7 +87,8 @@ def test_lru_eviction_load_unload(tiny_llama_dir, lm_adapters, store_root):
     assert len(engine.resident()) == 2
     assert engine.unload(str(a["A"])) is True and engine.unload(str(a["A"])) is False
     assert engine.unload(str(a["C"])) is True
-    assert engine.resident() == [] and engine._peft is None
+    assert engine.resident() == [] and len(engine._free) == 2  # their layers are pooled for the next load
+    assert engine.trim() == 2 and engine._peft is None
     # with every adapter gone the base is untouched
     assert engine.generate([greedy("base", PROMPTS[1])])[0].token_ids == before
     with pytest.raises(StoreError, match="not an adapter folder"):
@@ -103,6 +104,21 @@ def test_activate_then_reload_is_consistent(tiny_llama_dir, lm_adapters, store_r
     engine.unload(ref)
     engine.load(str(lm_adapters["A"]))
     assert engine.generate([greedy(ref, PROMPTS[0])])[0].token_ids == first
+
+
+def test_pooled_slot_is_refilled_with_the_new_adapters_weights(tiny_llama_dir, lm_adapters, store_root):
+    a, b = str(lm_adapters["A"]), str(lm_adapters["B"])  # same shape: B reuses A's layers
+    fresh_b = InferenceEngine(str(tiny_llama_dir), capacity=1, store=store_root).generate([greedy(b, PROMPTS[2])])[0].token_ids
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=1, store=store_root)
+    first_a = engine.generate([greedy(a, PROMPTS[2])])[0].token_ids
+    slot_a = engine.resident()[0]["slot"]
+    assert engine.generate([greedy(b, PROMPTS[2])])[0].token_ids == fresh_b
+    assert engine.resident()[0]["slot"] == slot_a and len(engine._peft.peft_config) == 1  # refilled, not rebuilt
+    assert engine.generate([greedy(a, PROMPTS[2])])[0].token_ids == first_a
+    assert first_a != fresh_b
+    # another shape cannot reuse the slot: it is deleted and a new one built
+    engine.generate([greedy(str(lm_adapters["C"]), PROMPTS[2])])
+    assert engine.resident()[0]["slot"] != slot_a and len(engine._peft.peft_config) == 1
 
 
 def test_sampling_seed_stop_and_length(lm_engine, lm_adapters):
