@@ -200,10 +200,15 @@ class LengthGroupedEpochSampler(torch.utils.data.Sampler):
 
 
 def collator_for(task: str, tokenizer):
+    import copy
+
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
     if task == "causal-lm":
-        inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+        # Left padding puts every response at the end of its row (see adapters.objectives).
+        left = copy.copy(tokenizer)
+        left.padding_side = "left"
+        inner = DataCollatorForSeq2Seq(left, padding=True, label_pad_token_id=-100, return_tensors="pt")
     else:
         inner = DataCollatorWithPadding(tokenizer, padding=True, return_tensors="pt")
 

@@ -37,16 +37,15 @@ def evaluate_causal_lm(model, dataset, tokenizer, accelerator, batch_size: int, 
     """Mean response-token loss (and perplexity), and exact match of greedy generations."""
     from adapters.data import eval_dataloader
     from adapters.metrics import exact_match
+    from adapters.objectives import causal_lm_response_loss
 
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for batch in eval_dataloader(dataset, "causal-lm", tokenizer, batch_size):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        shift_logits, shift_labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100, reduction="sum")
+        loss, _ = causal_lm_response_loss(model, batch, reduction="sum")
         total_loss += loss.item()
-        total_tokens += int((shift_labels != -100).sum())
+        total_tokens += int((batch["labels"][:, 1:] != -100).sum())
     mean_loss = total_loss / max(1, total_tokens)
     metrics = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50))}
     if generate:

@@ -177,8 +177,7 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
         epoch_dl = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
         for batch in epoch_dl:
             with accelerator.accumulate(model):
-                out = model(**batch)
-                loss = _loss(out, batch, cfg)
+                loss = _loss(model, batch, cfg)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
@@ -310,10 +309,12 @@ def save_adapter(accelerator, model, method, folder: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def _loss(out, batch, cfg: RunConfig):
-    if cfg.train.label_smoothing and cfg.task == "sequence-classification":
-        return torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"], label_smoothing=cfg.train.label_smoothing)
-    return out.loss
+def _loss(model, batch, cfg: RunConfig):
+    from adapters.objectives import causal_lm_response_loss, classification_loss
+
+    if cfg.task == "causal-lm":
+        return causal_lm_response_loss(model, batch)[0]
+    return classification_loss(model, batch, cfg.train.label_smoothing)[0]
 
 
 def _make_optimizer(groups, cfg: RunConfig):
