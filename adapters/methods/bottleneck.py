@@ -44,6 +44,13 @@ class BottleneckVariantOptions(MethodOptions):
             )
         return residual
 
+    @field_validator("top_layers")
+    @classmethod
+    def _one_way_to_pick_layers(cls, top_layers: int | None, info: ValidationInfo) -> int | None:
+        if top_layers is not None and info.data.get("layers") is not None:
+            raise ValueError("give either layers or top_layers, not both")
+        return top_layers
+
 
 class BottleneckOptions(BottleneckVariantOptions):
     variant: Literal["houlsby", "pfeiffer"] = Field(
@@ -57,6 +64,7 @@ class BottleneckMethod(PeftMethod):
     Options = BottleneckOptions
     fixed_variant: ClassVar[str | None] = None
     mixable = True  # model(..., adapter_names=[...]) gives each row its own adapter and head
+    supports_quantized = True  # the adapter only reads the wrapped layer's output: a 4/8-bit base is fine
 
     def variant(self, options) -> str:
         return self.fixed_variant or options.variant

@@ -222,6 +222,33 @@ def test_mixed_batch_gives_each_row_its_own_adapter_and_head(kind, folders, tmp_
         model(**inputs, adapter_names=["trec", "nope", "trec", "trec"])
 
 
+def test_trains_on_a_4bit_base(tmp_path):
+    """The adapter reads only the wrapped layer's output, so a bitsandbytes 4-bit base works (QLoRA-style)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapters.config import ModelConfig, QuantizationConfig
+    from adapters.modeling import load_backbone
+
+    method = get_method("bottleneck")
+    assert method.supports_quantized
+    torch.manual_seed(0)  # width 64: bitsandbytes' CPU 4-bit kernels reject the width-32 tiny model
+    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "base"))
+    model_cfg = ModelConfig(name=str(tmp_path / "base"), quantization=QuantizationConfig(bits=4))
+    model = method.attach(load_backbone(model_cfg, "causal-lm"), method.parse_options({}), "causal-lm")
+    assert type(model.base_model.model.model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear4bit"
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    batch = make_batch(model, "causal-lm")
+    before, after = train_steps(model, batch, steps=6, lr=1e-2)
+    assert after < before
+    expected = logits_of(model, batch)
+    method.save(model, tmp_path / "q")
+    reloaded = method.load(load_backbone(model_cfg, "causal-lm"), tmp_path / "q")
+    assert torch.allclose(logits_of(reloaded, batch), expected, atol=1e-6)
+
+
 def test_plain_peft_loads_the_folder(folders, tiny_llama_dir, tmp_path):
     """With adapters.peft_bottleneck imported, peft's own API loads, switches and deletes our adapters."""
     import torch
@@ -249,6 +276,11 @@ def test_plain_peft_loads_the_folder(folders, tiny_llama_dir, tmp_path):
     assert torch.allclose(logits_of(peft_model, batch), expected, atol=1e-6)
     with pytest.raises(TypeError, match="cannot be merged"):
         peft_model.merge_and_unload()
+    with peft_model.disable_adapter():
+        bare = logits_of(peft_model, batch)
+    unloaded = peft_model.unload()  # removes the adapters, keeps the base
+    assert type(unloaded).__name__ == "LlamaForCausalLM"
+    assert torch.allclose(logits_of(unloaded, batch), bare, atol=1e-6)
 
 
 def test_unsupported_architecture_and_bad_options_fail_at_validation():
@@ -262,6 +294,8 @@ def test_unsupported_architecture_and_bad_options_fail_at_validation():
         method.parse_options({"variant": "parallel"})
     with pytest.raises(ConfigError, match="method.non_linearity"):
         method.parse_options({"non_linearity": "softmax"})
+    with pytest.raises(ConfigError, match="method.top_layers.*either layers or top_layers"):
+        method.parse_options({"layers": [0], "top_layers": 1})
     with pytest.raises(ConfigError, match="residual=false with init=near-identity"):
         method.parse_options({"residual": False})
     with pytest.raises(ConfigError, match="unknown option 'method.variant' for method 'pfeiffer'"):
