@@ -59,8 +59,36 @@ class PromptLearningMethod(PeftMethod):
     def attach(self, model, options, task, adapter_name="default"):
         try:
             return super().attach(model, options, task, adapter_name)
-        except ValueError as err:  # e.g. a backbone whose forward takes no past_key_values
+        except ValueError as err:
             raise ConfigError(f"method {self.name!r} cannot attach to {type(model).__name__}: {err}") from err
+
+    def resumable(self, config) -> bool:
+        """Whether the saved file holds the trained parameters themselves (not only their output)."""
+        return True
+
+    def load(self, model, folder: Path, adapter_name="default", is_trainable=False):
+        if not is_trainable:
+            return super().load(model, folder, adapter_name, is_trainable)
+        # peft refuses to load prompt learning as trainable; where the saved tensor *is* the trained
+        # parameter, build the adapter from the saved config and load the tensor into it.
+        from peft import PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        config = PeftConfig.from_pretrained(str(folder))
+        if not self.resumable(config):
+            raise ConfigError(
+                f"cannot continue training a saved {self.name!r} adapter: peft saves only the virtual tokens its "
+                "prompt encoder produced, not the encoder itself; train a new adapter instead of init_from"
+            )
+        config.inference_mode = False
+        if getattr(config, "prompt_tuning_init", None) is not None:
+            config.prompt_tuning_init = "RANDOM"  # the saved prompt replaces it; no tokenizer from a foreign path
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, config)
+        else:
+            model = get_peft_model(model, config, adapter_name=adapter_name)
+        set_peft_model_state_dict(model, load_peft_weights(str(folder)), adapter_name=adapter_name)
+        return model
 
 
 # ---------------------------------------------------------------- prompt tuning
@@ -111,17 +139,6 @@ class PromptTuningMethod(PromptLearningMethod):
             }
         return PromptTuningConfig(num_virtual_tokens=options.num_virtual_tokens, **self.geometry(model), **kwargs)
 
-    def load(self, model, folder: Path, adapter_name="default", is_trainable=False):
-        from peft import PeftConfig, PeftModel
-
-        config = PeftConfig.from_pretrained(str(folder))
-        if isinstance(model, PeftModel) or config.prompt_tuning_init != "TEXT":
-            return super().load(model, folder, adapter_name, is_trainable)
-        # The saved weights replace the initial prompt anyway: don't reload a tokenizer from a path
-        # recorded on the machine that trained it.
-        config.prompt_tuning_init = "RANDOM"
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, config=config)
-
 
 # ---------------------------------------------------------------- prefix tuning
 class PrefixTuningOptions(MethodOptions):
@@ -134,11 +151,44 @@ class PrefixTuningOptions(MethodOptions):
     )
 
 
+# Model types whose attention takes no past key/values, so a prefix has nowhere to go.
+NO_PAST_KEY_VALUES = {"distilbert"}
+
+
+def accepts_past_key_values(model) -> bool:
+    """Whether the model, or the transformer backbone inside it (peft's fallback), takes past_key_values."""
+    import inspect
+
+    candidates = [model] + [child for _, child in model.named_children()]
+    return any("past_key_values" in inspect.signature(m.forward).parameters for m in candidates)
+
+
 class PrefixTuningMethod(PromptLearningMethod):
     name = "prefix-tuning"
     summary = "Prefix tuning: learned keys/values prepended in every attention layer (peft); optional MLP projection."
     Options = PrefixTuningOptions
     needs_input_ids_for_decoder_classifier = False  # the input ids still reach the classifier
+
+    def check_model(self, options, info: ModelInfo, task: str) -> None:
+        super().check_model(options, info, task)
+        if info.model_type in NO_PAST_KEY_VALUES:
+            raise ConfigError(
+                f"method 'prefix-tuning' cannot work on model type {info.model_type!r}: its attention takes no "
+                "past key/values to hold the prefix. prefix-tuning supports models whose attention accepts "
+                "past_key_values (Llama, BERT, RoBERTa, GPT-2, ...); use prompt-tuning or p-tuning here"
+            )
+
+    def resumable(self, config) -> bool:
+        return not config.prefix_projection  # with the MLP, only its output is saved
+
+    def attach(self, model, options, task, adapter_name="default"):
+        if not accepts_past_key_values(model):
+            raise ConfigError(
+                f"method 'prefix-tuning' cannot attach to {type(model).__name__}: neither it nor its backbone "
+                "takes past_key_values; prefix-tuning supports models whose attention accepts them. "
+                "Use prompt-tuning or p-tuning"
+            )
+        return super().attach(model, options, task, adapter_name)
 
     def peft_config(self, options: PrefixTuningOptions, task, model):
         from peft import PrefixTuningConfig
@@ -169,6 +219,9 @@ class PTuningMethod(PromptLearningMethod):
     name = "p-tuning"
     summary = "P-tuning: virtual-token embeddings produced by a small MLP/LSTM prompt encoder (peft)."
     Options = PTuningOptions
+
+    def resumable(self, config) -> bool:
+        return False  # peft saves the encoder's output tokens, not the MLP/LSTM
 
     def peft_config(self, options: PTuningOptions, task, model):
         from peft import PromptEncoderConfig

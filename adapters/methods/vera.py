@@ -4,11 +4,30 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch.nn as nn
 from pydantic import Field
 
 from adapters.methods.base import MethodOptions, register_method
 from adapters.methods.lora import excluded_modules, resolve_target_modules
 from adapters.methods.peft_base import PeftMethod
+
+
+def vera_targets(targets, model) -> list[str] | str:
+    """Like LoRA's target groups. VeraConfig has no exclude_modules, so where a group needs exclusions
+    (BERT "mlp") the matching modules are listed by full name instead."""
+    resolved = resolve_target_modules(targets, model)
+    excluded = excluded_modules(targets, model)
+    if not excluded or isinstance(resolved, str):
+        return resolved
+
+    def matches(name, suffixes):
+        return any(name == s or name.endswith("." + s) for s in suffixes)
+
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and matches(name, resolved) and not matches(name, excluded)
+    ]
 
 
 class VeraOptions(MethodOptions):
@@ -37,8 +56,7 @@ class VeraMethod(PeftMethod):
 
         return VeraConfig(
             r=options.r,
-            target_modules=resolve_target_modules(options.target_modules, model),
-            exclude_modules=excluded_modules(options.target_modules, model),
+            target_modules=vera_targets(options.target_modules, model),
             projection_prng_key=options.projection_prng_key,
             save_projection=options.save_projection,
             d_initial=options.d_initial,
