@@ -60,9 +60,14 @@ def save_checkpoint(folder: Path, accelerator, model, optimizer, scheduler, stat
     accelerator.wait_for_everyone()
 
 
+def read_checkpoint_state(folder: Path) -> dict:
+    """Step, epoch and early-stopping state of a checkpoint, without loading any tensors."""
+    return json.loads((Path(folder) / STATE_FILE).read_text())
+
+
 def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> dict:
     folder = Path(folder)
-    state = json.loads((folder / STATE_FILE).read_text())
+    state = read_checkpoint_state(folder)
     if accelerator.distributed_type.value == "DEEPSPEED":
         accelerator.load_state(str(folder))
         return state

@@ -109,6 +109,10 @@ class TrainConfig(Strict):
     group_by_length: bool = Field(True, description="Batch rows of similar length (less padding).")
     log_every: int = Field(10, ge=1)
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    unfreeze_every: int | None = Field(
+        None, ge=1, description="Gradual unfreezing: start with the head alone, open one more block from the top every N units."
+    )
+    unfreeze_unit: Literal["epoch", "step"] = Field("epoch", description="Unit of unfreeze_every.")
 
 
 class OutputConfig(Strict):
