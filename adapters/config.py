@@ -167,9 +167,12 @@ class RunConfig(Strict):
                 f"it supports: {', '.join(sorted(method.tasks))}"
             )
         if self.model.quantization is not None and not method.supports_quantized:
+            from adapters.methods import list_methods
+
+            able = ", ".join(m.name for m in list_methods() if m.supports_quantized)
             raise ConfigError(
-                f"model.quantization: method {method.name!r} trains the backbone's own weights, "
-                "which cannot be done on a quantized backbone; use lora/dora (QLoRA) or drop quantization"
+                f"model.quantization: method {method.name!r} does not support a quantized backbone; "
+                f"methods that do: {able} (QLoRA = lora on a 4-bit base); or drop model.quantization"
             )
         return self
 
