@@ -14,6 +14,7 @@ import json
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LOOP_TRAIN = {"lr": 5e-2, "batch_size": 16, "max_steps": 40, "log_every": 10, "seed": 3, "eval_batch_size": 32}
 
 
@@ -53,7 +54,7 @@ def test_train_serve_log_detect_retrain_compare_promote(tmp_path, tiny_bert_dir,
     from fastapi.testclient import TestClient
 
     from adapters.config import load_config
-    from adapters.engine import InferenceEngine
+    from adapters.engine import ClassificationRequest, InferenceEngine
     from adapters.monitor import EXIT_DRIFT, monitor
     from adapters.reference import attach_reference
     from adapters.retrain import retrain
@@ -116,5 +117,5 @@ def test_train_serve_log_detect_retrain_compare_promote(tmp_path, tiny_bert_dir,
     with TestClient(create_app(engine, ServerSettings())) as client:
         texts = [t for t, l in drifted if l == "HUM"][:20]
         answer = client.post("/v1/classify", json={"model": "loop@prod", "input": texts}).json()
-        direct = engine.classify([__import__("adapters.engine", fromlist=["ClassificationRequest"]).ClassificationRequest("loop@2", t) for t in texts])
+        direct = engine.classify([ClassificationRequest("loop@2", t) for t in texts])
     assert [x["label"] for x in answer["results"]] == [d.label for d in direct]

@@ -21,6 +21,7 @@ from adapters.reference import build_reference, embedder
 from adapters.traffic_log import TrafficLogger, read_window
 
 N_REF, N_WINDOW = 1500, 300
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,7 +40,7 @@ def trec():
 
 
 @pytest.fixture(scope="module")
-def embed(tiny_bert_dir):
+def embed(tiny_bert_dir, one_torch_thread):
     return embedder(str(tiny_bert_dir))
 
 
@@ -129,18 +130,6 @@ def test_planted_drift_is_detected_and_same_distribution_is_not(tmp_path, trec, 
     else:
         assert report.status == "alarm" and report.exit_code == EXIT_DRIFT
     assert report.adapter == "trec-clf@1" and report.n_records == N_WINDOW
-
-
-@pytest.fixture()
-def one_torch_thread():
-    """Per-request forwards of a tiny model: on a busy 2-core machine, thread hand-offs cost
-    ~100 ms per call with 2 threads and ~4 ms with one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_private_logging_still_detects_domain_drift(tmp_path, trec, adapter_dir, embed, one_torch_thread):

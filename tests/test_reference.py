@@ -21,6 +21,7 @@ TEXTS = [
     "When did World War II end ?",
     "What is the boiling point of water ?",
 ]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 LABELS = ["LOC", "HUM", "NUM", "LOC", "ABBR", "HUM", "NUM", "NUM"]
 
 

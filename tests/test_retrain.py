@@ -11,11 +11,12 @@ import pytest
 from adapters.errors import ConfigError, StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY_TRAIN = {"lr": 5e-3, "batch_size": 16, "max_steps": 8, "log_every": 4, "seed": 1, "eval_batch_size": 32}
 
 
 @pytest.fixture(scope="module")
-def store_with_v1(tmp_path_factory, tiny_bert_dir):
+def store_with_v1(tmp_path_factory, tiny_bert_dir, one_torch_thread):
     """A store holding trec-clf@1 (tiny BERT + LoRA on TREC), tagged prod."""
     from adapters.config import load_config
     from adapters.store import AdapterStore
