@@ -217,6 +217,10 @@ def _plot_bars(ax, names, ref, win, title):
 def _bin_names(edges: Sequence[float], fmt: str) -> list[str]:
     if not edges:
         return ["all"]
+    if all(float(e).is_integer() for e in edges):  # integer bins (a, b] are the values a+1..b
+        ints = [int(e) for e in edges]
+        middle = [str(b) if b == a + 1 else f"{a + 1}-{b}" for a, b in zip(ints[:-1], ints[1:])]
+        return [f"<={ints[0]}", *middle, f">{ints[-1]}"]
     names = [f"<={edges[0]:{fmt}}"]
     names += [f"{a:{fmt}}-{b:{fmt}}" for a, b in zip(edges[:-1], edges[1:])]
     names.append(f">{edges[-1]:{fmt}}")
@@ -247,8 +251,8 @@ def write_plots(report: DriftReport, out_dir: Path) -> dict[str, str]:
         if c.status == "skipped":
             continue
         names = c.data["categories"] if fmt is None else _bin_names(c.data["edges"], fmt)
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        _plot_bars(ax, names, c.data["reference"], c.data["window"], f"{title}: PSI {c.statistic:.3f} ({c.status})")
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        _plot_bars(ax, names, c.data["reference"], c.data["window"], f"{title}\nPSI {c.statistic:.3f} ({c.status})")
         save(fig, fname)
 
     c = report.check("embedding_mmd")
@@ -290,7 +294,8 @@ def render_markdown(report: DriftReport) -> str:
         f"- Records in the window: {report.n_records}",
     ]
     for key, value in report.window.items():
-        lines.append(f"- {key.replace('_', ' ').capitalize()}: {value}")
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        lines.append(f"- {key.replace('_', ' ').capitalize()}: {shown}")
     lines += ["", "| check | status | statistic | p-value | detail |", "|---|---|---|---|---|"]
     for c in report.checks:
         detail = c.detail.replace("|", "\\|")
@@ -339,8 +344,9 @@ def load_adapter_reference(ref: str | os.PathLike, store_root: str | os.PathLike
         raise ConfigError(f"{folder} has no manifest.json, so no training reference to compare with")
     if not manifest.get("reference"):
         raise ConfigError(
-            f"adapter {ref} has no drift reference (manifest key 'reference'); retrain it with this version "
-            "of adapterkit, which records one at the end of training"
+            f"adapter {ref} has no drift reference (manifest key 'reference'): train it with a version of "
+            "adapterkit that records one, or add one to its unpublished run folder with "
+            "adapters.reference.attach_reference(<run>/adapter) and publish that"
         )
     return Path(folder), manifest, Reference.load(folder, manifest["reference"])
 

@@ -117,14 +117,16 @@ class Reference:
         )
 
 
-def quantile_edges(values: np.ndarray, quantiles: Sequence[float] = LENGTH_QUANTILES) -> list[float]:
+def quantile_edges(values: np.ndarray, quantiles: Sequence[float] = LENGTH_QUANTILES, integer: bool = False) -> list[float]:
     """Interior bin edges at the reference's quantiles (duplicates from ties removed).
 
-    Bin i holds edges[i-1] < x <= edges[i]; see ``bin_counts``.
+    Bin i holds edges[i-1] < x <= edges[i]; see ``bin_counts``. integer=True keeps edges on
+    observed values (token counts), so every bin is a whole range of lengths.
     """
     if len(values) == 0:
         return []
-    return [float(x) for x in np.unique(np.quantile(np.asarray(values, dtype=np.float64), quantiles))]
+    method = "nearest" if integer else "linear"
+    return [float(x) for x in np.unique(np.quantile(np.asarray(values, dtype=np.float64), quantiles, method=method))]
 
 
 def bin_counts(values, edges: Sequence[float]) -> list[int]:
@@ -219,7 +221,7 @@ def build_reference(
         },
         "length": {
             "unit": "tokens (no special tokens)",
-            "edges": quantile_edges(lengths),
+            "edges": quantile_edges(lengths, integer=True),
             "quantiles": {f"p{int(q * 100):02d}": float(np.quantile(lengths, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
             "mean": float(lengths.mean()),
             "chars_mean": float(chars.mean()),

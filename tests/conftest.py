@@ -134,7 +134,7 @@ def make_adapter_folder(tmp_path):
 def one_torch_thread():
     """torch on one thread for a module's tests. On a shared 2-core machine, torch's 2 threads
     wait on each other whenever another process holds a core: a tiny-model step or request then
-    takes ~100 ms instead of ~4 ms (the whole loop test: 155 s vs 44 s at load 11)."""
+    takes many times longer than on one thread."""
     import torch
 
     before = torch.get_num_threads()

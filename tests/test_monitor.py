@@ -198,3 +198,10 @@ def test_script_exit_codes(tmp_path, trec, adapter_dir, monitor_script, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert monitor_script.main(args + ["--traffic", str(same), "--out", str(tmp_path / "f"), "--set", "psi_alrm=1"]) == EXIT_ERROR
     assert "valid keys" in capsys.readouterr().err
+
+
+def test_bin_names_read_as_ranges():
+    from adapters.monitor import _bin_names
+
+    assert _bin_names([6.0, 7.0, 9.0, 12.0], ".0f") == ["<=6", "7", "8-9", "10-12", ">12"]
+    assert _bin_names([0.5, 0.75], ".2f") == ["<=0.50", "0.50-0.75", ">0.75"]
