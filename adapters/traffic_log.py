@@ -245,7 +245,10 @@ class TrafficLogger:
             self._closed = True
             if self._fh is not None:
                 self._fh.flush()
-                os.fsync(self._fh.fileno())
+                try:
+                    os.fsync(self._fh.fileno())
+                except OSError:  # not a regular file (a pipe, /dev/null): nothing to make durable
+                    pass
                 self._fh.close()
             if self._db is not None:
                 self._db.close()
