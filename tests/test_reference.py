@@ -157,3 +157,36 @@ def test_minilm_embeddings_put_same_domain_texts_closer(minilm_dir):
     e = e / np.linalg.norm(e, axis=1, keepdims=True)
     assert e.shape == (3, 384)
     assert e[0] @ e[1] > e[0] @ e[2] + 0.2
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "causal-lm"])
+def test_build_training_reference_from_a_run(tmp_path, task, tiny_bert_dir, tiny_llama_dir):
+    """What the training loop calls after training: held-out predictions (classifiers) or label
+    words (causal LMs), written next to the manifest, loadable by the monitor."""
+    from adapters.config import load_config
+    from adapters.data import prepare_splits
+    from adapters.modeling import load_backbone, load_tokenizer
+    from adapters.reference import build_training_reference
+
+    model_dir = tiny_bert_dir if task == "sequence-classification" else tiny_llama_dir
+    cfg = load_config(raw={
+        "task": task, "model": {"name": str(model_dir)},
+        "data": {"name": "trec", "max_length": 32, "max_train_samples": 60, "max_eval_samples": 8, "max_test_samples": 24},
+        "train": {"eval_batch_size": 16, "seed": 5},
+    })
+    prepared = prepare_splits(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_backbone(cfg.model, task, prepared.label2id)
+    assert build_training_reference(model, tokenizer, cfg, prepared, tmp_path / "other", write=False) is None
+    assert not (tmp_path / "other").exists()  # non-main processes write nothing
+    stats = build_training_reference(model, tokenizer, cfg, prepared, tmp_path, max_embed=16)
+    ref = Reference.load(tmp_path, stats)
+    assert stats["num_texts"] == 60 and stats["embedding"]["count"] == 16 and ref.embeddings.shape[0] == 16
+    if task == "sequence-classification":
+        assert stats["labels"]["source"] == "predictions"
+        assert sum(stats["labels"]["counts"].values()) == 24 == stats["confidence"]["num"]  # the test split
+        assert set(stats["labels"]["counts"]) <= set(prepared.labels)
+        assert all(0.0 < c <= 1.0 for c in ref.confidences)
+    else:
+        assert stats["labels"]["source"] == "labels" and "confidence" not in stats
+        assert set(stats["labels"]["counts"]) <= {"abbreviation", "description", "entity", "human", "location", "number"}
