@@ -28,6 +28,7 @@ import torch
 
 from adapters.config import ModelConfig, QuantizationConfig
 from adapters.errors import ConfigError, StoreError
+from adapters.mixed_lora import MixedLoraForward
 from adapters.generation import DecodedRow, SamplingParams, decode_batch, encode_prompt, eos_ids
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class InferenceEngine:
         device: str | None = None,
         max_input_tokens: int | None = None,
         allow_base_mismatch: bool = False,
+        fast_mixed_lora: bool = True,
     ):
         from adapters.modeling import load_backbone, load_tokenizer
 
@@ -155,6 +157,8 @@ class InferenceEngine:
         self._slot_signature: dict[str, str] = {}
         self._slot_params: dict[str, dict[str, torch.Tensor]] = {}
         self._layer_dicts: list[tuple[dict, bool]] = []
+        self._mixed = MixedLoraForward()
+        self._mixed.enabled = fast_mixed_lora
 
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(self.model_config)
@@ -495,6 +499,7 @@ class InferenceEngine:
 
         self._tuner_layers = [m for m in self._peft.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
         self._layer_dicts = [(m.__dict__, isinstance(m._active_adapter, list)) for m in self._tuner_layers]
+        self._mixed.install(self._peft)
 
     def _activate_slot(self, slot: str | None) -> None:
         """Point every adapter layer at ``slot`` (None: the bare base).
@@ -645,13 +650,16 @@ class InferenceEngine:
             with self._lock:
                 names = self._prepare_pass(refs, adapters, rows, mixed)
                 is_prompt_learning = any(adapters[i] is not None and adapters[i].is_prompt_learning for i in rows)
-                if is_prompt_learning:
-                    decoded = [self._generate_prompt_learning(prompts[i], requests[i].params) for i in rows]
-                else:
-                    decoded = decode_batch(
-                        self._forward_fn(), self.tokenizer, [prompts[i] for i in rows], [requests[i].params for i in rows],
-                        self._stop_ids, adapter_names=names, device=self.device,
-                    )
+                try:
+                    if is_prompt_learning:
+                        decoded = [self._generate_prompt_learning(prompts[i], requests[i].params) for i in rows]
+                    else:
+                        decoded = decode_batch(
+                            self._forward_fn(), self.tokenizer, [prompts[i] for i in rows], [requests[i].params for i in rows],
+                            self._stop_ids, adapter_names=names, device=self.device,
+                        )
+                finally:
+                    self._mixed.clear()
             for i, d in zip(rows, decoded):
                 results[i] = GenerationResult(
                     adapter=refs[i], text=d.text, token_ids=d.token_ids, finish_reason=d.finish_reason,
@@ -701,7 +709,10 @@ class InferenceEngine:
         for mixed, rows in self._plan(adapters):
             with self._lock, torch.inference_mode():
                 names = self._prepare_pass(refs, adapters, rows, mixed)
-                logits = self._classify_pass([encoded[i] for i in rows], names)
+                try:
+                    logits = self._classify_pass([encoded[i] for i in rows], names)
+                finally:
+                    self._mixed.clear()
                 labels_of = {i: self._labels(self._resident[adapters[i].key]) for i in rows}
             for i, row_logits in zip(rows, logits):
                 labels = labels_of[i]

@@ -53,6 +53,25 @@ def test_mixed_batch_equals_each_row_alone(lm_engine, lm_adapters):
     assert len({tuple(r.token_ids) for r in same_prompt}) == 5
 
 
+def test_fast_mixed_lora_equals_peft_loop(lm_engine, lm_adapters, monkeypatch):
+    from adapters.mixed_lora import MixedLoraForward
+
+    a = lm_adapters
+    rows = [(a["A"], PROMPTS[0]), (a["B"], PROMPTS[1]), ("base", PROMPTS[2]), (a["C"], PROMPTS[4])]
+    requests = [GenerationRequest(adapter=str(ad), prompt=p, params=SamplingParams(max_new_tokens=8, ignore_eos=True)) for ad, p in rows]
+    stacked = []
+    original = MixedLoraForward._stack
+    monkeypatch.setattr(MixedLoraForward, "_stack", lambda self, layer, names: stacked.append(names) or original(self, layer, names))
+    fast = lm_engine.generate(requests)
+    assert stacked and all(len(names) == 4 for names in stacked)  # one stack per layer and pass, not per step
+    lm_engine._mixed.enabled = False
+    try:
+        loop = lm_engine.generate(requests)
+    finally:
+        lm_engine._mixed.enabled = True
+    assert [r.token_ids for r in fast] == [r.token_ids for r in loop]
+
+
 def test_mixed_pass_uses_per_row_adapter_names(lm_engine, lm_adapters):
     a = lm_adapters
     adapters = lm_engine._resolve_rows([str(a["A"]), "base", str(a["D"]), str(a["B"])])
