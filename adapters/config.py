@@ -46,6 +46,9 @@ class ModelConfig(Strict):
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     attn_implementation: Literal["eager", "sdpa"] | None = Field("sdpa", description="Attention kernel.")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="'random': the same architecture freshly initialised (the from-scratch baseline)."
+    )
 
 
 class SplitConfig(Strict):
@@ -90,6 +93,9 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train for.")
+    max_seconds: float | None = Field(
+        None, gt=0, description="Also stop after this many seconds of training (evaluation excluded); the schedule still spans max_steps/epochs."
+    )
     batch_size: int = Field(8, ge=1, description="Per-process micro-batch size.")
     eval_batch_size: int = Field(32, ge=1)
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")

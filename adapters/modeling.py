@@ -110,10 +110,15 @@ def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | 
     kwargs["dtype"] = dtype
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if model_cfg.init == "random" and model_cfg.quantization is not None:
+        raise ConfigError("model.init: 'random' cannot be combined with model.quantization (quantize a trained model instead)")
     qcfg = quantization_config(model_cfg)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-        kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else "cpu")
+        from adapters.distributed import zero3_enabled
+
+        if not zero3_enabled():  # ZeRO-3 places its sharded weights itself and refuses a device_map
+            kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else "cpu")
         if model_cfg.quantization.compute_dtype != "float32" or model_cfg.dtype == "float32":
             kwargs["dtype"] = DTYPES[model_cfg.quantization.compute_dtype]
     elif device_map is not None:
@@ -121,17 +126,18 @@ def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | 
 
     try:
         if task == "causal-lm":
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = _load_weights(AutoModelForCausalLM, path, model_cfg, kwargs)
         else:
             if not label2id:
                 raise ConfigError("sequence-classification needs labels; the training data has none")
             id2label = {i: l for l, i in label2id.items()}
             if resolve_pooling(model_cfg, path) == "mean":
-                backbone = AutoModel.from_pretrained(path, add_pooling_layer=False, **kwargs) if _has_pooler(path) else AutoModel.from_pretrained(path, **kwargs)
+                backbone = _load_weights(AutoModel, path, model_cfg, {**kwargs, "add_pooling_layer": False} if _has_pooler(path) else kwargs)
                 model = MeanPoolingClassifier(backbone, label2id, id2label)
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, num_labels=len(label2id), label2id=label2id, id2label=id2label, **kwargs
+                model = _load_weights(
+                    AutoModelForSequenceClassification, path, model_cfg, kwargs,
+                    config_kwargs={"num_labels": len(label2id), "label2id": label2id, "id2label": id2label},
                 )
                 if model.config.pad_token_id is None:
                     # Decoder classifiers find the last real token through pad_token_id.
@@ -149,6 +155,19 @@ def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | 
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return model
+
+
+def _load_weights(auto_cls, path: str, model_cfg: ModelConfig, kwargs: dict, config_kwargs: dict | None = None):
+    """from_pretrained, or for model.init=random the same architecture with fresh weights (from-scratch baseline)."""
+    config_kwargs = config_kwargs or {}
+    if model_cfg.init == "pretrained":
+        return auto_cls.from_pretrained(path, **config_kwargs, **kwargs)
+    kwargs = dict(kwargs)
+    config = AutoConfig.from_pretrained(path, revision=kwargs.pop("revision", None), **config_kwargs)
+    kwargs.pop("device_map", None)
+    if kwargs.get("dtype") == "auto":
+        kwargs.pop("dtype")
+    return auto_cls.from_config(config, **kwargs)
 
 
 def _has_pooler(path: str) -> bool:

@@ -36,6 +36,9 @@ class TrainResult:
     tokens_per_second: float
     adapter_ref: str | None = None
     history: list = field(default_factory=list)
+    tokens_seen: int = 0  # real (non-padding) tokens, all processes
+    samples_seen: int = 0
+    eval_seconds: float = 0.0  # evaluation inside the loop, included in train_seconds
 
 
 def make_accelerator(cfg: RunConfig, run_dir: Path):
@@ -159,8 +162,12 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
     watch_metric = es.metric if es else ("eval_loss")
     watch_mode = es.mode if es else "min"
 
+    eval_clock = {"seconds": 0.0}  # time spent evaluating: not part of a max_seconds training budget
+
     def evaluate_now(final: bool = False) -> dict:
+        started = time.perf_counter()
         metrics = _evaluate(model, tokenized["validation"], tokenizer, accelerator, cfg, prepared, generate=final or _needs_generation(watch_metric))
+        eval_clock["seconds"] += time.perf_counter() - started
         return {f"eval_{k}": v for k, v in metrics.items()}
 
     # ---------------------------------------------------------------- loop
@@ -169,6 +176,7 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
     progress = tqdm(total=total_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training", dynamic_ncols=True)
     model.train()
     tokens_seen, t_start = 0, time.perf_counter()
+    samples_seen = 0
     running_loss, running_n = 0.0, 0
     stop = step >= total_steps
     while not stop:
@@ -186,6 +194,7 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
                 optimizer.zero_grad(set_to_none=True)
             batches_done += 1
             tokens_seen += int(batch["attention_mask"].sum())
+            samples_seen += int(batch["attention_mask"].shape[0])
             running_loss += loss.detach().float().item()
             running_n += 1
             if not accelerator.sync_gradients:
@@ -220,6 +229,8 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
                 })
             if step >= total_steps or (stop_after is not None and step >= stop_after):
                 stop = True
+            if cfg.train.max_seconds and _out_of_time(accelerator, time.perf_counter() - t_start - eval_clock["seconds"], cfg.train.max_seconds):
+                stop = True
             if stop:
                 break
         else:
@@ -238,6 +249,7 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
     progress.close()
     train_seconds = time.perf_counter() - t_start
     tokens_per_second = tokens_seen * accelerator.num_processes / max(train_seconds, 1e-9)
+    eval_seconds = eval_clock["seconds"]
 
     if best["state"] is not None and best["step"] != step:
         accelerator.print(f"restoring the best checkpoint (step {best['step']}, {watch_metric}={best['value']:.4f})")
@@ -285,14 +297,24 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
         summary = {
             "run_dir": str(run_dir), "adapter_dir": str(adapter_dir), "adapter_ref": ref, "steps": step,
             "trainable_params": trainable, "total_params": total, "train_seconds": train_seconds,
-            "tokens_per_second": tokens_per_second, "metrics": results,
+            "tokens_per_second": tokens_per_second, "tokens_seen": tokens_seen * accelerator.num_processes,
+            "samples_seen": samples_seen * accelerator.num_processes, "eval_seconds": eval_seconds, "metrics": results,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     accelerator.end_training()
-    return TrainResult(run_dir, adapter_dir, results, step, trainable, total, train_seconds, tokens_per_second, ref, history)
+    return TrainResult(run_dir, adapter_dir, results, step, trainable, total, train_seconds, tokens_per_second, ref, history,
+                       tokens_seen * accelerator.num_processes, samples_seen * accelerator.num_processes, eval_seconds)
 
 
 # ---------------------------------------------------------------- helpers
+def _out_of_time(accelerator, elapsed: float, budget: float) -> bool:
+    """train.max_seconds reached; every process stops at the same step (the slowest rank decides)."""
+    over = elapsed >= budget
+    if accelerator.num_processes > 1:
+        over = bool(accelerator.reduce(torch.tensor(float(over), device=accelerator.device), reduction="sum").item())
+    return over
+
+
 def save_adapter(accelerator, model, method, folder: Path) -> None:
     """Save what training changed. Under ZeRO-3 the sharded parameters are gathered on every rank first."""
     state_dict = None

@@ -1,0 +1,255 @@
+"""The compare report, from results.jsonl alone: per-arm summaries over seeds, negative-transfer
+flags, a Markdown table and matplotlib plots (metric vs trainable parameters, metric vs
+training time, loss curves)."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REFERENCE_ARMS = ("scratch", "classic")  # an adapted model scoring below these shows negative transfer
+ARM_NAMES = {"base": "base model", "scratch": "from scratch", "classic": "TF-IDF + logreg"}
+
+
+@dataclass
+class ArmSummary:
+    task: str
+    task_type: str
+    arm: str
+    kind: str
+    metric_name: str
+    seeds: list[int]
+    metric_mean: float | None
+    metric_std: float | None
+    trainable_params: float | None = None
+    adapter_bytes: float | None = None
+    tokens_per_second: float | None = None
+    samples_per_second: float | None = None
+    peak_memory_bytes: float | None = None
+    train_seconds: float | None = None
+    wall_seconds: float | None = None
+    seconds_to_target: float | None = None
+    reached_target: int = 0
+    negative_transfer: list[str] = field(default_factory=list)  # which reference arms it scored below
+    loss_curve: list[list[float]] = field(default_factory=list)  # mean over seeds
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.fmean(values) if values else None
+
+
+def _mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
+    """Mean loss at the steps every seed logged."""
+    by_step: dict[float, list[float]] = {}
+    for curve in curves:
+        for step, value in curve:
+            by_step.setdefault(step, []).append(value)
+    return [[s, statistics.fmean(v)] for s, v in sorted(by_step.items()) if len(v) == len(curves)]
+
+
+def summarize(records: list[dict]) -> list[ArmSummary]:
+    """One summary per (task, arm) over its seeds, with negative-transfer flags set, in record order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for rec in records:
+        if rec.get("status") == "ok":
+            groups.setdefault((rec["task"], rec["arm"]), []).append(rec)
+    summaries = []
+    for (task, arm), recs in groups.items():
+        metrics = [r["metric"] for r in recs if isinstance(r.get("metric"), (int, float))]
+        reached = [r["seconds_to_target"] for r in recs if r.get("seconds_to_target") is not None]
+        summaries.append(ArmSummary(
+            task=task, task_type=recs[0].get("task_type", ""), arm=arm, kind=recs[0]["kind"], metric_name=recs[0]["metric_name"],
+            seeds=[r["seed"] for r in recs],
+            metric_mean=_mean(metrics), metric_std=statistics.stdev(metrics) if len(metrics) > 1 else (0.0 if metrics else None),
+            trainable_params=_mean(r.get("trainable_params") for r in recs),
+            adapter_bytes=_mean(r.get("adapter_bytes") for r in recs),
+            tokens_per_second=_mean(r.get("tokens_per_second") for r in recs),
+            samples_per_second=_mean(r.get("samples_per_second") for r in recs),
+            peak_memory_bytes=_mean(r.get("peak_memory_bytes") for r in recs),
+            train_seconds=_mean(r.get("train_seconds") for r in recs),
+            wall_seconds=_mean(r.get("wall_seconds") for r in recs),
+            seconds_to_target=_mean(reached), reached_target=len(reached),
+            loss_curve=_mean_curve([r["loss_curve"] for r in recs if r.get("loss_curve")]) if any(r.get("loss_curve") for r in recs) else [],
+        ))
+    flag_negative_transfer(summaries)
+    return summaries
+
+
+def flag_negative_transfer(summaries: list[ArmSummary]) -> None:
+    """Mark every arm built on the pretrained model whose mean metric is below a reference arm's mean."""
+    for task in {s.task for s in summaries}:
+        arms = [s for s in summaries if s.task == task]
+        refs = {s.arm: s.metric_mean for s in arms if s.arm in REFERENCE_ARMS and s.metric_mean is not None}
+        for s in arms:
+            if s.arm in REFERENCE_ARMS or s.metric_mean is None:
+                continue
+            s.negative_transfer = [ref for ref, value in refs.items() if s.metric_mean < value]
+
+
+# ---------------------------------------------------------------- table
+def _num(x: float | None, digits: int = 0, suffix: str = "") -> str:
+    if x is None:
+        return "–"
+    return f"{x:,.{digits}f}{suffix}"
+
+
+def _bytes(x: float | None) -> str:
+    if x is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(x) < 1024 or unit == "GB":
+            return f"{x:,.0f} {unit}" if unit == "B" else f"{x:,.1f} {unit}"
+        x /= 1024
+    return "–"
+
+
+def _params(x: float | None) -> str:
+    if x is None:
+        return "–"
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
+
+
+def arm_title(s: ArmSummary, records_by_arm: dict | None = None) -> str:
+    if s.kind == "zero-shot":
+        return "base model (zero-shot)"
+    if s.kind == "base":
+        return "base model (frozen, head-only)"
+    if s.kind == "scratch":
+        return "from scratch (random init, full)"
+    if s.kind == "classic":
+        return "TF-IDF + logistic regression"
+    return s.arm
+
+
+def markdown_table(records: list[dict], header: dict | None = None) -> str:
+    summaries = summarize(records)
+    header = header or {}
+    lines = [f"# Method comparison: {header.get('suite', '')}".rstrip(), ""]
+    for key in ("description", "budget", "seeds", "environment", "load", "command"):
+        if header.get(key):
+            lines.append(f"- {key}: {header[key]}")
+    lines += ["", "Held-out test metric: mean ± std over seeds (n). Throughput counts real (non-padding) tokens during "
+              "training, evaluation excluded. Peak memory: " + _memory_kind(records) + ". Time to target: training time "
+              "until the validation metric first reached the target (mean over the seeds that reached it). "
+              "**Negative transfer**: an arm on the pretrained model scoring below the from-scratch or the classic baseline.", ""]
+    targets = {r["task"]: r.get("target") for r in records if r.get("status") == "ok"}
+    for task in dict.fromkeys(s.task for s in summaries):
+        arms = [s for s in summaries if s.task == task]
+        target = targets.get(task)
+        target_col = f"time to {target['metric']} {'≥' if target['mode'] == 'max' else '≤'} {target['value']:g}" if target else "time to target"
+        lines += [f"## {task} ({arms[0].task_type}, test {arms[0].metric_name})", "",
+                  f"| arm | {arms[0].metric_name} | trainable params | adapter size | train tokens/s | train samples/s | peak memory | train time | wall time | {target_col} | negative transfer |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in arms:
+            metric = f"{s.metric_mean:.4f} ± {s.metric_std:.4f} ({s.n})" if s.metric_mean is not None else "–"
+            ttt = "–" if s.kind in ("classic", "zero-shot") or not target else (
+                f"{s.seconds_to_target:.1f} s ({s.reached_target}/{s.n})" if s.reached_target else f"not reached (0/{s.n})")
+            flag = ("**yes** (below " + ", ".join(ARM_NAMES[r] for r in s.negative_transfer) + ")") if s.negative_transfer else ("" if s.arm in REFERENCE_ARMS else "no")
+            lines.append(f"| {arm_title(s)} | {metric} | {_params(s.trainable_params)} | {_bytes(s.adapter_bytes) if s.kind != 'classic' else '–'} | "
+                         f"{_num(s.tokens_per_second)} | {_num(s.samples_per_second, 1)} | {_bytes(s.peak_memory_bytes)} | "
+                         f"{_num(s.train_seconds, 1, ' s')} | {_num(s.wall_seconds, 1, ' s')} | {ttt} | {flag} |")
+        lines.append("")
+    failed = [r for r in records if r.get("status") == "failed"]
+    if failed:
+        lines += ["## Failed cells", ""] + [f"- {r['key']}: {r.get('error')}" for r in failed] + [""]
+    return "\n".join(lines)
+
+
+def _memory_kind(records: list[dict]) -> str:
+    kinds = {r.get("memory_kind") for r in records if r.get("status") == "ok"}
+    if kinds == {"cuda_max_memory_allocated"}:
+        return "torch.cuda.max_memory_allocated during the cell"
+    return "process RSS sampled during the cell (all cells share one process)"
+
+
+# ---------------------------------------------------------------- plots
+def _atomic_savefig(fig, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_plots(records: list[dict], out_dir: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summaries = summarize(records)
+    tasks = list(dict.fromkeys(s.task for s in summaries))
+    if not tasks:
+        return {}
+    out_dir = Path(out_dir)
+    paths = {}
+    for name, xfield, xlabel in (("metric_vs_params", "trainable_params", "trainable parameters (log)"),
+                                 ("metric_vs_time", "train_seconds", "training time, s (log)")):
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+        for ax, task in zip(axes[0], tasks):
+            arms = [s for s in summaries if s.task == task and s.metric_mean is not None]
+            for i, s in enumerate(arms):
+                x = getattr(s, xfield)
+                if not x:  # nothing trained (zero-shot): a reference line
+                    ax.axhline(s.metric_mean, linestyle="--", color="gray", linewidth=1)
+                    ax.annotate(arm_title(s), (0.01, s.metric_mean), xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
+                    continue
+                marker = "x" if s.arm in REFERENCE_ARMS or s.kind == "base" else "o"
+                color = "tab:red" if s.negative_transfer else f"C{i % 10}"
+                ax.errorbar(x, s.metric_mean, yerr=s.metric_std or 0, fmt=marker, color=color, capsize=3)
+                ax.annotate(arm_title(s), (x, s.metric_mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"test {arms[0].metric_name}" if arms else "")
+            ax.set_title(task)
+            ax.grid(alpha=0.3)
+        fig.suptitle("red: negative transfer (below from-scratch or classic)", fontsize=8)
+        paths[name] = out_dir / f"{name}.png"
+        _atomic_savefig(fig, paths[name])
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for s in summaries:
+            if s.task == task and s.loss_curve:
+                steps, losses = zip(*s.loss_curve)
+                ax.plot(steps, losses, label=arm_title(s), linewidth=1.2)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss (mean over seeds)")
+        ax.set_yscale("log")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    paths["loss_curves"] = out_dir / "loss_curves.png"
+    _atomic_savefig(fig, paths["loss_curves"])
+    plt.close(fig)
+    return paths
+
+
+def write_report(records: list[dict], out_dir: Path, header: dict | None = None) -> dict[str, Path]:
+    """table.md + the PNGs in out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    table = out_dir / "table.md"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".table-", suffix=".md")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(markdown_table(records, header))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, table)
+    return {"table": table, **write_plots(records, out_dir)}
