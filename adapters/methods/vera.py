@@ -47,7 +47,7 @@ class VeraOptions(MethodOptions):
 
 class VeraMethod(PeftMethod):
     name = "vera"
-    summary = "VeRA: shared frozen random low-rank matrices, trained per-layer scaling vectors (peft VeRA); smallest trainable set."
+    summary = "VeRA: one frozen random low-rank pair shared by all layers; trains only per-layer scaling vectors (peft VeRA)."
     Options = VeraOptions
     mixable = False  # peft 0.21 ignores per-row adapter_names for VeRA (LoRA-only feature)
 
