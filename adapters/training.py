@@ -46,16 +46,30 @@ def make_accelerator(cfg: RunConfig, run_dir: Path):
     from accelerate.utils import InitProcessGroupKwargs
 
     handlers = []
-    if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if cpu_ranks:
         # accelerate misreads CPU-only DeepSpeed ranks unless the process group backend is explicit.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(
+    accelerator = Accelerator(
         gradient_accumulation_steps=cfg.train.grad_accum,
         mixed_precision=cfg.train.mixed_precision,
         log_with="tensorboard",
         project_dir=str(run_dir),
         kwargs_handlers=handlers,
+        # The schedule counts optimizer steps. Linked to the optimizer, accelerate would step it
+        # num_processes times per step (it assumes a schedule sized for one process).
+        step_scheduler_with_optimizer=False,
+        # Without cpu=True, ranks started by a MULTI_GPU launch on a machine without GPUs each run
+        # alone (no sharding); cpu=True would switch DeepSpeed off, so not under DeepSpeed.
+        cpu=cpu_ranks and not use_deepspeed,
     )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.is_auto("gradient_clipping"):
+        # DeepSpeed clips inside its step (accelerator.clip_grad_norm_ is a no-op there); accelerate
+        # would fill "auto" with 1.0 whatever train.max_grad_norm says.
+        plugin.deepspeed_config["gradient_clipping"] = cfg.train.max_grad_norm or 0.0
+    return accelerator
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -66,8 +80,10 @@ def default_run_dir(cfg: RunConfig) -> Path:
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    from adapters.distributed import param_count  # ZeRO-3 leaves placeholders of numel 0
+
+    trainable = sum(param_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(param_count(p) for p in model.parameters())
     return trainable, total
 
 
@@ -90,7 +106,8 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
     """Run one training job. `stop_after` ends the loop early at that step, as an interruption would."""
     from accelerate.utils import broadcast_object_list, set_seed
 
-    from adapters.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from adapters.batch_trace import BatchTrace
+    from adapters.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
     from adapters.data import prepare_splits, tokenize_splits, train_dataloader, eval_dataloader
     from adapters.methods import get_method
     from adapters.modeling import load_backbone, load_tokenizer, model_info
@@ -120,6 +137,13 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
 
     # ---------------------------------------------------------------- model
     model = load_backbone(cfg.model, cfg.task, prepared.label2id)
+    test_split = tokenized["test"] if len(tokenized.get("test", [])) else tokenized["validation"]
+    base_results = None
+    if cfg.eval.baseline and cfg.task == "causal-lm" and not _can_disable(method):
+        # Methods that train the base's own weights cannot be switched off later: measure the base now.
+        if cfg.model.quantization is None:
+            model.to(accelerator.device)
+        base_results = _evaluate(model, test_split, tokenizer, accelerator, cfg, prepared, generate=True)
     model = method.attach(model, options, cfg.task)
     parent = None
     if cfg.init_from:
@@ -129,7 +153,19 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
     trainable, total = count_parameters(model)
     accelerator.print(f"method {method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
-    groups = build_param_groups(model, cfg.train)
+    unfreezer = None
+    if cfg.train.unfreeze_every:
+        from adapters.unfreezing import GradualUnfreezer
+
+        # Head alone first; each newly opened block joins the optimizer at its own LR.
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            from adapters.errors import ConfigError
+
+            raise ConfigError("train.unfreeze_every: gradual unfreezing changes optimizer groups mid-run, which DeepSpeed does not allow")
+        unfreezer = GradualUnfreezer.from_train_config(model, cfg.train, cfg.train.unfreeze_every, cfg.train.unfreeze_unit)
+        groups = unfreezer.initial_param_groups()
+    else:
+        groups = build_param_groups(model, cfg.train)
     optimizer = _make_optimizer(groups, cfg)
     steps_per_epoch = math.ceil(len(train_dl) / (cfg.train.grad_accum * accelerator.num_processes))
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
@@ -137,6 +173,7 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
     model, optimizer, train_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, scheduler)
     accelerator.init_trackers("adapterkit", config=_flat_hparams(cfg))
     metrics_log = MetricsLog(run_dir, accelerator)
+    batch_trace = BatchTrace.from_env(accelerator.process_index)  # opt-in: which rows each rank saw
     if accelerator.is_main_process:
         metrics_log.write(0, {"event": "param_groups", "groups": [
             {"name": g.get("name"), "lr": g["lr"], "weight_decay": g["weight_decay"], "params": sum(p.numel() for p in g["params"])} for g in groups
@@ -152,6 +189,9 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
         if ckpt is None:
             accelerator.print(f"--resume: no checkpoint under {run_dir / 'checkpoints'}; starting fresh")
         else:
+            if unfreezer is not None:  # reopen the stages open at the checkpoint so optimizer groups line up
+                saved = read_checkpoint_state(ckpt)
+                unfreezer.step(saved["epoch"] if cfg.train.unfreeze_unit == "epoch" else saved["step"], optimizer, scheduler)
             state = load_checkpoint(ckpt, accelerator, model, optimizer, scheduler)
             step, epoch, batches_done = state["step"], state["epoch"], state["batches_done"]
             best["value"], best["step"], bad_evals = state.get("best_value"), state.get("best_step", 0), state.get("bad_evals", 0)
@@ -164,9 +204,10 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
 
     eval_clock = {"seconds": 0.0}  # time spent evaluating: not part of a max_seconds training budget
 
-    def evaluate_now(final: bool = False) -> dict:
+    def evaluate_now() -> dict:
         started = time.perf_counter()
-        metrics = _evaluate(model, tokenized["validation"], tokenizer, accelerator, cfg, prepared, generate=final or _needs_generation(watch_metric))
+        # Generation is the slow part of causal-lm evaluation: only when the watched metric needs it.
+        metrics = _evaluate(model, tokenized["validation"], tokenizer, accelerator, cfg, prepared, generate=_needs_generation(watch_metric))
         eval_clock["seconds"] += time.perf_counter() - started
         return {f"eval_{k}": v for k, v in metrics.items()}
 
@@ -183,14 +224,19 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
         if hasattr(train_dl, "set_epoch"):
             train_dl.set_epoch(epoch)
         epoch_dl = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
+        if unfreezer is not None and cfg.train.unfreeze_unit == "epoch":
+            _log_unfrozen(metrics_log, step, unfreezer.step(epoch, optimizer, scheduler))
         for batch in epoch_dl:
+            if batch_trace is not None:
+                batch_trace.record(step + 1, batch)
             with accelerator.accumulate(model):
                 loss = _loss(model, batch, cfg)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.train.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             batches_done += 1
             tokens_seen += int(batch["attention_mask"].sum())
@@ -201,9 +247,15 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
                 continue
             step += 1
             progress.update(1)
+            if unfreezer is not None and cfg.train.unfreeze_unit == "step":
+                _log_unfrozen(metrics_log, step, unfreezer.step(step, optimizer, scheduler))
             if step % cfg.train.log_every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t_start
-                row = {"loss": running_loss / running_n, "lr": scheduler.get_last_lr()[0], "epoch": epoch,
+                mean_loss = running_loss / running_n
+                if accelerator.num_processes > 1:
+                    # Each rank saw its own shard: log the whole global batch's loss, as one process would.
+                    mean_loss = accelerator.reduce(torch.tensor(mean_loss, device=accelerator.device), reduction="mean").item()
+                row = {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch,
                        "tokens_per_second": tokens_seen * accelerator.num_processes / max(elapsed, 1e-9)}
                 metrics_log.write(step, row)
                 history.append({"step": step, "loss": row["loss"]})
@@ -258,11 +310,10 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
         load_trainable_state_dict(accelerator.unwrap_model(model), best["state"])
 
     # ---------------------------------------------------------------- held-out test
-    results = {"validation": evaluate_now(final=True)}
-    test_split = tokenized["test"] if len(tokenized.get("test", [])) else tokenized["validation"]
+    results = {"validation": evaluate_now()}
     results["adapted"] = _evaluate(model, test_split, tokenizer, accelerator, cfg, prepared, generate=True, out_dir=run_dir)
-    results["base"] = None
-    if cfg.eval.baseline and cfg.task == "causal-lm":
+    results["base"] = base_results
+    if cfg.eval.baseline and cfg.task == "causal-lm" and base_results is None:
         from adapters.evaluation import adapter_disabled
 
         with adapter_disabled(model):
@@ -272,6 +323,12 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
     # ---------------------------------------------------------------- save + publish
     adapter_dir = run_dir / "adapter"
     save_adapter(accelerator, model, method, adapter_dir)
+    from adapters.reference import build_training_reference
+
+    # Drift reference for monitoring after deployment; every rank runs it (a collective under ZeRO-3).
+    reference = build_training_reference(
+        accelerator.unwrap_model(model), tokenizer, cfg, prepared, adapter_dir, write=accelerator.is_main_process
+    )
     ref = None
     if accelerator.is_main_process:
         from adapters.manifest import build_manifest, write_manifest
@@ -288,6 +345,7 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
             metrics={"test": _scalars(results["adapted"]), "base": _scalars(results["base"]) if results["base"] else None,
                      "validation": _scalars(results["validation"])},
             parent=parent,
+            reference=reference,
         )
         write_manifest(adapter_dir, manifest)
         if cfg.output.publish:
@@ -315,6 +373,16 @@ def _out_of_time(accelerator, elapsed: float, budget: float) -> bool:
     return over
 
 
+def _can_disable(method) -> bool:
+    """peft-backed methods (incl. bottleneck) can run as the bare base later; weight-delta methods cannot."""
+    from adapters.methods.weights_delta import DeltaMethod
+
+    return not isinstance(method, DeltaMethod)
+
+
+def _log_unfrozen(metrics_log, step: int, stages: list[str]) -> None:
+    if stages:
+        metrics_log.write(step, {"event": "unfreeze", "stages": stages})
 def save_adapter(accelerator, model, method, folder: Path) -> None:
     """Save what training changed. Under ZeRO-3 the sharded parameters are gathered on every rank first."""
     state_dict = None

@@ -134,3 +134,20 @@ def test_train_script_reports_config_errors_before_loading_a_model(tmp_path):
     )
     assert proc.returncode == 2
     assert "method.rank" in proc.stderr and "valid options" in proc.stderr
+
+
+def test_gradual_unfreezing_opens_blocks_from_the_top_during_training(tiny_bert_dir, tmp_path):
+    from adapters.training import train
+
+    cfg = tiny_cfg(
+        tiny_bert_dir, tmp_path / "run", task="sequence-classification", method="full",
+        train__max_steps=9, train__unfreeze_every=3, train__unfreeze_unit="step", train__lr=1e-3,
+        train__layer_decay=0.5,
+    )
+    result = train(cfg)
+    rows = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    opened = [(r["step"], r["stages"]) for r in rows if r.get("event") == "unfreeze"]
+    assert opened[:2] == [(3, ["layer.1"]), (6, ["layer.0"])], opened
+    assert opened[-1][1] == ["embeddings"]
+    groups = next(r["groups"] for r in rows if r.get("event") == "param_groups")
+    assert {g["name"].split("/")[0] for g in groups} == {"head"}, "training starts with the head alone"
