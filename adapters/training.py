@@ -129,6 +129,8 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
 
     # ---------------------------------------------------------------- data
     prepared = prepare_splits(cfg)
+    if cfg.init_from and cfg.task == "sequence-classification":
+        prepared.labels = _parent_labels(cfg, prepared.labels)
     if accelerator.is_main_process:
         (run_dir / "data_report.json").write_text(json.dumps(prepared.report.to_dict(), indent=2, default=str))
     tokenizer = load_tokenizer(cfg.model)
@@ -478,6 +480,18 @@ def _data_entry(cfg: RunConfig, prepared) -> dict:
         "num_validation": len(prepared.splits["validation"]),
         "num_test": len(prepared.splits["test"]) if "test" in prepared.splits else 0,
     }
+
+
+def _parent_labels(cfg: RunConfig, labels: list[str]) -> list[str]:
+    """Continue with the parent's label order, so its head's rows keep meaning the same classes."""
+    from adapters.errors import ConfigError
+    from adapters.store import AdapterStore
+
+    parent = AdapterStore(cfg.output.store).resolve(cfg.init_from)[1].get("labels") or labels
+    unknown = sorted(set(labels) - set(parent))
+    if unknown:
+        raise ConfigError(f"init_from {cfg.init_from!r}: labels {unknown} are not among the parent's labels {parent}")
+    return list(parent)
 
 
 def _init_from_stored(model, cfg: RunConfig) -> str:
