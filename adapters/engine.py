@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -157,6 +158,8 @@ class InferenceEngine:
         self._slot_signature: dict[str, str] = {}
         self._slot_params: dict[str, dict[str, torch.Tensor]] = {}
         self._layer_dicts: list[tuple[dict, bool]] = []
+        self._verified: dict[str, tuple] = {}
+        self._slot_layout: dict[str, tuple[dict, torch.Tensor]] = {}  # slot -> (file header, flat weight buffer)
         self._mixed = MixedLoraForward()
         self._mixed.enabled = fast_mixed_lora
 
@@ -208,9 +211,10 @@ class InferenceEngine:
         from adapters.store import check_publishable_files
 
         self.key_of(ref)  # validates the reference
-        path, manifest = self.store_of().resolve(ref, verify=True)
+        path, manifest = self.store_of().resolve(ref, verify=False)
         path = Path(path)
         check_publishable_files(path)  # safetensors present, nothing that unpickles
+        self._verify_once(ref, path, manifest)
         self._check_base(ref, path, manifest)
         manifest = dict(manifest or {})
         cfg = json.loads((path / "adapter_config.json").read_text())
@@ -233,6 +237,22 @@ class InferenceEngine:
             peft_type=peft_type,
             num_labels=num_labels,
         )
+
+    def _verify_once(self, ref: str, path: Path, manifest: dict | None) -> None:
+        """Check every file against the manifest's sha256 the first time a folder is used, and again
+        whenever a file's size or mtime changes (store versions never change; a folder might)."""
+        from adapters.manifest import verify_folder
+
+        if manifest is None:
+            return  # no checksums to check; _check_base decides whether it may load at all
+        stamp = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file()))
+        key = str(path.resolve())
+        if self._verified.get(key) == stamp:
+            return
+        problems = verify_folder(path)
+        if problems:
+            raise StoreError(f"adapter {ref} failed verification, refusing to load it: {'; '.join(problems)}")
+        self._verified[key] = stamp
 
     def base_fingerprint(self) -> str | None:
         """Fingerprint of the base model's files (None for a hub id that is not a local folder)."""
@@ -381,6 +401,8 @@ class InferenceEngine:
             self._next_slot += 1
             self._attach(adapter, slot)
             self._slot_signature[slot] = signature
+            if not adapter.is_prompt_learning:
+                self._flatten_slot(slot, adapter.path / "adapter_model.safetensors")
         seconds = time.perf_counter() - t0
         entry = ResidentAdapter(slot=slot, adapter=adapter, loaded_at=time.time(), load_seconds=seconds, refs={ref})
         self._resident[adapter.key] = entry
@@ -433,17 +455,35 @@ class InferenceEngine:
         return next((slot for slot, sig in self._free.items() if sig == signature), None)
 
     def _refill(self, slot: str, adapter: ResolvedAdapter) -> bool:
-        """Copy the adapter's weights into a pooled slot; False if its tensors do not fit after all."""
+        """Copy the adapter's weights into a pooled slot; False if its tensors do not fit after all.
+
+        A slot's weights live in one flat buffer laid out like its adapter file's data section,
+        so an adapter whose file has the same header is read straight into it: one read of the
+        file instead of one copy per tensor.
+        """
+        weights = adapter.path / "adapter_model.safetensors"
+        layout = self._slot_layout.get(slot)
+        if layout is not None:
+            with open(weights, "rb") as fh:
+                header = _read_header(fh)
+                if header == layout[0]:
+                    flat = layout[1]
+                    if fh.readinto(memoryview(flat.numpy())) != flat.numel():
+                        raise StoreError(f"{weights}: file ended early")
+                    del self._free[slot]
+                    return True
         from safetensors import safe_open
 
         targets = self._slot_tensors(slot)
-        with safe_open(str(adapter.path / "adapter_model.safetensors"), framework="pt") as fh:
-            keys = set(fh.keys())
-            if keys != set(targets) or any(tuple(fh.get_slice(k).get_shape()) != tuple(targets[k].shape) for k in keys):
-                return False  # e.g. a classification head of another size
-            with torch.no_grad():
-                for key in keys:
-                    targets[key].copy_(fh.get_tensor(key))
+        with safe_open(str(weights), framework="pt") as fh:
+            if set(fh.keys()) != set(targets):
+                return False
+            loaded = {key: fh.get_tensor(key) for key in targets}
+        if any(loaded[k].shape != targets[k].shape for k in targets):
+            return False  # e.g. a classification head of another size
+        with torch.no_grad():
+            for key, tensor in loaded.items():
+                targets[key].copy_(tensor)
         del self._free[slot]
         return True
 
@@ -457,11 +497,41 @@ class InferenceEngine:
             self._slot_params[slot] = tensors
         return tensors
 
+    def _flatten_slot(self, slot: str, weights: Path) -> None:
+        """Move a new slot's parameters into one buffer laid out like ``weights``' data section."""
+        with open(weights, "rb") as fh:
+            header = _read_header(fh)
+        targets = self._slot_tensors(slot)
+        if set(header) != set(targets):
+            return
+        size = max(v["data_offsets"][1] for v in header.values())
+        flat = torch.zeros(size, dtype=torch.uint8)
+        views = {}
+        for key, meta in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
+            start, end = meta["data_offsets"]
+            target = targets[key]
+            if dtype != target.dtype or list(meta["shape"]) != list(target.shape) or start % target.element_size():
+                return  # another dtype in memory than on disk: keep the per-tensor copy
+            views[key] = flat[start:end].view(dtype).view(target.shape)
+        params = dict(self._peft.named_parameters())
+        by_ptr = {p.data_ptr(): p for p in params.values()}
+        with torch.no_grad():
+            for key, view in views.items():
+                view.copy_(targets[key])
+                param = by_ptr.get(targets[key].data_ptr())
+                if param is None:
+                    return
+                param.data = view
+                targets[key] = view
+        self._slot_layout[slot] = (header, flat)
+
     def _delete_slot(self, slot: str, pooled: bool = True) -> None:
         if pooled:
             del self._free[slot]
         self._slot_params.pop(slot, None)
         self._slot_signature.pop(slot, None)
+        self._slot_layout.pop(slot, None)
         if self._resident or self._free:
             if self._active_slot in (None, slot):  # point peft at a survivor first: deleting the active one warns
                 self._activate_slot(next(iter(self._slots() or list(self._free))))
@@ -739,6 +809,19 @@ class InferenceEngine:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _read_header(fh) -> dict:
+    """The tensor entries of a safetensors header (file position left at the data section)."""
+    size = int.from_bytes(fh.read(8), "little")
+    if not 0 < size < 100_000_000:
+        raise StoreError(f"{getattr(fh, 'name', 'adapter file')}: not a safetensors file")
+    header = json.loads(fh.read(size))
+    header.pop("__metadata__", None)
+    return header
 
 
 _IGNORED_CONFIG_KEYS = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}

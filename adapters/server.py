@@ -55,6 +55,7 @@ class ServerSettings(BaseModel):
     max_inputs: int = Field(32, ge=1, description="Most prompts / texts in one request.")
     max_batch_size: int = Field(16, ge=1, description="Most rows the batcher puts into one engine call.")
     batch_window_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more requests after the first.")
+    mix_adapters: bool = Field(True, description="Let one engine batch hold requests for different adapters (off: one batch per adapter).")
     on_request: Callable[[dict], Any] | None = Field(None, exclude=True, description="Traffic hook, called with one record per request.")
     traffic_include_text: bool = Field(False, description="Pass raw input/output text and token ids to on_request.")
 
@@ -79,6 +80,7 @@ class CompletionBody(_Body):
     n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: Literal[False] = Field(False, description="Streaming is not supported.")
     raw: bool = Field(False, description="Do not apply the adapter's training prompt format to the prompt.")
+    ignore_eos: bool = Field(False, description="Generate max_tokens even past the end-of-sequence token (benchmarks).")
 
 
 class ChatMessage(BaseModel):
@@ -198,8 +200,10 @@ class _Job:
 class Batcher:
     """Gathers jobs for ``window`` seconds (up to ``max_rows`` rows) and runs them as one engine batch."""
 
-    def __init__(self, engine: InferenceEngine, window_s: float, max_rows: int, on_batch: Callable[[int, int], None] | None = None):
+    def __init__(self, engine: InferenceEngine, window_s: float, max_rows: int, on_batch: Callable[[int, int], None] | None = None,
+                 mix_adapters: bool = True):
         self.engine, self.window_s, self.max_rows, self.on_batch = engine, window_s, max_rows, on_batch
+        self.mix_adapters = mix_adapters
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="adapterkit-batcher", daemon=True)
         self._thread.start()
@@ -238,10 +242,11 @@ class Batcher:
                     break
                 batch.append(nxt)
                 rows += len(nxt.rows)
-            for kind in ("generate", "classify"):
-                jobs = [j for j in batch if j.kind == kind]
-                if not jobs:
-                    continue
+            groups: dict[tuple, list[_Job]] = {}
+            for j in batch:
+                adapter = None if self.mix_adapters else j.rows[0].adapter
+                groups.setdefault((j.kind, adapter), []).append(j)
+            for (kind, _), jobs in groups.items():
                 try:
                     self._execute(kind, jobs)
                 except Exception as err:  # noqa: BLE001 - keep the worker alive whatever happens
@@ -363,6 +368,7 @@ def create_app(engine: InferenceEngine, settings: ServerSettings | None = None) 
     batcher = Batcher(
         engine, settings.batch_window_ms / 1000.0, settings.max_batch_size,
         on_batch=lambda rows, adapters: (metrics.batch_rows.observe(rows), metrics.batch_adapters.observe(adapters)),
+        mix_adapters=settings.mix_adapters,
     )
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -489,7 +495,7 @@ def create_app(engine: InferenceEngine, settings: ServerSettings | None = None) 
             prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
             if not prompts or len(prompts) > settings.max_inputs:
                 raise APIError(400, f"prompt: give 1 to {settings.max_inputs} prompts", param="prompt")
-            params = _sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop)
+            params = _sampling(body.max_tokens, body.temperature, body.top_p, body.seed, body.stop, body.ignore_eos)
             rows = []
             for p in prompts:
                 check_tokens(engine.count_tokens(p), "prompt")
@@ -621,9 +627,9 @@ def _at(values: list | None, i: int):
     return values[i] if values is not None and i < len(values) else None
 
 
-def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None, stop) -> SamplingParams:
+def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None, stop, ignore_eos: bool = False) -> SamplingParams:
     try:
-        return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or [])
+        return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop or [], ignore_eos=ignore_eos)
     except ConfigError as err:
         raise APIError(400, str(err)) from None
 

@@ -133,11 +133,28 @@ def test_pooled_slot_is_refilled_with_the_new_adapters_weights(tiny_llama_dir, l
     slot_a = engine.resident()[0]["slot"]
     assert engine.generate([greedy(b, PROMPTS[2])])[0].token_ids == fresh_b
     assert engine.resident()[0]["slot"] == slot_a and len(engine._peft.peft_config) == 1  # refilled, not rebuilt
+    assert slot_a in engine._slot_layout  # by one read into the slot's flat buffer
     assert engine.generate([greedy(a, PROMPTS[2])])[0].token_ids == first_a
     assert first_a != fresh_b
     # another shape cannot reuse the slot: it is deleted and a new one built
     engine.generate([greedy(str(lm_adapters["C"]), PROMPTS[2])])
     assert engine.resident()[0]["slot"] != slot_a and len(engine._peft.peft_config) == 1
+
+
+def test_changed_adapter_file_is_refused(tiny_llama_dir, lm_adapters, tmp_path, store_root):
+    import shutil
+
+    folder = tmp_path / "copy"
+    shutil.copytree(lm_adapters["A"], folder)
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store_root)
+    engine.load(str(folder))
+    engine.unload(str(folder))
+    weights = folder / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # one weight becomes +inf
+    weights.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="failed verification"):
+        engine.load(str(folder))
 
 
 def test_sampling_seed_stop_and_length(lm_engine, lm_adapters):
