@@ -159,6 +159,7 @@ class InferenceEngine:
         self._slot_params: dict[str, dict[str, torch.Tensor]] = {}
         self._layer_dicts: list[tuple[dict, bool]] = []
         self._verified: dict[str, tuple] = {}
+        self._pass_model = None
         self._slot_layout: dict[str, tuple[dict, torch.Tensor]] = {}  # slot -> (file header, flat weight buffer)
         self._mixed = MixedLoraForward()
         self._mixed.enabled = fast_mixed_lora
@@ -219,6 +220,13 @@ class InferenceEngine:
         manifest = dict(manifest or {})
         cfg = json.loads((path / "adapter_config.json").read_text())
         method = method_of_folder(path)
+        from adapters.methods.peft_base import PeftMethod
+
+        if not isinstance(method, PeftMethod):
+            raise ConfigError(
+                f"adapter {ref!r} uses method {method.name!r}, which changes the base model's own weights; "
+                "it cannot share a base with other adapters: load it as its own model instead"
+            )
         task = manifest.get("task")
         if task and task != self.task:
             raise ConfigError(f"adapter {ref!r} was trained for task {task!r}; this engine serves {self.task!r}")
@@ -340,19 +348,13 @@ class InferenceEngine:
                 self.stats.hits += 1
                 self._resident.move_to_end(key)
                 entry.refs.add(ref)
-            else:
-                entry = None
-        if entry is None:
-            adapter = self.resolve(ref)
-            with self._lock:
-                entry = self._ensure_resident(adapter, ref, pinned=set())
                 self._activate_slot(entry.slot)
-            return entry.slot
+                return entry.slot
+        adapter = self.resolve(ref)  # outside the lock: reading and hashing files
         with self._lock:
-            if entry.adapter.key not in self._resident:  # evicted meanwhile by another thread
-                entry = self._ensure_resident(entry.adapter, ref, pinned=set())
+            entry = self._ensure_resident(adapter, ref, pinned=set())
             self._activate_slot(entry.slot)
-        return entry.slot
+            return entry.slot
 
     def resident(self) -> list[dict]:
         """Resident adapters, least recently used first."""
@@ -539,10 +541,16 @@ class InferenceEngine:
             self._refresh_tuner_layers()
         else:
             # peft keeps at least one adapter; drop the wrapper and restore the plain base instead.
-            self._base_model = self._peft.unload()
+            self._base_model = self._unwrap()
             self._peft = None
             self._tuner_layers = []
             self._active_slot = None
+
+    def _unwrap(self):
+        """The plain base model again, without any adapter layers."""
+        if any(c.is_prompt_learning for c in self._peft.peft_config.values()):
+            return self._peft.get_base_model()  # prompt learning never touched the base's modules
+        return self._peft.unload()
 
     def _evict(self, key: str) -> None:
         """Make an adapter non-resident; its slot joins the pool for the next adapter of its shape."""
@@ -671,7 +679,7 @@ class InferenceEngine:
         passes.extend((False, rows) for rows in solo.values())
         return passes
 
-    def _prepare_pass(self, refs: list[str], adapters: list[ResolvedAdapter | None], rows: list[int], mixed: bool):
+    def _prepare_pass(self, refs: list[str], adapters: list[ResolvedAdapter | None], rows: list[int]):
         """Under the lock: make the pass's adapters resident; return the per-row peft adapter names
         (mixed) or None after activating the single adapter (or the base)."""
         pinned = {adapters[i].key for i in rows if adapters[i] is not None}
@@ -686,7 +694,13 @@ class InferenceEngine:
             slots.append(entry.slot)
         distinct = set(slots)
         if self._peft is None:
-            return None  # only base rows and no adapter loaded: the plain model
+            self._pass_model = self._base_model  # only base rows and no adapter loaded: the plain model
+            return None
+        self._pass_model = self._peft
+        if distinct == {PEFT_BASE} and any(c.is_prompt_learning for c in self._peft.peft_config.values()):
+            # prompt learning adds its virtual tokens inside the PeftModel's forward; its base is untouched
+            self._pass_model = self._peft.get_base_model()
+            return None
         if len(distinct) == 1:
             only = slots[0]
             self._activate_slot(None if only == PEFT_BASE else only)
@@ -697,7 +711,8 @@ class InferenceEngine:
         return slots
 
     def _forward_fn(self):
-        return self._peft if self._peft is not None else self._base_model
+        """The model the prepared pass runs through (set by _prepare_pass, under the lock)."""
+        return self._pass_model
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Generate for a batch of rows that may use different adapters. Results are in request order."""
@@ -716,9 +731,9 @@ class InferenceEngine:
                 )
             prompts.append(ids)
         results: list[GenerationResult | None] = [None] * len(requests)
-        for mixed, rows in self._plan(adapters):
+        for _, rows in self._plan(adapters):
             with self._lock:
-                names = self._prepare_pass(refs, adapters, rows, mixed)
+                names = self._prepare_pass(refs, adapters, rows)
                 is_prompt_learning = any(adapters[i] is not None and adapters[i].is_prompt_learning for i in rows)
                 try:
                     if is_prompt_learning:
@@ -776,9 +791,9 @@ class InferenceEngine:
             ids = self.tokenizer(req.text, truncation=True, max_length=min(limit, self.max_input_tokens))["input_ids"]
             encoded.append(ids)
         results: list[ClassificationResult | None] = [None] * len(requests)
-        for mixed, rows in self._plan(adapters):
+        for _, rows in self._plan(adapters):
             with self._lock, torch.inference_mode():
-                names = self._prepare_pass(refs, adapters, rows, mixed)
+                names = self._prepare_pass(refs, adapters, rows)
                 try:
                     logits = self._classify_pass([encoded[i] for i in rows], names)
                 finally:

@@ -72,7 +72,7 @@ def test_fast_mixed_lora_equals_peft_loop(lm_engine, lm_adapters, monkeypatch):
     assert [r.token_ids for r in fast] == [r.token_ids for r in loop]
 
 
-def test_mixed_pass_uses_per_row_adapter_names(lm_engine, lm_adapters):
+def test_plan_mixes_lora_and_base_rows_and_splits_dora(lm_engine, lm_adapters):
     a = lm_adapters
     adapters = lm_engine._resolve_rows([str(a["A"]), "base", str(a["D"]), str(a["B"])])
     passes = lm_engine._plan(adapters)
@@ -285,3 +285,20 @@ def test_infer_script_prompt_and_jsonl(tiny_llama_dir, lm_adapters, tmp_path, ca
     assert infer.main(["--base", str(tiny_llama_dir), "--adapter", a, "--prompt", PROMPTS[0], "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.strip() == out[0]["output"].strip()
     assert infer.main(["--base", str(tiny_llama_dir), "--adapter", "missing@1", "--prompt", "x"]) == 2
+
+
+def test_prompt_tuning_adapter_and_one_peft_type_per_engine(tiny_llama_dir, lm_adapters, tmp_path, store_root):
+    pt = make_adapter(tiny_llama_dir, tmp_path / "pt", method="prompt-tuning", seed=51, options={"num_virtual_tokens": 4})
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store_root)
+    requests = [greedy(pt, PROMPTS[0], n=6), greedy("base", PROMPTS[1], n=6), greedy(pt, PROMPTS[2], n=6)]
+    out = engine.generate(requests)
+    for req, got in zip(requests, out):
+        assert got.token_ids == engine.generate([req])[0].token_ids
+    base_only = engine.generate([greedy("base", PROMPTS[0], n=6)])[0].token_ids
+    assert out[0].token_ids != base_only  # the virtual tokens change the continuation
+    plain = InferenceEngine(str(tiny_llama_dir), store=store_root)
+    assert base_only == plain.generate([greedy("base", PROMPTS[0], n=6)])[0].token_ids  # base rows get no virtual tokens
+    with pytest.raises(ConfigError, match="one peft type at a time"):
+        engine.load(str(lm_adapters["A"]))
+    engine.unload(str(pt))
+    engine.load(str(lm_adapters["A"]))  # nothing resident: the engine switches type
