@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset, DatasetDict, concatenate_datasets
 
 from adapters.builtins import BUILTIN_DATASETS
 from adapters.config import DataConfig, RunConfig
@@ -63,10 +63,14 @@ class PreparedData:
         return {l: i for i, l in enumerate(self.labels)} if self.labels else None
 
 
-def prepare_splits(cfg: RunConfig) -> PreparedData:
-    """Rows -> dedupe -> split (no text in two splits) -> caps -> data report."""
+def prepare_splits(cfg: RunConfig, fold: int | None = None) -> PreparedData:
+    """Rows -> dedupe -> split (no text in two splits) -> caps -> data report.
+
+    With data.split.folds = k and `fold` = i, the test split is carved as usual and the rest is
+    divided into k stratified folds: fold i validates, the others train.
+    """
     from adapters.data_report import build_data_report, dedupe_across_splits, enforce
-    from adapters.splits import split_dataset
+    from adapters.splits import kfold_splits, split_dataset
 
     data = cfg.data
     rows = load_rows(data)
@@ -80,6 +84,12 @@ def prepare_splits(cfg: RunConfig) -> PreparedData:
     if cfg.task == "sequence-classification" or data.response_field is None:
         rows = rows.map(lambda r: {data.label_field: str(r[data.label_field])})
     splits = split_dataset(rows, data.split, label_field=target_field, seed=cfg.train.seed)
+    if fold is not None:
+        if not data.split.folds:
+            raise ConfigError("a fold was requested but data.split.folds is not set")
+        pool = concatenate_datasets([splits["train"], splits["validation"]])
+        label = target_field if cfg.task == "sequence-classification" else None
+        splits["train"], splits["validation"] = kfold_splits(pool, data.split.folds, label, cfg.train.seed)[fold]
     if data.dedupe:
         splits = dedupe_across_splits(splits, data.text_field)
     for split, cap in (("train", data.max_train_samples), ("validation", data.max_eval_samples), ("test", data.max_test_samples)):
@@ -87,7 +97,9 @@ def prepare_splits(cfg: RunConfig) -> PreparedData:
             splits[split] = splits[split].select(range(cap))  # splits are already shuffled
     labels = None
     if cfg.task == "sequence-classification":
-        labels = sorted(set(splits["train"][data.label_field]))
+        # Every class of every split gets a head row: a class missing from training stays
+        # predictable-in-principle and scorable (the data report warns about it).
+        labels = sorted({l for split in splits.values() for l in split[data.label_field]})
         if len(labels) < 2:
             raise ConfigError(f"data.label_field {data.label_field!r}: need at least 2 classes in training data, found {labels}")
     report = build_data_report(splits, data.text_field, target_field)

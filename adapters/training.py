@@ -102,7 +102,7 @@ class MetricsLog:
                 fh.write(json.dumps({"step": step, "time": time.time(), **values}, default=str) + "\n")
 
 
-def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None = None, stop_after: int | None = None, on_model_ready=None) -> TrainResult:
+def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None = None, stop_after: int | None = None, on_model_ready=None, fold: int | None = None) -> TrainResult:
     """Run one training job. `stop_after` ends the loop early at that step, as an interruption would."""
     from accelerate.utils import broadcast_object_list, set_seed
 
@@ -128,7 +128,7 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
     set_seed(cfg.train.seed)
 
     # ---------------------------------------------------------------- data
-    prepared = prepare_splits(cfg)
+    prepared = prepare_splits(cfg, fold=fold)
     if cfg.init_from and cfg.task == "sequence-classification":
         prepared.labels = _parent_labels(cfg, prepared.labels)
     if accelerator.is_main_process:

@@ -37,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print("config OK")
             return 0
+        if cfg.data.split.folds:
+            from adapters.crossval import cross_validate
+            from adapters.splits import format_folds
+
+            cv = cross_validate(cfg, command=sys.argv)
+            print(f"{cfg.data.split.folds}-fold cross-validation (test):\n{format_folds(cv.test)}\nreport: {cv.run_dir / 'crossval.md'}")
+            return 0
         from adapters.report import print_result
         from adapters.training import train
 

@@ -151,3 +151,20 @@ def test_gradual_unfreezing_opens_blocks_from_the_top_during_training(tiny_bert_
     assert opened[-1][1] == ["embeddings"]
     groups = next(r["groups"] for r in rows if r.get("event") == "param_groups")
     assert {g["name"].split("/")[0] for g in groups} == {"head"}, "training starts with the head alone"
+
+
+def test_kfold_cross_validation_reports_mean_and_std_with_a_fixed_test_split(tiny_bert_dir, tmp_path):
+    from adapters.crossval import cross_validate
+
+    cfg = tiny_cfg(tiny_bert_dir, tmp_path / "cv", task="sequence-classification", train__max_steps=3,
+                   data__split={"kind": "stratified", "validation": 0.1, "test": 0.2, "folds": 3})
+    cv = cross_validate(cfg)
+    assert len(cv.folds) == 3
+    acc = cv.test["accuracy"]
+    assert len(acc["values"]) == 3 and acc["std"] >= 0
+    assert abs(acc["mean"] - sum(acc["values"]) / 3) < 1e-9
+    report = json.loads((cv.run_dir / "crossval.json").read_text())
+    assert report["folds"] == 3 and "eval_accuracy" in report["validation"]
+    # Each fold validates on different rows; the test rows never enter any fold.
+    fingerprints = {json.loads((r.adapter_dir / "manifest.json").read_text())["data"]["fingerprint"] for r in cv.folds}
+    assert len(fingerprints) == 3
