@@ -80,3 +80,17 @@ def test_classifier_merge_keeps_its_head_and_labels(tiny_bert_dir, tmp_path, sto
     with torch.no_grad():
         logits = merged(**ids).logits[0]
     torch.testing.assert_close(logits, torch.tensor(served.logits), atol=1e-4, rtol=1e-4)
+
+
+def test_engine_serves_qlora_adapters_on_a_4bit_base(tiny_llama64_dir, tmp_path, store_root):
+    q4 = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+    a = make_adapter(tiny_llama64_dir, tmp_path / "q1", seed=44, quantization=q4)
+    b = make_adapter(tiny_llama64_dir, tmp_path / "q2", seed=45, quantization=q4)
+    engine = InferenceEngine(str(tiny_llama64_dir), quantization=4, capacity=2, store=store_root)
+    assert type(engine._base_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    requests = [GenerationRequest(adapter=ref, prompt=p, params=SamplingParams(max_new_tokens=6))
+                for ref, p in ((str(a), "Hello there"), ("base", "The capital of France is"), (str(b), "Hello there"))]
+    mixed = engine.generate(requests)
+    for req, got in zip(requests, mixed):
+        assert got.token_ids == engine.generate([req])[0].token_ids
+    assert mixed[0].token_ids != mixed[2].token_ids
