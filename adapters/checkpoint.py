@@ -20,15 +20,23 @@ STATE_FILE = "trainer_state.json"
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """Copies of the trainable weights. Under ZeRO-3 every rank must call it (a gather)."""
+    from adapters.distributed import gathered
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with gathered([p for _, p in trainable]):
+        return {n: p.detach().cpu().clone().contiguous() for n, p in trainable}
 
 
 def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy weights in by name. Under ZeRO-3 every rank must call it (gather, write, re-shard)."""
+    from adapters.distributed import gathered
+
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
         raise KeyError(f"checkpoint has parameters the model lacks: {missing[:5]}")
-    with torch.no_grad():
+    with gathered([params[n] for n in state], modifier_rank=0), torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
@@ -37,7 +45,8 @@ def save_checkpoint(folder: Path, accelerator, model, optimizer, scheduler, stat
     folder = Path(folder)
     if accelerator.distributed_type.value == "DEEPSPEED":
         # DeepSpeed shards optimizer state across ranks: only its own checkpointing can save it.
-        accelerator.save_state(str(folder))
+        # The frozen base stays out of it here too (it is reloaded from the model, not the checkpoint).
+        accelerator.save_state(str(folder), exclude_frozen_parameters=True)
         if accelerator.is_main_process:
             (folder / STATE_FILE).write_text(json.dumps(state))
         accelerator.wait_for_everyone()
@@ -69,7 +78,7 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> d
     folder = Path(folder)
     state = read_checkpoint_state(folder)
     if accelerator.distributed_type.value == "DEEPSPEED":
-        accelerator.load_state(str(folder))
+        accelerator.load_state(str(folder), load_module_strict=False)  # frozen weights are not in it
         return state
     load_trainable_state_dict(accelerator.unwrap_model(model), load_file(str(folder / "trainable.safetensors")))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))

@@ -356,10 +356,12 @@ def embedder(model_name_or_path: str, revision: str | None = None, batch_size: i
     from transformers import AutoModel, AutoTokenizer
 
     from adapters.builtins import resolve_model
+    from adapters.distributed import no_zero3_init
 
     path = resolve_model(model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    model = AutoModel.from_pretrained(path, revision=revision, dtype=torch.float32)
+    with no_zero3_init():  # called by one rank only: a ZeRO-3 run must not shard this model
+        model = AutoModel.from_pretrained(path, revision=revision, dtype=torch.float32)
     model.eval()
 
     def embed(texts: Sequence[str]) -> np.ndarray:
