@@ -159,6 +159,7 @@ class InferenceEngine:
         self._slot_params: dict[str, dict[str, torch.Tensor]] = {}
         self._layer_dicts: list[tuple[dict, bool]] = []
         self._verified: dict[str, tuple] = {}
+        self._resolved: dict[str, tuple[tuple, ResolvedAdapter]] = {}
         self._pass_model = None
         self._slot_layout: dict[str, tuple[dict, torch.Tensor]] = {}  # slot -> (file header, flat weight buffer)
         self._mixed = MixedLoraForward()
@@ -211,7 +212,10 @@ class InferenceEngine:
         from adapters.methods import method_of_folder
         from adapters.store import check_publishable_files
 
-        self.key_of(ref)  # validates the reference
+        key = self._cached_key(ref)  # validates the reference
+        cached = self._resolved.get(key)
+        if cached is not None and cached[0] == _folder_stamp(Path(key)):
+            return cached[1]  # verified before, and no file changed since
         path, manifest = self.store_of().resolve(ref, verify=False)
         path = Path(path)
         check_publishable_files(path)  # safetensors present, nothing that unpickles
@@ -235,7 +239,7 @@ class InferenceEngine:
         if self.task == "sequence-classification":
             labels = manifest.get("labels")
             num_labels = self._head_size(path) or (len(labels) if labels else None)
-        return ResolvedAdapter(
+        resolved = ResolvedAdapter(
             key=str(path.resolve()),
             path=path,
             manifest=manifest,
@@ -245,6 +249,8 @@ class InferenceEngine:
             peft_type=peft_type,
             num_labels=num_labels,
         )
+        self._resolved[resolved.key] = (_folder_stamp(path), resolved)
+        return resolved
 
     def _verify_once(self, ref: str, path: Path, manifest: dict | None) -> None:
         """Check every file against the manifest's sha256 the first time a folder is used, and again
@@ -253,7 +259,7 @@ class InferenceEngine:
 
         if manifest is None:
             return  # no checksums to check; _check_base decides whether it may load at all
-        stamp = tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file()))
+        stamp = _folder_stamp(path)
         key = str(path.resolve())
         if self._verified.get(key) == stamp:
             return
@@ -827,6 +833,14 @@ class InferenceEngine:
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _folder_stamp(folder: Path) -> tuple:
+    """Names, sizes and mtimes of a folder's files: changes when any file is rewritten."""
+    try:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder) if e.is_file()))
+    except OSError:  # gone: never equal to a recorded stamp
+        return ()
 
 
 def _read_header(fh) -> dict:

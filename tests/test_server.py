@@ -186,3 +186,35 @@ def test_classify(cls_client):
         assert results[0]["confidence"] == pytest.approx(expected[0].confidence, abs=1e-5)
     assert client.post("/v1/classify", json={"model": "base", "input": "x"}).status_code == 400
     assert client.post("/v1/completions", json={"model": "spam", "prompt": "x"}).status_code == 400
+
+
+def test_batcher_gathers_a_window_and_mixes_adapters_or_not():
+    from types import SimpleNamespace
+
+    from adapters.server import Batcher
+
+    class RecordingEngine:
+        def __init__(self):
+            self.calls = []
+
+        def generate(self, rows):
+            self.calls.append([r.adapter for r in rows])
+            if any(r.adapter == "bad" for r in rows):
+                raise ValueError("bad row")
+            return [f"{r.adapter}:{r.prompt}" for r in rows]
+
+    for mix, expected in ((True, [["a", "b", "a"]]), (False, [["a", "a"], ["b"]])):
+        engine = RecordingEngine()
+        batcher = Batcher(engine, window_s=0.3, max_rows=8, mix_adapters=mix)
+        futures = [batcher.submit("generate", [SimpleNamespace(adapter=a, prompt=i)]) for i, a in enumerate("aba")]
+        assert [f.result(timeout=10) for f in futures] == [["a:0"], ["b:1"], ["a:2"]]
+        assert engine.calls == expected
+        batcher.close()
+    # one failing request fails alone; the others in its batch are answered
+    engine = RecordingEngine()
+    batcher = Batcher(engine, window_s=0.3, max_rows=8)
+    good, bad = (batcher.submit("generate", [SimpleNamespace(adapter=a, prompt=0)]) for a in ("a", "bad"))
+    assert good.result(timeout=10) == ["a:0"]
+    with pytest.raises(ValueError):
+        bad.result(timeout=10)
+    batcher.close()
