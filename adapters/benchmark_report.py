@@ -27,6 +27,7 @@ class ArmSummary:
     metric_std: float | None
     trainable_params: float | None = None
     adapter_bytes: float | None = None
+    adapter_weights_bytes: float | None = None
     tokens_per_second: float | None = None
     samples_per_second: float | None = None
     peak_memory_bytes: float | None = None
@@ -72,6 +73,7 @@ def summarize(records: list[dict]) -> list[ArmSummary]:
             metric_mean=_mean(metrics), metric_std=statistics.stdev(metrics) if len(metrics) > 1 else (0.0 if metrics else None),
             trainable_params=_mean(r.get("trainable_params") for r in recs),
             adapter_bytes=_mean(r.get("adapter_bytes") for r in recs),
+            adapter_weights_bytes=_mean(r.get("adapter_weights_bytes") for r in recs),
             tokens_per_second=_mean(r.get("tokens_per_second") for r in recs),
             samples_per_second=_mean(r.get("samples_per_second") for r in recs),
             peak_memory_bytes=_mean(r.get("peak_memory_bytes") for r in recs),
@@ -122,6 +124,12 @@ def _params(x: float | None) -> str:
     return f"{x:.0f}"
 
 
+def _adapter_size(s: ArmSummary) -> str:
+    if s.kind in ("classic", "zero-shot") or not s.adapter_bytes:
+        return "–"
+    return f"{_bytes(s.adapter_weights_bytes)} ({_bytes(s.adapter_bytes)})"
+
+
 def arm_title(s: ArmSummary, records_by_arm: dict | None = None) -> str:
     if s.kind == "zero-shot":
         return "base model (zero-shot)"
@@ -142,23 +150,25 @@ def markdown_table(records: list[dict], header: dict | None = None) -> str:
         if header.get(key):
             lines.append(f"- {key}: {header[key]}")
     lines += ["", "Held-out test metric: mean ± std over seeds (n). Throughput counts real (non-padding) tokens during "
-              "training, evaluation excluded. Peak memory: " + _memory_kind(records) + ". Time to target: training time "
+              "training, evaluation excluded. Adapter weights: the saved safetensors; the folder adds config, manifest and the drift reference. Peak memory: " + _memory_kind(records) + ". Time to target: training time "
               "until the validation metric first reached the target (mean over the seeds that reached it). "
               "**Negative transfer**: an arm on the pretrained model scoring below the from-scratch or the classic baseline.", ""]
     targets = {r["task"]: r.get("target") for r in records if r.get("status") == "ok"}
+    budgets = {r["task"]: r.get("budget") for r in records if r.get("status") == "ok"}
     for task in dict.fromkeys(s.task for s in summaries):
         arms = [s for s in summaries if s.task == task]
         target = targets.get(task)
         target_col = f"time to {target['metric']} {'≥' if target['mode'] == 'max' else '≤'} {target['value']:g}" if target else "time to target"
-        lines += [f"## {task} ({arms[0].task_type}, test {arms[0].metric_name})", "",
-                  f"| arm | {arms[0].metric_name} | trainable params | adapter size | train tokens/s | train samples/s | peak memory | train time | wall time | {target_col} | negative transfer |",
+        budget = f", budget {budgets[task]} per run" if budgets.get(task) else ""
+        lines += [f"## {task} ({arms[0].task_type}, test {arms[0].metric_name}{budget})", "",
+                  f"| arm | {arms[0].metric_name} | trainable params | adapter weights (folder) | train tokens/s | train samples/s | peak memory | train time | wall time | {target_col} | negative transfer |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in arms:
             metric = f"{s.metric_mean:.4f} ± {s.metric_std:.4f} ({s.n})" if s.metric_mean is not None else "–"
             ttt = "–" if s.kind in ("classic", "zero-shot") or not target else (
                 f"{s.seconds_to_target:.1f} s ({s.reached_target}/{s.n})" if s.reached_target else f"not reached (0/{s.n})")
             flag = ("**yes** (below " + ", ".join(ARM_NAMES[r] for r in s.negative_transfer) + ")") if s.negative_transfer else ("" if s.arm in REFERENCE_ARMS else "no")
-            lines.append(f"| {arm_title(s)} | {metric} | {_params(s.trainable_params)} | {_bytes(s.adapter_bytes) if s.kind != 'classic' else '–'} | "
+            lines.append(f"| {arm_title(s)} | {metric} | {_params(s.trainable_params)} | {_adapter_size(s)} | "
                          f"{_num(s.tokens_per_second)} | {_num(s.samples_per_second, 1)} | {_bytes(s.peak_memory_bytes)} | "
                          f"{_num(s.train_seconds, 1, ' s')} | {_num(s.wall_seconds, 1, ' s')} | {ttt} | {flag} |")
         lines.append("")

@@ -114,6 +114,8 @@ class TaskSpec(_Strict):
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the suite's train section.")
     eval: dict[str, Any] = Field(default_factory=dict)
     target: TargetSpec | None = Field(None, description="Validation target for time-to-target.")
+    budget: BudgetSpec | None = Field(None, description="This task's budget (default: the suite's); equal for all its arms.")
+    seeds: list[int] | None = Field(None, min_length=1, description="This task's seeds (default: the suite's).")
     methods: list[str] | None = Field(None, description="Method labels to run on this task (default: every method that supports it).")
     baselines: list[Literal["base", "scratch", "classic"]] | None = Field(None, description="Default: every baseline that applies.")
 
@@ -187,6 +189,7 @@ class Cell:
     seed: int
     run_config: dict | None  # raw RunConfig (trained and zero-shot cells); None for classic
     extra: dict = field(default_factory=dict)  # classic settings
+    budget: str = ""  # e.g. "40 optimizer steps", for the report
 
     @property
     def key(self) -> str:
@@ -217,14 +220,14 @@ def plan_cells(suite: SuiteConfig) -> list[Cell]:
     from adapters.methods import get_method
 
     cells: list[Cell] = []
-    budget = suite.budget.train_overrides()
     for task in suite.tasks:
+        budget = (task.budget or suite.budget).train_overrides()
         wanted = task.baselines if task.baselines is not None else list(BASELINES)
         if task.task != "sequence-classification":
             wanted = [b for b in wanted if b != "classic"]
         labels = task.methods if task.methods is not None else [m.arm for m in suite.methods]
         methods = [m for m in suite.methods if m.arm in labels and task.task in get_method(m.name).tasks]
-        for seed in suite.seeds:
+        for seed in task.seeds or suite.seeds:
 
             def run(method: dict, extra_train: dict, model: dict | None = None) -> dict:
                 return {
@@ -250,6 +253,9 @@ def plan_cells(suite: SuiteConfig) -> list[Cell]:
                                   extra=suite.baselines.classic.model_dump()))
             for m in methods:
                 cells.append(Cell(suite.name, task, m.arm, "method", seed, run({"name": m.name, "options": m.options}, m.train)))
+        for cell in cells:
+            if cell.task is task:
+                cell.budget = (task.budget or suite.budget).describe()
     return cells
 
 
@@ -314,6 +320,11 @@ class PeakMemory:
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+
+
+def weights_bytes(folder: Path) -> int:
+    """The trained weights alone: every safetensors file but the drift reference (same for every method)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors") if p.name != "reference.safetensors")
 
 
 def read_metrics_log(run_dir: Path) -> list[dict]:
@@ -391,6 +402,7 @@ def run_cell(cell: Cell, work_dir: Path) -> dict:
         "wall_seconds": wall,
         "peak_memory_bytes": memory.peak, "memory_before_bytes": memory.before, "memory_kind": memory.kind,
         "target": cell.task.target.model_dump() if cell.task.target else None,
+        "budget": cell.budget,
         **measured,
         "config": cell.run_config if cell.kind != "classic" else {"data": cell.run_config["data"], "classic": cell.extra, "seed": cell.seed},
         "environment": {**env_before, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
@@ -420,6 +432,7 @@ def _run_training(cell: Cell, run_dir: Path) -> dict:
         "trainable_params": result.trainable_params,
         "total_params": result.total_params,
         "adapter_bytes": folder_bytes(result.adapter_dir),
+        "adapter_weights_bytes": weights_bytes(result.adapter_dir),
         "steps": result.steps,
         "train_seconds": train_only,
         "eval_seconds_in_loop": result.eval_seconds,
@@ -509,7 +522,7 @@ def _run_classic(cell: Cell) -> dict:
 def _untrained(metric, test_metrics: dict, total_params: int) -> dict:
     return {
         "metric": metric, "test_metrics": test_metrics, "trainable_params": 0, "total_params": total_params,
-        "adapter_bytes": 0, "steps": 0, "train_seconds": 0.0, "eval_seconds_in_loop": 0.0, "tokens": 0, "samples": 0,
+        "adapter_bytes": 0, "adapter_weights_bytes": 0, "steps": 0, "train_seconds": 0.0, "eval_seconds_in_loop": 0.0, "tokens": 0, "samples": 0,
         "tokens_per_second": None, "samples_per_second": None, "loss_curve": [], "eval_curve": None,
         "steps_to_target": None, "seconds_to_target": None,
     }
@@ -600,7 +613,10 @@ def run_matrix(suite: SuiteConfig, out_dir: str | Path, work_dir: str | Path, pr
 def report_header(suite: SuiteConfig, records: list[dict], command: str | None = None) -> dict:
     """What the table's reader needs to trust the numbers: budget, seeds, machine, load, command."""
     envs = [r["environment"] for r in records if r.get("environment")]
-    header = {"suite": suite.name, "description": suite.description, "budget": suite.budget.describe() + " per run, every arm",
+    budget = suite.budget.describe() + " per run, the same for every arm of a task"
+    if any(t.budget for t in suite.tasks):
+        budget += " (" + ", ".join(f"{t.name}: {t.budget.describe()}" for t in suite.tasks if t.budget) + ")"
+    header = {"suite": suite.name, "description": suite.description, "budget": budget,
               "seeds": ", ".join(map(str, suite.seeds)), "command": f"`{command}`" if command else None}
     if envs:
         env = envs[-1]

@@ -414,7 +414,12 @@ def _make_optimizer(groups, cfg: RunConfig):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(groups, lr=cfg.train.lr)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+    try:
+        # One fused kernel over all parameters: on CPU the default (foreach) AdamW step of a full
+        # MiniLM (31M parameters with the embeddings) took 0.8-4.9 s on 2 cores against 0.2-0.4 s fused.
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.AdamW(groups, lr=cfg.train.lr)
 
 
 def _needs_generation(metric: str) -> bool:

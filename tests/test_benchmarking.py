@@ -97,13 +97,15 @@ def test_matrix_runs_every_cell_with_measurements(matrix):
     for rec in (lora, scratch, base):
         assert rec["steps"] == 6 and rec["samples"] == 6 * 8
         assert rec["tokens"] > rec["samples"] and rec["tokens_per_second"] > 0 and rec["samples_per_second"] > 0
-        assert rec["adapter_bytes"] > 0 and rec["train_seconds"] > 0
+        assert rec["adapter_bytes"] > rec["adapter_weights_bytes"] > 0 and rec["train_seconds"] > 0
         assert [s for s, _ in rec["loss_curve"]] == [2, 4, 6]
         assert rec["steps_to_target"] == 3 and rec["seconds_to_target"] > 0  # target 0.0: reached at the first eval
     # the scratch baseline trains every weight of a randomly initialised copy; LoRA a small fraction
     assert scratch["config"]["model"]["init"] == "random" and scratch["method"]["name"] == "full"
     assert scratch["trainable_params"] == scratch["total_params"] > lora["trainable_params"] > base["trainable_params"] > 0
-    assert scratch["adapter_bytes"] > lora["adapter_bytes"]
+    assert scratch["adapter_weights_bytes"] > lora["adapter_weights_bytes"] > base["adapter_weights_bytes"]
+    # fp32 weights: at least 4 bytes per trained parameter, and not much more
+    assert 4 * lora["trainable_params"] <= lora["adapter_weights_bytes"] < 4 * lora["trainable_params"] + 100_000
     assert base["method"]["name"] == "head-only"
     classic = by["questions/classic/seed=0"]
     assert classic["metric"] > 0.9  # the classes are separable by words
