@@ -161,6 +161,7 @@ class InferenceEngine:
         self._verified: dict[str, tuple] = {}
         self._resolved: dict[str, tuple[tuple, ResolvedAdapter]] = {}
         self._pass_model = None
+        self._route_rows = False  # every adapter layer is a wrapped LoRA Linear (see MixedLoraForward)
         self._slot_layout: dict[str, tuple[dict, torch.Tensor]] = {}  # slot -> (file header, flat weight buffer)
         self._mixed = MixedLoraForward()
         self._mixed.enabled = fast_mixed_lora
@@ -584,6 +585,7 @@ class InferenceEngine:
         self._tuner_layers = [m for m in self._peft.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
         self._layer_dicts = [(m.__dict__, isinstance(m._active_adapter, list)) for m in self._tuner_layers]
         self._mixed.install(self._peft)
+        self._route_rows = self._mixed.covers(self._tuner_layers)
 
     def _activate_slot(self, slot: str | None) -> None:
         """Point every adapter layer at ``slot`` (None: the bare base).
@@ -717,8 +719,20 @@ class InferenceEngine:
         return slots
 
     def _forward_fn(self):
-        """The model the prepared pass runs through (set by _prepare_pass, under the lock)."""
-        return self._pass_model
+        """The model call of the prepared pass (set by _prepare_pass, under the lock).
+
+        With per-row adapter names it routes them through the wrapped LoRA layers when they
+        cover the model, and through peft's ``adapter_names`` otherwise (heads, other methods).
+        """
+        model = self._pass_model
+        if model is self._peft and self._route_rows and self._mixed.enabled:
+            def forward(adapter_names=None, **kwargs):
+                if adapter_names is None:
+                    return model(**kwargs)
+                return self._mixed.forward(model, adapter_names, **kwargs)
+
+            return forward
+        return model
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Generate for a batch of rows that may use different adapters. Results are in request order."""
