@@ -56,6 +56,7 @@ class ServerSettings(BaseModel):
     max_batch_size: int = Field(16, ge=1, description="Most rows the batcher puts into one engine call.")
     batch_window_ms: float = Field(5.0, ge=0, description="How long the batcher waits for more requests after the first.")
     mix_adapters: bool = Field(True, description="Let one engine batch hold requests for different adapters (off: one batch per adapter).")
+    allow_path_refs: bool = Field(False, description="Accept adapter folder paths from clients (off: only store references, so clients cannot probe the server's files).")
     on_request: Callable[[dict], Any] | None = Field(None, exclude=True, description="Traffic hook, called with one record per request.")
     traffic_include_text: bool = Field(False, description="Pass raw input/output text and token ids to on_request.")
 
@@ -412,6 +413,10 @@ def create_app(engine: InferenceEngine, settings: ServerSettings | None = None) 
         if not isinstance(ref, str) or not ref.strip():
             raise APIError(400, "model: give 'base' or an adapter reference", param="model")
         ref = ref.strip()
+        from adapters.store import is_path_ref
+
+        if is_path_ref(ref) and not settings.allow_path_refs:
+            raise APIError(400, "folder references are disabled on this server; use name, name@<version> or name@<tag>", param="model")
         if ref != BASE:
             try:
                 engine.key_of(ref)  # cheap: unknown names, versions and tags fail here with 404

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
     p.add_argument("--batch-window-ms", type=float, default=5.0)
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--allow-path-refs", action="store_true", help="let clients name adapter folders on this machine (default: store references only)")
     p.add_argument("--traffic-log", help="sample requests into this JSONL/SQLite file (adapters.traffic_log)")
     p.add_argument("--traffic-include-text", action="store_true", help="store raw text in the traffic log")
     args = p.parse_args(argv)
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = ServerSettings(
             api_token=args.api_token, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
             max_body_bytes=args.max_body_bytes, batch_window_ms=args.batch_window_ms, max_batch_size=args.max_batch_size,
-            on_request=on_request, traffic_include_text=args.traffic_include_text,
+            on_request=on_request, traffic_include_text=args.traffic_include_text, allow_path_refs=args.allow_path_refs,
         )
         app = create_app(engine, settings)
     except AdapterkitError as err:

@@ -74,7 +74,8 @@ def test_errors_are_json_4xx_and_server_keeps_serving(client):
         ({"model": "nope", "prompt": "x"}, 404, "adapter_not_found"),
         ({"model": "alpha@9", "prompt": "x"}, 404, "adapter_not_found"),
         ({"model": "alpha@staging", "prompt": "x"}, 404, "adapter_not_found"),
-        ({"model": "../etc", "prompt": "x"}, 404, "adapter_not_found"),
+        ({"model": "../etc", "prompt": "x"}, 400, "invalid_request_error"),  # no folder paths from clients
+        ({"model": "/tmp", "prompt": "x"}, 400, "invalid_request_error"),
         ({"model": "alpha"}, 400, "invalid_request_error"),
         ({"model": "alpha", "prompt": "x", "max_tokens": 33}, 400, "invalid_request_error"),
         ({"model": "alpha", "prompt": "word " * 70}, 400, "invalid_request_error"),
