@@ -217,10 +217,13 @@ def collator_for(task: str, tokenizer):
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
     if task == "causal-lm":
-        # Left padding puts every response at the end of its row (see adapters.objectives).
-        left = copy.copy(tokenizer)
-        left.padding_side = "left"
-        inner = DataCollatorForSeq2Seq(left, padding=True, label_pad_token_id=-100, return_tensors="pt")
+        # On CPU, left padding puts every response at the end of its row, so the vocabulary
+        # projection runs only there (adapters.objectives). On CUDA, right padding: left-padded
+        # rows start with fully masked queries, which some SDPA kernels turn into NaN under
+        # bf16 autocast (seen on an H200), and the projection is cheap there anyway.
+        padded = copy.copy(tokenizer)
+        padded.padding_side = "right" if torch.cuda.is_available() else "left"
+        inner = DataCollatorForSeq2Seq(padded, padding=True, label_pad_token_id=-100, return_tensors="pt")
     else:
         inner = DataCollatorWithPadding(tokenizer, padding=True, return_tensors="pt")
 

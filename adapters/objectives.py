@@ -1,8 +1,9 @@
 """Training objectives: what the loss is computed on, and how to avoid computing the rest.
 
-Causal-lm batches are left-padded, so every response sits at the end of its row. The
+On CPU, causal-lm batches are left-padded, so every response sits at the end of its row. The
 vocabulary projection (49k x 576 for SmolLM2, ~20% of a step) is then computed only for the
-last K positions that hold response tokens, instead of for every prompt token.
+last K positions that hold response tokens, instead of for every prompt token. The same code
+is exact for right-padded batches (used on CUDA); it then keeps nearly every position.
 """
 
 from __future__ import annotations

@@ -451,7 +451,12 @@ def _trainable_copy(accelerator, model) -> dict:
 
 
 def _scalars(metrics: dict | None) -> dict:
-    return {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """Numeric metrics for the manifest; a non-finite value (a diverged run) is recorded as null."""
+    return {
+        k: (v if math.isfinite(v) else None)
+        for k, v in (metrics or {}).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def _label_words(cfg: RunConfig) -> dict:
