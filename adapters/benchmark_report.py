@@ -146,7 +146,7 @@ def markdown_table(records: list[dict], header: dict | None = None) -> str:
     summaries = summarize(records)
     header = header or {}
     lines = [f"# Method comparison: {header.get('suite', '')}".rstrip(), ""]
-    for key in ("description", "budget", "seeds", "environment", "load", "command"):
+    for key in ("description", "budget", "seeds", "environment", "load", "wall time", "command"):
         if header.get(key):
             lines.append(f"- {key}: {header[key]}")
     lines += ["", "Held-out test metric: mean ± std over seeds (n). Throughput counts real (non-padding) tokens during "

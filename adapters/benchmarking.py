@@ -625,6 +625,8 @@ def report_header(suite: SuiteConfig, records: list[dict], command: str | None =
                                  f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
                                  f"code {str(env.get('code_revision'))[:10]}")
         loads = [x for e in envs for x in (e.get("load_average", [None])[0], e.get("load_average_after", [None])[0]) if x is not None]
+        total = sum(r.get("wall_seconds") or 0 for r in records)
+        header["wall time"] = f"{total / 60:.1f} min summed over the {len(records)} cells (process start-up excluded)"
         if loads:
             header["load"] = f"1-minute load average during the cells: {min(loads):.2f} to {max(loads):.2f} (median {statistics.median(loads):.2f})"
     return header

@@ -76,7 +76,13 @@ def train_ours(args, profile: bool = False) -> dict:
         cfg = run_config(args, tmp)
         if profile:
             return {"profile": _profile_our_loop(cfg, args.profile_rows)}
-        result = train(cfg, command=["benchmarks/throughput.py"])
+        seen = {}
+
+        def note_model(model):
+            seen["attn_implementation"] = _attn_implementation(model)
+            seen["optimizer"] = "torch.optim.AdamW (fused when available, see adapters/training.py)"
+
+        result = train(cfg, command=["benchmarks/throughput.py"], on_model_ready=note_model)
         seconds = result.train_seconds - result.eval_seconds
         return {
             "steps": result.steps,
@@ -87,7 +93,16 @@ def train_ours(args, profile: bool = False) -> dict:
             "samples_per_second": result.samples_seen / seconds,
             "test_accuracy": result.metrics["adapted"]["accuracy"],
             "trainable_params": result.trainable_params,
+            **seen,
         }
+
+
+def _attn_implementation(model) -> str:
+    for module in model.modules():
+        impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+        if impl:
+            return impl
+    return "unknown"
 
 
 def _profile_our_loop(cfg, rows: int) -> str:
@@ -123,10 +138,11 @@ class _CountingCollator:
         from transformers import DataCollatorWithPadding
 
         self.inner = DataCollatorWithPadding(tokenizer)
-        self.real = self.padded = 0
+        self.real = self.padded = self.samples = 0
 
     def __call__(self, features):
         batch = self.inner(features)
+        self.samples += len(features)
         self.real += int(batch["attention_mask"].sum())
         self.padded += batch["attention_mask"].numel()
         return batch
@@ -190,10 +206,13 @@ def train_plain(args, data, profile: bool = False) -> dict:
                 trainer.train()
             return {"profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)}
         trainer.train()
-        real, padded = collator.real, collator.padded
+        real, padded, samples = collator.real, collator.padded, collator.samples
+        optimizer = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__
+        fused = bool(trainer.optimizer.param_groups[0].get("fused"))
         preds = trainer.predict(splits["test"])
         accuracy = float((np.argmax(preds.predictions, -1) == preds.label_ids).mean())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    attn = _attn_implementation(model)
     del model, trainer
     torch.set_grad_enabled(True)
     return {
@@ -202,12 +221,13 @@ def train_plain(args, data, profile: bool = False) -> dict:
         "real_tokens": real,
         "padded_tokens": padded,
         "padding_share": 1 - real / padded,
-        "samples": args.steps * args.batch_size,
+        "samples": samples,
         "real_tokens_per_second": real / clock.seconds,
-        "samples_per_second": args.steps * args.batch_size / clock.seconds,
+        "samples_per_second": samples / clock.seconds,
         "test_accuracy": accuracy,
         "trainable_params": trainable,
-        "attn_implementation": "transformers default",
+        "attn_implementation": attn,
+        "optimizer": f"{optimizer} (Trainer default optim {targs.optim!s}, fused={fused})",
     }
 
 
@@ -233,6 +253,8 @@ def markdown(report: dict) -> str:
         "",
         f"- machine: {report['environment']['cpu']} ({report['environment']['cpu_count']} cores, {report['environment']['torch_threads']} torch threads), "
         f"torch {report['environment']['versions'].get('torch')}, transformers {report['environment']['versions'].get('transformers')}, peft {report['environment']['versions'].get('peft')}",
+        f"- plain: attention {p.get('attn_implementation')}, optimizer {p.get('optimizer')}, batches in random order padded to their longest row",
+        f"- ours: attention {o.get('attn_implementation')}, optimizer {o.get('optimizer')}, length-grouped batches (transformers' LengthGroupedSampler, seeded per epoch)",
         f"- 1-minute load average: {report['load_average_start'][0]:.2f} at start, {report['load_average_end'][0]:.2f} at end",
         f"- command: `{report['command']}`",
     ]

@@ -121,7 +121,7 @@ def test_report_files_written(matrix):
     for title in ("base model (frozen, head-only)", "from scratch (random init, full)", "TF-IDF + logistic regression", "| lora |"):
         assert title in table
     assert "ia3" not in table
-    assert "± " in table and "(2)" in table and "pytest matrix" in table and "load average" in table
+    assert "± " in table and "(2)" in table and "pytest matrix" in table and "load average" in table and "summed over the 8 cells" in table
     for name in ("metric_vs_params.png", "metric_vs_time.png", "loss_curves.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
