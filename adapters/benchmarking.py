@@ -38,7 +38,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adapters.config import RunConfig, load_config
+from adapters.config import RunConfig, dump_config, load_config
 from adapters.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -404,7 +404,8 @@ def run_cell(cell: Cell, work_dir: Path) -> dict:
         "target": cell.task.target.model_dump() if cell.task.target else None,
         "budget": cell.budget,
         **measured,
-        "config": cell.run_config if cell.kind != "classic" else {"data": cell.run_config["data"], "classic": cell.extra, "seed": cell.seed},
+        # the fully resolved run config (every default filled in), as train() saw it
+        "config": dump_config(cell.config()) if cell.kind != "classic" else {"data": cell.run_config["data"], "classic": cell.extra, "seed": cell.seed},
         "environment": {**env_before, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -102,6 +102,7 @@ def test_matrix_runs_every_cell_with_measurements(matrix):
         assert rec["steps_to_target"] == 3 and rec["seconds_to_target"] > 0  # target 0.0: reached at the first eval
     # the scratch baseline trains every weight of a randomly initialised copy; LoRA a small fraction
     assert scratch["config"]["model"]["init"] == "random" and scratch["method"]["name"] == "full"
+    assert lora["config"]["train"]["max_grad_norm"] == 1.0 and lora["config"]["train"]["max_steps"] == 6  # resolved: defaults filled in
     assert scratch["trainable_params"] == scratch["total_params"] > lora["trainable_params"] > base["trainable_params"] > 0
     assert scratch["adapter_weights_bytes"] > lora["adapter_weights_bytes"] > base["adapter_weights_bytes"]
     # fp32 weights: at least 4 bytes per trained parameter, and not much more
