@@ -168,3 +168,21 @@ def test_kfold_cross_validation_reports_mean_and_std_with_a_fixed_test_split(tin
     # Each fold validates on different rows; the test rows never enter any fold.
     fingerprints = {json.loads((r.adapter_dir / "manifest.json").read_text())["data"]["fingerprint"] for r in cv.folds}
     assert len(fingerprints) == 3
+
+
+def test_train_script_with_same_config_and_seed_reproduces_metrics(tiny_llama_dir, tmp_path):
+    import yaml
+
+    runs = []
+    for name in ("a", "b"):
+        cfg = tiny_cfg(tiny_llama_dir, tmp_path / name, train__max_steps=6, eval__baseline=False)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+        proc = subprocess.run([sys.executable, "scripts/train.py", "--config", str(path)], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    a, b = runs
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    assert a["metrics"]["adapted"]["loss"] == b["metrics"]["adapted"]["loss"]
+    assert a["metrics"]["adapted"]["exact_match"] == b["metrics"]["adapted"]["exact_match"]
