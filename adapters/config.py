@@ -45,6 +45,9 @@ class ModelConfig(Strict):
         "the architecture's own head otherwise.",
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="Override every dropout probability of the backbone (regularisation); None keeps its own."
+    )
     attn_implementation: Literal["eager", "sdpa"] | None = Field("sdpa", description="Attention kernel.")
     init: Literal["pretrained", "random"] = Field(
         "pretrained", description="'random': the same architecture freshly initialised (the from-scratch baseline)."

@@ -159,7 +159,7 @@ def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | 
 
 def _load_weights(auto_cls, path: str, model_cfg: ModelConfig, kwargs: dict, config_kwargs: dict | None = None):
     """from_pretrained, or for model.init=random the same architecture with fresh weights (from-scratch baseline)."""
-    config_kwargs = config_kwargs or {}
+    config_kwargs = {**_dropout_overrides(path, model_cfg), **(config_kwargs or {})}
     if model_cfg.init == "pretrained":
         return auto_cls.from_pretrained(path, **config_kwargs, **kwargs)
     kwargs = dict(kwargs)
@@ -168,6 +168,21 @@ def _load_weights(auto_cls, path: str, model_cfg: ModelConfig, kwargs: dict, con
     if kwargs.get("dtype") == "auto":
         kwargs.pop("dtype")
     return auto_cls.from_config(config, **kwargs)
+
+
+# The names architectures use for their dropout probabilities (BERT, Llama, GPT-2, DistilBERT, ...).
+_DROPOUT_KEYS = (
+    "hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout",
+    "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout", "seq_classif_dropout",
+)
+
+
+def _dropout_overrides(path: str, model_cfg: ModelConfig) -> dict:
+    """model.dropout set: every dropout probability the architecture's config has, set to it."""
+    if model_cfg.dropout is None:
+        return {}
+    config = AutoConfig.from_pretrained(path, revision=model_cfg.revision)
+    return {key: model_cfg.dropout for key in _DROPOUT_KEYS if hasattr(config, key)}
 
 
 def _has_pooler(path: str) -> bool:

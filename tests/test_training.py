@@ -186,3 +186,16 @@ def test_train_script_with_same_config_and_seed_reproduces_metrics(tiny_llama_di
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     assert a["metrics"]["adapted"]["loss"] == b["metrics"]["adapted"]["loss"]
     assert a["metrics"]["adapted"]["exact_match"] == b["metrics"]["adapted"]["exact_match"]
+
+
+def test_model_dropout_overrides_every_dropout_of_the_backbone(tiny_bert_dir, tiny_llama_dir):
+    from adapters.config import ModelConfig
+    from adapters.modeling import load_backbone
+
+    bert = load_backbone(ModelConfig(name=str(tiny_bert_dir), dropout=0.3), "sequence-classification", {"a": 0, "b": 1})
+    ps = {m.p for m in bert.modules() if isinstance(m, torch.nn.Dropout)}
+    assert ps == {0.3}, ps
+    llama = load_backbone(ModelConfig(name=str(tiny_llama_dir), dropout=0.2), "causal-lm")
+    assert llama.config.attention_dropout == 0.2
+    default = load_backbone(ModelConfig(name=str(tiny_bert_dir)), "sequence-classification", {"a": 0, "b": 1})
+    assert {m.p for m in default.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
