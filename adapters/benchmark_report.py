@@ -170,7 +170,7 @@ def markdown_table(records: list[dict], header: dict | None = None) -> str:
             flag = ("**yes** (below " + ", ".join(ARM_NAMES[r] for r in s.negative_transfer) + ")") if s.negative_transfer else ("" if s.arm in REFERENCE_ARMS else "no")
             lines.append(f"| {arm_title(s)} | {metric} | {_params(s.trainable_params)} | {_adapter_size(s)} | "
                          f"{_num(s.tokens_per_second)} | {_num(s.samples_per_second, 1)} | {_bytes(s.peak_memory_bytes)} | "
-                         f"{_num(s.train_seconds, 1, ' s')} | {_num(s.wall_seconds, 1, ' s')} | {ttt} | {flag} |")
+                         f"{_num(s.train_seconds, 1, ' s') if s.kind != 'zero-shot' else '–'} | {_num(s.wall_seconds, 1, ' s')} | {ttt} | {flag} |")
         lines.append("")
     failed = [r for r in records if r.get("status") == "failed"]
     if failed:
@@ -186,11 +186,19 @@ def _memory_kind(records: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------- plots
+_PALETTE = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+
+
+def short_title(s: ArmSummary) -> str:
+    return {"zero-shot": "base (zero-shot)", "base": "base (head-only)", "scratch": "from scratch", "classic": "TF-IDF + LR"}.get(s.kind, s.arm)
+
+
 def _atomic_savefig(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read and committed
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -218,13 +226,14 @@ def write_plots(records: list[dict], out_dir: Path) -> dict[str, Path]:
                 x = getattr(s, xfield)
                 if not x:  # nothing trained (zero-shot): a reference line
                     ax.axhline(s.metric_mean, linestyle="--", color="gray", linewidth=1)
-                    ax.annotate(arm_title(s), (0.01, s.metric_mean), xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
+                    ax.annotate(short_title(s), (0.01, s.metric_mean), xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
                     continue
                 marker = "x" if s.arm in REFERENCE_ARMS or s.kind == "base" else "o"
-                color = "tab:red" if s.negative_transfer else f"C{i % 10}"
+                color = "tab:red" if s.negative_transfer else _PALETTE[i % len(_PALETTE)]
                 ax.errorbar(x, s.metric_mean, yerr=s.metric_std or 0, fmt=marker, color=color, capsize=3)
-                ax.annotate(arm_title(s), (x, s.metric_mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(short_title(s), (x, s.metric_mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
             ax.set_xscale("log")
+            ax.margins(x=0.2)  # room for the labels of the rightmost points
             ax.set_xlabel(xlabel)
             ax.set_ylabel(f"test {arms[0].metric_name}" if arms else "")
             ax.set_title(task)
@@ -261,5 +270,6 @@ def write_report(records: list[dict], out_dir: Path, header: dict | None = None)
         fh.write(markdown_table(records, header))
         fh.flush()
         os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
     os.replace(tmp, table)
     return {"table": table, **write_plots(records, out_dir)}

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import threading
 import time
@@ -227,6 +228,9 @@ def plan_cells(suite: SuiteConfig) -> list[Cell]:
             wanted = [b for b in wanted if b != "classic"]
         labels = task.methods if task.methods is not None else [m.arm for m in suite.methods]
         methods = [m for m in suite.methods if m.arm in labels and task.task in get_method(m.name).tasks]
+        unfit = [m.arm for m in suite.methods if task.methods and m.arm in task.methods and m not in methods]
+        if unfit:  # asked for by name: say so rather than skip
+            raise ConfigError(f"tasks[{task.name}].methods: {', '.join(unfit)} cannot train a {task.task} task")
         for seed in task.seeds or suite.seeds:
 
             def run(method: dict, extra_train: dict, model: dict | None = None) -> dict:
@@ -260,8 +264,6 @@ def plan_cells(suite: SuiteConfig) -> list[Cell]:
 
 
 def _slug(text: str) -> str:
-    import re
-
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 

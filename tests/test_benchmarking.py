@@ -126,6 +126,7 @@ def test_report_files_written(matrix):
     for name in ("metric_vs_params.png", "metric_vs_time.png", "loss_curves.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
+        assert (out / name).stat().st_mode & 0o777 == 0o644
     assert (out / "command.txt").read_text().strip() == "pytest matrix"
 
 
@@ -176,6 +177,11 @@ def test_suite_errors_name_the_key(tiny_bert_dir, question_csv):
     bad = suite_raw(tiny_bert_dir, question_csv)
     bad["tasks"][0]["methods"] = ["dora"]
     with pytest.raises(ConfigError, match="unknown labels"):
+        load_suite(raw=bad)
+    bad = suite_raw(tiny_bert_dir, question_csv)
+    bad["methods"].append({"name": "head-only", "label": "head"})
+    bad["tasks"][0].update(task="causal-lm", methods=["lora", "head"])
+    with pytest.raises(ConfigError, match="head cannot train a causal-lm task"):
         load_suite(raw=bad)
     with pytest.raises(ConfigError, match="unknown suite key 'sedes'"):
         load_suite(raw=suite_raw(tiny_bert_dir, question_csv, sedes=[1]))
