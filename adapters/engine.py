@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from adapters import file_mapping
 from adapters.config import ModelConfig, QuantizationConfig
 from adapters.errors import ConfigError, StoreError
 from adapters.mixed_lora import MixedLoraForward
@@ -91,6 +92,8 @@ class ResolvedAdapter:
     is_prompt_learning: bool
     peft_type: str
     num_labels: int | None
+    signature: str  # equal signatures: identically shaped layers (a pooled slot fits)
+    immutable: bool = False  # a published store version: its files never change in place
 
 
 @dataclass
@@ -162,7 +165,8 @@ class InferenceEngine:
         self._resolved: dict[str, tuple[tuple, ResolvedAdapter]] = {}
         self._pass_model = None
         self._route_rows = False  # every adapter layer is a wrapped LoRA Linear (see MixedLoraForward)
-        self._slot_layout: dict[str, tuple[dict, torch.Tensor]] = {}  # slot -> (file header, flat weight buffer)
+        # slot -> (file header, flat weight buffer, the file mapping behind the buffer or None)
+        self._slot_layout: dict[str, tuple[bytes, torch.Tensor, Any]] = {}
         self._mixed = MixedLoraForward()
         self._mixed.enabled = fast_mixed_lora
 
@@ -210,21 +214,26 @@ class InferenceEngine:
 
         Raises ConfigError, StoreError or BaseMismatchError (a StoreError) naming the problem.
         """
-        from adapters.methods import method_of_folder
-        from adapters.store import check_publishable_files
+        from adapters.manifest import read_manifest
+        from adapters.methods.base import method_of_config
+        from adapters.store import check_publishable_files, is_path_ref
 
         key = self._cached_key(ref)  # validates the reference
+        stamp = _folder_stamp(Path(key))
         cached = self._resolved.get(key)
-        if cached is not None and cached[0] == _folder_stamp(Path(key)):
+        if cached is not None and cached[0] == stamp:
             return cached[1]  # verified before, and no file changed since
-        path, manifest = self.store_of().resolve(ref, verify=False)
-        path = Path(path)
+        if is_path_ref(ref):
+            path, manifest = self.store_of().resolve(ref, verify=False)
+            path = Path(path)
+        else:  # key is the version folder the reference located
+            path, manifest = Path(key), read_manifest(key)
         check_publishable_files(path)  # safetensors present, nothing that unpickles
-        self._verify_once(ref, path, manifest)
+        self._verify_once(ref, key, manifest, stamp)
         self._check_base(ref, path, manifest)
         manifest = dict(manifest or {})
         cfg = json.loads((path / "adapter_config.json").read_text())
-        method = method_of_folder(path)
+        method = method_of_config(cfg, path)
         from adapters.methods.peft_base import PeftMethod
 
         if not isinstance(method, PeftMethod):
@@ -241,7 +250,7 @@ class InferenceEngine:
             labels = manifest.get("labels")
             num_labels = self._head_size(path) or (len(labels) if labels else None)
         resolved = ResolvedAdapter(
-            key=str(path.resolve()),
+            key=key,
             path=path,
             manifest=manifest,
             method=method.name,
@@ -249,22 +258,22 @@ class InferenceEngine:
             is_prompt_learning=peft_type in _PROMPT_LEARNING,
             peft_type=peft_type,
             num_labels=num_labels,
+            signature=_config_signature(cfg),
+            immutable=not is_path_ref(ref),
         )
-        self._resolved[resolved.key] = (_folder_stamp(path), resolved)
+        self._resolved[resolved.key] = (stamp, resolved)
         return resolved
 
-    def _verify_once(self, ref: str, path: Path, manifest: dict | None) -> None:
-        """Check every file against the manifest's sha256 the first time a folder is used, and again
-        whenever a file's size or mtime changes (store versions never change; a folder might)."""
-        from adapters.manifest import verify_folder
+    def _verify_once(self, ref: str, key: str, manifest: dict | None, stamp: tuple) -> None:
+        """Check every file against the manifest's sha256 unless this process or this machine already
+        verified the same files (see adapters.verified: any write to a file makes it hash again)."""
+        from adapters.verified import verify_folder_cached
 
         if manifest is None:
             return  # no checksums to check; _check_base decides whether it may load at all
-        stamp = _folder_stamp(path)
-        key = str(path.resolve())
         if self._verified.get(key) == stamp:
             return
-        problems = verify_folder(path)
+        problems = verify_folder_cached(key, stamp=[list(f) for f in stamp])
         if problems:
             raise StoreError(f"adapter {ref} failed verification, refusing to load it: {'; '.join(problems)}")
         self._verified[key] = stamp
@@ -392,7 +401,7 @@ class InferenceEngine:
         self.stats.misses += 1
         self._check_peft_type(adapter, pinned)
         t0 = time.perf_counter()
-        signature = _config_signature(adapter.path)
+        signature = adapter.signature
         if len(self._resident) >= self.capacity and self._compatible_free(signature, adapter) is None:
             self._evict(self._lru_victim(pinned))  # its slot may fit the new adapter
         slot = self._compatible_free(signature, adapter)
@@ -411,7 +420,7 @@ class InferenceEngine:
             self._attach(adapter, slot)
             self._slot_signature[slot] = signature
             if not adapter.is_prompt_learning:
-                self._flatten_slot(slot, adapter.path / "adapter_model.safetensors")
+                self._flatten_slot(slot, adapter.path / "adapter_model.safetensors", adapter.immutable)
         seconds = time.perf_counter() - t0
         entry = ResidentAdapter(slot=slot, adapter=adapter, loaded_at=time.time(), load_seconds=seconds, refs={ref})
         self._resident[adapter.key] = entry
@@ -464,20 +473,27 @@ class InferenceEngine:
         return next((slot for slot, sig in self._free.items() if sig == signature), None)
 
     def _refill(self, slot: str, adapter: ResolvedAdapter) -> bool:
-        """Copy the adapter's weights into a pooled slot; False if its tensors do not fit after all.
+        """Put the adapter's weights into a pooled slot; False if its tensors do not fit after all.
 
-        A slot's weights live in one flat buffer laid out like its adapter file's data section,
-        so an adapter whose file has the same header is read straight into it: one read of the
-        file instead of one copy per tensor.
+        A slot's weights live in one flat buffer laid out like its adapter file's data section, so
+        an adapter whose file has the same header needs no per-tensor work: a store version's file
+        is mapped over the buffer in place (no copy; see adapters.file_mapping), any other file is
+        read straight into it.
         """
         weights = adapter.path / "adapter_model.safetensors"
         layout = self._slot_layout.get(slot)
         if layout is not None:
-            with open(weights, "rb") as fh:
-                header = _read_header(fh)
-                if header == layout[0]:
-                    flat = layout[1]
-                    if fh.readinto(memoryview(flat.numpy())) != flat.numel():
+            raw_header, flat, mapping = layout
+            with open(weights, "rb", buffering=0) as fh:
+                # Byte-equal headers: same tensors, shapes, dtypes and offsets (no JSON parse needed).
+                if _read_header_bytes(fh) == raw_header:
+                    if mapping is not None and adapter.immutable:
+                        try:
+                            mapping.remap(fh.fileno(), weights)
+                        except OSError as err:
+                            log.warning("slot %s: %s; rebuilding it", slot, err)
+                            return False
+                    elif fh.readinto(memoryview(flat.numpy())) != flat.numel():
                         raise StoreError(f"{weights}: file ended early")
                     del self._free[slot]
                     return True
@@ -506,34 +522,43 @@ class InferenceEngine:
             self._slot_params[slot] = tensors
         return tensors
 
-    def _flatten_slot(self, slot: str, weights: Path) -> None:
-        """Move a new slot's parameters into one buffer laid out like ``weights``' data section."""
+    def _flatten_slot(self, slot: str, weights: Path, immutable: bool) -> None:
+        """Move a new slot's parameters into one buffer laid out like ``weights``' data section:
+        a private mapping of the file itself for a store version, else an allocated copy."""
         with open(weights, "rb") as fh:
-            header = _read_header(fh)
+            raw_header = _read_header_bytes(fh)
+        header = _parse_header(raw_header, weights)
         targets = self._slot_tensors(slot)
-        if set(header) != set(targets):
+        if set(header) != set(targets) or any(t.device.type != "cpu" for t in targets.values()):
             return
+        data_start = 8 + len(raw_header)
         size = max(v["data_offsets"][1] for v in header.values())
-        flat = torch.zeros(size, dtype=torch.uint8)
-        views = {}
         for key, meta in header.items():
-            dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
             start, end = meta["data_offsets"]
             target = targets[key]
-            if dtype != target.dtype or list(meta["shape"]) != list(target.shape) or start % target.element_size():
+            if (_SAFETENSORS_DTYPES.get(meta["dtype"]) != target.dtype or list(meta["shape"]) != list(target.shape)
+                    or (data_start + start) % target.element_size()):
                 return  # another dtype in memory than on disk: keep the per-tensor copy
-            views[key] = flat[start:end].view(dtype).view(target.shape)
-        params = dict(self._peft.named_parameters())
-        by_ptr = {p.data_ptr(): p for p in params.values()}
+        mapping = None
+        if immutable and file_mapping.supported():
+            try:
+                mapping = file_mapping.FileMapping(weights, data_start + size)
+            except OSError as err:
+                log.info("slot %s: not mapped (%s); using a copy", slot, err)
+        flat = mapping.tensor[data_start : data_start + size] if mapping is not None else torch.zeros(size, dtype=torch.uint8)
+        views = {key: flat[m["data_offsets"][0] : m["data_offsets"][1]].view(targets[key].dtype).view(targets[key].shape)
+                 for key, m in header.items()}
+        by_ptr = {p.data_ptr(): p for p in self._peft.parameters()}
         with torch.no_grad():
             for key, view in views.items():
-                view.copy_(targets[key])
+                if mapping is None or not torch.equal(view, targets[key]):  # equal: peft loaded this file
+                    view.copy_(targets[key])
                 param = by_ptr.get(targets[key].data_ptr())
                 if param is None:
                     return
                 param.data = view
                 targets[key] = view
-        self._slot_layout[slot] = (header, flat)
+        self._slot_layout[slot] = (raw_header, flat, mapping)
 
     def _delete_slot(self, slot: str, pooled: bool = True) -> None:
         if pooled:
@@ -850,19 +875,26 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 
 
 def _folder_stamp(folder: Path) -> tuple:
-    """Names, sizes and mtimes of a folder's files: changes when any file is rewritten."""
-    try:
-        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder) if e.is_file()))
-    except OSError:  # gone: never equal to a recorded stamp
-        return ()
+    """Sizes, mtimes, ctimes and inodes of a folder's files: changes when any file is written."""
+    from adapters.verified import folder_stamp
+
+    return tuple(tuple(f) for f in folder_stamp(folder))
 
 
-def _read_header(fh) -> dict:
-    """The tensor entries of a safetensors header (file position left at the data section)."""
+def _read_header_bytes(fh) -> bytes:
+    """The raw JSON header of a safetensors file (file position left at the data section)."""
     size = int.from_bytes(fh.read(8), "little")
     if not 0 < size < 100_000_000:
         raise StoreError(f"{getattr(fh, 'name', 'adapter file')}: not a safetensors file")
-    header = json.loads(fh.read(size))
+    return fh.read(size)
+
+
+def _parse_header(raw: bytes, where: Path) -> dict:
+    """The tensor entries of a safetensors header."""
+    try:
+        header = json.loads(raw)
+    except ValueError as err:
+        raise StoreError(f"{where}: not a safetensors file ({err})") from None
     header.pop("__metadata__", None)
     return header
 
@@ -870,9 +902,8 @@ def _read_header(fh) -> dict:
 _IGNORED_CONFIG_KEYS = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
 
 
-def _config_signature(folder: Path) -> str:
+def _config_signature(cfg: dict) -> str:
     """Adapters with equal signatures have identically shaped layers (a pooled slot fits)."""
-    cfg = json.loads((Path(folder) / "adapter_config.json").read_text())
     return json.dumps({k: v for k, v in cfg.items() if k not in _IGNORED_CONFIG_KEYS}, sort_keys=True, default=str)
 
 

@@ -40,10 +40,10 @@ from adapters.manifest import (
     manifest_problems,
     read_manifest,
     safe_relative,
-    verify_folder,
     write_json_atomic,
 )
 from adapters.paths import cache_dir, validate_name
+from adapters.verified import prune_records, verify_folder_cached
 
 log = logging.getLogger(__name__)
 
@@ -111,20 +111,24 @@ def check_publishable_files(folder: Path) -> None:
     if not (folder / ADAPTER_CONFIG).is_file():
         raise StoreError(f"{folder}: {ADAPTER_CONFIG} is missing; not an adapter folder")
     has_safetensors = False
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for entry in dirnames + filenames:
-            path = Path(dirpath) / entry
-            rel = path.relative_to(folder).as_posix()
-            if path.is_symlink():
-                raise StoreError(f"{folder}: {rel} is a link; adapter folders hold plain files only")
-            if entry in filenames and not path.is_file():
-                raise StoreError(f"{folder}: {rel} is not a plain file")
-            if entry.lower().endswith(PICKLE_SUFFIXES):
-                raise StoreError(
-                    f"{folder}: {rel} is a pickle-based file; only safetensors weights are accepted "
-                    "(save with safe_serialization=True)"
-                )
-            has_safetensors |= entry.endswith(".safetensors")
+    pending = [(os.fspath(folder), "")]
+    while pending:  # scandir: this runs on every first load of an adapter
+        where, prefix = pending.pop()
+        with os.scandir(where) as entries:
+            for entry in entries:
+                rel = prefix + entry.name
+                if entry.is_symlink():
+                    raise StoreError(f"{folder}: {rel} is a link; adapter folders hold plain files only")
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append((entry.path, rel + "/"))
+                elif not entry.is_file(follow_symlinks=False):
+                    raise StoreError(f"{folder}: {rel} is not a plain file")
+                if entry.name.lower().endswith(PICKLE_SUFFIXES):
+                    raise StoreError(
+                        f"{folder}: {rel} is a pickle-based file; only safetensors weights are accepted "
+                        "(save with safe_serialization=True)"
+                    )
+                has_safetensors |= entry.name.endswith(".safetensors")
     if not has_safetensors:
         raise StoreError(f"{folder}: no .safetensors weights; only safetensors adapters are accepted")
 
@@ -328,7 +332,7 @@ class AdapterStore:
             if not (folder / MANIFEST).is_file():
                 return folder, None
             manifest = read_manifest(folder)
-            problems = verify_folder(folder) if verify else []
+            problems = verify_folder_cached(folder) if verify else []
             where = str(folder)
         else:
             located = self.locate(str(ref))
@@ -343,18 +347,19 @@ class AdapterStore:
         """{reference: problems} for one reference or (ref None) every stored version."""
         if ref is not None:
             if is_path_ref(ref):
-                return {str(ref): verify_folder(Path(ref))}
+                return {str(ref): verify_folder_cached(Path(ref), recheck=True)}
             located = self.locate(ref)
-            return {str(located): self._verify_version(located)}
+            return {str(located): self._verify_version(located, recheck=True)}
         report = {}
         for name in self.names():
             for version in self.versions(name):
                 located = AdapterRef(name, version, self.root / name / str(version))
-                report[str(located)] = self._verify_version(located)
+                report[str(located)] = self._verify_version(located, recheck=True)
         return report
 
-    def _verify_version(self, located: AdapterRef) -> list[str]:
-        problems = verify_folder(located.path)
+    def _verify_version(self, located: AdapterRef, recheck: bool = False) -> list[str]:
+        # recheck: an explicit verify hashes every file; a load may skip versions verified before.
+        problems = verify_folder_cached(located.path, recheck=recheck)
         try:
             manifest = read_manifest(located.path)
         except StoreError:
@@ -562,6 +567,8 @@ class AdapterStore:
                             log.info("gc kept %s@%d: %s", name, version, err)
                             continue
                     removed.append(f"{name}/{version}")
+        if not dry_run:
+            prune_records()  # machine-wide verification records of removed or changed folders
         return removed
 
     def _reclaim(self, path: Path, dry_run: bool) -> bool:

@@ -141,6 +141,24 @@ def test_pooled_slot_is_refilled_with_the_new_adapters_weights(tiny_llama_dir, l
     assert engine.resident()[0]["slot"] != slot_a and len(engine._peft.peft_config) == 1
 
 
+def test_store_versions_are_mapped_into_pooled_slots(tiny_llama_dir, lm_adapters, tmp_path):
+    from adapters import file_mapping
+    from adapters.store import AdapterStore
+
+    store = AdapterStore(tmp_path / "store")
+    store.publish(lm_adapters["A"], "a")
+    store.publish(lm_adapters["B"], "b")
+    fresh = {r: InferenceEngine(str(tiny_llama_dir), capacity=1, store=store.root).generate([greedy(r, PROMPTS[2])])[0].token_ids
+             for r in ("a@1", "b@1")}
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=1, store=store.root)
+    for ref in ("a@1", "b@1", "a@1", "b@1"):  # each load reuses the one slot
+        assert engine.generate([greedy(ref, PROMPTS[2])])[0].token_ids == fresh[ref]
+    assert fresh["a@1"] != fresh["b@1"] and len(engine._peft.peft_config) == 1
+    (_, _, mapping), = engine._slot_layout.values()
+    assert (mapping is not None) == file_mapping.supported()
+    assert store.verify() == {"a@1": [], "b@1": []}  # mapped, never written
+
+
 def test_changed_adapter_file_is_refused(tiny_llama_dir, lm_adapters, tmp_path, store_root):
     import shutil
 
@@ -155,6 +173,28 @@ def test_changed_adapter_file_is_refused(tiny_llama_dir, lm_adapters, tmp_path, 
     weights.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="failed verification"):
         engine.load(str(folder))
+
+
+def test_new_engine_skips_hashing_a_version_verified_before(tiny_llama_dir, lm_adapters, tmp_path, monkeypatch):
+    import adapters.verified as verified
+    from adapters.store import AdapterStore
+
+    monkeypatch.setenv("ADAPTERKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_SECONDS", 0.0)
+    hashed = []
+    real = verified.verify_folder
+    monkeypatch.setattr(verified, "verify_folder", lambda folder: hashed.append(folder) or real(folder))
+    store = AdapterStore(tmp_path / "store")
+    store.publish(lm_adapters["A"], "a")
+    assert list(store.verify("a@1").values()) == [[]]  # `adapters verify` (or an earlier process's load) records it
+    InferenceEngine(str(tiny_llama_dir), capacity=2, store=store.root).generate([greedy("a@1", PROMPTS[1])])
+    assert len(hashed) == 1  # the second process (engine) did not hash again
+    weights = store.root / "a" / "1" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"
+    weights.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="failed verification"):
+        InferenceEngine(str(tiny_llama_dir), capacity=2, store=store.root).load("a@1")
 
 
 def test_sampling_seed_stop_and_length(lm_engine, lm_adapters):

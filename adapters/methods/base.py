@@ -129,7 +129,12 @@ def method_of_folder(folder: Path) -> AdaptationMethod:
     cfg_path = Path(folder) / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise ConfigError(f"{folder} is not an adapter folder: {ADAPTER_CONFIG} is missing")
-    cfg = json.loads(cfg_path.read_text())
+    return method_of_config(json.loads(cfg_path.read_text()), folder)
+
+
+def method_of_config(cfg: dict, folder: Path | str = "adapter") -> AdaptationMethod:
+    """Which registered method wrote this adapter_config.json content (folder: for the error)."""
+    cfg_path = Path(folder) / ADAPTER_CONFIG
     name = cfg.get("adapterkit_method")
     if name is None:  # a plain peft folder
         name = _PEFT_TYPE_TO_METHOD.get(str(cfg.get("peft_type", "")).upper())
