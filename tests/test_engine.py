@@ -159,6 +159,19 @@ def test_store_versions_are_mapped_into_pooled_slots(tiny_llama_dir, lm_adapters
     assert store.verify() == {"a@1": [], "b@1": []}  # mapped, never written
 
 
+def test_slot_buffer_never_moves_accelerator_weights_to_the_cpu(tiny_llama_dir, lm_adapters, store_root, monkeypatch):
+    # The flat slot buffer lives in host memory: weights on another device (CUDA; "meta" stands in
+    # for it here) must keep their own storage, or the forward would mix devices.
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store_root)
+    engine.load(str(lm_adapters["A"]))
+    slot = engine.resident()[0]["slot"]
+    engine._slot_layout.clear()
+    on_device = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in engine._slot_tensors(slot).items()}
+    monkeypatch.setattr(engine, "_slot_tensors", lambda s: on_device)
+    engine._flatten_slot(slot, lm_adapters["A"] / "adapter_model.safetensors", immutable=False)
+    assert slot not in engine._slot_layout and all(t.device.type == "meta" for t in on_device.values())
+
+
 def test_changed_adapter_file_is_refused(tiny_llama_dir, lm_adapters, tmp_path, store_root):
     import shutil
 
