@@ -134,7 +134,7 @@ class InferenceEngine:
         allow_base_mismatch: bool = False,
         fast_mixed_lora: bool = True,
     ):
-        from adapters.modeling import load_backbone, load_tokenizer
+        from adapters.modeling import allow_cpu_4bit_packing, load_backbone, load_tokenizer
 
         if task not in TASKS:
             raise ConfigError(f"task {task!r} is not served; valid tasks: {', '.join(TASKS)}")
@@ -175,6 +175,7 @@ class InferenceEngine:
         # A classifier's head is per adapter (peft modules_to_save); the base's own head is a placeholder.
         label2id = {"LABEL_0": 0, "LABEL_1": 1} if task == "sequence-classification" else None
         model = load_backbone(self.model_config, task, label2id)
+        allow_cpu_4bit_packing(model, True)  # serving never trains: bitsandbytes' fast CPU kernel is fine
         if device is None:
             device = "cuda" if torch.cuda.is_available() and self.model_config.quantization is None else None
         if device is not None and self.model_config.quantization is None:

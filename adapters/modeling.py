@@ -150,11 +150,35 @@ def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | 
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
+        allow_cpu_4bit_packing(model, False)
     elif model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return model
+
+
+def allow_cpu_4bit_packing(model: nn.Module, allowed: bool) -> int:
+    """Let bitsandbytes repack 4-bit weights for its fast CPU inference kernel, or not.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight on its first forward in eval
+    mode without grad, for good; its packed kernel has no backward, so every later training step
+    silently loses the gradient through the frozen 4-bit layers (QLoRA with periodic evaluation).
+    load_backbone turns packing off; an inference-only engine turns it back on (bitsandbytes'
+    own choice for this CPU). Returns how many layers were set.
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception:
+        return 0
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            if not hasattr(module, "bnb_cpu_packing_default"):
+                module.bnb_cpu_packing_default = bool(module.support_avx512bf16_for_cpu)
+            module.support_avx512bf16_for_cpu = module.bnb_cpu_packing_default and allowed
+            count += 1
+    return count
 
 
 def _load_weights(auto_cls, path: str, model_cfg: ModelConfig, kwargs: dict, config_kwargs: dict | None = None):

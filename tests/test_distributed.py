@@ -96,24 +96,6 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama64_dir(tmp_path_factory, tiny_llama_dir) -> Path:
-    """The tiny Llama, 64 wide: bitsandbytes' CPU 4-bit kernels pack blocks of 64 input features."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama64")
-    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
 def single(work, tiny_llama_dir) -> dict:
     run = work / "single"
     train_here(run_config(tiny_llama_dir, run, **{"train.batch_size": 8}), work / "trace-single")

@@ -33,22 +33,6 @@ def test_lora_merge_matches_base_plus_adapter(tiny_llama_dir, tmp_path, store_ro
         merge_and_export(str(tiny_llama_dir), str(adapter), out, store=store_root)
 
 
-@pytest.fixture(scope="module")
-def tiny_llama64_dir(tmp_path_factory, smollm2_dir):
-    """Width 64: bitsandbytes' CPU 4-bit kernels need rows of at least one 64-value block."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama64")
-    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
 def test_qlora_merge_dequantizes_and_optionally_requantizes(tiny_llama64_dir, tmp_path, store_root):
     q4 = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
     adapter = make_adapter(tiny_llama64_dir, tmp_path / "qlora", seed=42, quantization=q4, std=0.05)

@@ -41,6 +41,7 @@ class Ia3Method(PeftMethod):
     summary = "IA3: learned vectors rescale keys, values and feed-forward activations (peft IA3); tiny adapters."
     Options = Ia3Options
     mixable = False  # peft 0.21 ignores per-row adapter_names for IA3 (LoRA-only feature)
+    supports_quantized = True  # peft wraps bitsandbytes 4/8-bit layers with its IA3 (tuners/ia3/bnb.py)
 
     def check_model(self, options: Ia3Options, info: ModelInfo, task: str) -> None:
         if options.target_modules is None and info.model_type not in IA3_DEFAULTS:

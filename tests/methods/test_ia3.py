@@ -80,3 +80,30 @@ def test_check_model_refusals():
         ia3.check_model(bad, llama, "causal-lm")
     with pytest.raises(ConfigError, match=r"unknown option 'method\.rank'.*valid options: target_modules, feedforward_modules"):
         ia3.parse_options({"rank": 4})
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_ia3_trains_on_a_quantized_base_and_reloads(bits, tiny_llama64_dir, tmp_path):
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.ia3 import IA3Layer
+
+    from adapters.config import ModelConfig
+    from adapters.modeling import load_backbone
+
+    from .harness import logits_of
+
+    cfg = ModelConfig(name=str(tiny_llama64_dir), quantization={"bits": bits})
+    ia3 = get_method("ia3")
+    assert ia3.supports_quantized
+    model = ia3.attach(load_backbone(cfg, "causal-lm"), ia3.parse_options({}), "causal-lm")
+    wrapped = [m for m in model.modules() if isinstance(m, IA3Layer)]
+    quantized = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    assert wrapped and all(isinstance(m.get_base_layer(), quantized) for m in wrapped)
+    batch = make_batch(model, "causal-lm")
+    before, after = train_steps(model, batch, steps=8, lr=5e-2)
+    assert after < before - 1e-3
+    expected = logits_of(model, batch)
+    ia3.save(model, tmp_path / "ia3")
+    reloaded = ia3.load(load_backbone(cfg, "causal-lm"), tmp_path / "ia3")
+    torch.testing.assert_close(logits_of(reloaded, batch), expected, atol=1e-5, rtol=0)

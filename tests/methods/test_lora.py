@@ -101,24 +101,6 @@ def test_dora_and_rslora(kind, folders):
 
 
 # ---------------------------------------------------------------- QLoRA
-@pytest.fixture(scope="module")
-def tiny_llama64_dir(tmp_path_factory, tiny_llama_dir):
-    """A tiny Llama 64 wide: bitsandbytes' CPU 4-bit kernels pack blocks of 64 input features."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama64")
-    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
-
-
 def test_qlora_trains_on_a_4bit_nf4_double_quant_base_and_reloads(tiny_llama64_dir, tmp_path):
     import bitsandbytes as bnb
 
@@ -139,6 +121,31 @@ def test_qlora_trains_on_a_4bit_nf4_double_quant_base_and_reloads(tiny_llama64_d
     lora.save(model, tmp_path / "qlora")
     reloaded = lora.load(load_backbone(cfg, "causal-lm"), tmp_path / "qlora")
     torch.testing.assert_close(logits_of(reloaded, batch), expected, atol=1e-5, rtol=0)
+
+
+def test_qlora_gradients_are_the_same_after_an_evaluation_pass(tiny_llama64_dir):
+    # bitsandbytes repacks 4-bit CPU weights on a no-grad eval forward into a layout without a
+    # backward; training after an evaluation then loses the gradient through the frozen layers.
+    def lora_grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        lora = get_method("lora")
+        model = lora.attach(load_backbone(ModelConfig(name=str(tiny_llama64_dir), quantization={"bits": 4}), "causal-lm"),
+                            lora.parse_options({}), "causal-lm")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        batch = make_batch(model, "causal-lm")
+        if evaluate_first:
+            logits_of(model, batch)  # eval mode, no grad: what the trainer's evaluation does
+        model.train()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, after_eval = lora_grads(False), lora_grads(True)
+    assert plain.keys() == after_eval.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(after_eval[name], plain[name], msg=name)
 
 
 def test_quantization_without_importable_bitsandbytes_is_a_config_error(tiny_llama64_dir, monkeypatch):
