@@ -51,7 +51,7 @@ def main() -> int:
     summary = json.loads((run_dir / "summary.json").read_text())
     adapter = Path(summary["adapter_dir"])
     result = {
-        "command": "python benchmarks/quickstart.py" + (" --keep-cache" if args.keep_cache else ""),
+        "command": "python " + " ".join(sys.argv),
         "runs": " ".join(cmd[:-2]),
         "config": args.config,
         "wall_seconds_total": round(wall, 1),
