@@ -72,6 +72,10 @@ def test_engine_serves_qlora_adapters_on_a_4bit_base(tiny_llama64_dir, tmp_path,
     b = make_adapter(tiny_llama64_dir, tmp_path / "q2", seed=45, quantization=q4)
     engine = InferenceEngine(str(tiny_llama64_dir), quantization=4, capacity=2, store=store_root)
     assert type(engine._base_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    import bitsandbytes as bnb  # serving never trains: bitsandbytes may pack for its fast CPU kernel again
+
+    four_bit = [m for m in engine._base_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all(m.support_avx512bf16_for_cpu == m.bnb_cpu_packing_default for m in four_bit)
     requests = [GenerationRequest(adapter=ref, prompt=p, params=SamplingParams(max_new_tokens=6))
                 for ref, p in ((str(a), "Hello there"), ("base", "The capital of France is"), (str(b), "Hello there"))]
     mixed = engine.generate(requests)
