@@ -31,7 +31,7 @@ from adapters import file_mapping
 from adapters.config import ModelConfig, QuantizationConfig
 from adapters.errors import ConfigError, StoreError
 from adapters.mixed_lora import MixedLoraForward
-from adapters.generation import DecodedRow, SamplingParams, decode_batch, encode_prompt, eos_ids
+from adapters.generation import DecodedRow, SamplingParams, decode_batch, encode_prompt, eos_ids, mean_token_confidence
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    confidence: float | None = None  # geometric mean probability of the emitted tokens
 
 
 @dataclass
@@ -794,7 +795,7 @@ class InferenceEngine:
             for i, d in zip(rows, decoded):
                 results[i] = GenerationResult(
                     adapter=refs[i], text=d.text, token_ids=d.token_ids, finish_reason=d.finish_reason,
-                    prompt_tokens=len(prompts[i]), completion_tokens=len(d.token_ids),
+                    prompt_tokens=len(prompts[i]), completion_tokens=len(d.token_ids), confidence=d.confidence,
                 )
         return results  # type: ignore[return-value]
 
@@ -812,16 +813,19 @@ class InferenceEngine:
         if params.stop:
             kwargs.update(stop_strings=params.stop, tokenizer=self.tokenizer)
         with torch.inference_mode():
-            out = self._peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-        new = [int(t) for t in out[0, len(prompt):]]
+            out = self._peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), output_logits=True,
+                                      return_dict_in_generate=True, **kwargs)
+        new = [int(t) for t in out.sequences[0, len(prompt):]]
         finish = "length"
         if new and new[-1] in self._stop_ids:
             new, finish = new[:-1], "stop"
+        # raw logits of each step: the same confidence as decode_batch's (temperature 1)
+        logprob_sum = sum(float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, new))
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         for s in params.stop:
             if s in text:
                 text, finish = text[: text.find(s)], "stop"
-        return DecodedRow(new, text, finish)
+        return DecodedRow(new, text, finish, mean_token_confidence(logprob_sum, len(new)))
 
     def classify(self, requests: list[ClassificationRequest]) -> list[ClassificationResult]:
         """Classify a batch of texts; each row names its adapter (which carries its own head)."""

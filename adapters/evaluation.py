@@ -33,8 +33,14 @@ def evaluate_classification(model, dataloader, accelerator, labels: list[str], o
 
 
 @torch.no_grad()
-def evaluate_causal_lm(model, dataset, tokenizer, accelerator, batch_size: int, max_new_tokens: int, generate: bool = True) -> dict:
-    """Mean response-token loss (and perplexity), and exact match of greedy generations."""
+def evaluate_causal_lm(
+    model, dataset, tokenizer, accelerator, batch_size: int, max_new_tokens: int, generate: bool = True, collect: dict | None = None
+) -> dict:
+    """Mean response-token loss (and perplexity), and exact match of greedy generations.
+
+    collect: a dict that receives the generated answers ("predictions") and their token
+    confidences ("confidences"), e.g. for the drift reference.
+    """
     from adapters.data import eval_dataloader
     from adapters.metrics import exact_match
     from adapters.objectives import causal_lm_response_loss
@@ -49,7 +55,11 @@ def evaluate_causal_lm(model, dataset, tokenizer, accelerator, batch_size: int, 
     mean_loss = total_loss / max(1, total_tokens)
     metrics = {"loss": mean_loss, "perplexity": math.exp(min(mean_loss, 50))}
     if generate:
-        predictions = generate_answers(model, tokenizer, list(dataset["prompt_ids"]), accelerator.device, batch_size, max_new_tokens)
+        predictions, confidences = generate_scored_answers(
+            model, tokenizer, list(dataset["prompt_ids"]), accelerator.device, batch_size, max_new_tokens
+        )
+        if collect is not None:
+            collect.update(predictions=predictions, confidences=confidences)
         metrics["exact_match"] = exact_match(predictions, list(dataset["target"]))
         metrics["examples"] = [
             {"target": t, "prediction": p} for t, p in list(zip(dataset["target"], predictions))[:5]
@@ -58,12 +68,32 @@ def evaluate_causal_lm(model, dataset, tokenizer, accelerator, batch_size: int, 
     return metrics
 
 
-@torch.no_grad()
+def first_line_answer(text: str) -> str:
+    """The answer in a generation: its first line, stripped (what exact match and drift labels compare)."""
+    return text.split("\n")[0].strip()
+
+
 def generate_answers(model, tokenizer, prompts: list[list[int]], device, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy generation, batched with left padding (sorted by length so batches pad little)."""
+    """Greedy answers (first line of each generation)."""
+    return generate_scored_answers(model, tokenizer, prompts, device, batch_size, max_new_tokens)[0]
+
+
+@torch.no_grad()
+def generate_scored_answers(
+    model, tokenizer, prompts: list[list[int]], device, batch_size: int, max_new_tokens: int
+) -> tuple[list[str], list[float | None]]:
+    """Greedy generation, batched with left padding (sorted by length so batches pad little).
+
+    Returns the first line of each generation and its confidence: the geometric mean of the
+    model's probability of each generated token before the end token (as the server logs it).
+    """
+    from adapters.generation import mean_token_confidence
+
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[str] = [""] * len(prompts)
+    confidences: list[float | None] = [None] * len(prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ends = {t for t in (tokenizer.eos_token_id, pad) if t is not None}
     unwrapped = getattr(model, "module", model)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
@@ -81,11 +111,18 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], device, batch_s
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
+        new = out.sequences[:, width:]
+        logprobs = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], dim=1)  # [rows, steps, vocab]
+        chosen = logprobs.gather(-1, new[:, : logprobs.shape[1]].unsqueeze(-1)).squeeze(-1).cpu()
         for row, i in enumerate(idx):
-            text = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-            results[i] = text.split("\n")[0].strip()
-    return results
+            tokens = new[row].tolist()
+            n = next((k for k, t in enumerate(tokens) if t in ends), len(tokens))
+            results[i] = first_line_answer(tokenizer.decode(tokens, skip_special_tokens=True))
+            confidences[i] = mean_token_confidence(float(chosen[row, :n].sum()), n)
+    return results, confidences
 
 
 def adapter_disabled(model):

@@ -8,6 +8,8 @@ a batch as alone. Finished rows leave the batch (and the KV cache) at once.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -48,6 +50,13 @@ class DecodedRow:
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    # Geometric mean of the model's probability for each emitted token (temperature 1, before
+    # sampling filters); None when nothing was emitted. What drift monitoring tracks for LLMs.
+    confidence: float | None = None
+
+
+def mean_token_confidence(logprob_sum: float, count: int) -> float | None:
+    return math.exp(logprob_sum / count) if count else None
 
 
 # ------------------------------------------------------------------ prompt formats
@@ -167,6 +176,7 @@ def decode_batch(
             generators.append(g)
 
     outputs: list[list[int]] = [[] for _ in range(n)]
+    logprob_sums = [0.0] * n
     results: list[DecodedRow | None] = [None] * n
     live = list(range(n))  # original row index of each row still in the batch
     names = list(adapter_names) if adapter_names is not None else None
@@ -179,6 +189,7 @@ def decode_batch(
     while True:
         next_tokens = []
         still = []
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
         for b, row in enumerate(live):
             p = params[row]
             token = _pick_next(logits[b], p, generators[row])
@@ -187,16 +198,19 @@ def decode_batch(
                 finish = FINISH_STOP
             else:
                 outputs[row].append(token)
+                logprob_sums[row] += float(logprobs[b, token])
                 if p.stop:
                     text = tokenizer.decode(outputs[row], skip_special_tokens=True)
                     cut = min((text.find(s) for s in p.stop if s in text), default=-1)
                     if cut >= 0:
-                        results[row] = DecodedRow(outputs[row], text[:cut], FINISH_STOP)
+                        confidence = mean_token_confidence(logprob_sums[row], len(outputs[row]))
+                        results[row] = DecodedRow(outputs[row], text[:cut], FINISH_STOP, confidence)
                         continue
                 if len(outputs[row]) >= p.max_new_tokens:
                     finish = FINISH_LENGTH
             if finish is not None:
-                results[row] = DecodedRow(outputs[row], tokenizer.decode(outputs[row], skip_special_tokens=True), finish)
+                text = tokenizer.decode(outputs[row], skip_special_tokens=True)
+                results[row] = DecodedRow(outputs[row], text, finish, mean_token_confidence(logprob_sums[row], len(outputs[row])))
                 continue
             still.append(b)
             next_tokens.append(token)

@@ -27,6 +27,7 @@ from adapters.traffic_log import token_counts
 REFERENCE_FORMAT = "adapterkit.reference/1"
 REFERENCE_FILE = "reference.safetensors"
 LENGTH_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+MAX_ANSWER_LABELS = 50  # a causal LM whose training answers take at most this many values is watched like a classifier
 MAX_SAMPLE = 2000  # raw lengths / confidences kept for two-sample tests and plots
 
 
@@ -406,6 +407,7 @@ def build_training_reference(
     write: bool = True,
     max_heldout: int = 1000,
     max_embed: int = 200,
+    generated: dict | None = None,
 ) -> dict[str, Any] | None:
     """The drift reference of a finished run, for ``manifest["reference"]``.
 
@@ -418,6 +420,9 @@ def build_training_reference(
     model: the trained model (a classifier's held-out predictions and confidences are the
     reference for the predicted labels the server will log); tokenizer: its tokenizer;
     cfg: the RunConfig; prepared: adapters.data.PreparedData (raw text splits).
+    generated: a causal LM's held-out answers and their confidences ({"predictions": [...],
+    "confidences": [...]}, from the run's test evaluation); the answers count as labels only
+    when the training answers come from a small set (classification-style fine-tuning).
     """
     data = cfg.data
     train_split = prepared.splits["train"]
@@ -442,7 +447,14 @@ def build_training_reference(
 
         words = label_words(data)
         target_field = data.response_field or data.label_field
-        labels = [words.get(str(t), str(t)) for t in train_split[target_field]]
+        targets = [words.get(str(t), str(t)) for t in train_split[target_field]]
+        answers_are_labels = len(set(targets)) <= MAX_ANSWER_LABELS  # free text has no label mix to watch
+        labels = targets if answers_are_labels else None
+        scored = [(p, c) for p, c in zip((generated or {}).get("predictions") or [], (generated or {}).get("confidences") or [])
+                  if c is not None][:max_heldout]
+        if scored:
+            confidences = [c for _, c in scored]
+            predictions = [p for p, _ in scored] if answers_are_labels else None
     if not write:
         return None
     embed_fn = None
@@ -504,11 +516,31 @@ def attach_reference(adapter_dir: str | os.PathLike, max_heldout: int = 1000, ma
 
             tokenizer = load_tokenizer(cfg.model)
     else:
-        from adapters.modeling import load_tokenizer
-
         words = label_words(data)
-        labels = [words.get(str(t), str(t)) for t in prepared.splits["train"][data.response_field or data.label_field]]
-        tokenizer = load_tokenizer(cfg.model)
+        targets = [words.get(str(t), str(t)) for t in prepared.splits["train"][data.response_field or data.label_field]]
+        answers_are_labels = len(set(targets)) <= MAX_ANSWER_LABELS
+        labels = targets if answers_are_labels else None
+        if heldout is not None:
+            from adapters.engine import GenerationRequest, InferenceEngine
+            from adapters.evaluation import first_line_answer
+            from adapters.generation import SamplingParams
+
+            engine = InferenceEngine(ModelConfig.model_validate(manifest["training"]["model"]), task=cfg.task, capacity=1)
+            held_texts = [str(t) for t in heldout[data.text_field]][:max_heldout]
+            params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens)  # greedy, as the run's evaluation
+            results = []
+            for start in range(0, len(held_texts), cfg.train.eval_batch_size):
+                chunk = held_texts[start : start + cfg.train.eval_batch_size]
+                results += engine.generate([GenerationRequest(adapter=str(folder), prompt=t, params=params) for t in chunk])
+            scored = [(first_line_answer(r.text), r.confidence) for r in results if r.confidence is not None]
+            if scored:
+                confidences = [c for _, c in scored]
+                predictions = [a for a, _ in scored] if answers_are_labels else None
+            tokenizer = engine.tokenizer
+        else:
+            from adapters.modeling import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model)
     embed_fn = embedder(cfg.model.name, revision=cfg.model.revision, max_length=data.max_length) if max_embed > 0 else None
     ref = build_reference(
         texts, labels, tokenizer=tokenizer, predictions=predictions, confidences=confidences, embed_fn=embed_fn,

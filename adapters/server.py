@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.engine import BASE, ClassificationRequest, GenerationRequest, InferenceEngine
 from adapters.errors import AdapterkitError, BaseMismatchError, ConfigError, StoreError
+from adapters.evaluation import first_line_answer
 from adapters.generation import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -443,6 +444,16 @@ def create_app(engine: InferenceEngine, settings: ServerSettings | None = None) 
         except Exception as err:  # noqa: BLE001
             raise api_error_of(err) from None
 
+    def answers_are_labels(ref: str) -> bool:
+        """Whether this causal-LM adapter's drift reference watches its answers as labels."""
+        if ref == BASE:
+            return False
+        try:
+            stats = engine.resolve(ref).manifest.get("reference") or {}
+        except Exception:  # noqa: BLE001 - the request itself succeeded; logging just gets no label
+            return False
+        return bool(stats.get("labels"))
+
     def record(endpoint: str, ref: str, started: float, status: int, **fields) -> None:
         metrics.requests.labels(endpoint, str(status)).inc()
         metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -511,7 +522,7 @@ def create_app(engine: InferenceEngine, settings: ServerSettings | None = None) 
                 id=f"cmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=ref, usage=usage,
                 choices=[CompletionChoice(index=i, text=r.text, finish_reason=r.finish_reason) for i, r in enumerate(results)],
             )
-            return response, _gen_fields(response.id, prompts, results, usage)
+            return response, _gen_fields(response.id, prompts, results, usage, answers_are_labels(ref))
 
         return await guarded("completions", body.model, work)
 
@@ -533,7 +544,7 @@ def create_app(engine: InferenceEngine, settings: ServerSettings | None = None) 
                 choices=[ChatChoice(index=0, message=ChatMessage(role="assistant", content=r.text), finish_reason=r.finish_reason)],
             )
             last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-            return response, _gen_fields(response.id, [last_user], results, usage)
+            return response, _gen_fields(response.id, [last_user], results, usage, answers_are_labels(ref))
 
         return await guarded("chat_completions", body.model, work)
 
@@ -645,11 +656,14 @@ def _usage(results) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _gen_fields(request_id: str, texts: list[str], results, usage: Usage) -> dict:
+def _gen_fields(request_id: str, texts: list[str], results, usage: Usage, answers_are_labels: bool) -> dict:
     return {
         "request_id": request_id, "rows": len(results), "input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
         "texts": texts, "outputs": [r.text for r in results], "row_input_tokens": [r.prompt_tokens for r in results],
         "row_output_tokens": [r.completion_tokens for r in results], "finish_reasons": [r.finish_reason for r in results],
+        "confidences": [r.confidence for r in results],
+        # an adapter trained to answer from a small set (its reference has a label mix): the answer is a label
+        "labels": [first_line_answer(r.text) for r in results] if answers_are_labels else None,
     }
 
 

@@ -313,7 +313,8 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
 
     # ---------------------------------------------------------------- held-out test
     results = {"validation": evaluate_now()}
-    results["adapted"] = _evaluate(model, test_split, tokenizer, accelerator, cfg, prepared, generate=True, out_dir=run_dir)
+    generated: dict = {}  # the adapted model's test answers and confidences: the drift reference's predictions
+    results["adapted"] = _evaluate(model, test_split, tokenizer, accelerator, cfg, prepared, generate=True, out_dir=run_dir, collect=generated)
     results["base"] = base_results
     if cfg.eval.baseline and cfg.task == "causal-lm" and base_results is None:
         from adapters.evaluation import adapter_disabled
@@ -329,7 +330,8 @@ def train(cfg: RunConfig, resume: bool | str = False, command: list[str] | None 
 
     # Drift reference for monitoring after deployment; every rank runs it (a collective under ZeRO-3).
     reference = build_training_reference(
-        accelerator.unwrap_model(model), tokenizer, cfg, prepared, adapter_dir, write=accelerator.is_main_process
+        accelerator.unwrap_model(model), tokenizer, cfg, prepared, adapter_dir, write=accelerator.is_main_process,
+        generated=generated,
     )
     ref = None
     if accelerator.is_main_process:
@@ -426,14 +428,16 @@ def _needs_generation(metric: str) -> bool:
     return metric in ("eval_exact_match",)
 
 
-def _evaluate(model, dataset, tokenizer, accelerator, cfg, prepared, generate: bool, out_dir=None) -> dict:
+def _evaluate(model, dataset, tokenizer, accelerator, cfg, prepared, generate: bool, out_dir=None, collect=None) -> dict:
     from adapters.data import eval_dataloader
     from adapters.evaluation import evaluate_causal_lm, evaluate_classification
 
     if cfg.task == "sequence-classification":
         dl = eval_dataloader(dataset, cfg.task, tokenizer, cfg.train.eval_batch_size)
         return evaluate_classification(model, dl, accelerator, prepared.labels, out_dir=out_dir)
-    return evaluate_causal_lm(model, dataset, tokenizer, accelerator, cfg.train.eval_batch_size, cfg.eval.max_new_tokens, generate=generate)
+    return evaluate_causal_lm(
+        model, dataset, tokenizer, accelerator, cfg.train.eval_batch_size, cfg.eval.max_new_tokens, generate=generate, collect=collect
+    )
 
 
 def _improved(value, best, mode: str, min_delta: float) -> bool:

@@ -210,6 +210,21 @@ def test_new_engine_skips_hashing_a_version_verified_before(tiny_llama_dir, lm_a
         InferenceEngine(str(tiny_llama_dir), capacity=2, store=store.root).load("a@1")
 
 
+def test_generation_confidence_is_the_mean_token_probability(lm_engine, lm_adapters):
+    a, b = str(lm_adapters["A"]), str(lm_adapters["B"])
+    request = GenerationRequest(adapter=a, prompt=PROMPTS[1], params=SamplingParams(max_new_tokens=6), raw=True)
+    alone = lm_engine.generate([request])[0]
+    mixed = lm_engine.generate([request, GenerationRequest(adapter=b, prompt=PROMPTS[2], params=SamplingParams(max_new_tokens=6))])[0]
+    ids = encode_prompt(lm_engine.tokenizer, PROMPTS[1], None, None)
+    lm_engine.activate(a)
+    with torch.no_grad():  # one forward over prompt + answer: log p(token | everything before it)
+        logits = lm_engine._peft(input_ids=torch.tensor([ids + alone.token_ids])).logits[0].float()
+    steps = torch.log_softmax(logits[len(ids) - 1 : len(ids) - 1 + len(alone.token_ids)], -1)
+    expected = float(steps.gather(-1, torch.tensor(alone.token_ids).unsqueeze(-1)).mean().exp())
+    assert alone.confidence == pytest.approx(expected, rel=1e-4)
+    assert mixed.token_ids == alone.token_ids and mixed.confidence == pytest.approx(alone.confidence, rel=1e-4)
+
+
 def test_sampling_seed_stop_and_length(lm_engine, lm_adapters):
     ref = str(lm_adapters["A"])
     sampled = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=7)

@@ -160,7 +160,7 @@ def test_minilm_embeddings_put_same_domain_texts_closer(minilm_dir):
 
 
 @pytest.mark.parametrize("task", ["sequence-classification", "causal-lm"])
-def test_build_training_reference_from_a_run(tmp_path, task, tiny_bert_dir, tiny_llama_dir):
+def test_build_training_reference_from_a_run(tmp_path, task, tiny_bert_dir, tiny_llama_dir, monkeypatch):
     """What the training loop calls after training: held-out predictions (classifiers) or label
     words (causal LMs), written next to the manifest, loadable by the monitor."""
     from adapters.config import load_config
@@ -190,3 +190,13 @@ def test_build_training_reference_from_a_run(tmp_path, task, tiny_bert_dir, tiny
     else:
         assert stats["labels"]["source"] == "labels" and "confidence" not in stats
         assert set(stats["labels"]["counts"]) <= {"abbreviation", "description", "entity", "human", "location", "number"}
+        # with the run's test answers: they are the label mix the server will log, with their confidences
+        import adapters.reference as reference
+
+        generated = {"predictions": ["location", "number", "nonsense", "location"], "confidences": [0.9, 0.5, None, 0.2]}
+        stats = build_training_reference(model, tokenizer, cfg, prepared, tmp_path / "gen", max_embed=0, generated=generated)
+        assert stats["labels"]["source"] == "predictions" and stats["labels"]["counts"] == {"location": 2, "number": 1}
+        assert stats["confidence"]["num"] == 3
+        monkeypatch.setattr(reference, "MAX_ANSWER_LABELS", 3)  # free-text answers: no label mix, confidences still
+        stats = build_training_reference(model, tokenizer, cfg, prepared, tmp_path / "free", max_embed=0, generated=generated)
+        assert "labels" not in stats and stats["confidence"]["num"] == 3

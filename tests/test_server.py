@@ -154,6 +154,8 @@ def test_traffic_hook_with_traffic_logger(lm_engine, tmp_path):
         c.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     assert records[0]["adapter"] == "alpha" and records[0]["status"] == 200
     assert records[0]["input_chars"] == len("secret words") and records[0]["output_tokens"] >= 1
+    assert 0.0 < records[0]["confidence"] <= 1.0  # mean token probability: the LLM's drift signal
+    assert records[0]["label"] is None  # alpha's reference has no answer set to watch
     assert "text" not in records[0] and "secret" not in json.dumps(records[0])  # raw text only when enabled
     assert records[1]["status"] == 404
     logger = TrafficLogger(tmp_path / "traffic.jsonl", log_text=True)
@@ -162,6 +164,23 @@ def test_traffic_hook_with_traffic_logger(lm_engine, tmp_path):
     logger.close()
     stored = [json.loads(line) for line in (tmp_path / "traffic.jsonl").read_text().splitlines()]
     assert stored[0]["adapter"] == "alpha" and stored[0]["text"] == "logged words"
+
+
+def test_answers_are_logged_as_labels_when_the_reference_watches_them(tiny_llama_dir, tmp_path):
+    from adapters.manifest import read_manifest, write_manifest
+
+    folder = make_adapter(tiny_llama_dir, tmp_path / "qtype", seed=24)
+    manifest = read_manifest(folder)
+    write_manifest(folder, {**manifest, "reference": {"labels": {"source": "predictions", "counts": {"location": 3, "number": 2}}}})
+    store = AdapterStore(tmp_path / "store")
+    store.publish(folder, "qtype")
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store)
+    records = []
+    with TestClient(create_app(engine, ServerSettings(on_request=records.append))) as c:
+        out = c.post("/v1/completions", json={"model": "qtype", "prompt": ["Where is Paris?", "How many?"], "max_tokens": 3}).json()
+    texts = [choice["text"] for choice in out["choices"]]
+    assert [r["label"] for r in records] == [t.split("\n")[0].strip() for t in texts]
+    assert all(0.0 < r["confidence"] <= 1.0 for r in records)
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,10 @@ def test_causal_lm_trains_saves_and_reloads(tiny_llama_dir, tmp_path):
     assert manifest["task"] == "causal-lm" and manifest["method"]["name"] == "lora"
     assert manifest["base_model"]["fingerprint"].startswith("sha256:")
     assert "exact_match" in result.metrics["adapted"] and result.metrics["base"] is not None
+    # drift reference: the test answers' mix (TREC answers come from 6 words) and their confidences
+    reference = manifest["reference"]
+    n_test = sum(reference["labels"]["counts"].values())
+    assert reference["labels"]["source"] == "predictions" and reference["confidence"]["num"] == n_test > 0
 
     # Plain peft loads it and reproduces the trained model's logits.
     ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
