@@ -87,6 +87,8 @@ def generate_scored_answers(
     Returns the first line of each generation and its confidence: the geometric mean of the
     model's probability of each generated token before the end token (as the server logs it).
     """
+    from transformers import LogitsProcessorList
+
     from adapters.generation import mean_token_confidence
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -104,25 +106,51 @@ def generate_scored_answers(
             p = prompts[i]
             input_ids[row, width - len(p) :] = torch.tensor(p)
             attention[row, width - len(p) :] = 1
-        out = unwrapped.generate(
+        scorer = _ChosenTokenLogprobs()
+        sequences = unwrapped.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
             eos_token_id=tokenizer.eos_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
+            logits_processor=LogitsProcessorList([scorer]),
         )
-        new = out.sequences[:, width:]
-        logprobs = torch.stack([torch.log_softmax(step.float(), -1) for step in out.logits], dim=1)  # [rows, steps, vocab]
-        chosen = logprobs.gather(-1, new[:, : logprobs.shape[1]].unsqueeze(-1)).squeeze(-1).cpu()
+        new = sequences[:, width:]
+        chosen = scorer.finish(sequences).cpu()  # [rows, new tokens]
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
             n = next((k for k, t in enumerate(tokens) if t in ends), len(tokens))
             results[i] = first_line_answer(tokenizer.decode(tokens, skip_special_tokens=True))
             confidences[i] = mean_token_confidence(float(chosen[row, :n].sum()), n)
     return results, confidences
+
+
+class _ChosenTokenLogprobs:
+    """A logits processor that keeps only the log-probability of each chosen token.
+
+    Called with each step's scores; the token chosen from them shows up as the last input id
+    of the next call (or of the final sequences), so memory stays one [rows, vocab] step
+    instead of every step's logits.
+    """
+
+    def __init__(self):
+        self.previous: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, chosen: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.steps.append(self.previous.gather(-1, chosen.unsqueeze(-1)).squeeze(-1))
+            self.previous = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        self._take(sequences[:, -1])
+        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float)
 
 
 def adapter_disabled(model):
