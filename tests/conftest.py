@@ -31,19 +31,17 @@ def minilm_dir() -> Path:
     return Path(resolve_model("minilm-l6"))
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
-    """A 2-layer, width-32 Llama with SmolLM2's real tokenizer and chat template (random weights)."""
+def _save_tiny_llama(out: Path, tokenizer_dir: Path, width: int) -> Path:
+    """A 2-layer Llama of the given width with a real tokenizer and chat template (random weights)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=width,
+        intermediate_size=2 * width,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -59,22 +57,15 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama64_dir(tmp_path_factory, tiny_llama_dir) -> Path:
-    """The tiny Llama, 64 wide: bitsandbytes' CPU 4-bit kernels pack blocks of 64 input features."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """A 2-layer, width-32 Llama with SmolLM2's real tokenizer and chat template (random weights)."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_dir, width=32)
 
-    out = tmp_path_factory.mktemp("tiny-llama64")
-    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
+
+@pytest.fixture(scope="session")
+def tiny_llama64_dir(tmp_path_factory, smollm2_dir) -> Path:
+    """The tiny Llama, 64 wide: bitsandbytes' CPU 4-bit kernels pack blocks of 64 input features."""
+    return _save_tiny_llama(tmp_path_factory.mktemp("tiny-llama64"), smollm2_dir, width=64)
 
 
 @pytest.fixture(scope="session")
