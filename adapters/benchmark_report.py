@@ -5,11 +5,11 @@ training time, loss curves)."""
 from __future__ import annotations
 
 import math
-import os
 import statistics
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from adapters.paths import atomic_path
 
 REFERENCE_ARMS = ("scratch", "classic")  # an adapted model scoring below these shows negative transfer
 ARM_NAMES = {"base": "base model", "scratch": "from scratch", "classic": "TF-IDF + logreg"}
@@ -194,15 +194,8 @@ def short_title(s: ArmSummary) -> str:
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read and committed
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path, mode=0o644) as tmp:  # results are meant to be read and committed
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def write_plots(records: list[dict], out_dir: Path) -> dict[str, Path]:
@@ -265,11 +258,6 @@ def write_report(records: list[dict], out_dir: Path, header: dict | None = None)
     """table.md + the PNGs in out_dir; returns their paths."""
     out_dir = Path(out_dir)
     table = out_dir / "table.md"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".table-", suffix=".md")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(markdown_table(records, header))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, table)
+    with atomic_path(table, mode=0o644) as tmp:
+        tmp.write_text(markdown_table(records, header))
     return {"table": table, **write_plots(records, out_dir)}

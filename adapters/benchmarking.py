@@ -354,20 +354,24 @@ def time_to_target(curve: list[list[float]], target: TargetSpec, seconds_per_ste
     return None, None
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     """What a number depends on: libraries, CPU/GPU, threads, load, code revision."""
     import torch
 
     from adapters.manifest import code_revision, library_versions
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     env = {
         "versions": library_versions(),
         "platform": platform.platform(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +30,7 @@ from adapters import file_mapping
 from adapters.config import ModelConfig, QuantizationConfig
 from adapters.errors import ConfigError, StoreError
 from adapters.mixed_lora import MixedLoraForward
+from adapters.verified import folder_stamp, verify_folder_cached
 from adapters.generation import DecodedRow, SamplingParams, decode_batch, encode_prompt, eos_ids, mean_token_confidence
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,8 @@ class InferenceEngine:
         self._slot_signature: dict[str, str] = {}
         self._slot_params: dict[str, dict[str, torch.Tensor]] = {}
         self._layer_dicts: list[tuple[dict, bool]] = []
-        self._verified: dict[str, tuple] = {}
-        self._resolved: dict[str, tuple[tuple, ResolvedAdapter]] = {}
+        self._verified: dict[str, list] = {}  # folder -> the folder_stamp it passed verification with
+        self._resolved: dict[str, tuple[list, ResolvedAdapter]] = {}
         self._pass_model = None
         self._route_rows = False  # every adapter layer is a wrapped LoRA Linear (see MixedLoraForward)
         # slot -> (file header, flat weight buffer, the file mapping behind the buffer or None)
@@ -221,7 +221,7 @@ class InferenceEngine:
         from adapters.store import check_publishable_files, is_path_ref
 
         key = self._cached_key(ref)  # validates the reference
-        stamp = _folder_stamp(Path(key))
+        stamp = folder_stamp(key)
         cached = self._resolved.get(key)
         if cached is not None and cached[0] == stamp:
             return cached[1]  # verified before, and no file changed since
@@ -266,16 +266,14 @@ class InferenceEngine:
         self._resolved[resolved.key] = (stamp, resolved)
         return resolved
 
-    def _verify_once(self, ref: str, key: str, manifest: dict | None, stamp: tuple) -> None:
+    def _verify_once(self, ref: str, key: str, manifest: dict | None, stamp: list) -> None:
         """Check every file against the manifest's sha256 unless this process or this machine already
         verified the same files (see adapters.verified: any write to a file makes it hash again)."""
-        from adapters.verified import verify_folder_cached
-
         if manifest is None:
             return  # no checksums to check; _check_base decides whether it may load at all
         if self._verified.get(key) == stamp:
             return
-        problems = verify_folder_cached(key, stamp=[list(f) for f in stamp])
+        problems = verify_folder_cached(key, stamp=stamp)
         if problems:
             raise StoreError(f"adapter {ref} failed verification, refusing to load it: {'; '.join(problems)}")
         self._verified[key] = stamp
@@ -536,10 +534,9 @@ class InferenceEngine:
         data_start = 8 + len(raw_header)
         size = max(v["data_offsets"][1] for v in header.values())
         for key, meta in header.items():
-            start, end = meta["data_offsets"]
             target = targets[key]
             if (_SAFETENSORS_DTYPES.get(meta["dtype"]) != target.dtype or list(meta["shape"]) != list(target.shape)
-                    or (data_start + start) % target.element_size()):
+                    or (data_start + meta["data_offsets"][0]) % target.element_size()):
                 return  # another dtype in memory than on disk: keep the per-tensor copy
         mapping = None
         if immutable and file_mapping.supported():
@@ -669,6 +666,13 @@ class InferenceEngine:
         if hasattr(root, "config"):
             root.config.num_labels = num_labels
 
+    def adapter_of(self, ref: str) -> ResolvedAdapter:
+        """What a reference points at: a resident adapter's entry without touching its files, else resolve()."""
+        key = self._cached_key(ref)
+        with self._lock:
+            entry = self._resident.get(key)
+        return entry.adapter if entry is not None else self.resolve(ref)
+
     # ------------------------------------------------------------------ batches
     def _resolve_rows(self, refs: list[str]) -> list[ResolvedAdapter | None]:
         """What each row's reference points at; a resident adapter is found without touching its files."""
@@ -676,13 +680,7 @@ class InferenceEngine:
         out = []
         for ref in refs:
             if ref not in found:
-                if ref == BASE:
-                    found[ref] = None
-                else:
-                    key = self._cached_key(ref)
-                    with self._lock:
-                        entry = self._resident.get(key)
-                    found[ref] = entry.adapter if entry is not None else self.resolve(ref)
+                found[ref] = None if ref == BASE else self.adapter_of(ref)
             out.append(found[ref])
         return out
 
@@ -879,13 +877,6 @@ class InferenceEngine:
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-def _folder_stamp(folder: Path) -> tuple:
-    """Sizes, mtimes, ctimes and inodes of a folder's files: changes when any file is written."""
-    from adapters.verified import folder_stamp
-
-    return tuple(tuple(f) for f in folder_stamp(folder))
-
-
 def _read_header_bytes(fh) -> bytes:
     """The raw JSON header of a safetensors file (file position left at the data section)."""
     size = int.from_bytes(fh.read(8), "little")
@@ -968,19 +959,9 @@ def infer_records(engine: InferenceEngine, records: list[dict], adapter: str = B
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Write rows as JSON lines atomically (temp file + fsync + rename)."""
-    import os
-    import tempfile
+    from adapters.paths import atomic_path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

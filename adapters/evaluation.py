@@ -73,11 +73,6 @@ def first_line_answer(text: str) -> str:
     return text.split("\n")[0].strip()
 
 
-def generate_answers(model, tokenizer, prompts: list[list[int]], device, batch_size: int, max_new_tokens: int) -> list[str]:
-    """Greedy answers (first line of each generation)."""
-    return generate_scored_answers(model, tokenizer, prompts, device, batch_size, max_new_tokens)[0]
-
-
 @torch.no_grad()
 def generate_scored_answers(
     model, tokenizer, prompts: list[list[int]], device, batch_size: int, max_new_tokens: int

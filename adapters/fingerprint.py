@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from adapters.errors import StoreError
-from adapters.paths import cache_dir
+from adapters.paths import atomic_path, cache_dir
 
 PREFIX = "sha256:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
@@ -178,12 +177,9 @@ def _cached(kind: str, where: Path, files: list[Path], compute) -> str:
         pass
     fingerprint = compute()
     folder.mkdir(parents=True, exist_ok=True)
-    # Atomic: a concurrent reader sees the old entry or the whole new one, never half.
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"key": key_src, "fingerprint": fingerprint}, f)
-        os.replace(tmp, entry)
+    try:  # a concurrent reader sees the old entry or the whole new one, never half
+        with atomic_path(entry, fsync=False) as tmp:
+            tmp.write_text(json.dumps({"key": key_src, "fingerprint": fingerprint}))
     except OSError:  # a read-only cache only costs speed
-        Path(tmp).unlink(missing_ok=True)
+        pass
     return fingerprint

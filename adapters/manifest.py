@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -19,6 +18,7 @@ from typing import Any
 
 from adapters.errors import ConfigError, StoreError
 from adapters.fingerprint import sha256_file
+from adapters.paths import atomic_path
 
 FORMAT = "adapterkit.manifest/1"
 MANIFEST = "manifest.json"
@@ -196,34 +196,8 @@ def file_checksums(folder: str | Path) -> dict[str, str]:
 
 def write_json_atomic(path: str | Path, value: Any, mode: int = 0o644) -> None:
     """Write JSON so that readers see the old file or the complete new one: temp + fsync + rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes 0600 files; manifests are meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: str | Path) -> None:
-    """Make a rename or new entry in folder durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    with atomic_path(path, mode=mode, sync_dir=True) as tmp:  # mode: manifests are meant to be read by others
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=False, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> dict:

@@ -1,10 +1,13 @@
-"""Where things live on disk, and the rule for names that become paths."""
+"""Where things live on disk, the rule for names that become paths, and how files are replaced atomically."""
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from adapters.errors import ConfigError
 
@@ -34,3 +37,43 @@ def validate_name(name: str, what: str = "name") -> str:
             "starting with a letter or digit, without '..' or path separators"
         )
     return name
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or new entry in folder durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, fsync: bool = True, mode: int | None = None, sync_dir: bool = False) -> Iterator[Path]:
+    """A temporary path next to ``path``; when the block succeeds, it replaces ``path`` in one rename,
+    so readers see the old file or the whole new one, never half. On an error it is removed.
+
+    fsync: flush the data to disk before the rename (off for caches, which only cost time when lost).
+    mode: chmod the file (mkstemp makes 0600 files). sync_dir: also make the rename itself durable.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)

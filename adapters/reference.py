@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from adapters.errors import ConfigError
+from adapters.paths import atomic_path
 from adapters.traffic_log import token_counts
 
 REFERENCE_FORMAT = "adapterkit.reference/1"
@@ -65,16 +65,8 @@ class Reference:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         data = save(self.tensors(), metadata={"format": REFERENCE_FORMAT})
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".reference-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, folder / REFERENCE_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(folder / REFERENCE_FILE) as tmp:
+            tmp.write_bytes(data)
         stats = dict(self.stats)
         stats["file"] = REFERENCE_FILE
         stats["sha256"] = hashlib.sha256(data).hexdigest()

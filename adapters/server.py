@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters.engine import BASE, ClassificationRequest, GenerationRequest, InferenceEngine
-from adapters.errors import AdapterkitError, BaseMismatchError, ConfigError, StoreError
+from adapters.errors import BaseMismatchError, ConfigError, StoreError
 from adapters.evaluation import first_line_answer
 from adapters.generation import SamplingParams
 
@@ -449,7 +449,7 @@ def create_app(engine: InferenceEngine, settings: ServerSettings | None = None) 
         if ref == BASE:
             return False
         try:
-            stats = engine.resolve(ref).manifest.get("reference") or {}
+            stats = engine.adapter_of(ref).manifest.get("reference") or {}  # resident after the request: no file I/O
         except Exception:  # noqa: BLE001 - the request itself succeeded; logging just gets no label
             return False
         return bool(stats.get("labels"))

@@ -36,13 +36,12 @@ from adapters.fingerprint import fingerprint_model
 from adapters.manifest import (
     MANIFEST,
     file_checksums,
-    fsync_dir,
     manifest_problems,
     read_manifest,
     safe_relative,
     write_json_atomic,
 )
-from adapters.paths import cache_dir, validate_name
+from adapters.paths import cache_dir, fsync_dir, validate_name
 from adapters.verified import prune_records, verify_folder_cached
 
 log = logging.getLogger(__name__)

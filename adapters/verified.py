@@ -18,12 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from adapters.manifest import verify_folder
-from adapters.paths import cache_dir
+from adapters.paths import atomic_path, cache_dir
 
 RACY_SECONDS = 2.0
 
@@ -78,13 +77,8 @@ def _record(real: str, stamp: list[list], started_ns: int) -> None:
     entry = _entry(real)
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump({"path": real, "files": stamp, "verified_at": time.time()}, f)
-            os.replace(tmp, entry)  # readers see the old record or the whole new one
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        with atomic_path(entry, fsync=False) as tmp:  # readers see the old record or the whole new one
+            tmp.write_text(json.dumps({"path": real, "files": stamp, "verified_at": time.time()}))
     except OSError:  # a read-only cache only costs speed
         pass
 

@@ -15,14 +15,13 @@ and is saved once, under its first name.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adapters.errors import BaseMismatchError, ConfigError
 from adapters.methods.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from adapters.paths import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -110,8 +109,10 @@ def save_delta(model: "nn.Module", folder: Path, state_dict: dict[str, "torch.Te
         "base_model_type": getattr(getattr(model, "config", None), "model_type", None),
         **delta.extra,
     }
-    _write_atomic(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _write_atomic(folder / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    with atomic_path(folder / ADAPTER_WEIGHTS, sync_dir=True) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    with atomic_path(folder / ADAPTER_CONFIG, sync_dir=True) as tmp:
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -147,27 +148,6 @@ def load_delta(model: "nn.Module", folder: Path, method: str) -> tuple["nn.Modul
     if result.unexpected_keys:  # cannot happen after the checks above; kept as the load's own verdict
         raise BaseMismatchError(f"{folder}: keys not in the model: {result.unexpected_keys[:5]}")
     return model, config
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------- the shared method base

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
+
+from adapters.paths import atomic_path
 
 METRICS_DIR = Path(__file__).resolve().parent
 OTHER = "(other)"  # confusion-matrix column for predictions outside the label set
@@ -107,20 +107,6 @@ def confusion_matrix(preds: Sequence, refs: Sequence, labels: Sequence[str] | No
     return {"labels": labels, "columns": labels + ([OTHER] if other else []), "matrix": matrix}
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder, fsync, rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_confusion_matrix(preds: Sequence, refs: Sequence, labels: Sequence[str] | None, out_dir: str | Path) -> dict[str, Path]:
     """Write confusion_matrix.json (matrix + per-class report) and confusion_matrix.png to out_dir."""
     out_dir = Path(out_dir)
@@ -128,9 +114,11 @@ def save_confusion_matrix(preds: Sequence, refs: Sequence, labels: Sequence[str]
     cm = confusion_matrix(preds, refs, labels)
     payload = {**cm, "per_class": per_class_report(preds, refs, cm["labels"]), "num_rows": len(list(refs))}
     json_path, png_path = out_dir / "confusion_matrix.json", out_dir / "confusion_matrix.png"
-    _atomic_write(json_path, lambda fh: fh.write(json.dumps(payload, indent=2).encode()))
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2))
     figure = _plot_confusion_matrix(cm)
-    _atomic_write(png_path, lambda fh: figure.savefig(fh, format="png", dpi=100))
+    with atomic_path(png_path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
     return {"json": json_path, "png": png_path}
 
 

@@ -94,19 +94,3 @@ def folder_bytes(folder) -> int:
     from pathlib import Path
 
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-
-
-class one_thread:
-    """Run tiny models on one intra-op thread: on a busy 2-core machine, two OpenMP threads spin-wait
-    on each other and a 10-step tiny-model loop went from 0.6 s to 15 s."""
-
-    def __enter__(self):
-        import torch
-
-        self.previous = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.previous)

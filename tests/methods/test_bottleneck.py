@@ -21,11 +21,6 @@ MATRIX = [
 ]
 
 
-@pytest.fixture()
-def folders(tiny_llama_dir, tiny_bert_dir):
-    return {"tiny_llama_dir": tiny_llama_dir, "tiny_bert_dir": tiny_bert_dir}
-
-
 def base_bytes(model) -> int:
     """What a copy of the whole base would weigh (each tensor once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())

@@ -33,11 +33,6 @@ MATRIX = [
 ]
 
 
-@pytest.fixture()
-def folders(tiny_llama_dir, tiny_bert_dir):
-    return {"tiny_llama_dir": tiny_llama_dir, "tiny_bert_dir": tiny_bert_dir}
-
-
 def base_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())  # each (tied) tensor once
 

@@ -6,13 +6,7 @@ import pytest
 
 from adapters.methods import get_method
 
-from .harness import load_tiny, make_batch, one_thread, train_steps
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+from .harness import load_tiny, make_batch, train_steps
 
 
 @pytest.mark.parametrize("decompose_both", [False, True])

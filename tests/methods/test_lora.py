@@ -13,18 +13,7 @@ from adapters.errors import ConfigError
 from adapters.methods import get_method
 from adapters.modeling import load_backbone
 
-from .harness import BACKBONES, load_tiny, logits_of, make_batch, one_thread, train_steps
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def folders(tiny_llama_dir, tiny_bert_dir):
-    return {"tiny_llama_dir": tiny_llama_dir, "tiny_bert_dir": tiny_bert_dir}
+from .harness import BACKBONES, load_tiny, logits_of, make_batch, train_steps
 
 
 def lora_modules(model) -> set[str]:

@@ -19,7 +19,7 @@ from adapters.methods.base import ADAPTER_CONFIG
 from adapters.methods.peft_base import PeftMethod
 from adapters.modeling import model_info
 
-from .harness import BACKBONES, backbones_for, folder_bytes, load_tiny, logits_of, make_batch, one_thread, train_steps
+from .harness import BACKBONES, backbones_for, folder_bytes, load_tiny, logits_of, make_batch, train_steps
 
 CASES = [
     pytest.param(method.name, kind, id=f"{method.name}-{kind}")
@@ -27,17 +27,6 @@ CASES = [
     for task in sorted(method.tasks)
     for kind in backbones_for(task)
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def folders(tiny_llama_dir, tiny_bert_dir):
-    return {"tiny_llama_dir": tiny_llama_dir, "tiny_bert_dir": tiny_bert_dir}
 
 
 def _method(name):

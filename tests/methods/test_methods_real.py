@@ -15,7 +15,7 @@ from adapters.config import ModelConfig
 from adapters.methods import list_methods, method_of_folder
 from adapters.modeling import load_backbone
 
-from .harness import logits_of, one_thread, train_steps
+from .harness import logits_of, train_steps
 
 pytestmark = pytest.mark.real_model
 
@@ -31,12 +31,6 @@ QUESTIONS = [
 SMOLLM2_METHODS = {"lora", "dora", "loha", "lokr", "vera", "ia3", "prompt-tuning", "prefix-tuning", "p-tuning"}
 # Small budgets per method: a few steps must show the loss falling on one fixed batch.
 LR = {"full": 1e-4, "partial": 1e-3}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def _batch(tokenizer, task):

@@ -9,18 +9,7 @@ from adapters.errors import ConfigError
 from adapters.methods import get_method
 from adapters.methods.base import ModelInfo
 
-from .harness import load_tiny, logits_of, make_batch, one_thread, train_steps
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def folders(tiny_llama_dir, tiny_bert_dir):
-    return {"tiny_llama_dir": tiny_llama_dir, "tiny_bert_dir": tiny_bert_dir}
+from .harness import load_tiny, logits_of, make_batch, train_steps
 
 
 @pytest.mark.parametrize("kind,task", [("llama-lm", "causal-lm"), ("bert-cls", "sequence-classification")])

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 from safetensors.torch import load_file
 
 from adapters.methods import get_method
 
-from .harness import load_tiny, logits_of, make_batch, one_thread, train_steps
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def folders(tiny_llama_dir, tiny_bert_dir):
-    return {"tiny_llama_dir": tiny_llama_dir, "tiny_bert_dir": tiny_bert_dir}
+from .harness import load_tiny, logits_of, make_batch, train_steps
 
 
 def test_default_targets_mix_layer_shapes_on_llama(folders):
