@@ -14,8 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from adapters.errors import ConfigError
 
-TASKS = ("causal-lm", "sequence-classification")
-Task = Literal["causal-lm", "sequence-classification"]
+from adapters.constants import TASKS, Task  # noqa: F401  (re-exported: config is where users look)
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 

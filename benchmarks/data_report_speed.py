@@ -28,10 +28,10 @@ def main() -> None:
     import numpy as np
     from datasets import Dataset
 
-    from adapters.builtins import BUILTIN_DATASETS
+    from adapters.data.builtins import BUILTIN_DATASETS
     from adapters.config import SplitConfig
-    from adapters.data_report import build_data_report, normalize_text
-    from adapters.splits import split_dataset
+    from adapters.data.report import build_data_report, normalize_text
+    from adapters.data.splits import split_dataset
 
     texts, labels, seen = [], [], set()
     for name in ("trec", "sms-spam", "sentiment"):
@@ -52,7 +52,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
 
     # Brute force: the exact cosine of every held-out row against every training row.
-    from adapters.data_report import TextSimilarity
+    from adapters.data.report import TextSimilarity
 
     names = ["train", "validation", "test"]
     all_texts = [normalize_text(t) for n in names for t in splits[n]["text"][:]]

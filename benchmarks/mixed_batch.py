@@ -40,8 +40,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from adapters.engine import GenerationRequest, InferenceEngine
-    from adapters.generation import SamplingParams
+    from adapters.serving.engine import GenerationRequest, InferenceEngine
+    from adapters.modeling.generation import SamplingParams
 
     n = args.adapters
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)

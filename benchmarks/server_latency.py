@@ -39,8 +39,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from adapters.engine import InferenceEngine
-    from adapters.server import BackgroundServer, ServerSettings, create_app
+    from adapters.serving.engine import InferenceEngine
+    from adapters.serving.http.app import BackgroundServer, ServerSettings, create_app
 
     results: dict = {"command": "python " + " ".join(sys.argv), "machine": machine(), "base": BASE, "clients": args.clients,
                      "requests_per_client": args.requests, "max_tokens": args.max_tokens, "batch_window_ms": args.window_ms}

@@ -60,11 +60,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from adapters.config import ModelConfig
-    from adapters.engine import GenerationRequest, InferenceEngine
-    from adapters.generation import SamplingParams
-    from adapters.modeling import load_backbone
-    from adapters.store import AdapterStore
-    import adapters.verified as verified
+    from adapters.serving.engine import GenerationRequest, InferenceEngine
+    from adapters.modeling.generation import SamplingParams
+    from adapters.modeling.backbone import load_backbone
+    from adapters.store.store import AdapterStore
+    import adapters.store.verified as verified
 
     results: dict = {"command": "python " + " ".join(sys.argv), "machine": machine(), "base": BASE}
     with tempfile.TemporaryDirectory() as tmp:

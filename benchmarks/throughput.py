@@ -6,7 +6,7 @@
 Both train MiniLM-L6 (built-in minilm-l6) with LoRA r=8 on query/value on the same TREC training
 rows, with the same batch size, truncation length, learning rate, schedule, clipping and seed:
 
-(a) ours: adapters.training.train (the scripts/train.py path): length-grouped batches, SDPA,
+(a) ours: adapters.training.loop.train (the scripts/train.py path): length-grouped batches, SDPA,
     mean pooling as the sentence encoder was trained;
 (b) plain: transformers Trainer + peft's get_peft_model on AutoModelForSequenceClassification,
     DataCollatorWithPadding (dynamic padding, random order), Trainer defaults otherwise.
@@ -54,8 +54,8 @@ def run_config(args, run_dir: str):
 
 def padded_tokens_ours(cfg) -> int:
     """Tokens (with padding) in the batches our loop sees in these steps: same sampler, same seed."""
-    from adapters.data import prepare_splits, tokenize_splits, train_dataloader
-    from adapters.modeling import load_tokenizer
+    from adapters.data.loading import prepare_splits, tokenize_splits, train_dataloader
+    from adapters.modeling.backbone import load_tokenizer
 
     prepared = prepare_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -70,7 +70,7 @@ def padded_tokens_ours(cfg) -> int:
 
 
 def train_ours(args, profile: bool = False) -> dict:
-    from adapters.training import train
+    from adapters.training.loop import train
 
     with tempfile.TemporaryDirectory(prefix="throughput-ours-") as tmp:
         cfg = run_config(args, tmp)
@@ -110,7 +110,7 @@ def _profile_our_loop(cfg, rows: int) -> str:
     optimizer and loop), stopped at the first forward in eval mode (the evaluation after the loop)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    from adapters.training import train
+    from adapters.training.loop import train
 
     prof = torch_profile(activities=[ProfilerActivity.CPU])
     state = {"running": False}
@@ -150,8 +150,8 @@ class _CountingCollator:
 
 def plain_data(args):
     """The same split as ours (same config and seed), tokenized the plain way (truncate, no padding)."""
-    from adapters.data import prepare_splits
-    from adapters.modeling import load_tokenizer
+    from adapters.data.loading import prepare_splits
+    from adapters.modeling.backbone import load_tokenizer
 
     cfg = run_config(args, tempfile.gettempdir())
     prepared = prepare_splits(cfg)
@@ -174,7 +174,7 @@ def train_plain(args, data, profile: bool = False) -> dict:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
-    from adapters.builtins import resolve_model
+    from adapters.modeling.builtins import resolve_model
 
     cfg, tokenizer, label2id, splits = data
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -245,7 +245,7 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|",
         f"| plain (Trainer + peft, DataCollatorWithPadding) | {p['real_tokens_per_second']:.0f} | {p['samples_per_second']:.1f} | "
         f"{100 * p['padding_share']:.1f}% | {p['train_seconds']:.1f} s | {p['test_accuracy']:.4f} |",
-        f"| ours (adapters.training.train) | {o['real_tokens_per_second']:.0f} | {o['samples_per_second']:.1f} | "
+        f"| ours (adapters.training.loop.train) | {o['real_tokens_per_second']:.0f} | {o['samples_per_second']:.1f} | "
         f"{100 * o['padding_share']:.1f}% | {o['train_seconds']:.1f} s | {o['test_accuracy']:.4f} |",
         "",
         f"**Ratio (ours / plain, real tokens/s): {report['ratio']:.2f}x** (target ≥ 1.5x). Per-repeat ratios: "
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from adapters.benchmarking import environment
+    from adapters.benchmarking.suite import environment
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -47,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.export:
-            from adapters.merge import merge_and_export
+            from adapters.serving.merge import merge_and_export
 
             report = merge_and_export(args.base, args.adapter, args.export, task=args.task, quantization=args.quantization,
                                       requantize=args.requantize, store=args.store)
             print(json.dumps(report, indent=2))
             return 0 if report["check"]["passed"] else 1
-        from adapters.engine import InferenceEngine, infer_records
+        from adapters.serving.engine import InferenceEngine, infer_records
 
         if args.input:
             lines = Path(args.input).read_text(encoding="utf-8").splitlines()
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.output:
-        from adapters.engine import write_jsonl
+        from adapters.serving.engine import write_jsonl
 
         write_jsonl(args.output, outputs)
     elif args.prompt is not None and engine.task == "causal-lm":

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="validate the config and every stage, then exit")
     args = parser.parse_args(argv)
     try:
-        from adapters.ladder import load_ladder_config, run_ladder
+        from adapters.training.ladder import load_ladder_config, run_ladder
 
         cfg, ladder = load_ladder_config(args.config, args.overrides)
         if args.check:

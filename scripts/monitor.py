@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--since", help="window start: epoch seconds, ISO-8601, or a duration ago (24h, 7d)")
     parser.add_argument("--until", help="window end (same forms)")
     parser.add_argument("--limit", type=int, help="use only the most recent N records")
-    parser.add_argument("--thresholds", help="YAML/JSON file of thresholds (see adapters.drift.DriftThresholds)")
+    parser.add_argument("--thresholds", help="YAML/JSON file of thresholds (see adapters.monitoring.drift.DriftThresholds)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a threshold, e.g. psi_alarm=0.3")
     parser.add_argument("--fail-on", choices=["alarm", "warn"], default="alarm", help="lowest status that exits 1 (default alarm)")
     parser.add_argument("--no-embed", action="store_true", help="skip embedding logged texts with the base model")
@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import yaml
 
-        from adapters.drift import load_thresholds
-        from adapters.monitor import monitor
+        from adapters.monitoring.drift import load_thresholds
+        from adapters.monitoring.monitor import monitor
 
         raw = None
         if args.thresholds:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        from adapters.retrain import retrain
+        from adapters.training.retrain import retrain
 
         result = retrain(
             args.adapter,

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-window-ms", type=float, default=5.0)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--allow-path-refs", action="store_true", help="let clients name adapter folders on this machine (default: store references only)")
-    p.add_argument("--traffic-log", help="sample requests into this JSONL/SQLite file (adapters.traffic_log)")
+    p.add_argument("--traffic-log", help="sample requests into this JSONL/SQLite file (adapters.monitoring.traffic_log)")
     p.add_argument("--traffic-include-text", action="store_true", help="store raw text in the traffic log")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -46,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from adapters.engine import InferenceEngine
-        from adapters.server import ServerSettings, create_app
+        from adapters.serving.engine import InferenceEngine
+        from adapters.serving.http.app import ServerSettings, create_app
 
         engine = InferenceEngine(args.base, task=args.task, quantization=args.quantization, capacity=args.capacity, store=args.store)
         for ref in args.preload:
             engine.load(ref)
         on_request = None
         if args.traffic_log:
-            from adapters.traffic_log import TrafficLogger
+            from adapters.monitoring.traffic_log import TrafficLogger
 
             on_request = TrafficLogger(args.traffic_log, log_text=args.traffic_include_text, tokenizer=engine.tokenizer)
         settings = ServerSettings(

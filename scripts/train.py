@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.list_methods:
-        from adapters.cli import print_methods
+        from adapters.cli.main import print_methods
 
         print_methods()
         return 0
@@ -38,14 +38,14 @@ def main(argv: list[str] | None = None) -> int:
             print("config OK")
             return 0
         if cfg.data.split.folds:
-            from adapters.crossval import cross_validate
-            from adapters.splits import format_folds
+            from adapters.training.crossval import cross_validate
+            from adapters.data.splits import format_folds
 
             cv = cross_validate(cfg, command=sys.argv)
             print(f"{cfg.data.split.folds}-fold cross-validation (test):\n{format_folds(cv.test)}\nreport: {cv.run_dir / 'crossval.md'}")
             return 0
-        from adapters.report import print_result
-        from adapters.training import train
+        from adapters.training.report import print_result
+        from adapters.training.loop import train
 
         result = train(cfg, resume=args.resume, command=sys.argv)
         print_result(result, cfg)

@@ -19,14 +19,14 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a plain HF folder (converted once into the user cache)."""
-    from adapters.builtins import resolve_model
+    from adapters.modeling.builtins import resolve_model
 
     return Path(resolve_model("smollm2-135m-instruct"))
 
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from adapters.builtins import resolve_model
+    from adapters.modeling.builtins import resolve_model
 
     return Path(resolve_model("minilm-l6"))
 
@@ -110,7 +110,7 @@ def make_adapter_folder(tmp_path):
     import numpy as np
     from safetensors.numpy import save_file
 
-    from adapters.manifest import build_manifest, write_manifest
+    from adapters.store.manifest import build_manifest, write_manifest
 
     counter = itertools.count()
 

@@ -44,7 +44,7 @@ def test_smollm2_lora_learns_and_reloads_with_plain_peft(smollm2_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adapters.training import train
+    from adapters.training.loop import train
 
     result = train(run_cfg("smollm2-135m-instruct", "causal-lm", tmp_path / "run"))
     first, last = first_and_last_loss(result.run_dir)
@@ -70,8 +70,8 @@ def test_smollm2_lora_learns_and_reloads_with_plain_peft(smollm2_dir, tmp_path):
 def test_minilm_lora_classifier_learns_and_reloads(minilm_dir, tmp_path):
     from adapters.config import ModelConfig
     from adapters.methods import method_of_folder
-    from adapters.modeling import load_backbone, load_tokenizer
-    from adapters.training import train
+    from adapters.modeling.backbone import load_backbone, load_tokenizer
+    from adapters.training.loop import train
 
     result = train(run_cfg("minilm-l6", "sequence-classification", tmp_path / "run", lr=5e-3, max_steps=12))
     first, last = first_and_last_loss(result.run_dir)

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from adapters.errors import ConfigError
+from adapters.constants import ADAPTER_CONFIG, TASKS  # noqa: F401  (ADAPTER_CONFIG re-exported)
 
 if TYPE_CHECKING:  # torch is heavy; keep `--list-methods` and config validation light
     import torch.nn as nn
 
-ALL_TASKS = frozenset({"causal-lm", "sequence-classification"})
-ADAPTER_CONFIG = "adapter_config.json"
+ALL_TASKS = frozenset(TASKS)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 

@@ -1,8 +1,8 @@
 """Bottleneck adapters (Houlsby: after attention and feed-forward; Pfeiffer: after feed-forward).
 
-The tuner itself lives in ``adapters.peft_bottleneck`` and is registered with peft, so the
+The tuner itself lives in ``adapters.methods.tuners.bottleneck`` and is registered with peft, so the
 saved folder is peft's layout and ``peft.PeftModel.from_pretrained`` loads it once
-``adapters.peft_bottleneck`` has been imported. This module only maps options to its config;
+``adapters.methods.tuners.bottleneck`` has been imported. This module only maps options to its config;
 it stays free of torch so that config validation and ``--list-methods`` are light.
 """
 
@@ -70,7 +70,7 @@ class BottleneckMethod(PeftMethod):
         return self.fixed_variant or options.variant
 
     def check_model(self, options, info: ModelInfo, task: str) -> None:
-        from adapters.peft_bottleneck import SUPPORTED_MODEL_TYPES
+        from adapters.methods.tuners.bottleneck import SUPPORTED_MODEL_TYPES
 
         if info.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
@@ -84,7 +84,7 @@ class BottleneckMethod(PeftMethod):
             )
 
     def peft_config(self, options, task, model):
-        from adapters.peft_bottleneck import BottleneckConfig
+        from adapters.methods.tuners.bottleneck import BottleneckConfig
 
         layers = options.layers
         if options.top_layers is not None:
@@ -102,7 +102,7 @@ class BottleneckMethod(PeftMethod):
         )
 
     def load(self, model, folder, adapter_name="default", is_trainable=False):
-        import adapters.peft_bottleneck  # noqa: F401  (registers the BOTTLENECK peft type)
+        import adapters.methods.tuners.bottleneck  # noqa: F401  (registers the BOTTLENECK peft type)
 
         return super().load(model, folder, adapter_name=adapter_name, is_trainable=is_trainable)
 

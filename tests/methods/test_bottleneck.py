@@ -9,7 +9,7 @@ import pytest
 from adapters.errors import ConfigError
 from adapters.methods import ModelInfo, get_method, method_of_folder
 
-from .harness import BACKBONES, folder_bytes, load_tiny, logits_of, make_batch, train_steps, trainable_count
+from tests.helpers.methods import BACKBONES, folder_bytes, load_tiny, logits_of, make_batch, train_steps, trainable_count
 
 # (method name, options, backbone kind): both variants, both tasks, BERT and Llama.
 MATRIX = [
@@ -79,7 +79,7 @@ def test_trains_saves_and_reloads_to_identical_logits(name, options, kind, folde
 
 
 def test_where_the_adapters_go(folders):
-    from adapters.peft_bottleneck import BottleneckLayer
+    from adapters.methods.tuners.bottleneck import BottleneckLayer
 
     def adapted(kind, name, **options):
         method = get_method(name)
@@ -127,7 +127,7 @@ def test_every_supported_architecture_is_hooked(model_type, extra):
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModel
 
-    from adapters.peft_bottleneck import SUPPORTED_MODEL_TYPES, BottleneckConfig, BottleneckLayer
+    from adapters.methods.tuners.bottleneck import SUPPORTED_MODEL_TYPES, BottleneckConfig, BottleneckLayer
 
     assert model_type in SUPPORTED_MODEL_TYPES
     kwargs = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, **extra}
@@ -223,7 +223,7 @@ def test_trains_on_a_4bit_base(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from adapters.config import ModelConfig, QuantizationConfig
-    from adapters.modeling import load_backbone
+    from adapters.modeling.backbone import load_backbone
 
     method = get_method("bottleneck")
     assert method.supports_quantized
@@ -245,12 +245,12 @@ def test_trains_on_a_4bit_base(tmp_path):
 
 
 def test_plain_peft_loads_the_folder(folders, tiny_llama_dir, tmp_path):
-    """With adapters.peft_bottleneck imported, peft's own API loads, switches and deletes our adapters."""
+    """With adapters.methods.tuners.bottleneck imported, peft's own API loads, switches and deletes our adapters."""
     import torch
     from peft import PeftModel, PeftType
     from transformers import AutoModelForCausalLM
 
-    import adapters.peft_bottleneck  # noqa: F401
+    import adapters.methods.tuners.bottleneck  # noqa: F401
 
     task = "causal-lm"
     method = get_method("pfeiffer")
@@ -306,9 +306,9 @@ def test_minilm_trec_classifier_trains_and_reloads(minilm_dir, tmp_path, record_
     import torch
     from transformers import AutoTokenizer
 
-    from adapters.builtins import BUILTIN_DATASETS
+    from adapters.data.builtins import BUILTIN_DATASETS
     from adapters.config import ModelConfig
-    from adapters.modeling import load_backbone
+    from adapters.modeling.backbone import load_backbone
 
     rows = BUILTIN_DATASETS["trec"].load().shuffle(seed=0).select(range(256))
     labels = sorted(set(rows["label"]))

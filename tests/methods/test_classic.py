@@ -10,7 +10,7 @@ import pytest
 from adapters.errors import BaseMismatchError, ConfigError
 from adapters.methods import ModelInfo, get_method, method_of_folder
 
-from .harness import BACKBONES, folder_bytes, load_tiny, logits_of, make_batch, train_steps, trainable_count
+from tests.helpers.methods import BACKBONES, folder_bytes, load_tiny, logits_of, make_batch, train_steps, trainable_count
 
 
 def _head(name):
@@ -174,7 +174,7 @@ def test_impossible_combinations_fail_at_config_validation():
 def test_partial_on_a_cls_pooled_bert_includes_the_pooler(tiny_bert_dir):
     """BERT's own classifier sits on the pooler: partial trains it with the top blocks, head-only does not."""
     from adapters.config import ModelConfig
-    from adapters.modeling import load_backbone
+    from adapters.modeling.backbone import load_backbone
 
     def trained(name, **options):
         model = load_backbone(ModelConfig(name=str(tiny_bert_dir), pooling="cls"), "sequence-classification", {"a": 0, "b": 1})

@@ -10,7 +10,7 @@ from adapters.errors import ConfigError
 from adapters.methods import get_method
 from adapters.methods.base import ModelInfo
 
-from .harness import BACKBONES, load_tiny, make_batch, train_steps
+from tests.helpers.methods import BACKBONES, load_tiny, make_batch, train_steps
 
 
 def ia3_layers(model) -> dict[str, bool]:
@@ -78,9 +78,9 @@ def test_ia3_trains_on_a_quantized_base_and_reloads(bits, tiny_llama64_dir, tmp_
     from peft.tuners.ia3 import IA3Layer
 
     from adapters.config import ModelConfig
-    from adapters.modeling import load_backbone
+    from adapters.modeling.backbone import load_backbone
 
-    from .harness import logits_of
+    from tests.helpers.methods import logits_of
 
     cfg = ModelConfig(name=str(tiny_llama64_dir), quantization={"bits": bits})
     ia3 = get_method("ia3")

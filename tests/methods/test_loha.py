@@ -6,7 +6,7 @@ import pytest
 
 from adapters.methods import get_method
 
-from .harness import load_tiny, make_batch, train_steps
+from tests.helpers.methods import load_tiny, make_batch, train_steps
 
 
 def test_options_shape_the_hadamard_factors(tiny_bert_dir, tiny_llama_dir):

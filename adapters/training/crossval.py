@@ -1,0 +1,46 @@
+"""Stratified k-fold cross-validation: one training per fold, metrics reported as mean ± std.
+
+The held-out test split is carved once, before the folds, so no fold ever trains on it; the
+rest rotates between training and validation. Each fold is a full run in <run_dir>/fold-<i>.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.config import RunConfig
+
+
+@dataclass
+class CrossValResult:
+    run_dir: Path
+    folds: list  # TrainResult per fold
+    validation: dict  # {metric: {mean, std, values}}
+    test: dict
+
+
+def cross_validate(cfg: RunConfig, command: list[str] | None = None) -> CrossValResult:
+    from adapters.data.splits import aggregate_folds, format_folds
+    from adapters.training.loop import default_run_dir, train
+
+    k = cfg.data.split.folds
+    root = default_run_dir(cfg)
+    results = []
+    for i in range(k):
+        fold_cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_dir": str(root / f"fold-{i}"), "publish": False})})
+        results.append(train(fold_cfg, command=command, fold=i))
+    validation = aggregate_folds([_numeric(r.metrics["validation"]) for r in results])
+    test = aggregate_folds([_numeric(r.metrics["adapted"]) for r in results])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "crossval.json").write_text(json.dumps({"folds": k, "validation": validation, "test": test}, indent=2))
+    (root / "crossval.md").write_text(
+        f"# {k}-fold cross-validation\n\n## validation\n\n```\n{format_folds(validation)}\n```\n\n"
+        f"## test (same held-out split for every fold)\n\n```\n{format_folds(test)}\n```\n"
+    )
+    return CrossValResult(root, results, validation, test)
+
+
+def _numeric(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

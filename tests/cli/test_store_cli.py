@@ -1,0 +1,125 @@
+"""The store CLI (adapters/store_cli.py, scripts/store.py): every subcommand, text and JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapters.store.store import AdapterStore
+from adapters.cli.store import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture()
+def cli(store_root, capsys):
+    """Run the CLI on the test store: returns (exit status, stdout, stderr)."""
+
+    def run(*args: str):
+        status = main(["--store", str(store_root), *args])
+        out = capsys.readouterr()
+        return status, out.out, out.err
+
+    return run
+
+
+@pytest.fixture()
+def two_versions(store_root, make_adapter_folder):
+    store = AdapterStore(store_root)
+    store.publish(make_adapter_folder(metrics={"accuracy": 0.5}, training={"train": {"lr": 1e-4}}), "clf")
+    store.publish(make_adapter_folder(metrics={"accuracy": 0.75}, training={"train": {"lr": 3e-4}}), "clf")
+    return store
+
+
+def test_publish_list_show(cli, make_adapter_folder):
+    status, out, _ = cli("publish", str(make_adapter_folder()), "clf")
+    assert status == 0 and out.strip().startswith("published clf@1")
+    status, out, _ = cli("list")
+    header, row = out.strip().splitlines()
+    assert header.split() == ["NAME", "VERSION", "TAGS", "CREATED", "TASK", "METHOD", "BASE", "METRICS"]
+    assert row.split()[:3] == ["clf", "1", "latest"] and "accuracy=0.5" in row and "tiny-base" in row
+    status, out, _ = cli("list", "--json")
+    assert json.loads(out)[0]["version"] == 1
+    status, out, _ = cli("show", "clf")
+    assert status == 0 and "clf@1" in out and "method:      lora" in out and "tags:        latest" in out
+    status, out, _ = cli("--json", "show", "clf@latest")
+    assert json.loads(out)["manifest"]["version"] == 1
+
+
+def test_diff(cli, two_versions):
+    status, out, _ = cli("diff", "clf@1", "clf@2")
+    assert status == 0
+    assert "metrics:" in out and "  accuracy: 0.5 -> 0.75" in out
+    assert "  train.lr: 0.0001 -> 0.0003" in out
+    status, out, _ = cli("diff", "clf@1", "clf@2", "--json")
+    assert json.loads(out)["changes"]["metrics"] == {"accuracy": [0.5, 0.75]}
+
+
+def test_tag_promote_rollback_rm(cli, two_versions):
+    assert cli("promote", "clf@1")[0] == 0
+    assert cli("promote", "clf@2")[0] == 0
+    assert two_versions.tags("clf") == {"latest": 2, "prod": 2}
+    status, out, _ = cli("rollback", "clf")
+    assert status == 0 and "rolled back to version 1" in out
+    assert cli("tag", "clf@2", "candidate")[0] == 0
+    status, _, err = cli("rm", "clf@2")
+    assert status == 2 and "error: clf@2 is tagged candidate, latest" in err
+    assert cli("untag", "clf", "candidate")[0] == 0
+    status, out, _ = cli("rm", "clf@2", "--force")
+    assert status == 0 and "removed clf@2" in out
+    assert two_versions.versions("clf") == [1]
+    assert two_versions.tags("clf") == {"latest": 1, "prod": 1}
+
+
+def test_verify_exit_status(cli, two_versions, store_root):
+    status, out, _ = cli("verify")
+    assert status == 0 and "2 ok, 0 failed" in out
+    (store_root / "clf" / "2" / "adapter_config.json").chmod(0o644)
+    (store_root / "clf" / "2" / "adapter_config.json").write_text("{}")
+    status, out, _ = cli("verify")
+    assert status == 1 and "FAILED  clf@2" in out and "adapter_config.json: checksum mismatch" in out
+    status, out, _ = cli("verify", "clf@1", "--json")
+    assert status == 0 and json.loads(out) == {"clf@1": []}
+
+
+def test_export_import_gc(cli, two_versions, tmp_path):
+    archive = tmp_path / "clf.tar.gz"
+    status, out, _ = cli("export", "clf@2", str(archive))
+    assert status == 0 and archive.is_file()
+    other = tmp_path / "other"
+    assert main(["--store", str(other), "import", str(archive), "--name", "moved", "--tag", "prod"]) == 0
+    assert AdapterStore(other).tags("moved") == {"prod": 1}
+    stale = two_versions.root / "clf" / ".publish-stale"
+    stale.mkdir()
+    status, out, _ = cli("gc", "--dry-run")
+    assert status == 0 and "would remove clf/.publish-stale" in out and stale.exists()
+    status, out, _ = cli("gc", "--keep", "1")
+    assert status == 0 and "removed clf/.publish-stale" in out and "removed clf/1" in out
+    assert two_versions.versions("clf") == [2]
+
+
+def test_errors_are_one_line_with_status_2(cli):
+    status, out, err = cli("show", "nope")
+    assert status == 2 and out == ""
+    assert err.startswith("error: no adapter named 'nope'") and len(err.strip().splitlines()) == 1
+    status, out, _ = cli("--json", "tag", "x@1", "../evil")
+    assert status == 2 and "invalid tag '../evil'" in json.loads(out)["error"]
+    with pytest.raises(SystemExit):
+        cli("frobnicate")
+
+
+def test_script_wrapper_uses_the_environment_store(tmp_path, make_adapter_folder):
+    store_dir = tmp_path / "env-store"
+    AdapterStore(store_dir).publish(make_adapter_folder(), "viaenv")
+    env = {**os.environ, "ADAPTERKIT_STORE": str(store_dir)}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "adapters.py"), "list", "--json"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [(r["name"], r["version"]) for r in json.loads(done.stdout)] == [("viaenv", 1)]

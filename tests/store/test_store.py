@@ -1,0 +1,516 @@
+"""The versioned adapter store: round trip through peft, versions, tags, integrity, base checks,
+crash safety, concurrency, hostile names and archives."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from adapters.errors import BaseMismatchError, StoreError
+from adapters.store.manifest import MANIFEST, build_manifest, read_manifest, write_manifest
+from adapters.store.store import AdapterStore, check_base, load_adapter, parse_ref
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _subprocess_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+# ---------------------------------------------------------------- a real peft LoRA adapter
+@pytest.fixture(scope="module")
+def real_lora(tiny_llama_dir, tmp_path_factory):
+    """A LoRA adapter on the tiny Llama with non-zero weights, its manifest, and its logits."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from adapters.store.fingerprint import fingerprint_model, fingerprint_tokenizer
+    from adapters.store.manifest import base_model_entry
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); make it change the output
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.eval()
+    folder = tmp_path_factory.mktemp("lora-src")
+    model.save_pretrained(str(folder))
+    manifest = build_manifest(
+        task="causal-lm",
+        method={"name": "lora", "options": {"r": 4, "alpha": 8}},
+        base_model=base_model_entry("tiny-llama", tiny_llama_dir),
+        metrics={"eval_loss": 1.25},
+    )
+    assert manifest["base_model"]["fingerprint"] == fingerprint_model(tiny_llama_dir)
+    assert manifest["base_model"]["tokenizer_fingerprint"] == fingerprint_tokenizer(tiny_llama_dir)
+    write_manifest(folder, manifest)
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+    assert not torch.allclose(adapted, plain)  # the comparison below means something
+    return {"folder": folder, "ids": ids, "logits": adapted, "base_dir": tiny_llama_dir}
+
+
+def _fresh_base(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def test_publish_list_load_round_trip(real_lora, store_root):
+    import torch
+    from peft import PeftModel
+
+    store = AdapterStore(store_root)
+    ref = store.publish(real_lora["folder"], "greeter")
+    assert str(ref) == "greeter@1" and ref.path == store_root / "greeter" / "1"
+    rows = store.list()
+    assert [(r["name"], r["version"], r["tags"], r["method"], r["base"]) for r in rows] == [
+        ("greeter", 1, ["latest"], "lora", "tiny-llama")
+    ]
+    assert rows[0]["metrics"] == {"eval_loss": 1.25}
+
+    path, manifest = store.resolve("greeter")
+    assert path == ref.path and manifest["name"] == "greeter" and manifest["version"] == 1
+    assert set(manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+
+    # Plain peft loads the stored folder as it is.
+    with torch.no_grad():
+        plain_peft = PeftModel.from_pretrained(_fresh_base(real_lora["base_dir"]), str(path)).eval()
+        torch.testing.assert_close(plain_peft(input_ids=real_lora["ids"]).logits, real_lora["logits"])
+        # load_adapter resolves, checks the base fingerprint of the model's folder, attaches.
+        for reference in ("greeter", "greeter@1", "greeter@latest", str(path)):
+            model = load_adapter(_fresh_base(real_lora["base_dir"]), reference, store=store).eval()
+            torch.testing.assert_close(model(input_ids=real_lora["ids"]).logits, real_lora["logits"])
+
+
+def test_wrong_base_is_refused_and_the_override_loads(real_lora, store_root, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    store = AdapterStore(store_root)
+    store.publish(real_lora["folder"], "greeter")
+    config = _fresh_base(real_lora["base_dir"]).config
+    torch.manual_seed(123)
+    other_dir = tmp_path / "other-base"
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(other_dir))
+
+    with pytest.raises(BaseMismatchError) as err:
+        load_adapter(_fresh_base(other_dir), "greeter", store=store)
+    message = str(err.value)
+    manifest = read_manifest(store_root / "greeter" / "1")
+    assert "tiny-llama" in message and manifest["base_model"]["fingerprint"] in message  # the trained-on base
+    assert str(other_dir) in message  # the base it was about to be loaded on
+    assert "allow_base_mismatch" in message
+
+    model = load_adapter(_fresh_base(other_dir), "greeter", store=store, allow_base_mismatch=True)
+    assert "default" in model.peft_config
+    # An explicit fingerprint is checked the same way.
+    with pytest.raises(BaseMismatchError):
+        load_adapter(_fresh_base(real_lora["base_dir"]), "greeter", store=store, base_fingerprint="sha256:" + "f" * 64)
+
+
+def test_check_base():
+    manifest = {"name": "a", "version": 2, "base_model": {"name": "llama-x", "fingerprint": "sha256:aa"}}
+    assert check_base(manifest, "sha256:aa") is True
+    with pytest.raises(BaseMismatchError, match=r"a@2 was trained on base llama-x \(sha256:aa\) but is being loaded on bert-y \(sha256:bb\)"):
+        check_base(manifest, "sha256:bb", base_name="bert-y")
+    assert check_base(manifest, "sha256:bb", allow_mismatch=True) is False
+    with pytest.raises(BaseMismatchError, match="no fingerprint recorded"):
+        check_base({"base_model": {"name": "x"}}, "sha256:aa")
+
+
+# ---------------------------------------------------------------- versions and tags
+def test_versions_are_numbered_and_never_reused(store_root, make_adapter_folder):
+    store = AdapterStore(store_root)
+    refs = [store.publish(make_adapter_folder(), "clf") for _ in range(3)]
+    assert [r.version for r in refs] == [1, 2, 3]
+    assert store.versions("clf") == [1, 2, 3]
+    for r in refs:
+        assert read_manifest(r.path)["version"] == r.version
+    assert store.tags("clf") == {"latest": 3}
+    assert store.locate("clf").version == 3
+
+    store.rm("clf@3", force=True)
+    assert store.tags("clf") == {"latest": 2}  # latest falls back to the newest remaining version
+    assert store.publish(make_adapter_folder(), "clf").version == 4  # 3 stays retired
+    with pytest.raises(StoreError, match="no version 3; versions: 1, 2, 4"):
+        store.locate("clf@3")
+
+
+def test_versions_are_immutable(store_root, make_adapter_folder):
+    store = AdapterStore(store_root)
+    src = make_adapter_folder()
+    ref = store.publish(src, "clf")
+    before = read_manifest(ref.path)
+    store.publish(src, "clf")
+    assert read_manifest(ref.path) == before
+    assert store.verify("clf@1") == {"clf@1": []}
+
+
+def test_tags_move_promote_and_roll_back(store_root, make_adapter_folder):
+    store = AdapterStore(store_root)
+    for _ in range(3):
+        store.publish(make_adapter_folder(), "clf")
+    store.tag("clf@1", "prod")
+    assert store.locate("clf@prod").version == 1
+    store.promote("clf@2", "prod")
+    assert store.locate("clf@prod").version == 2
+    store.promote("clf@latest", "prod")
+    assert store.tags("clf") == {"latest": 3, "prod": 3}
+    assert store.rollback("clf", "prod").version == 2
+    assert store.rollback("clf", "prod").version == 1
+    with pytest.raises(StoreError, match="no earlier version"):
+        store.rollback("clf", "prod")
+
+    with pytest.raises(StoreError, match=r"clf@1 is tagged prod"):
+        store.rm("clf@1")
+    assert store.versions("clf") == [1, 2, 3]
+    store.untag("clf", "prod")
+    store.rm("clf@1")
+    assert store.versions("clf") == [2, 3]
+    with pytest.raises(StoreError, match="needs a version"):
+        store.rm("clf")
+    with pytest.raises(StoreError, match="no tag 'staging'; tags: latest"):
+        store.locate("clf@staging")
+    with pytest.raises(StoreError, match="cannot be a number"):
+        store.tag("clf@2", "7")
+
+
+def test_publish_with_custom_tags_and_parent(store_root, make_adapter_folder):
+    store = AdapterStore(store_root)
+    first = store.publish(make_adapter_folder(), "clf")
+    second = store.publish(make_adapter_folder(), "clf", tags=("latest", "candidate"), parent=first)
+    assert store.tags("clf") == {"latest": 2, "candidate": 2}
+    assert read_manifest(second.path)["parent"] == "clf@1"
+    assert store.publish(make_adapter_folder(), "clf", tags=()).version == 3
+    assert store.locate("clf").version == 2  # untagged publish leaves latest alone
+
+
+def test_diff_reports_config_data_and_metric_changes(store_root, make_adapter_folder):
+    store = AdapterStore(store_root)
+    store.publish(make_adapter_folder(metrics={"accuracy": 0.5}, training={"train": {"lr": 1e-4}}), "clf")
+    store.publish(
+        make_adapter_folder(metrics={"accuracy": 0.75}, training={"train": {"lr": 3e-4}}, data={"source": "trec"}), "clf"
+    )
+    changes = store.diff("clf@1", "clf@2")
+    assert changes["metrics"] == {"accuracy": [0.5, 0.75]}
+    assert changes["training"] == {"train.lr": [1e-4, 3e-4]}
+    assert changes["data"] == {"source": [None, "trec"]}
+    assert "method" not in changes
+
+
+# ---------------------------------------------------------------- integrity
+def test_corrupted_file_is_reported_by_verify_and_refused_by_load(store_root, make_adapter_folder):
+    store = AdapterStore(store_root)
+    ref = store.publish(make_adapter_folder(), "clf")
+    assert store.verify() == {"clf@1": []}
+    weights = ref.path / "adapter_model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o444  # published files are read-only
+    weights.chmod(0o644)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    problems = store.verify("clf@1")["clf@1"]
+    assert len(problems) == 1 and problems[0].startswith("adapter_model.safetensors: checksum mismatch")
+    with pytest.raises(StoreError, match="clf@1 failed verification.*adapter_model.safetensors: checksum mismatch"):
+        store.resolve("clf")
+    with pytest.raises(StoreError, match="failed verification"):
+        load_adapter(object(), "clf@1", store=store)  # refused before touching the model
+    assert store.resolve("clf", verify=False)[0] == ref.path
+
+
+def test_publish_refuses_pickles_links_and_unverified_sources(tmp_path, store_root, make_adapter_folder):
+    store = AdapterStore(store_root)
+    src = make_adapter_folder()
+    (src / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(StoreError, match="adapter_model.bin is a pickle-based file; only safetensors"):
+        store.publish(src, "clf")
+    (src / "adapter_model.bin").unlink()
+    (src / "extra.json").symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(StoreError, match="extra.json is a link"):
+        store.publish(src, "clf")
+    (src / "extra.json").unlink()
+    (src / "adapter_model.safetensors").write_bytes(b"changed after the manifest")
+    with pytest.raises(StoreError, match="does not match its manifest.*adapter_model.safetensors"):
+        store.publish(src, "clf")
+    (src / MANIFEST).unlink()
+    with pytest.raises(StoreError, match="no manifest.json"):
+        store.publish(src, "clf")
+    assert store.list() == []
+    assert [p.name for p in (store_root / "clf").iterdir()] == []  # failed publishes leave nothing
+
+
+def test_load_refuses_plain_folder_without_manifest_unless_overridden(store_root, make_adapter_folder):
+    src = make_adapter_folder()
+    (src / MANIFEST).unlink()
+    store = AdapterStore(store_root)
+    path, manifest = store.resolve(str(src))
+    assert path == src and manifest is None
+    with pytest.raises(StoreError, match="no manifest.json, so its base model cannot be checked"):
+        load_adapter(object(), str(src), store=store)
+
+
+# ---------------------------------------------------------------- names
+HOSTILE = ["../x", "a/b", "/abs", "", "x" * 200, ".hidden", "a..b", "a\\b", "x@1", "nul\x00", "~root", " space"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_names_are_refused(name, store_root, make_adapter_folder):
+    store = AdapterStore(store_root)
+    with pytest.raises(StoreError, match="invalid"):
+        store.publish(make_adapter_folder(), name)
+    with pytest.raises(StoreError, match="invalid"):
+        store.tag("ok@1", name)
+    if "@" not in name:  # "x@1" is a fine reference, only a bad name
+        with pytest.raises(StoreError, match="invalid"):
+            store.locate(name)
+        with pytest.raises(StoreError, match="invalid"):
+            parse_ref(f"{name}@1")
+    assert list(store_root.iterdir()) == []
+    assert not (store_root.parent / "x").exists()
+
+
+def test_references_with_traversal_never_leave_the_root(store_root, make_adapter_folder, tmp_path):
+    store = AdapterStore(store_root)
+    store.publish(make_adapter_folder(), "ok")
+    for ref in ("ok@../../etc", "ok@/abs", "ok@", "ok@@1", "..@1"):
+        with pytest.raises(StoreError, match="invalid"):
+            store.locate(ref)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (store_root / "planted").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(StoreError, match="link out of the store root"):
+        store.locate("planted")
+    with pytest.raises(StoreError, match="link out of the store root"):
+        store.publish(make_adapter_folder(), "planted")
+    assert list(outside.iterdir()) == []
+    assert "planted" not in store.names()
+
+
+# ---------------------------------------------------------------- crash safety and concurrency
+KILLABLE_PUBLISH = """
+import sys, time
+from pathlib import Path
+import adapters.store.store as store
+
+mode, root, src, marker = sys.argv[1:5]
+real_copy = store._copy_file
+
+def copy_then_stall(a, b):  # dies between two files of the copy
+    real_copy(a, b)
+    Path(marker).write_text("copying")
+    time.sleep(600)
+
+def stall_before_rename(a, b):  # dies holding the name's lock, version folder staged with its manifest
+    Path(marker).write_text("locked")
+    time.sleep(600)
+
+if mode == "copy":
+    store._copy_file = copy_then_stall
+else:
+    store._place_version = stall_before_rename
+store.AdapterStore(root).publish(src, "big")
+"""
+
+
+def _big_adapter(make_adapter_folder):
+    """An adapter folder with several MB in extra safetensors shards, so a copy has many steps."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    src = make_adapter_folder()
+    for i in range(4):
+        save_file({"w": np.full((512, 512), i, dtype="float32")}, str(src / f"shard-{i}.safetensors"))
+    write_manifest(src, read_manifest(src))
+    return src
+
+
+@pytest.mark.parametrize("mode", ["copy", "rename"])
+def test_kill_9_during_publish_leaves_the_store_consistent(mode, store_root, make_adapter_folder, tmp_path):
+    store = AdapterStore(store_root)
+    src = _big_adapter(make_adapter_folder)
+    store.publish(src, "big")
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLABLE_PUBLISH, mode, str(store_root), str(src), str(marker)], env=_subprocess_env()
+    )
+    try:
+        deadline = time.time() + 60
+        while not marker.exists():
+            assert proc.poll() is None, "publisher exited before reaching the kill point"
+            assert time.time() < deadline, "publisher never reached the kill point"
+            time.sleep(0.02)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    leftovers = [p.name for p in (store_root / "big").iterdir() if p.name.startswith(".publish-") and p.is_dir()]
+    assert len(leftovers) == 1  # the killed publish's staging folder, invisible to readers
+    assert store.versions("big") == [1]
+    assert store.tags("big") == {"latest": 1}
+    assert store.verify() == {"big@1": []}
+    assert store.resolve("big")[1]["version"] == 1
+
+    # The lock died with the process: the next publish neither waits nor reuses anything.
+    start = time.time()
+    assert store.publish(src, "big").version == 2
+    assert time.time() - start < 10
+    removed = store.gc()
+    assert removed == [f"big/{leftovers[0]}"]
+    assert [p.name for p in (store_root / "big").iterdir() if p.name.startswith(".publish-")] == []
+    assert store.verify() == {"big@1": [], "big@2": []}
+
+
+CONCURRENT_PUBLISH = """
+import sys, time
+from pathlib import Path
+import adapters.store.store as store
+
+root, src, go = sys.argv[1:4]
+while not Path(go).exists():
+    time.sleep(0.005)
+print(store.AdapterStore(root).publish(src, "shared").version)
+"""
+
+
+def test_concurrent_publishers_get_distinct_versions(store_root, make_adapter_folder, tmp_path):
+    srcs = [make_adapter_folder() for _ in range(4)]
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_PUBLISH, str(store_root), str(src), str(go)],
+            stdout=subprocess.PIPE, text=True, env=_subprocess_env(),
+        )
+        for src in srcs
+    ]
+    time.sleep(0.5)  # let them all reach the starting line
+    go.touch()
+    outputs = [p.communicate(timeout=60)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    versions = sorted(int(o.strip()) for o in outputs)
+    assert versions == [1, 2, 3, 4]
+    store = AdapterStore(store_root)
+    assert store.versions("shared") == [1, 2, 3, 4]
+    assert all(not problems for problems in store.verify().values())
+    # Each version holds the weights of exactly one of the sources.
+    stored = {(store_root / "shared" / str(v) / "adapter_model.safetensors").read_bytes() for v in versions}
+    assert stored == {(s / "adapter_model.safetensors").read_bytes() for s in srcs}
+    assert store.tags("shared")["latest"] in versions
+
+
+# ---------------------------------------------------------------- export / import
+@pytest.mark.parametrize("dest_name", ["exported", "exported.tar.gz"])
+def test_export_import_round_trip(dest_name, store_root, make_adapter_folder, tmp_path):
+    store = AdapterStore(store_root)
+    store.publish(make_adapter_folder(), "clf")
+    store.publish(make_adapter_folder(metrics={"accuracy": 0.9}), "clf")
+    dest = store.export("clf@2", tmp_path / dest_name)
+    assert dest.exists()
+    with pytest.raises(StoreError, match="already exists"):
+        store.export("clf@2", dest)
+
+    other = AdapterStore(tmp_path / "other-store")
+    ref = other.import_(dest)
+    assert str(ref) == "clf@1"  # versions are per store
+    original = read_manifest(store_root / "clf" / "2")
+    imported = read_manifest(ref.path)
+    assert imported["files"] == original["files"]
+    assert imported["metrics"] == {"accuracy": 0.9}
+    assert {k: v for k, v in imported.items() if k != "version"} == {k: v for k, v in original.items() if k != "version"}
+    assert other.verify() == {"clf@1": []}
+    assert other.import_(dest, name="renamed", tags=("latest", "prod")).name == "renamed"
+    assert other.tags("renamed") == {"latest": 1, "prod": 1}
+    assert sorted(p.name for p in other.root.iterdir()) == ["clf", "renamed"]  # no import leftovers
+
+
+def _archive_with(tmp_path, member: tarfile.TarInfo, payload: bytes = b"x") -> Path:
+    archive = tmp_path / "hostile.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        manifest = json.dumps({"format": "adapterkit.manifest/1"}).encode()
+        info = tarfile.TarInfo("pkg/manifest.json")
+        info.size = len(manifest)
+        tar.addfile(info, io.BytesIO(manifest))
+        if member.isfile():
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+        else:
+            tar.addfile(member)
+    return archive
+
+
+def _member(name, kind=tarfile.REGTYPE, target=""):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+@pytest.mark.parametrize(
+    "member,reason",
+    [
+        (_member("../escaped.txt"), "unsafe path"),
+        (_member("/tmp/adapterkit-escaped.txt"), "unsafe path"),
+        (_member("pkg/../../escaped.txt"), "unsafe path"),
+        (_member("pkg/link", tarfile.SYMTYPE, "/etc/passwd"), "link or special file"),
+        (_member("pkg/hard", tarfile.LNKTYPE, "/etc/passwd"), "link or special file"),
+        (_member("pkg/fifo", tarfile.FIFOTYPE), "link or special file"),
+    ],
+)
+def test_import_refuses_hostile_archives(member, reason, store_root, tmp_path):
+    archive = _archive_with(tmp_path, member)
+    store = AdapterStore(store_root)
+    with pytest.raises(StoreError, match=reason):
+        store.import_(archive)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path.parent / "escaped.txt").exists()
+    assert not Path("/tmp/adapterkit-escaped.txt").exists()
+    assert list(store_root.iterdir()) == []
+
+
+def test_import_refuses_an_archive_whose_files_do_not_match_the_manifest(store_root, make_adapter_folder, tmp_path):
+    store = AdapterStore(store_root)
+    store.publish(make_adapter_folder(), "clf")
+    dest = store.export("clf", tmp_path / "copy")
+    (dest / "adapter_config.json").chmod(0o644)
+    (dest / "adapter_config.json").write_text("{}")  # tampered in transit
+    with pytest.raises(StoreError, match="does not match its manifest"):
+        AdapterStore(tmp_path / "other").import_(dest)
+
+
+# ---------------------------------------------------------------- gc
+def test_gc_spares_live_publishes_and_applies_a_keep_policy(store_root, make_adapter_folder):
+    from filelock import FileLock
+
+    store = AdapterStore(store_root)
+    for _ in range(4):
+        store.publish(make_adapter_folder(), "clf")
+    store.tag("clf@1", "prod")
+    dead = store_root / "clf" / ".publish-dead"
+    dead.mkdir()
+    (dead / "adapter_model.safetensors").write_bytes(b"half")
+    live = store_root / "clf" / ".publish-live"
+    with FileLock(str(live) + ".lock"):
+        live.mkdir()
+        assert store.gc(dry_run=True) == ["clf/.publish-dead"]
+        assert dead.exists()
+        assert store.gc(keep=2) == ["clf/.publish-dead", "clf/2"]
+        assert live.exists()  # its publisher still holds the lock
+    assert store.versions("clf") == [1, 3, 4]  # 1 is tagged prod, 3 and 4 are the two newest
+    assert store.gc() == ["clf/.publish-live"]  # its publisher is gone now
