@@ -9,7 +9,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast lint sizes clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,16 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not real_model and not multiprocess"
+
+# Style and architecture: ruff (pyflakes, pycodestyle at 120 columns, import order, bugbear) and the
+# layer/size check (imports flow downward; no function over 120 lines, no class over 300).
+lint: setup
+	$(BIN)/ruff check adapters scripts benchmarks tests
+	$(BIN)/ruff format --check adapters scripts benchmarks tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_layers.py
+
+sizes: setup
+	$(BIN)/python tests/test_layers.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

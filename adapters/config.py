@@ -1,7 +1,9 @@
 """The run config: YAML on disk, pydantic behind it, dotted overrides on the command line.
 
 Every key is validated before any model loads; an unknown key, a wrong type or an
-impossible combination raises ConfigError naming the key and the valid choices.
+impossible combination raises ConfigError naming the key and the valid choices. This module
+and the method registry it imports stay free of peft, transformers and datasets, so that
+``train.py --check`` validates a config without loading them.
 """
 
 from __future__ import annotations
@@ -12,19 +14,24 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from adapters.constants import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, GENERATION_METRICS, Task
 from adapters.errors import ConfigError
+from adapters.methods import get_method, list_methods
+from adapters.methods.base import MethodOptions
 
-from adapters.constants import TASKS, Task  # noqa: F401  (re-exported: config is where users look)
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class Strict(BaseModel):
-    """Base for config sections: unknown keys are errors, not silently ignored."""
+    """Base for config sections: unknown keys are errors, not silently ignored; so are nan and inf
+    (a non-finite learning rate or decay trains nothing and fails late)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class QuantizationConfig(Strict):
+    """``model.quantization``: load the backbone 4/8-bit with bitsandbytes (QLoRA: Dettmers et al. 2023)."""
+
     bits: Literal[4, 8] = Field(4, description="Load the backbone in 4-bit or 8-bit (bitsandbytes).")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA).")
@@ -34,6 +41,8 @@ class QuantizationConfig(Strict):
 
 
 class ModelConfig(Strict):
+    """``model``: which backbone, in which dtype, and how it is loaded."""
+
     name: str = Field(..., description="Built-in name (see `adapterkit models`), a local folder, or a hub id.")
     revision: str | None = Field(None, description="Hub revision (ignored for built-ins and folders).")
     dtype: DType = Field("float32", description="Weights dtype. float32 is the fast choice on CPU.")
@@ -45,7 +54,10 @@ class ModelConfig(Strict):
     )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     dropout: float | None = Field(
-        None, ge=0, lt=1, description="Override every dropout probability of the backbone (regularisation); None keeps its own."
+        None,
+        ge=0,
+        lt=1,
+        description="Override every dropout probability of the backbone (regularisation); None keeps its own.",
     )
     attn_implementation: Literal["eager", "sdpa"] | None = Field("sdpa", description="Attention kernel.")
     init: Literal["pretrained", "random"] = Field(
@@ -54,6 +66,8 @@ class ModelConfig(Strict):
 
 
 class SplitConfig(Strict):
+    """``data.split``: how validation and test rows are carved out (see adapters.data.splits)."""
+
     kind: Literal["random", "stratified", "group", "time", "predefined"] = Field(
         "stratified", description="How held-out data is carved out of the training data."
     )
@@ -64,15 +78,50 @@ class SplitConfig(Strict):
     folds: int | None = Field(None, ge=2, description="Stratified k-fold cross-validation.")
 
 
+class TruncationConfig(Strict):
+    """``data.truncation``: what gives way when a row is longer than ``data.max_length`` tokens.
+
+    Causal-lm rows keep the prompt's markup (chat-template headers, instruction, the assistant
+    header) and the response; only the input text is cut (adapters.data.prompts). Serving cuts a
+    long prompt the same way, from the adapter's manifest.
+    """
+
+    prompt_side: Literal["left", "right"] | None = Field(
+        None,
+        description="Which end of the input text is cut: 'left' keeps its end (the part next to the answer), "
+        "'right' its start. Default: left for causal-lm prompts, right for classification inputs.",
+    )
+    long_response: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="causal-lm: a response longer than the room the prompt's markup leaves is cut at its end "
+        "('truncate') or its row is dropped ('drop'). Either way the data report counts them.",
+    )
+
+    def side(self, task: str) -> Literal["left", "right"]:
+        """The end of the input text that is cut for `task` (prompt_side, or the task's default)."""
+        if self.prompt_side is not None:
+            return self.prompt_side
+        return "left" if task == "causal-lm" else "right"
+
+
 class DataConfig(Strict):
-    name: str = Field(..., description="Built-in data set (see `adapterkit datasets`), a csv/json/jsonl/parquet file, or a hub id.")
+    """``data``: where the rows come from, which columns hold input and target, and the prompt format."""
+
+    name: str = Field(
+        ..., description="Built-in data set (see `adapterkit datasets`), a csv/json/jsonl/parquet file, or a hub id."
+    )
     text_field: str = Field("text", description="Input text column.")
     label_field: str = Field("label", description="Label column (classification) or target column.")
-    response_field: str | None = Field(None, description="Target text column for causal-lm (defaults to label_field).")
+    response_field: str | None = Field(
+        None, description="Target text column for causal-lm (defaults to label_field)."
+    )
     label_names: dict[str, str] | None = Field(None, description="Rename labels, e.g. {LOC: location}.")
     system_prompt: str | None = Field(None, description="System message for chat-template prompts.")
     instruction: str | None = Field(None, description="Text placed before each input in causal-lm prompts.")
-    max_length: int = Field(128, ge=8, description="Truncate inputs to this many tokens.")
+    max_length: int = Field(
+        128, ge=8, description="Tokens per row: the input (classification) or prompt + response (causal-lm)."
+    )
+    truncation: TruncationConfig = Field(default_factory=TruncationConfig)
     max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many validation rows.")
     max_test_samples: int | None = Field(None, ge=1, description="Use at most this many test rows.")
@@ -82,6 +131,8 @@ class DataConfig(Strict):
 
 
 class EarlyStoppingConfig(Strict):
+    """``train.early_stopping``: stop when a validation metric stops improving."""
+
     metric: str = Field("eval_loss", description="Validation metric to watch.")
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
@@ -89,14 +140,21 @@ class EarlyStoppingConfig(Strict):
 
 
 class TrainConfig(Strict):
+    """``train``: optimizer, schedule, budget, evaluation and checkpoint cadence."""
+
     lr: float = Field(2e-4, gt=0, description="Learning rate of the adapter / backbone parameters.")
     head_lr: float | None = Field(None, gt=0, description="Learning rate of new heads (default: lr).")
-    layer_decay: float | None = Field(None, gt=0, le=1, description="Layer-wise LR decay: each block deeper gets lr x decay.")
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="Layer-wise LR decay: each block deeper gets lr x decay."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train for.")
     max_seconds: float | None = Field(
-        None, gt=0, description="Also stop after this many seconds of training (evaluation excluded); the schedule still spans max_steps/epochs."
+        None,
+        gt=0,
+        description="Also stop after this many seconds of training (evaluation excluded); "
+        "the schedule still spans max_steps/epochs.",
     )
     batch_size: int = Field(8, ge=1, description="Per-process micro-batch size.")
     eval_batch_size: int = Field(32, ge=1)
@@ -109,21 +167,27 @@ class TrainConfig(Strict):
     step_gamma: float = Field(0.1, gt=0, le=1, description="LR multiplier at each drop for 'step'.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None: off).")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    eval_every: int | None = Field(None, ge=1, description="Evaluate every N optimizer steps (None: at the end of each epoch).")
+    eval_every: int | None = Field(
+        None, ge=1, description="Evaluate every N optimizer steps (None: at the end of each epoch)."
+    )
     early_stopping: EarlyStoppingConfig | None = None
     save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
-    seed: int = 42
+    seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of every random number generator (numpy's range).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="'no' on CPU: bf16 is ~20x slower there.")
     group_by_length: bool = Field(True, description="Batch rows of similar length (less padding).")
     log_every: int = Field(10, ge=1)
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     unfreeze_every: int | None = Field(
-        None, ge=1, description="Gradual unfreezing: start with the head alone, open one more block from the top every N units."
+        None,
+        ge=1,
+        description="Gradual unfreezing: start with the head alone, open one more block from the top every N units.",
     )
     unfreeze_unit: Literal["epoch", "step"] = Field("epoch", description="Unit of unfreeze_every.")
 
 
 class OutputConfig(Strict):
+    """``output``: the run folder, the adapter's name and whether to publish it."""
+
     run_dir: str | None = Field(None, description="Run folder (default runs/<name>-<timestamp>).")
     name: str = Field("adapter", description="Adapter name, also the store name when publishing.")
     publish: bool = Field(False, description="Publish the adapter to the store when training ends.")
@@ -131,16 +195,26 @@ class OutputConfig(Strict):
 
 
 class EvalConfig(Strict):
+    """``eval``: generation budget for causal-lm evaluation, and the baselines on the test split."""
+
     max_new_tokens: int = Field(8, ge=1, description="Generation budget for causal-lm evaluation.")
-    baseline: bool = Field(True, description="Also evaluate the untouched base model on the test set.")
+    baseline: bool = Field(
+        True,
+        description="Also score baselines on the test split: the untouched base model (causal-lm); the frozen "
+        "backbone with a trained head and TF-IDF + logistic regression (classification).",
+    )
 
 
 class MethodConfig(Strict):
+    """``method``: a registered method's name and its options (validated by the method's Options)."""
+
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
 
 
 class RunConfig(Strict):
+    """A whole run: task, model, data, method, training, evaluation and output."""
+
     task: Task
     model: ModelConfig
     data: DataConfig
@@ -164,9 +238,7 @@ class RunConfig(Strict):
         return data
 
     @model_validator(mode="after")
-    def _method_known_and_fits_task(self) -> "RunConfig":
-        from adapters.methods import get_method
-
+    def _method_known_and_fits_task(self) -> RunConfig:
         method = get_method(self.method.name)  # raises ConfigError listing the valid names
         method.parse_options(self.method.options)  # raises ConfigError naming method.<key>
         if self.task not in method.tasks:
@@ -175,8 +247,6 @@ class RunConfig(Strict):
                 f"it supports: {', '.join(sorted(method.tasks))}"
             )
         if self.model.quantization is not None and not method.supports_quantized:
-            from adapters.methods import list_methods
-
             able = ", ".join(m.name for m in list_methods() if m.supports_quantized)
             raise ConfigError(
                 f"model.quantization: method {method.name!r} does not support a quantized backbone; "
@@ -184,10 +254,30 @@ class RunConfig(Strict):
             )
         return self
 
-    def method_options(self):
-        from adapters.methods import get_method
+    @model_validator(mode="after")
+    def _early_stopping_metric_exists(self) -> RunConfig:
+        # A metric the validation never reports would never stop the run (and never pick a best).
+        stopping = self.train.early_stopping
+        valid = validation_metrics(self.task)
+        if stopping is not None and stopping.metric not in valid:
+            raise ConfigError(
+                f"train.early_stopping.metric: {stopping.metric!r} is not a validation metric of {self.task}; "
+                f"valid: {', '.join(valid)}"
+            )
+        return self
 
+    def method_options(self) -> MethodOptions:
+        """The method's validated options (its Options model)."""
         return get_method(self.method.name).parse_options(self.method.options)
+
+
+def validation_metrics(task: str) -> tuple[str, ...]:
+    """The metrics the validation split reports for `task` ("eval_" + the evaluator's keys,
+    adapters.evaluation.evaluator): what early stopping and the ladder can watch. Causal-lm's
+    eval_exact_match makes every evaluation generate answers (adapters.training.validation)."""
+    if task == "sequence-classification":
+        return tuple(f"eval_{m}" for m in CLASSIFICATION_METRICS)
+    return tuple(f"eval_{m}" for m in CAUSAL_LM_METRICS + GENERATION_METRICS)
 
 
 def _format_validation_error(err: ValidationError, prefix: str = "") -> str:
@@ -223,7 +313,10 @@ def _valid_keys_hint(loc: tuple, prefix: str) -> str:
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a raw config dict."""
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a raw config dict, in place; returns it.
+
+    Raises ConfigError for an override without '=' or one whose path runs through a non-section.
+    """
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value (e.g. train.lr=2e-4)")
@@ -244,7 +337,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None
+) -> RunConfig:
     """Read a YAML config (or a dict), apply dotted overrides, validate. Raises ConfigError."""
     if raw is None:
         if path is None:
@@ -263,4 +358,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def dump_config(cfg: RunConfig) -> dict:
+    """The config as plain JSON-able data (what a run folder records)."""
     return cfg.model_dump(mode="json")

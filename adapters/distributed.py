@@ -6,6 +6,9 @@ gathered (a collective: every rank must take part), and a model loaded by one ra
 not be sharded at all. accelerate 1.15 registers its DeepSpeed config with transformers whenever
 the ZeRO stage is 3, whatever `zero3_init_flag` says, so every `from_pretrained` in such a run
 builds the model under `deepspeed.zero.Init`, which is itself a collective.
+
+deepspeed is an optional dependency: it is imported only where ZeRO-3 parameters exist, which
+means it is already loaded.
 """
 
 from __future__ import annotations
@@ -13,14 +16,16 @@ from __future__ import annotations
 from contextlib import contextmanager, nullcontext
 
 import torch
+from accelerate.state import AcceleratorState
+from transformers.integrations.deepspeed import (
+    is_deepspeed_zero3_enabled,
+    set_hf_deepspeed_config,
+    unset_hf_deepspeed_config,
+)
 
 
 def zero3_enabled() -> bool:
     """True inside a DeepSpeed ZeRO-3 run (after the Accelerator was made)."""
-    try:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return False
     return bool(is_deepspeed_zero3_enabled())
 
 
@@ -36,9 +41,6 @@ def no_zero3_init():
     if not zero3_enabled():
         yield
         return
-    from accelerate.state import AcceleratorState
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
     plugin = AcceleratorState().deepspeed_plugin
     unset_hf_deepspeed_config()
     try:
@@ -56,6 +58,6 @@ def gathered(params, modifier_rank: int | None = None):
     params = [p for p in params if hasattr(p, "ds_id")]
     if not params:
         return nullcontext()
-    import deepspeed
+    import deepspeed  # optional dependency, already loaded where parameters carry a ds_id
 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)

@@ -6,9 +6,9 @@ import importlib.util
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from adapters.errors import ConfigError
 
@@ -55,7 +55,9 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, *, fsync: bool = True, mode: int | None = None, sync_dir: bool = False) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, *, fsync: bool = True, mode: int | None = None, sync_dir: bool = False
+) -> Iterator[Path]:
     """A temporary path next to ``path``; when the block succeeds, it replaces ``path`` in one rename,
     so readers see the old file or the whole new one, never half. On an error it is removed.
 
@@ -81,6 +83,10 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True, mode: int | None
 
 
 def package_dir(dist: str, module: str) -> Path:
+    """Folder of the installed package `module` (PyPI distribution `dist`), found without importing it.
+
+    Raises ConfigError naming the distribution to install when it is missing.
+    """
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(

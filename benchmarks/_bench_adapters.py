@@ -20,21 +20,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
+from adapters.benchmarking.suite import cpu_name  # noqa: E402
+from adapters.config import ModelConfig  # noqa: E402
+from adapters.methods import get_method  # noqa: E402
+from adapters.modeling.backbone import load_backbone  # noqa: E402
+from adapters.modeling.builtins import resolve_model  # noqa: E402
+from adapters.store.fingerprint import fingerprint_model  # noqa: E402
+from adapters.store.manifest import build_manifest, write_manifest  # noqa: E402
+from adapters.store.store import AdapterStore  # noqa: E402
+
 BASE = "smollm2-135m-instruct"
 
 
 def publish_random_loras(store_root: Path, n: int, r: int = 8, prefix: str = "bench", std: float = 0.01) -> list[str]:
     """Publish n adapters named <prefix>0..; returns their pinned references (name@1)."""
-    import torch
-
-    from adapters.modeling.builtins import resolve_model
-    from adapters.config import ModelConfig
-    from adapters.store.fingerprint import fingerprint_model
-    from adapters.store.manifest import build_manifest, write_manifest
-    from adapters.methods import get_method
-    from adapters.modeling.backbone import load_backbone
-    from adapters.store.store import AdapterStore
-
     store = AdapterStore(store_root)
     model_cfg = ModelConfig(name=BASE)
     base_path = resolve_model(BASE)
@@ -63,10 +64,6 @@ def publish_random_loras(store_root: Path, n: int, r: int = 8, prefix: str = "be
 
 
 def machine() -> dict:
-    import torch
-
-    from adapters.benchmarking.suite import cpu_name
-
     cpu = cpu_name()
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()

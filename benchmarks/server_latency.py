@@ -1,13 +1,17 @@
-"""Server latency and throughput on loopback at a fixed concurrency (SmolLM2-135M, LoRA r=8).
+"""Server latency and throughput on loopback at a fixed concurrency (SmolLM2-135M, LoRA r=8):
+continuous batching against the old window batching, in the same run.
 
     .venv/bin/python benchmarks/server_latency.py [--clients 16] [--requests 3] [--max-tokens 16] [--threads 1]
 
-The server runs in this process (uvicorn on 127.0.0.1, a free port); --clients threads each
-send --requests completions back to back (greedy, max_tokens tokens each, ignore_eos). Three
-workloads:
+The server runs in this process (uvicorn on 127.0.0.1, a free port); --clients threads each send
+--requests streamed completions back to back (greedy, max_tokens tokens each, ignore_eos), and time
+each request to its first text chunk (time to first token) and to its end (latency). Workloads, each
+under ``ServerSettings.batching = "continuous"`` (rows join and leave the running decode batch between
+steps) and ``"window"`` (requests gathered for --window-ms run as one batch to its end):
 - one adapter: every client uses the same adapter;
-- 16 adapters, mixing: each client its own adapter, batches may mix adapters;
-- 16 adapters, no mixing: the same, but the batcher runs one batch per adapter.
+- N adapters, mixing: each client its own adapter, batches may mix adapters;
+- N adapters, no mixing (window only, as before: one engine batch per adapter).
+The engine holds clients + 1 adapters: continuous batching keeps one slot free of running rows.
 Writes benchmarks/results/server_latency.{json,md}.
 """
 
@@ -26,6 +30,70 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_adapters import BASE, machine, publish_random_loras  # noqa: E402
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) of ``values`` by the nearest-rank rule."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run_workload(engine, args, name: str, adapters: list[str], mix: bool, batching: str) -> dict:
+    """Serve ``engine`` with one batching mode and drive it with ``args.clients`` streaming clients."""
+    import httpx
+
+    from adapters.serving.http.app import BackgroundServer, create_app
+    from adapters.serving.http.settings import ServerSettings
+
+    settings = ServerSettings(batch_window_ms=args.window_ms, max_batch_size=args.clients, mix_adapters=mix,
+                              max_tokens=args.max_tokens, batching=batching)
+    latencies: list[float] = []
+    first_tokens: list[float] = []
+    failures: list[str] = []
+    with BackgroundServer(create_app(engine, settings)) as server:
+
+        def client(i: int) -> None:
+            with httpx.Client(base_url=server.url, timeout=600) as http:
+                for k in range(args.requests):
+                    body = {"model": adapters[i], "prompt": f"Client {i} request {k}: write about the weather.",
+                            "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                            "stream_options": {"include_usage": True}}
+                    t0 = time.perf_counter()
+                    first, usage = None, None
+                    with http.stream("POST", "/v1/completions", json=body) as r:
+                        for line in r.iter_lines():
+                            if not line.startswith("data: {"):
+                                continue
+                            chunk = json.loads(line[len("data: "):])
+                            if first is None and any(c.get("text") for c in chunk["choices"]):
+                                first = time.perf_counter() - t0
+                            usage = chunk.get("usage") or usage
+                    latencies.append(time.perf_counter() - t0)
+                    first_tokens.append(first if first is not None else latencies[-1])
+                    if r.status_code != 200 or not usage or usage["completion_tokens"] != args.max_tokens:
+                        failures.append(f"{r.status_code} {usage}")
+
+        with httpx.Client(base_url=server.url) as http:  # warm-up
+            http.post("/v1/completions", json={"model": adapters[0], "prompt": "warm up", "max_tokens": 2})
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        metrics = httpx.get(server.url + "/metrics").text
+    lines = metrics.splitlines()
+    batches = float(next(line.split()[-1] for line in lines if line.startswith("adapterkit_batch_rows_count")))
+    rows = float(next(line.split()[-1] for line in lines if line.startswith("adapterkit_batch_rows_sum")))
+    return {
+        "workload": name, "batching": batching, "requests": len(latencies), "failures": len(failures),
+        "wall_seconds": wall, "p50_ms": statistics.median(latencies) * 1e3, "p99_ms": percentile(latencies, 0.99) * 1e3,
+        "ttft_p50_ms": statistics.median(first_tokens) * 1e3, "ttft_p99_ms": percentile(first_tokens, 0.99) * 1e3,
+        "requests_per_s": len(latencies) / wall, "tokens_per_s": len(latencies) * args.max_tokens / wall,
+        # window: rows per engine batch; continuous: rows per decode step (prefills of joining rows not counted)
+        "mean_batch_rows": rows / batches if batches else None,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--clients", type=int, default=16)
@@ -35,61 +103,26 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; see load_avg)")
     p.add_argument("--out", default="benchmarks/results/server_latency")
     args = p.parse_args()
-    import httpx
     import torch
 
     torch.set_num_threads(args.threads)
     from adapters.serving.engine import InferenceEngine
-    from adapters.serving.http.app import BackgroundServer, ServerSettings, create_app
 
-    results: dict = {"command": "python " + " ".join(sys.argv), "machine": machine(), "base": BASE, "clients": args.clients,
-                     "requests_per_client": args.requests, "max_tokens": args.max_tokens, "batch_window_ms": args.window_ms}
+    results: dict = {"command": "python " + " ".join(sys.argv), "machine": machine(), "base": BASE,
+                     "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
+                     "batch_window_ms": args.window_ms}
     with tempfile.TemporaryDirectory() as tmp:
         refs = publish_random_loras(Path(tmp) / "store", args.clients)
-        engine = InferenceEngine(BASE, capacity=args.clients, store=Path(tmp) / "store")
+        engine = InferenceEngine(BASE, capacity=args.clients + 1, store=Path(tmp) / "store")
         for r in refs:
             engine.load(r)
-
-        def workload(name: str, adapters: list[str], mix: bool) -> dict:
-            settings = ServerSettings(batch_window_ms=args.window_ms, max_batch_size=args.clients, mix_adapters=mix, max_tokens=args.max_tokens)
-            latencies: list[float] = []
-            failures: list[str] = []
-            with BackgroundServer(create_app(engine, settings)) as server:
-                def client(i: int) -> None:
-                    with httpx.Client(base_url=server.url, timeout=600) as http:
-                        for k in range(args.requests):
-                            body = {"model": adapters[i], "prompt": f"Client {i} request {k}: write about the weather.",
-                                    "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}
-                            t0 = time.perf_counter()
-                            r = http.post("/v1/completions", json=body)
-                            latencies.append(time.perf_counter() - t0)
-                            if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != args.max_tokens:
-                                failures.append(r.text[:200])
-
-                with httpx.Client(base_url=server.url) as http:  # warm-up
-                    http.post("/v1/completions", json={"model": adapters[0], "prompt": "warm up", "max_tokens": 2})
-                threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
-                t0 = time.perf_counter()
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                wall = time.perf_counter() - t0
-                metrics = httpx.get(server.url + "/metrics").text
-            lat = sorted(latencies)
-            batches = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("adapterkit_batch_rows_count")))
-            rows = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("adapterkit_batch_rows_sum")))
-            return {
-                "workload": name, "requests": len(lat), "failures": len(failures), "wall_seconds": wall,
-                "p50_ms": statistics.median(lat) * 1e3, "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1e3,
-                "requests_per_s": len(lat) / wall, "tokens_per_s": len(lat) * args.max_tokens / wall,
-                "mean_batch_rows": rows / batches if batches else None,
-            }
-
+        one, many = [refs[0]] * args.clients, refs
         results["workloads"] = [
-            workload("one adapter", [refs[0]] * args.clients, mix=True),
-            workload(f"{args.clients} adapters, mixed batches", refs, mix=True),
-            workload(f"{args.clients} adapters, one batch per adapter", refs, mix=False),
+            run_workload(engine, args, "one adapter", one, True, "continuous"),
+            run_workload(engine, args, "one adapter", one, True, "window"),
+            run_workload(engine, args, f"{args.clients} adapters, mixed batches", many, True, "continuous"),
+            run_workload(engine, args, f"{args.clients} adapters, mixed batches", many, True, "window"),
+            run_workload(engine, args, f"{args.clients} adapters, one batch per adapter", many, False, "window"),
         ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,20 +132,27 @@ def main() -> None:
 
 
 def render_md(r: dict) -> str:
+    """The results as a Markdown table."""
     m = r["machine"]
     lines = [
-        f"# Server latency at {r['clients']} concurrent clients (SmolLM2-135M, LoRA r=8, {r['max_tokens']} new tokens per request)",
+        f"# Server latency at {r['clients']} concurrent clients (SmolLM2-135M, LoRA r=8, {r['max_tokens']} new "
+        "tokens per request): continuous against window batching",
         "",
         f"Command: `{r['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average at start "
-        f"{tuple(round(x, 1) for x in m['load_avg'])} (shared machine), git {m['git']}; loopback HTTP, batching window {r['batch_window_ms']} ms",
+        f"{tuple(round(x, 1) for x in m['load_avg'])} (shared machine), git {m['git']}; loopback HTTP, streamed "
+        f"completions (latency: to the last chunk; TTFT: to the first text chunk), window {r['batch_window_ms']} ms",
         "",
-        "| workload | requests | failures | p50 | p99 | requests/s | tokens/s | rows per batch |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| workload | batching | requests | failures | p50 | p99 | TTFT p50 | TTFT p99 | requests/s | tokens/s "
+        "| rows per step / batch |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for w in r["workloads"]:
-        lines.append(f"| {w['workload']} | {w['requests']} | {w['failures']} | {w['p50_ms'] / 1e3:.2f} s | {w['p99_ms'] / 1e3:.2f} s | "
-                     f"{w['requests_per_s']:.2f} | {w['tokens_per_s']:.1f} | {w['mean_batch_rows']:.1f} |")
+        lines.append(
+            f"| {w['workload']} | {w['batching']} | {w['requests']} | {w['failures']} | {w['p50_ms'] / 1e3:.2f} s "
+            f"| {w['p99_ms'] / 1e3:.2f} s | {w['ttft_p50_ms'] / 1e3:.2f} s | {w['ttft_p99_ms'] / 1e3:.2f} s "
+            f"| {w['requests_per_s']:.2f} | {w['tokens_per_s']:.1f} | {w['mean_batch_rows']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 

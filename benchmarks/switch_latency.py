@@ -28,6 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_adapters import BASE, machine, publish_random_loras  # noqa: E402
+import torch  # noqa: E402
+
+import adapters.store.verified as verified  # noqa: E402
+from adapters.config import ModelConfig  # noqa: E402
+from adapters.modeling.backbone import load_backbone  # noqa: E402
+from adapters.modeling.generation import SamplingParams  # noqa: E402
+from adapters.serving.engine import GenerationRequest, InferenceEngine  # noqa: E402
+from adapters.store.store import AdapterStore  # noqa: E402
 
 
 def timed(fn, repeat: int) -> list[float]:
@@ -56,15 +64,8 @@ def main() -> None:
     args = p.parse_args()
     if args.adapters < 56:
         p.error("--adapters: at least 56 (8 fill the cache, 16 verified, 16 never verified, 8 resolve-only, 8 first requests)")
-    import torch
 
     torch.set_num_threads(args.threads)
-    from adapters.config import ModelConfig
-    from adapters.serving.engine import GenerationRequest, InferenceEngine
-    from adapters.modeling.generation import SamplingParams
-    from adapters.modeling.backbone import load_backbone
-    from adapters.store.store import AdapterStore
-    import adapters.store.verified as verified
 
     results: dict = {"command": "python " + " ".join(sys.argv), "machine": machine(), "base": BASE}
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,11 +136,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 engine.activate(r)
                 per_switch.append(time.perf_counter() - t0)
-            peft_model = engine._peft
+            peft_model = engine._layers.peft
             slots = [e["slot"] for e in engine.resident()]
             peft_times = timed(lambda: [peft_model.set_adapter(s) for s in slots[:3]], 5)
             switch[n] = {"activate": summary(per_switch), "peft_set_adapter": summary([t / 3 for t in peft_times])}
-            engine._activate_slot(slots[0])  # peft's set_adapter flipped requires_grad; harmless at inference
+            engine._layers.activate(slots[0])  # peft's set_adapter flipped requires_grad; harmless at inference
         results["resident_switch"] = switch
         results["resident_adapters_max"] = loaded
     verified.prune_records()  # the temporary store is gone

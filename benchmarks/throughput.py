@@ -36,10 +36,27 @@ for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
+from torch.profiler import ProfilerActivity, profile as torch_profile  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from adapters.benchmarking.suite import environment  # noqa: E402
+from adapters.config import load_config  # noqa: E402
+from adapters.data.loading import prepare_splits, tokenize_splits, train_dataloader  # noqa: E402
+from adapters.modeling.backbone import load_tokenizer  # noqa: E402
+from adapters.modeling.builtins import resolve_model  # noqa: E402
+from adapters.training.loop import train  # noqa: E402
+
 
 def run_config(args, run_dir: str):
-    from adapters.config import load_config
-
     return load_config(raw={
         "task": "sequence-classification",
         "model": {"name": "minilm-l6"},
@@ -54,9 +71,6 @@ def run_config(args, run_dir: str):
 
 def padded_tokens_ours(cfg) -> int:
     """Tokens (with padding) in the batches our loop sees in these steps: same sampler, same seed."""
-    from adapters.data.loading import prepare_splits, tokenize_splits, train_dataloader
-    from adapters.modeling.backbone import load_tokenizer
-
     prepared = prepare_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
     tokenized = tokenize_splits(prepared, cfg, tokenizer)
@@ -70,8 +84,6 @@ def padded_tokens_ours(cfg) -> int:
 
 
 def train_ours(args, profile: bool = False) -> dict:
-    from adapters.training.loop import train
-
     with tempfile.TemporaryDirectory(prefix="throughput-ours-") as tmp:
         cfg = run_config(args, tmp)
         if profile:
@@ -108,10 +120,6 @@ def _attn_implementation(model) -> str:
 def _profile_our_loop(cfg, rows: int) -> str:
     """torch.profiler over our training loop only: started when the model is ready (before the
     optimizer and loop), stopped at the first forward in eval mode (the evaluation after the loop)."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    from adapters.training.loop import train
-
     prof = torch_profile(activities=[ProfilerActivity.CPU])
     state = {"running": False}
 
@@ -135,8 +143,6 @@ class _CountingCollator:
     """DataCollatorWithPadding that also counts real and padded tokens of every batch it builds."""
 
     def __init__(self, tokenizer):
-        from transformers import DataCollatorWithPadding
-
         self.inner = DataCollatorWithPadding(tokenizer)
         self.real = self.padded = self.samples = 0
 
@@ -150,9 +156,6 @@ class _CountingCollator:
 
 def plain_data(args):
     """The same split as ours (same config and seed), tokenized the plain way (truncate, no padding)."""
-    from adapters.data.loading import prepare_splits
-    from adapters.modeling.backbone import load_tokenizer
-
     cfg = run_config(args, tempfile.gettempdir())
     prepared = prepare_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -169,13 +172,6 @@ def plain_data(args):
 
 def train_plain(args, data, profile: bool = False) -> dict:
     """transformers Trainer + peft LoRA, as the peft/transformers docs show it."""
-    import numpy as np
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
-
-    from adapters.modeling.builtins import resolve_model
-
     cfg, tokenizer, label2id, splits = data
     model = AutoModelForSequenceClassification.from_pretrained(
         resolve_model("minilm-l6"), num_labels=len(label2id), label2id=label2id, id2label={i: l for l, i in label2id.items()}
@@ -200,8 +196,6 @@ def train_plain(args, data, profile: bool = False) -> dict:
         )
         trainer = Trainer(model=model, args=targs, train_dataset=splits["train"], data_collator=collator, callbacks=[clock])
         if profile:
-            from torch.profiler import ProfilerActivity, profile as torch_profile
-
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 trainer.train()
             return {"profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)}
@@ -280,10 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-rows", type=int, default=15)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput"), help="writes OUT.json and OUT.md")
     args = parser.parse_args(argv)
-
-    import torch
-
-    from adapters.benchmarking.suite import environment
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,83 +1,12 @@
 #!/usr/bin/env python
-"""Run inputs through a base model + adapter, or fold an adapter into a standalone model.
+"""Run inputs through a base model + adapter (`adapterkit infer`; options in adapters.cli.infer)."""
 
-    python scripts/infer.py --base smollm2-135m-instruct --adapter alpha@prod --prompt "Hello"
-    python scripts/infer.py --base smollm2-135m-instruct --adapter alpha --input in.jsonl --output out.jsonl
-    python scripts/infer.py --task sequence-classification --base minilm-l6 --adapter trec --prompt "Where is Rome?"
-    python scripts/infer.py --base smollm2-135m-instruct --adapter alpha@3 --export merged/ [--requantize]
-
-Input JSONL: one object per line with "prompt" (or "text") or "messages"; optional per-row
-"adapter", "max_new_tokens", "temperature", "top_p", "seed", "stop"; other keys are copied.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from adapters.errors import AdapterkitError  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="built-in model name or model folder")
-    p.add_argument("--adapter", default="base", help="adapter reference (name, name@3, name@prod, folder) or 'base'")
-    p.add_argument("--task", default="causal-lm", choices=["causal-lm", "sequence-classification"])
-    p.add_argument("--quantization", type=int, choices=[4, 8], help="load the base in 4 or 8 bits")
-    p.add_argument("--store", help="adapter store root")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", help="one prompt (or text to classify)")
-    src.add_argument("--input", help="JSONL file of inputs")
-    p.add_argument("--output", help="write JSONL here instead of printing")
-    p.add_argument("--chat", action="store_true", help="send --prompt as a user chat message")
-    p.add_argument("--raw", action="store_true", help="do not apply the adapter's training prompt format")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--export", metavar="DIR", help="merge the adapter into the base and save a standalone model here")
-    p.add_argument("--requantize", action="store_true", help="with --export on a 4-bit base: save the merged model in 4 bits")
-    args = p.parse_args(argv)
-
-    try:
-        if args.export:
-            from adapters.serving.merge import merge_and_export
-
-            report = merge_and_export(args.base, args.adapter, args.export, task=args.task, quantization=args.quantization,
-                                      requantize=args.requantize, store=args.store)
-            print(json.dumps(report, indent=2))
-            return 0 if report["check"]["passed"] else 1
-        from adapters.serving.engine import InferenceEngine, infer_records
-
-        if args.input:
-            lines = Path(args.input).read_text(encoding="utf-8").splitlines()
-            records = [json.loads(line) for line in lines if line.strip()]
-        elif args.prompt is not None:
-            records = [{"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt, "raw": args.raw}]
-        else:
-            p.error("give --prompt, --input or --export")
-        engine = InferenceEngine(args.base, task=args.task, quantization=args.quantization, capacity=4, store=args.store)
-        defaults = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed, "stop": args.stop}
-        outputs = infer_records(engine, records, adapter=args.adapter, defaults=defaults, batch_size=args.batch_size)
-    except AdapterkitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.output:
-        from adapters.serving.engine import write_jsonl
-
-        write_jsonl(args.output, outputs)
-    elif args.prompt is not None and engine.task == "causal-lm":
-        print(outputs[0]["output"])
-    else:
-        sys.stdout.write("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in outputs))
-    return 0
-
+from adapters.cli.infer import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

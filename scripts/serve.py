@@ -1,74 +1,15 @@
 #!/usr/bin/env python
-"""Serve many adapters from one base model over HTTP (OpenAI-compatible).
+"""Serve many adapters from one base model over HTTP: `python scripts/serve.py --base MODEL [--preload REF] ...`.
 
-    python scripts/serve.py --base smollm2-135m-instruct --preload alpha@prod --port 8000
-    curl localhost:8000/v1/completions -H 'content-type: application/json' \\
-         -d '{"model": "alpha@prod", "prompt": "Hello", "max_tokens": 16, "temperature": 0}'
-
-The bearer token comes from --api-token or $ADAPTERKIT_API_TOKEN (none: no auth).
-Binds 127.0.0.1 unless --host says otherwise.
+The options and examples: `python scripts/serve.py --help` (adapters/cli/serve.py).
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from adapters.errors import AdapterkitError  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", required=True, help="built-in model name or model folder")
-    p.add_argument("--task", default="causal-lm", choices=["causal-lm", "sequence-classification"])
-    p.add_argument("--quantization", type=int, choices=[4, 8], help="load the base in 4 or 8 bits (bitsandbytes)")
-    p.add_argument("--capacity", type=int, default=16, help="adapters resident at once (LRU beyond)")
-    p.add_argument("--store", help="adapter store root (default $ADAPTERKIT_STORE or the cache's store)")
-    p.add_argument("--preload", action="append", default=[], metavar="REF", help="load an adapter at start (repeatable)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-token", help="require this bearer token (default: $ADAPTERKIT_API_TOKEN)")
-    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-prompt-tokens", type=int, default=2048)
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000)
-    p.add_argument("--batch-window-ms", type=float, default=5.0)
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--allow-path-refs", action="store_true", help="let clients name adapter folders on this machine (default: store references only)")
-    p.add_argument("--traffic-log", help="sample requests into this JSONL/SQLite file (adapters.monitoring.traffic_log)")
-    p.add_argument("--traffic-include-text", action="store_true", help="store raw text in the traffic log")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    try:
-        import uvicorn
-
-        from adapters.serving.engine import InferenceEngine
-        from adapters.serving.http.app import ServerSettings, create_app
-
-        engine = InferenceEngine(args.base, task=args.task, quantization=args.quantization, capacity=args.capacity, store=args.store)
-        for ref in args.preload:
-            engine.load(ref)
-        on_request = None
-        if args.traffic_log:
-            from adapters.monitoring.traffic_log import TrafficLogger
-
-            on_request = TrafficLogger(args.traffic_log, log_text=args.traffic_include_text, tokenizer=engine.tokenizer)
-        settings = ServerSettings(
-            api_token=args.api_token, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-            max_body_bytes=args.max_body_bytes, batch_window_ms=args.batch_window_ms, max_batch_size=args.max_batch_size,
-            on_request=on_request, traffic_include_text=args.traffic_include_text, allow_path_refs=args.allow_path_refs,
-        )
-        app = create_app(engine, settings)
-    except AdapterkitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    return 0
-
+from adapters.cli.serve import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""The adapter store CLI: `python scripts/store.py [--store DIR] list|show|diff|tag|rm|verify|export|import|gc ...`."""
+"""The adapter store CLI (adapters.cli.store): `python scripts/store.py [--store DIR] [--json] COMMAND ...`.
+
+Commands: publish, list, show, diff, tag, untag, promote, rollback, rm, verify, export, import, gc.
+"""
 
 import sys
 from pathlib import Path

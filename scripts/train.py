@@ -1,59 +1,15 @@
 #!/usr/bin/env python
 """Train an adapter: `accelerate launch scripts/train.py --config configs/quickstart.yaml`.
 
-Options: --set key.path=value (repeatable) overrides the config; --resume continues the
-run in output.run_dir from its latest checkpoint; --list-methods prints every method.
+Options and exit status: adapters/cli/train.py (or `--help`).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from adapters.errors import AdapterkitError  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML run config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key, e.g. train.lr=2e-4")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, help="resume from the latest checkpoint of output.run_dir (or the given checkpoint folder)")
-    parser.add_argument("--list-methods", action="store_true", help="print every adaptation method and its options")
-    parser.add_argument("--check", action="store_true", help="validate the config and exit")
-    args = parser.parse_args(argv)
-
-    if args.list_methods:
-        from adapters.cli.main import print_methods
-
-        print_methods()
-        return 0
-    try:
-        from adapters.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        if args.check:
-            print("config OK")
-            return 0
-        if cfg.data.split.folds:
-            from adapters.training.crossval import cross_validate
-            from adapters.data.splits import format_folds
-
-            cv = cross_validate(cfg, command=sys.argv)
-            print(f"{cfg.data.split.folds}-fold cross-validation (test):\n{format_folds(cv.test)}\nreport: {cv.run_dir / 'crossval.md'}")
-            return 0
-        from adapters.training.report import print_result
-        from adapters.training.loop import train
-
-        result = train(cfg, resume=args.resume, command=sys.argv)
-        print_result(result, cfg)
-    except AdapterkitError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+from adapters.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

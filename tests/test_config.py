@@ -33,7 +33,10 @@ def test_a_valid_config_loads_with_method_shorthands():
     [
         ({"optimiser": "adamw"}, r"unknown config key 'optimiser'; valid keys here: task, model, data, method"),
         ({"train": {"lrr": 1e-3}}, r"unknown config key 'train\.lrr'; valid keys here: lr, head_lr"),
-        ({"model": {"name": "x", "quantization": {"bitz": 4}}}, r"unknown config key 'model\.quantization\.bitz'; valid keys here: bits"),
+        (
+            {"model": {"name": "x", "quantization": {"bitz": 4}}},
+            r"unknown config key 'model\.quantization\.bitz'; valid keys here: bits",
+        ),
     ],
 )
 def test_unknown_key_names_it_and_the_valid_keys(changes, pattern):
@@ -95,7 +98,9 @@ def test_method_task_mismatch_names_what_the_method_supports(monkeypatch):
 def test_quantization_with_a_method_that_cannot_use_it(name):
     task = sorted(next(m for m in list_methods() if m.name == name).tasks)[0]
     with pytest.raises(ConfigError) as err:
-        load_config(raw=raw(task=task, method=name, model={"name": "smollm2-135m-instruct", "quantization": {"bits": 4}}))
+        load_config(
+            raw=raw(task=task, method=name, model={"name": "smollm2-135m-instruct", "quantization": {"bits": 4}})
+        )
     message = str(err.value)
     assert f"model.quantization: method {name!r} does not support a quantized backbone" in message
     assert "lora" in message  # names the methods that do
@@ -116,3 +121,58 @@ def test_config_file_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"override 'train\.lr' must look like key\.path=value"):
         load_config(raw=raw(), overrides=["train.lr"])
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (["train.early_stopping.metric=eval_acc"],
+         r"train\.early_stopping\.metric: 'eval_acc' is not a validation metric of causal-lm; "
+         r"valid: eval_loss, eval_perplexity, eval_exact_match$"),
+        (["task=sequence-classification", "train.early_stopping.metric=eval_exact_match"],
+         r"train\.early_stopping\.metric: 'eval_exact_match'.*valid: eval_loss, eval_accuracy, eval_f1_macro, "
+         r"eval_f1_micro, eval_precision_macro, eval_recall_macro, eval_mcc$"),
+        (["train.lr=.nan"], r"config key 'train\.lr': Input should be a finite number \(got nan\)"),
+        (["train.weight_decay=.inf"], r"config key 'train\.weight_decay': Input should be a finite number"),
+        (["train.max_grad_norm=.inf"], r"config key 'train\.max_grad_norm': Input should be a finite number"),
+        (["model.dropout=.nan"], r"config key 'model\.dropout': Input should be a finite number"),
+        (["method.alpha=.inf"], r"method\.alpha \(lora\): Input should be a finite number"),
+        (["train.seed=-1"], r"config key 'train\.seed': Input should be greater than or equal to 0"),
+        (["train.seed=4294967296"], r"config key 'train\.seed': Input should be less than or equal to 4294967295"),
+        (["data.truncation.prompt_side=middle"], r"config key 'data\.truncation\.prompt_side'.*'left' or 'right'"),
+        (["data.truncation.long_response=skip"], r"config key 'data\.truncation\.long_response'.*'truncate' or 'drop'"),
+    ],
+)
+def test_values_that_would_fail_later_are_refused_naming_the_key(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(raw=raw(), overrides=overrides)
+
+
+def test_every_metric_a_task_validates_with_can_be_watched():
+    from adapters.config import validation_metrics
+
+    for metric in validation_metrics("causal-lm"):
+        load_config(raw=raw(), overrides=[f"train.early_stopping.metric={metric}"])
+    for metric in validation_metrics("sequence-classification"):
+        load_config(raw=raw(task="sequence-classification"), overrides=[f"train.early_stopping.metric={metric}"])
+    assert load_config(raw=raw(), overrides=["train.seed=4294967295"]).train.seed == 2**32 - 1
+    truncation = load_config(raw=raw()).data.truncation
+    assert (truncation.side("causal-lm"), truncation.side("sequence-classification")) == ("left", "right")
+
+
+def test_train_script_refuses_a_misspelled_metric_with_exit_2_and_one_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: sequence-classification\nmodel: {name: x}\ndata: {name: trec}\n"
+                   "train: {early_stopping: {metric: eval_acc, mode: max}}\n")
+    proc = subprocess.run([sys.executable, "scripts/train.py", "--config", str(cfg)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: train.early_stopping.metric: 'eval_acc' is not a validation metric of sequence-classification; "
+        "valid: eval_loss, eval_accuracy, eval_f1_macro, eval_f1_micro, eval_precision_macro, eval_recall_macro, "
+        "eval_mcc"
+    ]

@@ -6,8 +6,14 @@ import json
 
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from adapters.config import load_config
+from adapters.config import ModelConfig, load_config
+from adapters.constants import MANIFEST
+from adapters.methods import method_of_folder
+from adapters.modeling.backbone import load_backbone, load_tokenizer
+from adapters.training.loop import train
 
 pytestmark = pytest.mark.real_model
 
@@ -16,9 +22,10 @@ def run_cfg(model, task, run_dir, **train):
     raw = {
         "task": task,
         "model": {"name": model},
-        "data": {"name": "trec", "max_length": 48, "max_train_samples": 96, "max_eval_samples": 16, "max_test_samples": 32,
-                 "system_prompt": "Classify the question type."},
-        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0, **({"top_layers": 4} if task == "causal-lm" else {})},
+        "data": {"name": "trec", "max_length": 48, "max_train_samples": 96, "max_eval_samples": 16,
+                 "max_test_samples": 32, "system_prompt": "Classify the question type."},
+        "method": {"name": "lora", "r": 8, "alpha": 16, "dropout": 0.0,
+                   **({"top_layers": 4} if task == "causal-lm" else {})},
         "train": {"lr": 2e-3, "batch_size": 8, "max_steps": 10, "log_every": 2, "eval_batch_size": 16, **train},
         "eval": {"max_new_tokens": 3, "baseline": False},
         "output": {"run_dir": str(run_dir), "name": "real"},
@@ -27,7 +34,7 @@ def run_cfg(model, task, run_dir, **train):
 
 
 def first_and_last_loss(run_dir):
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [r["loss"] for r in rows if "loss" in r]
     return curve[0], curve[-1]
 
@@ -41,11 +48,6 @@ def base_bytes(folder):
 
 
 def test_smollm2_lora_learns_and_reloads_with_plain_peft(smollm2_dir, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    from adapters.training.loop import train
-
     result = train(run_cfg("smollm2-135m-instruct", "causal-lm", tmp_path / "run"))
     first, last = first_and_last_loss(result.run_dir)
     assert last < first, (first, last)
@@ -68,16 +70,11 @@ def test_smollm2_lora_learns_and_reloads_with_plain_peft(smollm2_dir, tmp_path):
 
 
 def test_minilm_lora_classifier_learns_and_reloads(minilm_dir, tmp_path):
-    from adapters.config import ModelConfig
-    from adapters.methods import method_of_folder
-    from adapters.modeling.backbone import load_backbone, load_tokenizer
-    from adapters.training.loop import train
-
     result = train(run_cfg("minilm-l6", "sequence-classification", tmp_path / "run", lr=5e-3, max_steps=12))
     first, last = first_and_last_loss(result.run_dir)
     assert last < first, (first, last)
     assert adapter_bytes(result.adapter_dir) < 0.02 * base_bytes(minilm_dir)
-    manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
+    manifest = json.loads((result.adapter_dir / MANIFEST).read_text())
     labels = manifest["labels"]
     assert labels == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"][: len(labels)] or len(labels) >= 5
 
@@ -85,7 +82,8 @@ def test_minilm_lora_classifier_learns_and_reloads(minilm_dir, tmp_path):
     batch = tok(["What is the capital of France?", "Who wrote Hamlet?"], return_tensors="pt", padding=True)
     logits = []
     for _ in range(2):
-        base = load_backbone(ModelConfig(name="minilm-l6"), "sequence-classification", {l: i for i, l in enumerate(labels)})
+        label2id = {label: i for i, label in enumerate(labels)}
+        base = load_backbone(ModelConfig(name="minilm-l6"), "sequence-classification", label2id)
         model = method_of_folder(result.adapter_dir).load(base, result.adapter_dir).eval()
         with torch.no_grad():
             logits.append(model(**batch).logits)

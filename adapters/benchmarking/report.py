@@ -9,14 +9,18 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
+from adapters.evaluation.baselines import REFERENCE_BASELINES, REFERENCE_NAMES, negative_transfer
 from adapters.paths import atomic_path
 
-REFERENCE_ARMS = ("scratch", "classic")  # an adapted model scoring below these shows negative transfer
-ARM_NAMES = {"base": "base model", "scratch": "from scratch", "classic": "TF-IDF + logreg"}
+ARM_NAMES = {"base": "base model", **REFERENCE_NAMES}
 
 
 @dataclass
 class ArmSummary:
+    """One (task, arm) over its seeds: mean and std of the headline metric, mean costs and speeds."""
+
     task: str
     task_type: str
     arm: str
@@ -40,6 +44,7 @@ class ArmSummary:
 
     @property
     def n(self) -> int:
+        """The number of seeds."""
         return len(self.seeds)
 
 
@@ -67,10 +72,13 @@ def summarize(records: list[dict]) -> list[ArmSummary]:
     for (task, arm), recs in groups.items():
         metrics = [r["metric"] for r in recs if isinstance(r.get("metric"), (int, float))]
         reached = [r["seconds_to_target"] for r in recs if r.get("seconds_to_target") is not None]
+        curves = [r["loss_curve"] for r in recs if r.get("loss_curve")]
         summaries.append(ArmSummary(
-            task=task, task_type=recs[0].get("task_type", ""), arm=arm, kind=recs[0]["kind"], metric_name=recs[0]["metric_name"],
+            task=task, task_type=recs[0].get("task_type", ""), arm=arm, kind=recs[0]["kind"],
+            metric_name=recs[0]["metric_name"],
             seeds=[r["seed"] for r in recs],
-            metric_mean=_mean(metrics), metric_std=statistics.stdev(metrics) if len(metrics) > 1 else (0.0 if metrics else None),
+            metric_mean=_mean(metrics),
+            metric_std=statistics.stdev(metrics) if len(metrics) > 1 else (0.0 if metrics else None),
             trainable_params=_mean(r.get("trainable_params") for r in recs),
             adapter_bytes=_mean(r.get("adapter_bytes") for r in recs),
             adapter_weights_bytes=_mean(r.get("adapter_weights_bytes") for r in recs),
@@ -80,21 +88,22 @@ def summarize(records: list[dict]) -> list[ArmSummary]:
             train_seconds=_mean(r.get("train_seconds") for r in recs),
             wall_seconds=_mean(r.get("wall_seconds") for r in recs),
             seconds_to_target=_mean(reached), reached_target=len(reached),
-            loss_curve=_mean_curve([r["loss_curve"] for r in recs if r.get("loss_curve")]) if any(r.get("loss_curve") for r in recs) else [],
+            loss_curve=_mean_curve(curves) if curves else [],
         ))
     flag_negative_transfer(summaries)
     return summaries
 
 
 def flag_negative_transfer(summaries: list[ArmSummary]) -> None:
-    """Mark every arm built on the pretrained model whose mean metric is below a reference arm's mean."""
+    """Mark every arm built on the pretrained model whose mean metric is below a reference arm's mean
+    (adapters.evaluation.baselines.negative_transfer)."""
     for task in {s.task for s in summaries}:
         arms = [s for s in summaries if s.task == task]
-        refs = {s.arm: s.metric_mean for s in arms if s.arm in REFERENCE_ARMS and s.metric_mean is not None}
+        refs = {s.arm: s.metric_mean for s in arms if s.arm in REFERENCE_BASELINES and s.metric_mean is not None}
         for s in arms:
-            if s.arm in REFERENCE_ARMS or s.metric_mean is None:
+            if s.arm in REFERENCE_BASELINES or s.metric_mean is None:
                 continue
-            s.negative_transfer = [ref for ref, value in refs.items() if s.metric_mean < value]
+            s.negative_transfer = negative_transfer(s.metric_mean, refs)
 
 
 # ---------------------------------------------------------------- table
@@ -131,6 +140,7 @@ def _adapter_size(s: ArmSummary) -> str:
 
 
 def arm_title(s: ArmSummary, records_by_arm: dict | None = None) -> str:
+    """The arm's row title in the table (baselines spelled out)."""
     if s.kind == "zero-shot":
         return "base model (zero-shot)"
     if s.kind == "base":
@@ -143,39 +153,57 @@ def arm_title(s: ArmSummary, records_by_arm: dict | None = None) -> str:
 
 
 def markdown_table(records: list[dict], header: dict | None = None) -> str:
+    """table.md: the header's facts, how to read the table, one table per task, then the failed cells."""
     summaries = summarize(records)
     header = header or {}
     lines = [f"# Method comparison: {header.get('suite', '')}".rstrip(), ""]
     for key in ("description", "budget", "seeds", "environment", "load", "wall time", "command"):
         if header.get(key):
             lines.append(f"- {key}: {header[key]}")
-    lines += ["", "Held-out test metric: mean ± std over seeds (n). Throughput counts real (non-padding) tokens during "
-              "training, evaluation excluded. Adapter weights: the saved safetensors; the folder adds config, manifest and the drift reference. Peak memory: " + _memory_kind(records) + ". Time to target: training time "
+    lines += ["", "Held-out test metric: mean ± std over seeds (n). Throughput counts real (non-padding) tokens "
+              "during training, evaluation excluded. Adapter weights: the saved safetensors; the folder adds config, "
+              "manifest and the drift reference. Peak memory: " + _memory_kind(records)
+              + ". Time to target: training time "
               "until the validation metric first reached the target (mean over the seeds that reached it). "
-              "**Negative transfer**: an arm on the pretrained model scoring below the from-scratch or the classic baseline.", ""]
+              "**Negative transfer**: an arm on the pretrained model scoring below the from-scratch or the classic "
+              "baseline.", ""]
     targets = {r["task"]: r.get("target") for r in records if r.get("status") == "ok"}
     budgets = {r["task"]: r.get("budget") for r in records if r.get("status") == "ok"}
     for task in dict.fromkeys(s.task for s in summaries):
         arms = [s for s in summaries if s.task == task]
         target = targets.get(task)
-        target_col = f"time to {target['metric']} {'≥' if target['mode'] == 'max' else '≤'} {target['value']:g}" if target else "time to target"
+        target_col = "time to target"
+        if target:
+            target_col = f"time to {target['metric']} {'≥' if target['mode'] == 'max' else '≤'} {target['value']:g}"
         budget = f", budget {budgets[task]} per run" if budgets.get(task) else ""
         lines += [f"## {task} ({arms[0].task_type}, test {arms[0].metric_name}{budget})", "",
-                  f"| arm | {arms[0].metric_name} | trainable params | adapter weights (folder) | train tokens/s | train samples/s | peak memory | train time | wall time | {target_col} | negative transfer |",
+                  f"| arm | {arms[0].metric_name} | trainable params | adapter weights (folder) | train tokens/s "
+                  f"| train samples/s | peak memory | train time | wall time | {target_col} | negative transfer |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for s in arms:
-            metric = f"{s.metric_mean:.4f} ± {s.metric_std:.4f} ({s.n})" if s.metric_mean is not None else "–"
-            ttt = "–" if s.kind in ("classic", "zero-shot") or not target else (
-                f"{s.seconds_to_target:.1f} s ({s.reached_target}/{s.n})" if s.reached_target else f"not reached (0/{s.n})")
-            flag = ("**yes** (below " + ", ".join(ARM_NAMES[r] for r in s.negative_transfer) + ")") if s.negative_transfer else ("" if s.arm in REFERENCE_ARMS else "no")
-            lines.append(f"| {arm_title(s)} | {metric} | {_params(s.trainable_params)} | {_adapter_size(s)} | "
-                         f"{_num(s.tokens_per_second)} | {_num(s.samples_per_second, 1)} | {_bytes(s.peak_memory_bytes)} | "
-                         f"{_num(s.train_seconds, 1, ' s') if s.kind != 'zero-shot' else '–'} | {_num(s.wall_seconds, 1, ' s')} | {ttt} | {flag} |")
+        lines += [_table_row(s, target) for s in arms]
         lines.append("")
     failed = [r for r in records if r.get("status") == "failed"]
     if failed:
         lines += ["## Failed cells", ""] + [f"- {r['key']}: {r.get('error')}" for r in failed] + [""]
     return "\n".join(lines)
+
+
+def _table_row(s: ArmSummary, target: dict | None) -> str:
+    metric = f"{s.metric_mean:.4f} ± {s.metric_std:.4f} ({s.n})" if s.metric_mean is not None else "–"
+    if s.kind in ("classic", "zero-shot") or not target:
+        ttt = "–"
+    elif s.reached_target:
+        ttt = f"{s.seconds_to_target:.1f} s ({s.reached_target}/{s.n})"
+    else:
+        ttt = f"not reached (0/{s.n})"
+    if s.negative_transfer:
+        flag = "**yes** (below " + ", ".join(ARM_NAMES[r] for r in s.negative_transfer) + ")"
+    else:
+        flag = "" if s.arm in REFERENCE_BASELINES else "no"
+    train_time = _num(s.train_seconds, 1, " s") if s.kind != "zero-shot" else "–"
+    return (f"| {arm_title(s)} | {metric} | {_params(s.trainable_params)} | {_adapter_size(s)} | "
+            f"{_num(s.tokens_per_second)} | {_num(s.samples_per_second, 1)} | {_bytes(s.peak_memory_bytes)} | "
+            f"{train_time} | {_num(s.wall_seconds, 1, ' s')} | {ttt} | {flag} |")
 
 
 def _memory_kind(records: list[dict]) -> str:
@@ -186,11 +214,15 @@ def _memory_kind(records: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------- plots
-_PALETTE = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+_PALETTE = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+            "tab:gray"]
+_SHORT_TITLES = {"zero-shot": "base (zero-shot)", "base": "base (head-only)", "scratch": "from scratch",
+                 "classic": "TF-IDF + LR"}
 
 
 def short_title(s: ArmSummary) -> str:
-    return {"zero-shot": "base (zero-shot)", "base": "base (head-only)", "scratch": "from scratch", "classic": "TF-IDF + LR"}.get(s.kind, s.arm)
+    """The arm's label in the plots."""
+    return _SHORT_TITLES.get(s.kind, s.arm)
 
 
 def _atomic_savefig(fig, path: Path) -> None:
@@ -199,11 +231,10 @@ def _atomic_savefig(fig, path: Path) -> None:
 
 
 def write_plots(records: list[dict], out_dir: Path) -> dict[str, Path]:
-    import matplotlib
+    """metric_vs_params.png, metric_vs_time.png and loss_curves.png (one panel per task); returns their paths.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Figures are made without pyplot, so no GUI backend is needed and the caller's is left alone.
+    """
     summaries = summarize(records)
     tasks = list(dict.fromkeys(s.task for s in summaries))
     if not tasks:
@@ -212,16 +243,18 @@ def write_plots(records: list[dict], out_dir: Path) -> dict[str, Path]:
     paths = {}
     for name, xfield, xlabel in (("metric_vs_params", "trainable_params", "trainable parameters (log)"),
                                  ("metric_vs_time", "train_seconds", "training time, s (log)")):
-        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+        fig = Figure(figsize=(5.5 * len(tasks), 4.2))
+        axes = fig.subplots(1, len(tasks), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             arms = [s for s in summaries if s.task == task and s.metric_mean is not None]
             for i, s in enumerate(arms):
                 x = getattr(s, xfield)
                 if not x:  # nothing trained (zero-shot): a reference line
                     ax.axhline(s.metric_mean, linestyle="--", color="gray", linewidth=1)
-                    ax.annotate(short_title(s), (0.01, s.metric_mean), xycoords=("axes fraction", "data"), fontsize=7, color="gray", va="bottom")
+                    ax.annotate(short_title(s), (0.01, s.metric_mean), xycoords=("axes fraction", "data"), fontsize=7,
+                                color="gray", va="bottom")
                     continue
-                marker = "x" if s.arm in REFERENCE_ARMS or s.kind == "base" else "o"
+                marker = "x" if s.arm in REFERENCE_BASELINES or s.kind == "base" else "o"
                 color = "tab:red" if s.negative_transfer else _PALETTE[i % len(_PALETTE)]
                 ax.errorbar(x, s.metric_mean, yerr=s.metric_std or 0, fmt=marker, color=color, capsize=3)
                 ax.annotate(short_title(s), (x, s.metric_mean), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -234,9 +267,9 @@ def write_plots(records: list[dict], out_dir: Path) -> dict[str, Path]:
         fig.suptitle("red: negative transfer (below from-scratch or classic)", fontsize=8)
         paths[name] = out_dir / f"{name}.png"
         _atomic_savefig(fig, paths[name])
-        plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), squeeze=False)
+    fig = Figure(figsize=(5.5 * len(tasks), 4.2))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for s in summaries:
             if s.task == task and s.loss_curve:
@@ -250,7 +283,6 @@ def write_plots(records: list[dict], out_dir: Path) -> dict[str, Path]:
         ax.legend(fontsize=7)
     paths["loss_curves"] = out_dir / "loss_curves.png"
     _atomic_savefig(fig, paths["loss_curves"])
-    plt.close(fig)
     return paths
 
 

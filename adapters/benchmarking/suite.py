@@ -28,19 +28,33 @@ import logging
 import os
 import platform
 import re
+import shutil
 import statistics
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import psutil
+import torch
 import yaml
+from accelerate.utils import set_seed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from tqdm.auto import tqdm
 
-from adapters.config import RunConfig, dump_config, load_config
+from adapters.benchmarking.report import write_report
+from adapters.config import RunConfig, apply_overrides, dump_config, load_config
+from adapters.data.loading import prepare_splits, tokenize_splits
 from adapters.errors import ConfigError
+from adapters.evaluation.baselines import tfidf_logistic_regression
+from adapters.evaluation.evaluator import evaluate_causal_lm
+from adapters.methods import get_method
+from adapters.modeling.backbone import load_backbone, load_tokenizer
+from adapters.store.manifest import code_revision, library_versions
+from adapters.training.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +69,8 @@ class _Strict(BaseModel):
 
 
 class BudgetSpec(_Strict):
+    """The training budget of every run: a step count or a time limit (exactly one)."""
+
     steps: int | None = Field(None, ge=1, description="Optimizer steps per run.")
     seconds: float | None = Field(None, gt=0, description="Seconds of training per run (evaluation excluded).")
     max_steps: int = Field(100_000, ge=1, description="With `seconds`: the schedule's length and a step cap.")
@@ -66,48 +82,65 @@ class BudgetSpec(_Strict):
         return self
 
     def train_overrides(self) -> dict:
+        """The run config's train keys that enforce this budget (max_steps, max_seconds)."""
         if self.steps is not None:
             return {"max_steps": self.steps}
         return {"max_steps": self.max_steps, "max_seconds": self.seconds}
 
     def describe(self) -> str:
+        """The budget in words, for the report (e.g. "40 optimizer steps")."""
         return f"{self.steps} optimizer steps" if self.steps is not None else f"{self.seconds:g} s of training"
 
 
 class TargetSpec(_Strict):
+    """A validation-metric target; time-to-target is measured until the run first reaches it."""
+
     metric: str = Field(..., description="Validation metric as train() logs it, e.g. eval_accuracy or eval_loss.")
     value: float
     mode: Literal["max", "min"] = Field("max", description="max: reached when >= value; min: when <= value.")
 
 
 class MethodSpec(_Strict):
+    """One method arm of the matrix: a registered method, its options and train overrides."""
+
     name: str = Field(..., description="A registered method (see `scripts/train.py --list-methods`).")
     label: str | None = Field(None, description="Row name in the report (default: the method name).")
     options: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the run's train section (e.g. its own lr).")
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="Overrides of the run's train section (e.g. its own lr)."
+    )
 
     @property
     def arm(self) -> str:
+        """The arm's name: the label, else the method name."""
         return self.label or self.name
 
 
 class BaselineSpec(_Strict):
+    """Settings of a trained baseline (base head-only, scratch)."""
+
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the train section for this baseline.")
 
 
 class ClassicSpec(_Strict):
+    """The TF-IDF + logistic-regression baseline (scikit-learn)."""
+
     ngram_max: int = Field(2, ge=1, description="Word n-grams up to this length.")
     max_features: int | None = Field(50_000, ge=1)
     C: float = Field(10.0, gt=0, description="Inverse regularisation strength of the logistic regression.")
 
 
 class BaselinesSpec(_Strict):
+    """Settings of the three baselines."""
+
     base: BaselineSpec = Field(default_factory=lambda: BaselineSpec(train={"lr": 5e-3}))
     scratch: BaselineSpec = Field(default_factory=lambda: BaselineSpec(train={"lr": 5e-4}))
     classic: ClassicSpec = Field(default_factory=ClassicSpec)
 
 
 class TaskSpec(_Strict):
+    """One task of the matrix (a row group of the report): model, data and what runs on it."""
+
     name: str = Field(..., description="Row group in the report, e.g. trec-minilm.")
     task: Literal["causal-lm", "sequence-classification"]
     model: dict[str, Any]
@@ -115,13 +148,21 @@ class TaskSpec(_Strict):
     train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the suite's train section.")
     eval: dict[str, Any] = Field(default_factory=dict)
     target: TargetSpec | None = Field(None, description="Validation target for time-to-target.")
-    budget: BudgetSpec | None = Field(None, description="This task's budget (default: the suite's); equal for all its arms.")
+    budget: BudgetSpec | None = Field(
+        None, description="This task's budget (default: the suite's); equal for all its arms."
+    )
     seeds: list[int] | None = Field(None, min_length=1, description="This task's seeds (default: the suite's).")
-    methods: list[str] | None = Field(None, description="Method labels to run on this task (default: every method that supports it).")
-    baselines: list[Literal["base", "scratch", "classic"]] | None = Field(None, description="Default: every baseline that applies.")
+    methods: list[str] | None = Field(
+        None, description="Method labels to run on this task (default: every method that supports it)."
+    )
+    baselines: list[Literal["base", "scratch", "classic"]] | None = Field(
+        None, description="Default: every baseline that applies."
+    )
 
 
 class SuiteConfig(_Strict):
+    """A benchmark suite (YAML, see benchmarks/suites/): tasks x methods x seeds under one budget."""
+
     name: str
     description: str = ""
     budget: BudgetSpec
@@ -149,10 +190,14 @@ class SuiteConfig(_Strict):
         return self
 
 
-def load_suite(path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None) -> SuiteConfig:
-    """Read and validate a suite; `overrides` are dotted `key=value` like the run config's (e.g. budget.steps=5)."""
-    from adapters.config import apply_overrides
+def load_suite(
+    path: str | Path | None = None, overrides: list[str] | None = None, raw: dict | None = None
+) -> SuiteConfig:
+    """Read and validate a suite (from `path`, or the mapping `raw`) and every run config it implies.
 
+    `overrides` are dotted `key=value` like the run config's (e.g. budget.steps=5).
+    Raises ConfigError naming the bad key, or the cell whose run config is invalid.
+    """
     if raw is None:
         path = Path(path)
         if not path.is_file():
@@ -183,25 +228,31 @@ def _describe_error(e: dict) -> str:
 # ---------------------------------------------------------------- cells
 @dataclass
 class Cell:
+    """One (task, arm, seed) of the matrix: what to run and how to recognise its result line."""
+
     suite: str
     task: TaskSpec
     arm: str  # method label or baseline name
     kind: Literal["method", "base", "scratch", "classic", "zero-shot"]
     seed: int
-    run_config: dict | None  # raw RunConfig (trained and zero-shot cells); None for classic
+    run_config: dict | None  # raw RunConfig (a classic cell uses only its data section)
     extra: dict = field(default_factory=dict)  # classic settings
     budget: str = ""  # e.g. "40 optimizer steps", for the report
 
     @property
     def key(self) -> str:
+        """"task/arm/seed=N", unique in a suite."""
         return f"{self.task.name}/{self.arm}/seed={self.seed}"
 
     @property
     def spec_hash(self) -> str:
-        spec = {"task": self.task.name, "arm": self.arm, "kind": self.kind, "seed": self.seed, "run": self.run_config, "extra": self.extra}
+        """16 hex digits of the SHA-256 of everything that defines the cell (a changed spec reruns it)."""
+        spec = {"task": self.task.name, "arm": self.arm, "kind": self.kind, "seed": self.seed,
+                "run": self.run_config, "extra": self.extra}
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def config(self) -> RunConfig:
+        """The validated run config; ConfigError names the cell."""
         try:
             return load_config(raw=copy.deepcopy(self.run_config))
         except ConfigError as err:
@@ -217,9 +268,10 @@ def _merge(*dicts: dict) -> dict:
 
 
 def plan_cells(suite: SuiteConfig) -> list[Cell]:
-    """Every (task, arm, seed) of the suite, baselines first, in a stable order."""
-    from adapters.methods import get_method
+    """Every (task, arm, seed) of the suite, baselines first, in a stable order.
 
+    Raises ConfigError when a task names a method that cannot train its task type.
+    """
     cells: list[Cell] = []
     for task in suite.tasks:
         budget = (task.budget or suite.budget).train_overrides()
@@ -244,19 +296,22 @@ def plan_cells(suite: SuiteConfig) -> list[Cell]:
                     "output": {"name": _slug(f"{task.name}-{method['name']}")},
                 }
 
+            def cell(arm: str, kind: str, method: str, extra_train: dict, **more) -> Cell:
+                config = run({"name": method, "options": more.pop("options", {})}, extra_train, more.pop("model", None))
+                return Cell(suite.name, task, arm, kind, seed, config, **more)
+
             if "base" in wanted:
                 if task.task == "causal-lm":
-                    cells.append(Cell(suite.name, task, "base", "zero-shot", seed, run({"name": "lora", "options": {}}, {})))
+                    cells.append(cell("base", "zero-shot", "lora", {}))
                 else:
-                    cells.append(Cell(suite.name, task, "base", "base", seed, run({"name": "head-only", "options": {}}, suite.baselines.base.train)))
+                    cells.append(cell("base", "base", "head-only", suite.baselines.base.train))
             if "scratch" in wanted:
-                cells.append(Cell(suite.name, task, "scratch", "scratch", seed,
-                                  run({"name": "full", "options": {}}, suite.baselines.scratch.train, {"init": "random"})))
+                scratch = suite.baselines.scratch.train
+                cells.append(cell("scratch", "scratch", "full", scratch, model={"init": "random"}))
             if "classic" in wanted:
-                cells.append(Cell(suite.name, task, "classic", "classic", seed, run({"name": "head-only", "options": {}}, {}),
-                                  extra=suite.baselines.classic.model_dump()))
+                cells.append(cell("classic", "classic", "head-only", {}, extra=suite.baselines.classic.model_dump()))
             for m in methods:
-                cells.append(Cell(suite.name, task, m.arm, "method", seed, run({"name": m.name, "options": m.options}, m.train)))
+                cells.append(cell(m.arm, "method", m.name, m.train, options=m.options))
         for cell in cells:
             if cell.task is task:
                 cell.budget = (task.budget or suite.budget).describe()
@@ -276,8 +331,6 @@ class PeakMemory:
     """
 
     def __init__(self, interval: float = 0.02):
-        import torch
-
         self.interval = interval
         self.cuda = torch.cuda.is_available()
         self.peak = 0
@@ -288,13 +341,9 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         if self.cuda:
-            import torch
-
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated()
         else:
-            import psutil
-
             proc = psutil.Process()
             self.before = self.peak = proc.memory_info().rss
 
@@ -309,18 +358,15 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> None:
         if self.cuda:
-            import torch
-
             self.peak = torch.cuda.max_memory_allocated()
         else:
             self._stop.set()
             self._thread.join()
-            import psutil
-
             self.peak = max(self.peak, psutil.Process().memory_info().rss)
 
 
 def folder_bytes(folder: Path) -> int:
+    """Bytes of every file under `folder`."""
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
@@ -330,6 +376,7 @@ def weights_bytes(folder: Path) -> int:
 
 
 def read_metrics_log(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl ([] if it has none)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -337,14 +384,18 @@ def read_metrics_log(run_dir: Path) -> list[dict]:
 
 
 def loss_curve(rows: list[dict]) -> list[list[float]]:
+    """[[step, training loss], ...] from metrics.jsonl rows."""
     return [[r["step"], r["loss"]] for r in rows if "loss" in r and "event" not in r]
 
 
 def metric_curve(rows: list[dict], metric: str) -> list[list[float]]:
+    """[[step, value], ...] of one logged metric (e.g. eval_accuracy) from metrics.jsonl rows."""
     return [[r["step"], r[metric]] for r in rows if isinstance(r.get(metric), (int, float))]
 
 
-def time_to_target(curve: list[list[float]], target: TargetSpec, seconds_per_step: float | None) -> tuple[int | None, float | None]:
+def time_to_target(
+    curve: list[list[float]], target: TargetSpec, seconds_per_step: float | None
+) -> tuple[int | None, float | None]:
     """First logged step at which the validation metric reached the target, and the training time to
     get there (steps x measured seconds per training step: evaluation time is not counted)."""
     for step, value in curve:
@@ -367,10 +418,6 @@ def cpu_name() -> str:
 
 def environment() -> dict:
     """What a number depends on: libraries, CPU/GPU, threads, load, code revision."""
-    import torch
-
-    from adapters.store.manifest import code_revision, library_versions
-
     cpu = cpu_name()
     env = {
         "versions": library_versions(),
@@ -387,7 +434,7 @@ def environment() -> dict:
 
 # ---------------------------------------------------------------- running one cell
 def run_cell(cell: Cell, work_dir: Path) -> dict:
-    """Run one cell and return its results line (status ok), or raise."""
+    """Run one cell (training runs in work_dir) and return its results line (status ok), or raise."""
     run_dir = Path(work_dir) / _slug(cell.task.name) / _slug(cell.arm) / f"seed-{cell.seed}"
     env_before = environment()
     started = time.perf_counter()
@@ -411,7 +458,8 @@ def run_cell(cell: Cell, work_dir: Path) -> dict:
         "budget": cell.budget,
         **measured,
         # the fully resolved run config (every default filled in), as train() saw it
-        "config": dump_config(cell.config()) if cell.kind != "classic" else {"data": cell.run_config["data"], "classic": cell.extra, "seed": cell.seed},
+        "config": dump_config(cell.config()) if cell.kind != "classic"
+        else {"data": cell.run_config["data"], "classic": cell.extra, "seed": cell.seed},
         "environment": {**env_before, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -419,17 +467,13 @@ def run_cell(cell: Cell, work_dir: Path) -> dict:
 
 
 def _run_training(cell: Cell, run_dir: Path) -> dict:
-    import shutil
-
-    from adapters.training.loop import train
-
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a half-finished earlier attempt; this cell starts over
     cfg = cell.config()
     cfg.output.run_dir = str(run_dir)
     result = train(cfg, command=["benchmarks/compare.py", cell.key])
     headline = HEADLINE[cell.task.task]
-    test = {k: v for k, v in (result.metrics.get("adapted") or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    test = _numbers(result.metrics.get("adapted") or {})
     train_only = max(result.train_seconds - result.eval_seconds, 1e-9)
     seconds_per_step = train_only / result.steps if result.steps else None
     rows = read_metrics_log(result.run_dir)
@@ -464,10 +508,12 @@ def _run_training(cell: Cell, run_dir: Path) -> dict:
     return out
 
 
-def _load_eval_pieces(cfg: RunConfig):
-    from adapters.data.loading import prepare_splits, tokenize_splits
-    from adapters.modeling.backbone import load_tokenizer
+def _numbers(metrics: dict) -> dict:
+    """The numeric (non-bool) entries of a metrics dict."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
+
+def _load_eval_pieces(cfg: RunConfig):
     prepared = prepare_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
     return prepared, tokenizer, tokenize_splits(prepared, cfg, tokenizer)
@@ -475,14 +521,6 @@ def _load_eval_pieces(cfg: RunConfig):
 
 def _run_zero_shot(cell: Cell) -> dict:
     """The untouched pretrained causal LM answering the test prompts (no training)."""
-    import types
-
-    import torch
-    from accelerate.utils import set_seed
-
-    from adapters.evaluation.evaluator import evaluate_causal_lm
-    from adapters.modeling.backbone import load_backbone
-
     cfg = cell.config()
     set_seed(cfg.train.seed)
     prepared, tokenizer, tokenized = _load_eval_pieces(cfg)
@@ -494,42 +532,34 @@ def _run_zero_shot(cell: Cell) -> dict:
                                  cfg.train.eval_batch_size, cfg.eval.max_new_tokens, generate=True)
     total = sum(p.numel() for p in model.parameters())
     del model
-    test_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    test_metrics = _numbers(metrics)
     return _untrained(test_metrics.get(HEADLINE[cell.task.task]), test_metrics, total_params=total)
 
 
 def _run_classic(cell: Cell) -> dict:
     """TF-IDF word n-grams + logistic regression on the very same splits as the neural runs."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    from adapters.data.loading import prepare_splits
-    from adapters.evaluation.metrics import classification_metrics
-
     cfg = cell.config()
     prepared = prepare_splits(cfg)
     text, label = cfg.data.text_field, cfg.data.label_field
-    train = prepared.splits["train"]
-    test = prepared.splits["test"] if "test" in prepared.splits and len(prepared.splits["test"]) else prepared.splits["validation"]
+    train_split = prepared.splits["train"]
+    has_test = "test" in prepared.splits and len(prepared.splits["test"])
+    test = prepared.splits["test"] if has_test else prepared.splits["validation"]
     opts = cell.extra
-    started = time.perf_counter()
-    vectorizer = TfidfVectorizer(ngram_range=(1, opts["ngram_max"]), max_features=opts["max_features"], sublinear_tf=True)
-    features = vectorizer.fit_transform([str(t) for t in train[text]])
-    clf = LogisticRegression(C=opts["C"], max_iter=2000, random_state=cfg.train.seed)
-    clf.fit(features, list(train[label]))
-    fit_seconds = time.perf_counter() - started
-    preds = clf.predict(vectorizer.transform([str(t) for t in test[text]]))
-    metrics = classification_metrics([str(p) for p in preds], [str(r) for r in test[label]], prepared.labels)
-    params = int(clf.coef_.size + clf.intercept_.size)
-    out = _untrained(metrics["accuracy"], metrics, total_params=params)
-    out.update(trainable_params=params, train_seconds=fit_seconds, samples=len(train), samples_per_second=len(train) / max(fit_seconds, 1e-9))
+    fitted = tfidf_logistic_regression(
+        train_split[text], train_split[label], test[text], test[label], prepared.labels, cfg.train.seed,
+        ngram_max=opts["ngram_max"], max_features=opts["max_features"], C=opts["C"],
+    )
+    out = _untrained(fitted.metrics["accuracy"], fitted.metrics, total_params=fitted.params)
+    out.update(trainable_params=fitted.params, train_seconds=fitted.fit_seconds, samples=len(train_split),
+               samples_per_second=len(train_split) / max(fitted.fit_seconds, 1e-9))
     return out
 
 
 def _untrained(metric, test_metrics: dict, total_params: int) -> dict:
     return {
         "metric": metric, "test_metrics": test_metrics, "trainable_params": 0, "total_params": total_params,
-        "adapter_bytes": 0, "adapter_weights_bytes": 0, "steps": 0, "train_seconds": 0.0, "eval_seconds_in_loop": 0.0, "tokens": 0, "samples": 0,
+        "adapter_bytes": 0, "adapter_weights_bytes": 0, "steps": 0, "train_seconds": 0.0, "eval_seconds_in_loop": 0.0,
+        "tokens": 0, "samples": 0,
         "tokens_per_second": None, "samples_per_second": None, "loss_curve": [], "eval_curve": None,
         "steps_to_target": None, "seconds_to_target": None,
     }
@@ -537,6 +567,7 @@ def _untrained(metric, test_metrics: dict, total_params: int) -> dict:
 
 # ---------------------------------------------------------------- the matrix
 def read_results(out_dir: Path) -> list[dict]:
+    """Every line of out_dir/results.jsonl (a torn or corrupt line is logged and skipped)."""
     path = Path(out_dir) / RESULTS_FILE
     if not path.is_file():
         return []
@@ -572,6 +603,8 @@ def current_records(cells: list[Cell], records: list[dict]) -> dict[str, dict]:
 
 @dataclass
 class MatrixRun:
+    """What ``run_matrix`` did, by cell key."""
+
     records: list[dict]  # current records of every planned cell, in plan order
     ran: list[str]  # keys run now
     skipped: list[str]  # keys already finished
@@ -580,9 +613,11 @@ class MatrixRun:
 
 def run_matrix(suite: SuiteConfig, out_dir: str | Path, work_dir: str | Path, progress: bool = True,
                only: Callable[[Cell], bool] | None = None, keep_going: bool = True) -> MatrixRun:
-    """Run every unfinished cell, appending its line to results.jsonl as it finishes."""
-    from tqdm.auto import tqdm
+    """Run every unfinished cell, appending its line to results.jsonl as it finishes.
 
+    only: a filter on the planned cells; keep_going=False re-raises a cell's error instead of
+    recording it as failed.
+    """
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = [c for c in plan_cells(suite) if only is None or only(c)]
@@ -612,7 +647,10 @@ def run_matrix(suite: SuiteConfig, out_dir: str | Path, work_dir: str | Path, pr
         bar.update(1)
         if progress:
             metric = record.get("metric")
-            bar.write(f"[{bar.n}/{len(cells)}] {cell.key}: " + (f"{record['metric_name']}={metric:.4f}" if isinstance(metric, float) else record.get("error", "done")))
+            shown = record.get("error", "done")
+            if isinstance(metric, float):
+                shown = f"{record['metric_name']}={metric:.4f}"
+            bar.write(f"[{bar.n}/{len(cells)}] {cell.key}: {shown}")
     bar.close()
     return MatrixRun([done[c.key] for c in cells if c.key in done], ran, skipped, failed)
 
@@ -628,22 +666,23 @@ def report_header(suite: SuiteConfig, records: list[dict], command: str | None =
     if envs:
         env = envs[-1]
         v = env.get("versions", {})
-        header["environment"] = (f"{env.get('device')} / {env.get('cpu')} ({env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads), "
+        header["environment"] = (f"{env.get('device')} / {env.get('cpu')} ({env.get('cpu_count')} cores, "
+                                 f"{env.get('torch_threads')} torch threads), "
                                  f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
                                  f"code {str(env.get('code_revision'))[:10]}")
-        loads = [x for e in envs for x in (e.get("load_average", [None])[0], e.get("load_average_after", [None])[0]) if x is not None]
+        loads = [x for e in envs for x in (e.get("load_average", [None])[0], e.get("load_average_after", [None])[0])
+                 if x is not None]
         total = sum(r.get("wall_seconds") or 0 for r in records)
         header["wall time"] = f"{total / 60:.1f} min summed over the {len(records)} cells (process start-up excluded)"
         if loads:
-            header["load"] = f"1-minute load average during the cells: {min(loads):.2f} to {max(loads):.2f} (median {statistics.median(loads):.2f})"
+            header["load"] = (f"1-minute load average during the cells: {min(loads):.2f} to {max(loads):.2f} "
+                              f"(median {statistics.median(loads):.2f})")
     return header
 
 
 def run_suite(suite: SuiteConfig, out_dir: str | Path, work_dir: str | Path, command: str | None = None,
               progress: bool = True, only: Callable[[Cell], bool] | None = None) -> MatrixRun:
     """run_matrix, then command.txt, table.md and the plots from every current record."""
-    from adapters.benchmarking.report import write_report
-
     out_dir = Path(out_dir)
     result = run_matrix(suite, out_dir, work_dir, progress=progress, only=only)
     if command:

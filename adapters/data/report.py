@@ -16,14 +16,17 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
-from datasets import Dataset, DatasetDict
+from datasets import DatasetDict
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.preprocessing import normalize
 
-from adapters.errors import ConfigError
 from adapters.data.splits import column_values
+from adapters.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,6 @@ class TextSimilarity:
     MIN_RARE_NGRAMS = 3
 
     def __init__(self, texts: list[str]):
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.preprocessing import normalize
-
         self.n = len(texts)
         self.full = self.rare = None
         fuzzy = [_fuzzy_text(t) for t in texts]
@@ -81,7 +81,9 @@ class TextSimilarity:
         cap = max(50, int(0.01 * self.n))
         self.rare = normalize(self.full[:, np.nonzero(df <= cap)[0]]).tocsr()
 
-    def best_matches(self, queries: list[int], corpus: list[int], threshold: float, chunk: int = 4096) -> list[tuple[int, int, float]]:
+    def best_matches(
+        self, queries: list[int], corpus: list[int], threshold: float, chunk: int = 4096
+    ) -> list[tuple[int, int, float]]:
         """(position in queries, position in corpus, cosine) of each query's most similar corpus
         text, for the queries where that cosine reaches `threshold`."""
         if self.full is None or not queries or not corpus:
@@ -142,6 +144,8 @@ def near_duplicate_matches(queries: list[str], corpus: list[str], threshold: flo
 # ---------------------------------------------------------------- the report
 @dataclass
 class DataReport:
+    """What build_data_report found, per split and per pair of splits (see the module docstring)."""
+
     text_field: str
     label_field: str | None
     sizes: dict[str, int]
@@ -155,14 +159,18 @@ class DataReport:
     overlong_inputs: dict[str, dict[str, int]] | None = None
     max_length: int | None = None
     unseen_labels: dict[str, list[str]] = field(default_factory=dict)
+    # Per split, once tokenized (record_truncation): rows, input_truncated, response_truncated, dropped.
+    truncation: dict[str, dict[str, int]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     # -- verdicts ------------------------------------------------------------------
     def leaked_rows(self, pair: str) -> int:
+        """Exact plus near duplicates for `pair` ("train/test", ...)."""
         return self.exact_duplicates.get(pair, {}).get("count", 0) + self.near_duplicates.get(pair, {}).get("count", 0)
 
     @property
     def has_leakage(self) -> bool:
+        """Whether a validation or test row duplicates (exactly or nearly) a training row."""
         return any(self.leaked_rows(f"{a}/{b}") for a, b in LEAKAGE_PAIRS)
 
     def problems(self) -> list[str]:
@@ -185,15 +193,19 @@ class DataReport:
 
     # -- output --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
+        """Every field, plus has_leakage and problems (JSON-able)."""
         out = asdict(self)
         out["has_leakage"] = self.has_leakage
         out["problems"] = self.problems()
         return out
 
     def to_markdown(self) -> str:
+        """The report as Markdown tables: sizes, labels, duplicates across splits, problems and warnings."""
         lines = ["# Data report", ""]
-        lines += ["| split | rows | empty | within-split duplicates |" + (" over-long |" if self.overlong_inputs else ""),
-                  "|---|---|---|---|" + ("---|" if self.overlong_inputs else "")]
+        lines += [
+            "| split | rows | empty | within-split duplicates |" + (" over-long |" if self.overlong_inputs else ""),
+            "|---|---|---|---|" + ("---|" if self.overlong_inputs else ""),
+        ]
         for split, n in self.sizes.items():
             row = f"| {split} | {n} | {self.empty_inputs.get(split, 0)} | {self.duplicates_within.get(split, 0)} |"
             if self.overlong_inputs:
@@ -201,22 +213,39 @@ class DataReport:
             lines.append(row)
         if self.label_distribution:
             labels = sorted({label for dist in self.label_distribution.values() for label in dist})
-            lines += ["", f"## Labels ({self.label_field})", "", "| label | " + " | ".join(self.label_distribution) + " |",
-                      "|---|" + "---|" * len(self.label_distribution)]
+            lines += [
+                "",
+                f"## Labels ({self.label_field})",
+                "",
+                "| label | " + " | ".join(self.label_distribution) + " |",
+                "|---|" + "---|" * len(self.label_distribution),
+            ]
             for label in labels:
                 cells = []
-                for split, dist in self.label_distribution.items():
+                for dist in self.label_distribution.values():
                     total = max(1, sum(dist.values()))
                     cells.append(f"{dist.get(label, 0)} ({100 * dist.get(label, 0) / total:.1f}%)")
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             if self.label_shift:
                 lines += ["", "| shift | TVD | PSI |", "|---|---|---|"]
                 lines += [f"| {pair} | {s['tvd']:.3f} | {s['psi']:.3f} |" for pair, s in self.label_shift.items()]
-        lines += ["", "## Duplicates across splits", "", f"| pair | exact | near (cosine >= {self.near_duplicate_threshold}) |", "|---|---|---|"]
+        lines += [
+            "",
+            "## Duplicates across splits",
+            "",
+            f"| pair | exact | near (cosine >= {self.near_duplicate_threshold}) |",
+            "|---|---|---|",
+        ]
         for a, b in PAIRS:
             pair = f"{a}/{b}"
             if pair in self.exact_duplicates:
-                lines.append(f"| {pair} | {self.exact_duplicates[pair]['count']} | {self.near_duplicates.get(pair, {}).get('count', 0)} |")
+                near = self.near_duplicates.get(pair, {}).get("count", 0)
+                lines.append(f"| {pair} | {self.exact_duplicates[pair]['count']} | {near} |")
+        if self.truncation:
+            lines += ["", f"## Truncation (data.max_length={self.max_length})", "",
+                      "| split | rows | input cut | response cut | dropped |", "|---|---|---|---|---|"]
+            lines += [f"| {split} | {c['rows']} | {c['input_truncated']} | {c['response_truncated']} | {c['dropped']} |"
+                      for split, c in self.truncation.items()]
         for title, items in (("Problems", self.problems()), ("Warnings", self.warnings)):
             lines += ["", f"## {title}", ""] + ([f"- {w}" for w in items] if items else ["none"])
         return "\n".join(lines) + "\n"
@@ -227,7 +256,8 @@ def _distribution(labels: Iterable[Any]) -> dict[str, int]:
 
 
 def label_shift(p_counts: dict[str, int], q_counts: dict[str, int], eps: float = 1e-4) -> dict[str, float]:
-    """Total variation distance and population stability index between two label distributions."""
+    """{"tvd", "psi"}: total variation distance (0..1) and population stability index (>= 0) between
+    two label distributions given as counts; eps floors empty classes so that PSI stays finite."""
     labels = sorted(set(p_counts) | set(q_counts))
     p_total, q_total = max(1, sum(p_counts.values())), max(1, sum(q_counts.values()))
     p = np.array([p_counts.get(label, 0) / p_total for label in labels])
@@ -265,8 +295,11 @@ def build_data_report(
 ) -> DataReport:
     """Check `splits` (train / validation / test) for leakage, label problems and bad inputs.
 
+    tokenizer, max_length: both given, inputs longer than max_length tokens are counted.
+    near_duplicate_threshold: TF-IDF cosine (0..1) from which two texts count as near duplicates.
     categorical: whether label_field holds class labels (default: guessed from the number
     of distinct training values); only then are label shift and unseen labels reported.
+    Raises ConfigError without a train split or when a split lacks text_field / label_field.
     """
     names = _present_splits(splits)
     if "train" not in splits:
@@ -275,7 +308,8 @@ def build_data_report(
         for column, what in ((text_field, "data.text_field"), (label_field, "data.label_field")):
             if column is not None and len(splits[name]) and column not in splits[name].column_names:
                 raise ConfigError(
-                    f"{what} {column!r} is not a column of the {name} split; columns: {', '.join(splits[name].column_names)}"
+                    f"{what} {column!r} is not a column of the {name} split; "
+                    f"columns: {', '.join(splits[name].column_names)}"
                 )
     report = DataReport(
         text_field=text_field,
@@ -286,53 +320,67 @@ def build_data_report(
     )
     texts = {name: ["" if t is None else str(t) for t in column_values(splits[name], text_field)] for name in names}
     normalized = {name: [normalize_text(t) for t in texts[name]] for name in names}
+    _report_inputs(report, texts, normalized, tokenizer, max_length)
+    if label_field is not None:
+        _report_labels(report, splits, label_field, categorical)
+    _report_leakage(report, texts, normalized)
+    return report
 
-    # -- inputs --------------------------------------------------------------------
-    for name in names:
+
+def _report_inputs(report: DataReport, texts: dict, normalized: dict, tokenizer, max_length: int | None) -> None:
+    """Empty inputs, within-split duplicates and (with a tokenizer) over-long inputs per split."""
+    for name in texts:
         report.empty_inputs[name] = sum(1 for t in normalized[name] if not t)
         report.duplicates_within[name] = len(normalized[name]) - len(set(normalized[name]))
         if report.empty_inputs[name]:
             report.warnings.append(f"{name}: {report.empty_inputs[name]} empty input(s)")
     if report.duplicates_within.get("train"):
         report.warnings.append(f"train: {report.duplicates_within['train']} row(s) repeat an earlier train text")
-    if tokenizer is not None and max_length is not None:
-        report.overlong_inputs = {}
-        for name in names:
-            lengths = [len(ids) for ids in tokenizer(texts[name], add_special_tokens=True)["input_ids"]] if texts[name] else []
-            over = sum(1 for n in lengths if n > max_length)
-            report.overlong_inputs[name] = {"count": over, "max_tokens": max(lengths, default=0)}
-            if over:
-                report.warnings.append(f"{name}: {over} input(s) longer than data.max_length={max_length} tokens will be truncated")
+    if tokenizer is None or max_length is None:
+        return
+    report.overlong_inputs = {}
+    for name in texts:
+        encoded = tokenizer(texts[name], add_special_tokens=True)["input_ids"] if texts[name] else []
+        lengths = [len(ids) for ids in encoded]
+        over = sum(1 for n in lengths if n > max_length)
+        report.overlong_inputs[name] = {"count": over, "max_tokens": max(lengths, default=0)}
+        if over:
+            report.warnings.append(
+                f"{name}: {over} input(s) longer than data.max_length={max_length} tokens will be truncated"
+            )
 
-    # -- labels --------------------------------------------------------------------
-    if label_field is not None:
-        train_labels = column_values(splits["train"], label_field)
-        if categorical is None:
-            categorical = _is_categorical(train_labels)
-        if categorical:
-            for name in names:
-                report.label_distribution[name] = _distribution(column_values(splits[name], label_field))
-            seen = set(report.label_distribution["train"])
-            for name in names:
-                if name == "train" or not report.sizes[name]:
-                    continue
-                report.unseen_labels[name] = sorted(set(report.label_distribution[name]) - seen)
-                shift = label_shift(report.label_distribution["train"], report.label_distribution[name])
-                report.label_shift[f"train->{name}"] = shift
-                if shift["psi"] > PSI_WARNING:
-                    report.warnings.append(
-                        f"label shift train->{name}: PSI {shift['psi']:.2f} (> {PSI_WARNING}), TVD {shift['tvd']:.2f}"
-                    )
 
-    # -- leakage -------------------------------------------------------------------
+def _report_labels(report: DataReport, splits: DatasetDict, label_field: str, categorical: bool | None) -> None:
+    """Label distribution per split, its shift from train and labels train never shows (class labels only)."""
+    if categorical is None:
+        categorical = _is_categorical(column_values(splits["train"], label_field))
+    if not categorical:
+        return
+    for name in report.sizes:
+        report.label_distribution[name] = _distribution(column_values(splits[name], label_field))
+    seen = set(report.label_distribution["train"])
+    for name in report.sizes:
+        if name == "train" or not report.sizes[name]:
+            continue
+        report.unseen_labels[name] = sorted(set(report.label_distribution[name]) - seen)
+        shift = label_shift(report.label_distribution["train"], report.label_distribution[name])
+        report.label_shift[f"train->{name}"] = shift
+        if shift["psi"] > PSI_WARNING:
+            report.warnings.append(
+                f"label shift train->{name}: PSI {shift['psi']:.2f} (> {PSI_WARNING}), TVD {shift['tvd']:.2f}"
+            )
+
+
+def _report_leakage(report: DataReport, texts: dict, normalized: dict) -> None:
+    """Exact and near duplicates of each later split's rows in each earlier split (PAIRS)."""
     # One vector space for all splits: fitted once, searched per pair.
     offsets, all_texts = {}, []
-    for name in names:
+    for name in normalized:
         offsets[name] = len(all_texts)
         all_texts += normalized[name]
     similarity = TextSimilarity(all_texts)
     for a, b in PAIRS:
-        if a not in splits or b not in splits:
+        if a not in normalized or b not in normalized:
             continue
         pair = f"{a}/{b}"
         earlier = set(normalized[a])
@@ -345,7 +393,7 @@ def build_data_report(
         query_rows = [i for i, t in enumerate(normalized[b]) if t and i not in exact_set]
         corpus_rows = [i for i, t in enumerate(normalized[a]) if t]
         matches = similarity.best_matches(
-            [offsets[b] + i for i in query_rows], [offsets[a] + i for i in corpus_rows], near_duplicate_threshold
+            [offsets[b] + i for i in query_rows], [offsets[a] + i for i in corpus_rows], report.near_duplicate_threshold
         )
         report.near_duplicates[pair] = {
             "count": len(matches),
@@ -356,9 +404,45 @@ def build_data_report(
         }
         if (a, b) not in LEAKAGE_PAIRS and (len(exact_rows) or matches):
             report.warnings.append(
-                f"{len(exact_rows)} exact and {len(matches)} near duplicate(s) between {a} and {b}: model selection is biased"
+                f"{len(exact_rows)} exact and {len(matches)} near duplicate(s) between {a} and {b}: "
+                "model selection is biased"
             )
-    return report
+
+
+_TRUNCATION_WORDS = (("input_truncated", "input cut"), ("response_truncated", "response cut"), ("dropped", "dropped"))
+
+
+def record_truncation(
+    report: DataReport | None, counts: dict[str, dict[str, int]], max_length: int, side: str, long_response: str
+) -> str | None:
+    """Store per-split truncation counts on `report` (when given) and return the one-line warning
+    about them, or None when no row was cut or dropped.
+
+    counts: {split: {"rows", "input_truncated", "response_truncated", "dropped"}} as tokenization
+    found them; max_length: data.max_length; side, long_response: the data.truncation policy applied.
+    """
+    line = None
+    cut = sum(c["input_truncated"] for c in counts.values())
+    responses = sum(c["response_truncated"] for c in counts.values())
+    dropped = sum(c["dropped"] for c in counts.values())
+    if cut or responses or dropped:
+        total = sum(c["rows"] for c in counts.values())
+        per_split = "; ".join(
+            f"{split}: " + ", ".join(f"{c[key]} {what}" for key, what in _TRUNCATION_WORDS if c[key])
+            for split, c in counts.items()
+            if any(c[key] for key, _ in _TRUNCATION_WORDS)
+        )
+        line = (
+            f"data.max_length={max_length}: of {total} row(s), {cut} had their input text cut from the {side}, "
+            f"{responses} their response cut at the end, {dropped} were dropped "
+            f"(data.truncation.long_response={long_response}) ({per_split})"
+        )
+    if report is not None:
+        report.truncation = {split: dict(c) for split, c in counts.items()}
+        report.max_length = report.max_length or max_length
+        if line:
+            report.warnings.append(line)
+    return line
 
 
 def enforce(report: DataReport, strict: bool) -> list[str]:
@@ -386,7 +470,9 @@ def dedupe_across_splits(
     for later, earlier_names in (("validation", ("train",)), ("test", ("train", "validation"))):
         if later not in out or not len(out[later]):
             continue
-        earlier = [normalize_text(t) for name in earlier_names if name in out for t in column_values(out[name], text_field)]
+        earlier = [
+            normalize_text(t) for name in earlier_names if name in out for t in column_values(out[name], text_field)
+        ]
         earlier_set = set(earlier)
         rows = [normalize_text(t) for t in column_values(out[later], text_field)]
         drop = {i for i, t in enumerate(rows) if t in earlier_set}
@@ -400,5 +486,7 @@ def dedupe_across_splits(
                      len(drop), later, "/".join(earlier_names), n_exact, len(drop) - n_exact)
             out[later] = out[later].select([i for i in range(len(rows)) if i not in drop])
         if later == "validation" and not len(out[later]):
-            raise ConfigError("data.dedupe: every validation row duplicates a training row; the data has too few distinct texts")
+            raise ConfigError(
+                "data.dedupe: every validation row duplicates a training row; the data has too few distinct texts"
+            )
     return out

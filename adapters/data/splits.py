@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from datasets import Dataset, DatasetDict
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 
 from adapters.config import SplitConfig
 from adapters.errors import ConfigError
@@ -40,7 +43,9 @@ def column_values(ds: Dataset, column: str) -> list:
 
 def _require_column(ds: Dataset, column: str | None, field: str, kind: str) -> str:
     if not column:
-        raise ConfigError(f"{field} is required when data.split.kind is {kind!r}; available columns: {', '.join(ds.column_names)}")
+        raise ConfigError(
+            f"{field} is required when data.split.kind is {kind!r}; available columns: {', '.join(ds.column_names)}"
+        )
     if column not in ds.column_names:
         raise ConfigError(
             f"{field}: column {column!r} (needed by data.split.kind={kind!r}) is not in the data; "
@@ -79,8 +84,7 @@ def _random(n: int, n_val: int, n_test: int, seed: int):
 
 
 def _stratified(labels: list, n_val: int, n_test: int, seed: int):
-    from sklearn.model_selection import train_test_split
-
+    """scikit-learn's stratified train_test_split, twice: test off the whole, then validation off the rest."""
     idx = np.arange(len(labels))
     y = np.array([str(v) for v in labels])
     if n_test:
@@ -125,12 +129,12 @@ def _time_keys(values: list, column: str) -> np.ndarray:
     """Comparable sort keys for timestamps given as numbers, datetimes or date strings."""
     if all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in values):
         return np.asarray(values, dtype=float)
-    import pandas as pd
-
     try:
         stamps = pd.to_datetime(pd.Series(values), utc=True, format="mixed")
     except (ValueError, TypeError) as err:
-        raise ConfigError(f"data.split.time_column: column {column!r} holds values that are not timestamps ({err})") from None
+        raise ConfigError(
+            f"data.split.time_column: column {column!r} holds values that are not timestamps ({err})"
+        ) from None
     if stamps.isna().any():
         bad = int(stamps.isna().sum())
         raise ConfigError(f"data.split.time_column: {bad} row(s) of column {column!r} have no timestamp")
@@ -194,7 +198,11 @@ def _can_stratify(labels: list, n_val: int, n_test: int) -> str | None:
 
 
 def split_dataset(ds: Dataset, split_cfg: SplitConfig, label_field: str | None, seed: int) -> DatasetDict:
-    """Split `ds` into a DatasetDict with train, validation and test (test empty when split_cfg.test == 0)."""
+    """Split `ds` into a DatasetDict with train, validation and test (test empty when split_cfg.test == 0).
+
+    The kinds are described in the module docstring. Raises ConfigError for a missing column, fractions
+    that leave no training rows, or a group/time split that cannot keep its promise.
+    """
     kind = split_cfg.kind
     if kind == "predefined":
         train, val, test = _predefined(ds)
@@ -235,9 +243,8 @@ def _log_sizes(kind: str, splits: DatasetDict) -> None:
 # ---------------------------------------------------------------- cross-validation
 def kfold_splits(ds: Dataset, k: int, label_field: str | None, seed: int) -> list[tuple[Dataset, Dataset]]:
     """k (train, validation) pairs; every row is validated exactly once. Stratified by label
-    when every class has at least k rows, plain shuffled k-fold otherwise (with a warning)."""
-    from sklearn.model_selection import KFold, StratifiedKFold
-
+    when every class has at least k rows, plain shuffled k-fold otherwise (with a warning).
+    Raises ConfigError for k < 2 or k above the number of rows."""
     if not isinstance(k, int) or k < 2:
         raise ConfigError(f"data.split.folds must be an integer >= 2 (got {k!r})")
     if k > len(ds):
@@ -252,7 +259,9 @@ def kfold_splits(ds: Dataset, k: int, label_field: str | None, seed: int) -> lis
         if counts.min() >= k:
             splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
         else:
-            log.warning("stratified %d-fold impossible: a class has only %d row(s); using plain k-fold", k, counts.min())
+            log.warning(
+                "stratified %d-fold impossible: a class has only %d row(s); using plain k-fold", k, counts.min()
+            )
     return [(ds.select(tr.tolist()), ds.select(va.tolist())) for tr, va in splitter.split(idx, y)]
 
 
@@ -267,7 +276,11 @@ def aggregate_folds(fold_metrics: list[dict[str, Any]]) -> dict[str, dict[str, A
     def numeric(v: Any) -> bool:
         return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
-    common = [key for key, v in fold_metrics[0].items() if numeric(v) and all(key in m and numeric(m[key]) for m in fold_metrics)]
+    common = [
+        key
+        for key, v in fold_metrics[0].items()
+        if numeric(v) and all(key in m and numeric(m[key]) for m in fold_metrics)
+    ]
     dropped = {key for m in fold_metrics for key in m} - set(common)
     if dropped:
         log.debug("aggregate_folds: skipping non-numeric or partial metrics %s", sorted(dropped))

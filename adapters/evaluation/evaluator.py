@@ -6,16 +6,22 @@ import math
 from contextlib import nullcontext
 
 import torch
+from transformers import LogitsProcessorList
 
-
-def normalize_answer(text: str) -> str:
-    return " ".join(text.strip().lower().rstrip(".!?").split())
+from adapters.data.loading import eval_dataloader
+from adapters.evaluation.metrics import classification_metrics, exact_match, save_confusion_matrix
+from adapters.modeling.generation import mean_token_confidence
+from adapters.modeling.losses import causal_lm_response_loss
 
 
 @torch.no_grad()
 def evaluate_classification(model, dataloader, accelerator, labels: list[str], out_dir=None) -> dict:
-    from adapters.evaluation.metrics import classification_metrics, save_confusion_matrix
+    """Mean loss over the rows and classification_metrics of the argmax predictions.
 
+    dataloader yields dicts of [batch, ...] tensors with "labels" [batch] class ids; accelerator
+    gives the device and is_main_process (only the main process writes the confusion matrix into
+    out_dir, when given). Returns {"loss", "accuracy", "f1_macro", ...}; the model is left in train mode.
+    """
     model.eval()
     losses, preds, refs = [], [], []
     for batch in dataloader:
@@ -34,17 +40,18 @@ def evaluate_classification(model, dataloader, accelerator, labels: list[str], o
 
 @torch.no_grad()
 def evaluate_causal_lm(
-    model, dataset, tokenizer, accelerator, batch_size: int, max_new_tokens: int, generate: bool = True, collect: dict | None = None
+    model, dataset, tokenizer, accelerator, batch_size: int, max_new_tokens: int, generate: bool = True,
+    collect: dict | None = None,
 ) -> dict:
     """Mean response-token loss (and perplexity), and exact match of greedy generations.
 
+    dataset: tokenized causal-LM rows with "prompt_ids" and "target"; batch_size in rows;
+    max_new_tokens per generated answer. generate False skips generation (loss only).
     collect: a dict that receives the generated answers ("predictions") and their token
     confidences ("confidences"), e.g. for the drift reference.
+    Returns {"loss" (nats per response token), "perplexity"} plus, with generate, "exact_match"
+    and the first five {"target", "prediction"} "examples"; the model is left in train mode.
     """
-    from adapters.data.loading import eval_dataloader
-    from adapters.evaluation.metrics import exact_match
-    from adapters.modeling.losses import causal_lm_response_loss
-
     model.eval()
     total_loss, total_tokens = 0.0, 0
     for batch in eval_dataloader(dataset, "causal-lm", tokenizer, batch_size):
@@ -81,11 +88,8 @@ def generate_scored_answers(
 
     Returns the first line of each generation and its confidence: the geometric mean of the
     model's probability of each generated token before the end token (as the server logs it).
+    prompts: token ids per prompt; batch_size in prompts; max_new_tokens per answer.
     """
-    from transformers import LogitsProcessorList
-
-    from adapters.modeling.generation import mean_token_confidence
-
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[str] = [""] * len(prompts)
     confidences: list[float | None] = [None] * len(prompts)
@@ -144,8 +148,11 @@ class _ChosenTokenLogprobs:
             self.previous = None
 
     def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[rows, generated tokens] log-probabilities of the chosen tokens, given the final [rows, length] sequences."""
         self._take(sequences[:, -1])
-        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float)
+        if not self.steps:
+            return sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float)
+        return torch.stack(self.steps, dim=1)
 
 
 def adapter_disabled(model):

@@ -11,24 +11,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from adapters.constants import ADAPTER_CONFIG, TASKS
 from adapters.errors import ConfigError
-from adapters.constants import ADAPTER_CONFIG, TASKS  # noqa: F401  (ADAPTER_CONFIG re-exported)
-
-if TYPE_CHECKING:  # torch is heavy; keep `--list-methods` and config validation light
-    import torch.nn as nn
 
 ALL_TASKS = frozenset(TASKS)
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 class MethodOptions(BaseModel):
-    """Base for a method's options: unknown keys are errors."""
+    """Base for a method's options: unknown keys are errors, and so are nan and inf."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)
@@ -37,13 +34,17 @@ class ModelInfo:
 
     model_type: str  # e.g. "llama", "bert"
     is_encoder: bool  # bidirectional encoder (BERT family) vs decoder-only
-    num_layers: int
-    hidden_size: int
-    quantized: bool = False
+    num_layers: int  # transformer blocks (config.num_hidden_layers)
+    hidden_size: int  # width of the residual stream
+    quantized: bool = False  # the backbone will load in 4/8-bit
 
 
 class AdaptationMethod:
-    """One way of adapting a backbone. Subclasses set the class attributes and implement attach/save/load."""
+    """One way of adapting a backbone. Subclasses set the class attributes and implement attach/save/load.
+
+    ``PeftMethod`` (adapters.methods.peft_base) implements them for peft tuners and
+    ``DeltaMethod`` (adapters.methods.weights_delta) for methods that train the backbone's own weights.
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str]  # one line, shown by --list-methods
@@ -54,6 +55,10 @@ class AdaptationMethod:
 
     # -- options -----------------------------------------------------------------
     def parse_options(self, raw: dict[str, Any] | MethodOptions | None) -> MethodOptions:
+        """Validate `raw` (the config's ``method`` keys; None = all defaults) into this method's Options.
+
+        Raises ConfigError naming each bad ``method.<key>`` and, for an unknown key, the valid ones.
+        """
         if isinstance(raw, self.Options):
             return raw
         try:
@@ -75,11 +80,11 @@ class AdaptationMethod:
         """Raise ConfigError when this method cannot work on this backbone. Called before weights load."""
 
     # -- the work ----------------------------------------------------------------
-    def attach(self, model: "nn.Module", options: MethodOptions, task: str, adapter_name: str = "default") -> "nn.Module":
+    def attach(self, model: nn.Module, options: MethodOptions, task: str, adapter_name: str = "default") -> nn.Module:
         """Return the model with this method attached and only its parameters trainable."""
         raise NotImplementedError
 
-    def save(self, model: "nn.Module", folder: Path, state_dict: dict | None = None) -> None:
+    def save(self, model: nn.Module, folder: Path, state_dict: dict | None = None) -> None:
         """Write only what training changed (adapter_config.json + adapter_model.safetensors).
 
         `state_dict` is the full gathered state dict when parameters are sharded (DeepSpeed
@@ -87,7 +92,9 @@ class AdaptationMethod:
         """
         raise NotImplementedError
 
-    def load(self, model: "nn.Module", folder: Path, adapter_name: str = "default", is_trainable: bool = False) -> "nn.Module":
+    def load(
+        self, model: nn.Module, folder: Path, adapter_name: str = "default", is_trainable: bool = False
+    ) -> nn.Module:
         """Attach a saved adapter from `folder` to a freshly loaded base `model`."""
         raise NotImplementedError
 
@@ -104,7 +111,10 @@ _REGISTRY: dict[str, AdaptationMethod] = {}
 
 
 def register_method(method: AdaptationMethod) -> AdaptationMethod:
-    """Make `method` available by its name in configs, the store and the inference engine."""
+    """Make `method` available by its name in configs, the store and the inference engine.
+
+    Raises ValueError when another class already registered the same name.
+    """
     if method.name in _REGISTRY and type(_REGISTRY[method.name]) is not type(method):
         raise ValueError(f"adaptation method {method.name!r} is registered twice")
     _REGISTRY[method.name] = method
@@ -112,6 +122,7 @@ def register_method(method: AdaptationMethod) -> AdaptationMethod:
 
 
 def get_method(name: str) -> AdaptationMethod:
+    """The registered method called `name` (case-insensitive, "_" read as "-"); ConfigError lists the valid names."""
     _ensure_builtin_methods()
     key = (name or "").strip().lower().replace("_", "-")
     if key not in _REGISTRY:
@@ -120,12 +131,13 @@ def get_method(name: str) -> AdaptationMethod:
 
 
 def list_methods() -> list[AdaptationMethod]:
+    """Every registered method, sorted by name."""
     _ensure_builtin_methods()
     return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def method_of_folder(folder: Path) -> AdaptationMethod:
-    """Which registered method saved this adapter folder (from its adapter_config.json)."""
+    """Which registered method saved this adapter folder (from its adapter_config.json); ConfigError if none."""
     cfg_path = Path(folder) / ADAPTER_CONFIG
     if not cfg_path.is_file():
         raise ConfigError(f"{folder} is not an adapter folder: {ADAPTER_CONFIG} is missing")
@@ -133,7 +145,11 @@ def method_of_folder(folder: Path) -> AdaptationMethod:
 
 
 def method_of_config(cfg: dict, folder: Path | str = "adapter") -> AdaptationMethod:
-    """Which registered method wrote this adapter_config.json content (folder: for the error)."""
+    """Which registered method wrote this adapter_config.json content (folder: for the error).
+
+    adapterkit's own folders name it in ``adapterkit_method``; a plain peft folder is recognised by
+    its ``peft_type`` (LORA with ``use_dora`` is dora). Raises ConfigError when neither tells.
+    """
     cfg_path = Path(folder) / ADAPTER_CONFIG
     name = cfg.get("adapterkit_method")
     if name is None:  # a plain peft folder
@@ -159,4 +175,5 @@ _PEFT_TYPE_TO_METHOD = {
 
 def _ensure_builtin_methods() -> None:
     # Importing the package imports every built-in method module, each of which registers itself.
+    # Not at module level: the package imports this module first.
     import adapters.methods  # noqa: F401

@@ -8,10 +8,13 @@ from adapters.methods.weights_delta import DeltaMethod
 
 
 class FullMethod(DeltaMethod, AdaptationMethod):
+    """Full fine-tuning: every parameter trained and saved."""
+
     name = "full"
     summary = "Train every weight (the baseline the other methods approximate); saves the whole model."
 
     def trainable_prefixes(self, model, options, task):
+        """None: every parameter."""
         return None
 
 

@@ -11,20 +11,25 @@ from pydantic import Field
 
 from adapters.errors import ConfigError
 from adapters.methods.base import AdaptationMethod, MethodOptions, register_method
-from adapters.methods.peft_base import head_module_names
+from adapters.methods.targets import head_module_names
 from adapters.methods.weights_delta import DeltaMethod, block_list_name, top_modules
 
 
 class PartialOptions(MethodOptions):
+    """Options of ``partial``."""
+
     blocks: int = Field(2, ge=1, description="How many of the top transformer blocks to unfreeze (plus the head).")
 
 
 class PartialMethod(DeltaMethod, AdaptationMethod):
+    """Partial fine-tuning: the top ``blocks`` transformer blocks, what sits above them, and a classifier's head."""
+
     name = "partial"
     summary = "Unfreeze the top N blocks plus head/final norm; saves only those weights."
     Options = PartialOptions
 
     def check_model(self, options, info, task):
+        """ConfigError when the model has fewer blocks than ``blocks``."""
         if info.num_layers and options.blocks > info.num_layers:
             raise ConfigError(
                 f"method.blocks ({self.name}): {options.blocks} is more than the model's {info.num_layers} blocks; "
@@ -32,6 +37,7 @@ class PartialMethod(DeltaMethod, AdaptationMethod):
             )
 
     def trainable_prefixes(self, model, options, task):
+        """The top blocks, the modules above them (final norm, pooler) and, for classification, the head."""
         blocks = block_list_name(model)
         n = model.config.num_hidden_layers
         chosen = [f"{blocks}.{i}" for i in range(max(0, n - options.blocks), n)]

@@ -1,4 +1,10 @@
-"""VeRA: one frozen random low-rank pair shared by all layers, with trained per-layer scaling vectors (peft VeRA)."""
+"""VeRA: one frozen random low-rank pair shared by all layers, with trained per-layer scaling vectors (peft VeRA).
+
+VeRA (Kopiczko et al. 2024, arXiv:2310.11454) updates a weight W [out, in] by
+diag(b) @ B @ diag(d) @ A, where A [r, in] and B [out, r] are frozen random matrices shared by
+every adapted layer (slices of one pair sized for the largest layer) and only d [r] and b [out]
+are trained, per layer.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +14,34 @@ import torch.nn as nn
 from pydantic import Field
 
 from adapters.methods.base import MethodOptions, register_method
-from adapters.methods.lora import excluded_modules, resolve_target_modules
 from adapters.methods.peft_base import PeftMethod
+from adapters.methods.targets import excluded_modules, resolve_target_modules
 
 
-def vera_targets(targets, model) -> list[str] | str:
-    """Like LoRA's target groups. VeraConfig has no exclude_modules, so where a group needs exclusions
-    (BERT "mlp") the matching modules are listed by full name instead."""
+def _matches(name: str, suffixes: list[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def vera_targets(targets: str | list[str], model: nn.Module) -> list[str] | str:
+    """LoRA's target groups for VeRA. VeraConfig has no exclude_modules, so where a group needs
+    exclusions (BERT "mlp") the matching nn.Linear modules are listed by full name instead."""
     resolved = resolve_target_modules(targets, model)
     excluded = excluded_modules(targets, model)
     if not excluded or isinstance(resolved, str):
         return resolved
-
-    def matches(name, suffixes):
-        return any(name == s or name.endswith("." + s) for s in suffixes)
-
     return [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and matches(name, resolved) and not matches(name, excluded)
+        if isinstance(module, nn.Linear) and _matches(name, resolved) and not _matches(name, excluded)
     ]
 
 
 class VeraOptions(MethodOptions):
-    r: int = Field(256, ge=1, description="Rank of the shared random projections (VeRA uses far higher ranks than LoRA).")
+    """Options of ``vera`` (peft ``VeraConfig``)."""
+
+    r: int = Field(
+        256, ge=1, description="Rank of the shared random projections (VeRA uses far higher ranks than LoRA)."
+    )
     target_modules: Literal["attention", "mlp", "all", "all-linear"] | list[str] = Field(
         "all",
         description="Which linear layers get VeRA: attention, mlp, all (both), all-linear, or a list of names. "
@@ -46,13 +56,18 @@ class VeraOptions(MethodOptions):
 
 
 class VeraMethod(PeftMethod):
+    """VeRA (Kopiczko et al. 2024) through peft ``VeraConfig``, with LoRA's target groups."""
+
     name = "vera"
-    summary = "VeRA: one frozen random low-rank pair shared by all layers; trains only per-layer scaling vectors (peft VeRA)."
+    summary = (
+        "VeRA: one frozen random low-rank pair shared by all layers; trains only per-layer scaling vectors (peft VeRA)."
+    )
     Options = VeraOptions
     mixable = False  # peft 0.21 ignores per-row adapter_names for VeRA (LoRA-only feature)
 
     def peft_config(self, options: VeraOptions, task, model):
-        from peft import VeraConfig
+        """peft ``VeraConfig`` for `options` on `model`."""
+        from peft import VeraConfig  # peft loads when a model is adapted, not when configs are validated
 
         return VeraConfig(
             r=options.r,

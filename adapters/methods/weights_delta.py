@@ -10,6 +10,10 @@ and the inference engine treat it like any adapter:
 Loading = load the base, then ``load_state_dict(strict=False)`` with those keys, checking that every
 key landed on a parameter of the same shape. A tied weight (lm_head = embeddings) is one tensor
 and is saved once, under its first name.
+
+These are the classic transfer-learning baselines that parameter-efficient methods are measured
+against: a new head on frozen features (head-only), the top blocks unfrozen (partial), everything
+trained (full); Devlin et al. 2019 (BERT) compare full fine-tuning with feature extraction.
 """
 
 from __future__ import annotations
@@ -17,20 +21,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from adapters.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapters.errors import BaseMismatchError, ConfigError
-from adapters.methods.base import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from adapters.methods.targets import FINAL_NORM_NAMES
 from adapters.paths import atomic_path
 
-if TYPE_CHECKING:
-    import torch
-    import torch.nn as nn
-
 DELTA_ATTR = "adapterkit_delta"  # the model attribute that remembers what a classic method trains
-
-# Final norms of decoders sit between the last block and the head: they belong to the "top".
-FINAL_NORM_NAMES = ("norm", "final_layer_norm", "ln_f", "norm_f", "final_layernorm")
 
 
 @dataclass
@@ -49,12 +51,14 @@ def _under(name: str, prefixes: list[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def train_only(model: "nn.Module", prefixes: list[str] | None) -> list[str]:
+def train_only(model: nn.Module, prefixes: list[str] | None) -> list[str]:
     """Make trainable exactly the parameters under `prefixes` (None: all). Returns their names, each
-    tensor once (a tied weight under its first name), in the model's order."""
+    tensor once (a tied weight under its first name), in the model's order; ConfigError if none matched."""
     names, seen = [], set()
     # remove_duplicate=False: a tied weight must be unfrozen if any of its names is selected.
-    selected_ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if prefixes is None or _under(n, prefixes)}
+    selected_ids = {
+        id(p) for n, p in model.named_parameters(remove_duplicate=False) if prefixes is None or _under(n, prefixes)
+    }
     for n, p in model.named_parameters(remove_duplicate=False):
         p.requires_grad_(id(p) in selected_ids)
         if id(p) in selected_ids and id(p) not in seen:
@@ -65,7 +69,8 @@ def train_only(model: "nn.Module", prefixes: list[str] | None) -> list[str]:
     return names
 
 
-def remember(model: "nn.Module", delta: WeightsDelta) -> "nn.Module":
+def remember(model: nn.Module, delta: WeightsDelta) -> nn.Module:
+    """Record `delta` on `model`; ConfigError when the model already holds another such adapter."""
     existing = getattr(model, DELTA_ATTR, None)
     if existing is not None and existing.adapter_name != delta.adapter_name:
         raise ConfigError(
@@ -76,22 +81,26 @@ def remember(model: "nn.Module", delta: WeightsDelta) -> "nn.Module":
     return model
 
 
-def delta_of(model: "nn.Module") -> WeightsDelta:
+def delta_of(model: nn.Module) -> WeightsDelta:
+    """What ``remember`` recorded on `model`; ConfigError when no classic method is attached."""
     delta = getattr(model, DELTA_ATTR, None)
     if delta is None:
         raise ConfigError("this model has no head-only/partial/full method attached: call attach() or load() first")
     return delta
 
 
-def base_name_or_path(model: "nn.Module") -> str | None:
+def base_name_or_path(model: nn.Module) -> str | None:
+    """The folder or hub id the backbone was loaded from, as its config recorded it."""
     config = getattr(model, "config", None)
     return getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None) or None
 
 
-def save_delta(model: "nn.Module", folder: Path, state_dict: dict[str, "torch.Tensor"] | None = None) -> None:
-    """Write the trained tensors and the config, each file atomically (temp + fsync + rename)."""
-    from safetensors.torch import save_file
+def save_delta(model: nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the trained tensors and the config, each file atomically (temp + fsync + rename).
 
+    state_dict: the full gathered state dict under ZeRO-3 (the model's own parameters are empty shards
+    there). Raises ConfigError when a recorded parameter is missing.
+    """
     delta = delta_of(model)
     source = state_dict if state_dict is not None else dict(model.named_parameters(remove_duplicate=False))
     missing = [n for n in delta.parameter_names if n not in source]
@@ -116,16 +125,19 @@ def save_delta(model: "nn.Module", folder: Path, state_dict: dict[str, "torch.Te
 
 
 def read_config(folder: Path) -> dict[str, Any]:
+    """The folder's adapter_config.json; ConfigError when it is missing."""
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise ConfigError(f"{folder} is not an adapter folder: {ADAPTER_CONFIG} is missing")
     return json.loads(path.read_text())
 
 
-def load_delta(model: "nn.Module", folder: Path, method: str) -> tuple["nn.Module", dict[str, Any]]:
-    """Load the saved tensors into `model` in place; every saved key must land on a same-shaped parameter."""
-    from safetensors.torch import load_file
+def load_delta(model: nn.Module, folder: Path, method: str) -> tuple[nn.Module, dict[str, Any]]:
+    """Load the saved tensors into `model` in place -> (model, saved config).
 
+    Raises ConfigError for a folder of another method or inconsistent files, BaseMismatchError when a
+    saved key is not a same-shaped parameter of `model`.
+    """
     folder = Path(folder)
     config = read_config(folder)
     if config.get("adapterkit_method") != method:
@@ -136,7 +148,11 @@ def load_delta(model: "nn.Module", folder: Path, method: str) -> tuple["nn.Modul
         raise ConfigError(f"{folder}: {ADAPTER_WEIGHTS} does not hold the tensors {ADAPTER_CONFIG} lists")
     own = dict(model.named_parameters(remove_duplicate=False))
     unknown = [n for n in names if n not in own]
-    wrong_shape = [(n, tuple(tensors[n].shape), tuple(own[n].shape)) for n in names if n in own and own[n].shape != tensors[n].shape]
+    wrong_shape = [
+        (n, tuple(tensors[n].shape), tuple(own[n].shape))
+        for n in names
+        if n in own and own[n].shape != tensors[n].shape
+    ]
     if unknown or wrong_shape:
         raise BaseMismatchError(
             f"{folder} does not fit this base model (saved on {config.get('base_model_name_or_path')!r}, "
@@ -151,10 +167,11 @@ def load_delta(model: "nn.Module", folder: Path, method: str) -> tuple["nn.Modul
 
 
 # ---------------------------------------------------------------- the shared method base
-def block_list_name(model: "nn.Module") -> str:
-    """Name of the ModuleList holding the transformer blocks (the one with num_hidden_layers entries)."""
-    import torch.nn as nn
+def block_list_name(model: nn.Module) -> str:
+    """Name of the ModuleList holding the transformer blocks (the one with num_hidden_layers entries).
 
+    Raises ConfigError when the model has no such list.
+    """
     n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     candidates = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
     if not candidates:
@@ -162,7 +179,7 @@ def block_list_name(model: "nn.Module") -> str:
     return min(candidates, key=len)  # the outermost, should a block nest a list of the same length
 
 
-def top_modules(model: "nn.Module", blocks: str) -> list[str]:
+def top_modules(model: nn.Module, blocks: str) -> list[str]:
     """Modules above the last block that are not the head: a decoder's final norm, BERT's pooler."""
     names = []
     for name, module in model.named_modules():
@@ -175,7 +192,7 @@ def top_modules(model: "nn.Module", blocks: str) -> list[str]:
 
 
 class DeltaMethod:
-    """Mixin for AdaptationMethod subclasses that train the backbone's own weights.
+    """Mixin for AdaptationMethod subclasses that train the backbone's own weights (head-only, partial, full).
 
     Subclasses implement ``trainable_prefixes(model, options, task)`` (None = everything).
     """
@@ -183,17 +200,21 @@ class DeltaMethod:
     mixable = False  # the weights themselves change: one adapter per model copy
 
     def trainable_prefixes(self, model, options, task) -> list[str] | None:
+        """Module names whose parameters this method trains on `model` (None: every parameter)."""
         raise NotImplementedError
 
     def attach(self, model, options, task, adapter_name="default"):
+        """Freeze everything but ``trainable_prefixes`` and record them on the model (no wrapper)."""
         options = self.parse_options(options)
         names = train_only(model, self.trainable_prefixes(model, options, task))
         return remember(model, WeightsDelta(self.name, options.model_dump(mode="json"), task, names, adapter_name))
 
     def save(self, model, folder, state_dict=None):
+        """``save_delta``: the trained tensors and adapter_config.json."""
         save_delta(model, folder, state_dict)
 
     def load(self, model, folder, adapter_name="default", is_trainable=False):
+        """``load_delta`` into `model` in place; the saved parameters trainable when `is_trainable`, else all frozen."""
         model, config = load_delta(model, folder, self.name)
         names = config["parameter_names"]
         if is_trainable:
@@ -201,4 +222,5 @@ class DeltaMethod:
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
-        return remember(model, WeightsDelta(self.name, config.get("options") or {}, config.get("task"), names, adapter_name))
+        delta = WeightsDelta(self.name, config.get("options") or {}, config.get("task"), names, adapter_name)
+        return remember(model, delta)

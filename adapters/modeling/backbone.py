@@ -1,4 +1,8 @@
-"""Loading a backbone (optionally 4/8-bit) and its tokenizer for a task."""
+"""Loading a backbone (optionally 4/8-bit) and its tokenizer for a task.
+
+bitsandbytes is imported only where quantization is asked for: it is optional on some machines,
+and its absence must become a ConfigError, not an import error of this module.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,22 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from peft import prepare_model_for_kbit_training
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from adapters.modeling.builtins import BUILTIN_MODELS, resolve_model
-from adapters.config import ModelConfig
+from adapters.config import ModelConfig, QuantizationConfig
+from adapters.distributed import zero3_enabled
 from adapters.errors import ConfigError
 from adapters.methods.base import ModelInfo
+from adapters.modeling.builtins import BUILTIN_MODELS, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +35,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def model_info(model_cfg: ModelConfig) -> ModelInfo:
-    """Read what validation needs from the backbone's config.json alone (no weights)."""
+    """Read what validation needs from the backbone's config.json alone (no weights).
+
+    is_encoder: a bidirectional encoder type (BERT family), not a decoder.
+    """
     config = AutoConfig.from_pretrained(resolve_model(model_cfg.name), revision=model_cfg.revision)
     return ModelInfo(
         model_type=config.model_type,
@@ -33,10 +49,13 @@ def model_info(model_cfg: ModelConfig) -> ModelInfo:
     )
 
 
-_ENCODER_TYPES = {"bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "albert", "mpnet", "modernbert"}
+_ENCODER_TYPES = {
+    "bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "albert", "mpnet", "modernbert"
+}
 
 
 def load_tokenizer(model_cfg: ModelConfig):
+    """The backbone's tokenizer; a decoder without a pad token pads with EOS."""
     path = resolve_model(model_cfg.name)
     tok = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision)
     if tok.pad_token is None:
@@ -46,6 +65,8 @@ def load_tokenizer(model_cfg: ModelConfig):
 
 
 def resolve_pooling(model_cfg: ModelConfig, path: str) -> str:
+    """"cls" | "mean" | "last" as configured; for "auto": the built-in's pooling, "mean" for a
+    sentence-transformers folder that mean-pools, else "auto" (the architecture's own head)."""
     if model_cfg.pooling != "auto":
         return model_cfg.pooling
     if model_cfg.name in BUILTIN_MODELS:
@@ -56,13 +77,16 @@ def resolve_pooling(model_cfg: ModelConfig, path: str) -> str:
     return "auto"
 
 
-def quantization_config(model_cfg: ModelConfig):
+def quantization_config(model_cfg: ModelConfig) -> BitsAndBytesConfig | None:
+    """transformers' BitsAndBytesConfig for ``model.quantization`` (None when not quantized).
+
+    Raises ConfigError when bitsandbytes cannot be imported or cannot run on this device.
+    """
     q = model_cfg.quantization
     if q is None:
         return None
     try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401  (optional: see the module docstring)
     except Exception as err:  # pragma: no cover - depends on the install
         raise ConfigError(
             f"model.quantization needs bitsandbytes, which cannot be imported here ({err}); "
@@ -81,9 +105,10 @@ def quantization_config(model_cfg: ModelConfig):
     )
 
 
-def _probe_bitsandbytes(q) -> None:
+def _probe_bitsandbytes(q: QuantizationConfig) -> None:
     """Quantize one small block on the device the model will use. A bitsandbytes build without a
     backend for this device then fails here with a clear message instead of deep inside loading."""
+    # Optional dependency (see the module docstring); quantization_config has checked it imports.
     import bitsandbytes
     import bitsandbytes.functional as bnbf
 
@@ -103,7 +128,12 @@ def _probe_bitsandbytes(q) -> None:
 
 
 def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | None = None, device_map=None):
-    """Load the model for `task`: a causal LM, or a classifier with a fresh head for `label2id`."""
+    """Load the model for `task`: a causal LM, or a classifier with a fresh head for `label2id`.
+
+    label2id: class name -> class id (classification only; the head gets one row per class).
+    device_map: passed to from_pretrained (a quantized model defaults to GPU 0, or the CPU).
+    Raises ConfigError for weights that cannot be loaded or impossible combinations.
+    """
     path = resolve_model(model_cfg.name)
     kwargs = {"revision": model_cfg.revision}
     dtype = DTYPES.get(model_cfg.dtype, "auto") if model_cfg.dtype != "auto" else "auto"
@@ -111,12 +141,12 @@ def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | 
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
     if model_cfg.init == "random" and model_cfg.quantization is not None:
-        raise ConfigError("model.init: 'random' cannot be combined with model.quantization (quantize a trained model instead)")
+        raise ConfigError(
+            "model.init: 'random' cannot be combined with model.quantization (quantize a trained model instead)"
+        )
     qcfg = quantization_config(model_cfg)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
-        from adapters.distributed import zero3_enabled
-
         if not zero3_enabled():  # ZeRO-3 places its sharded weights itself and refuses a device_map
             kwargs["device_map"] = device_map or ({"": 0} if torch.cuda.is_available() else "cpu")
         if model_cfg.quantization.compute_dtype != "float32" or model_cfg.dtype == "float32":
@@ -130,9 +160,10 @@ def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | 
         else:
             if not label2id:
                 raise ConfigError("sequence-classification needs labels; the training data has none")
-            id2label = {i: l for l, i in label2id.items()}
+            id2label = {i: label for label, i in label2id.items()}
             if resolve_pooling(model_cfg, path) == "mean":
-                backbone = _load_weights(AutoModel, path, model_cfg, {**kwargs, "add_pooling_layer": False} if _has_pooler(path) else kwargs)
+                no_pooler = {**kwargs, "add_pooling_layer": False} if _has_pooler(path) else kwargs
+                backbone = _load_weights(AutoModel, path, model_cfg, no_pooler)
                 model = MeanPoolingClassifier(backbone, label2id, id2label)
             else:
                 model = _load_weights(
@@ -147,8 +178,6 @@ def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | 
         raise ConfigError(f"model.name {model_cfg.name!r}: cannot load ({err})") from err
 
     if qcfg is not None:
-        from peft import prepare_model_for_kbit_training
-
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=model_cfg.gradient_checkpointing)
         allow_cpu_4bit_packing(model, False)
     elif model_cfg.gradient_checkpointing:
@@ -168,7 +197,7 @@ def allow_cpu_4bit_packing(model: nn.Module, allowed: bool) -> int:
     own choice for this CPU). Returns how many layers were set.
     """
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional (see the module docstring): no 4-bit layers without it
     except Exception:
         return 0
     count = 0
@@ -210,6 +239,7 @@ def _dropout_overrides(path: str, model_cfg: ModelConfig) -> dict:
 
 
 def _has_pooler(path: str) -> bool:
+    """Whether AutoModel of this architecture builds a pooler (which mean pooling leaves unused)."""
     cfg = AutoConfig.from_pretrained(path)
     return cfg.model_type in ("bert", "roberta", "xlm-roberta", "electra")
 
@@ -217,9 +247,10 @@ def _has_pooler(path: str) -> bool:
 class MeanPoolingClassifier(nn.Module):
     """A sentence encoder with a linear head on mean-pooled token states.
 
-    Sentence encoders such as MiniLM were trained to be mean-pooled; a head on their CLS
-    pooler starts from a representation they never optimised (0.32 vs 0.8+ on TREC, frozen).
-    Exposes the pieces peft expects of a transformers model (config, input embeddings).
+    Sentence encoders such as MiniLM (Sentence-BERT, Reimers & Gurevych 2019) were trained to be
+    mean-pooled; a head on their CLS pooler starts from a representation they never optimised
+    (0.32 vs 0.8+ on TREC, frozen). Exposes the pieces peft expects of a transformers model
+    (config, input embeddings).
     """
 
     adapterkit_head_names = ("classifier",)
@@ -258,8 +289,20 @@ class MeanPoolingClassifier(nn.Module):
         raise NotImplementedError
 
     def forward(
-        self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, token_type_ids=None, past_key_values=None, **kwargs
+        self,
+        input_ids=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        labels=None,
+        token_type_ids=None,
+        past_key_values=None,
+        **kwargs,
     ):
+        """input_ids / attention_mask [batch, seq] (or inputs_embeds [batch, seq, hidden]), labels [batch]
+        -> SequenceClassifierOutput: logits [batch, num_labels], loss (mean cross-entropy) when labels are given.
+
+        The mask may be shorter than the states (peft prompt tokens prepended: they count as real) or
+        longer (prefix tuning: the prefix has no states of its own)."""
         # past_key_values is named so that peft prefix tuning calls this forward (mean pooling intact)
         # instead of the backbone alone; the prefix keys/values reach every attention layer.
         if past_key_values is not None:
@@ -269,9 +312,13 @@ class MeanPoolingClassifier(nn.Module):
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("return_dict", None)
         out = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, token_type_ids=token_type_ids, **kwargs
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            token_type_ids=token_type_ids,
+            **kwargs,
         )
-        states = out.last_hidden_state
+        states = out.last_hidden_state  # [batch, seq, hidden]
         if attention_mask is None:
             attention_mask = torch.ones(states.shape[:2], device=states.device, dtype=torch.long)
         if attention_mask.shape[1] > states.shape[1]:  # prefix tuning: mask covers the prefix, which has no states
@@ -279,8 +326,8 @@ class MeanPoolingClassifier(nn.Module):
         if attention_mask.shape[1] != states.shape[1]:  # prompt tokens prepended by peft
             extra = states.shape[1] - attention_mask.shape[1]
             attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], extra), attention_mask], dim=1)
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
-        logits = self.classifier(self.dropout(pooled))
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [batch, seq, 1]
+        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-6)  # [batch, hidden]
+        logits = self.classifier(self.dropout(pooled))  # [batch, num_labels]
         loss = self.loss_fct(logits.float(), labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

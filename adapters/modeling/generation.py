@@ -4,27 +4,41 @@ One decoding loop serves a whole batch whose rows may use different adapters (pe
 ``adapter_names``), different sampling settings, budgets and stop strings. Rows are
 left-padded with position ids that skip the padding, so a row decodes to the same tokens in
 a batch as alone. Finished rows leave the batch (and the KV cache) at once.
+
+Log-probabilities (``SamplingParams.logprobs`` / ``prompt_logprobs``) are the model's: log-softmax of
+the logits at temperature 1 over the whole vocabulary, whatever the row's sampling settings, so they
+equal a teacher-forced forward pass over prompt + output.
 """
 
 from __future__ import annotations
 
 import math
-
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from adapters.data.prompts import PromptFormat, build_prompt_ids, prompt_budget
 from adapters.errors import ConfigError
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+GREEDY_BELOW = 1e-5  # a temperature below this decodes greedily: dividing logits by it overflows float32
+SEED_RANGE = (-(2**63), 2**64 - 1)  # torch.Generator.manual_seed's; a negative seed is taken mod 2**64
 
 
 @dataclass
 class SamplingParams:
-    """How one row is decoded. temperature 0 means greedy."""
+    """How one row is decoded. temperature 0 means greedy, and so does any temperature below GREEDY_BELOW (it
+    is set to 0); top_p < 1 is nucleus sampling (Holtzman et al. 2020). max_new_tokens 0 emits nothing (with
+    prompt_logprobs: the prompt is only scored). ``logprobs`` k: record each emitted token's log-probability
+    and the k most likely tokens at its position (decode_batch's TokenLogprobs); ``prompt_logprobs`` k: the
+    same for each prompt token after the first.
+
+    Raises ConfigError for max_new_tokens < 0, a negative temperature, top_p outside (0, 1], a seed outside
+    SEED_RANGE, or a negative logprobs / prompt_logprobs.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -32,12 +46,21 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False  # keep going past EOS (benchmarks: every row generates max_new_tokens)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0 (got {self.max_new_tokens})")
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0 (got {self.temperature})")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (got {self.seed})")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, name) or 0) < 0:
+                raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1] (got {self.top_p})")
         if isinstance(self.stop, str):
@@ -46,28 +69,75 @@ class SamplingParams:
 
 
 @dataclass
+class TokenLogprobs:
+    """Log-probabilities of a sequence's tokens: log-softmax of the logits at temperature 1 over the whole
+    vocabulary. ``logprobs[i]`` is that of ``token_ids[i]`` given the tokens before it (None for a prompt's
+    first token, which has nothing before it); ``top[i]``: the k most likely tokens at that position as
+    (token id, log-probability), best first (None where ``logprobs[i]`` is None)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
+    top: list[list[tuple[int, float]] | None] = field(default_factory=list)
+
+    def add(self, token: int, row_logprobs: torch.Tensor, k: int) -> float:
+        """Append ``token`` scored by row_logprobs [vocab] with its top ``k``; returns its log-probability."""
+        self.token_ids.append(token)
+        self.logprobs.append(float(row_logprobs[token]))
+        self.top.append(_top_k(row_logprobs.unsqueeze(0), k)[0])
+        return self.logprobs[-1]
+
+
+def _top_k(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """logprobs [positions, vocab] -> the k best (token id, log-probability) per position, best first."""
+    if k == 0:
+        return [[] for _ in range(logprobs.shape[0])]
+    values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)  # [positions, k] each
+    return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+
+
+def score_prompt(logits: torch.Tensor, prompt: list[int], k: int) -> TokenLogprobs:
+    """TokenLogprobs of ``prompt`` from the logits [len(prompt), vocab] of a forward pass over it (position j
+    predicts token j + 1), each with its top ``k``; the first token's entries are None."""
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)  # [len(prompt) - 1, vocab]
+    targets = torch.tensor(prompt[1:], dtype=torch.long, device=logprobs.device).unsqueeze(1)
+    chosen = logprobs.gather(1, targets).squeeze(1).tolist()
+    return TokenLogprobs(list(prompt), [None, *chosen], [None, *_top_k(logprobs, k)])
+
+
+@dataclass
 class DecodedRow:
+    """One decoded row: the emitted token ids (stop token excluded), their text and why decoding stopped,
+    with the log-probabilities its SamplingParams asked for (else None)."""
+
     token_ids: list[int]
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) | "length"
     # Geometric mean of the model's probability for each emitted token (temperature 1, before
     # sampling filters); None when nothing was emitted. What drift monitoring tracks for LLMs.
     confidence: float | None = None
+    logprobs: TokenLogprobs | None = None
+    prompt_logprobs: TokenLogprobs | None = None
 
 
 def mean_token_confidence(logprob_sum: float, count: int) -> float | None:
+    """exp(mean log-probability) over `count` tokens, a probability in (0, 1]; None for no tokens."""
     return math.exp(logprob_sum / count) if count else None
 
 
 # ------------------------------------------------------------------ prompt formats
-def format_prompt(tokenizer, text: str | None = None, messages: list[dict] | None = None, prompt_spec: dict | None = None) -> str:
+def format_prompt(
+    tokenizer, text: str | None = None, messages: list[dict] | None = None, prompt_spec: dict | None = None
+) -> str:
     """The text the model sees (``encode_prompt`` gives its token ids).
 
     - ``messages`` (chat): rendered with the tokenizer's chat template; an adapter's
       system prompt is added when the conversation has none.
     - plain ``text`` for an adapter with a recorded prompt format (manifest ``prompt``, written
-      by training): formatted exactly as training formatted its inputs (``adapters.data.loading``).
+      by training): formatted exactly as training formatted its inputs (``adapters.data.prompts``).
     - plain ``text`` otherwise (the base, or ``raw``): used as is.
+
+    Raises ConfigError without text or messages, for malformed messages, or for messages on a
+    tokenizer without a chat template.
     """
     if messages is not None:
         return _apply_chat_template(tokenizer, _with_system(messages, prompt_spec))
@@ -78,8 +148,17 @@ def format_prompt(tokenizer, text: str | None = None, messages: list[dict] | Non
     return tokenizer.decode(encode_prompt(tokenizer, text, None, prompt_spec))
 
 
-def encode_prompt(tokenizer, text: str | None = None, messages: list[dict] | None = None, prompt_spec: dict | None = None) -> list[int]:
-    """Token ids of the prompt (see ``format_prompt``)."""
+def encode_prompt(
+    tokenizer, text: str | None = None, messages: list[dict] | None = None, prompt_spec: dict | None = None,
+    max_new_tokens: int | None = None,
+) -> list[int]:
+    """Token ids of the prompt (see ``format_prompt``).
+
+    Plain text in an adapter's format is cut as training cut its prompts (``adapters.data.prompts``):
+    when the manifest records the training max_length, the input text loses the end training's
+    prompt_side says until the prompt fits ``prompt_budget(max_length, max_new_tokens)`` tokens;
+    the format's markup, the assistant header included, is never cut. Chat messages are never cut.
+    """
     if messages is not None:
         # A rendered chat template holds its special tokens: add none (as apply_chat_template does).
         return tokenizer(format_prompt(tokenizer, None, messages, prompt_spec), add_special_tokens=False)["input_ids"]
@@ -87,10 +166,9 @@ def encode_prompt(tokenizer, text: str | None = None, messages: list[dict] | Non
         raise ConfigError("give a prompt (text) or messages")
     if prompt_spec is None:
         return tokenizer(text)["input_ids"]
-    from adapters.data.loading import build_prompt_ids
-
-    fmt = SimpleNamespace(instruction=prompt_spec.get("instruction"), system_prompt=prompt_spec.get("system_prompt"))
-    return list(build_prompt_ids(tokenizer, text, fmt))
+    fmt = PromptFormat.from_spec(prompt_spec)
+    budget = prompt_budget(fmt.max_length, max_new_tokens) if fmt.max_length else None
+    return build_prompt_ids(tokenizer, text, fmt, budget)
 
 
 def _with_system(messages: list[dict], prompt_spec: dict | None) -> list[dict]:
@@ -105,7 +183,9 @@ def _with_system(messages: list[dict], prompt_spec: dict | None) -> list[dict]:
 
 def _apply_chat_template(tokenizer, messages: list[dict]) -> str:
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("messages need a chat template, and this base model's tokenizer has none; send a plain prompt")
+        raise ConfigError(
+            "messages need a chat template, and this base model's tokenizer has none; send a plain prompt"
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ConfigError(f"messages[{i}] must have 'role' and 'content'")
@@ -114,6 +194,7 @@ def _apply_chat_template(tokenizer, messages: list[dict]) -> str:
 
 # ------------------------------------------------------------------ decoding
 def eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end generation: the generation config's eos_token_id(s) and the tokenizer's."""
     ids: set[int] = set()
     gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (gen_eos, tokenizer.eos_token_id):
@@ -125,16 +206,61 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def _pick_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits [vocab] of one row -> the next token id: argmax, or a sample at the temperature within top_p."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p  # always keeps the top token
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        keep[0] = True  # the top token, even for a top_p below float32's smallest value
         sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
         choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _Row:
+    """One row's decoding state: its settings and generator, the tokens it emitted and their log-probabilities."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = _row_generator(params)
+        self.tokens: list[int] = []
+        self.logprob_sum = 0.0
+        self.logprobs = TokenLogprobs() if params.logprobs is not None else None
+        self.prompt_logprobs: TokenLogprobs | None = None
+
+    def step(
+        self, logits: torch.Tensor, logprobs: torch.Tensor, stop_token_ids: set[int], tokenizer
+    ) -> int | DecodedRow:
+        """Choose the next token from logits [vocab] (logprobs [vocab]: their log-softmax): the token to feed
+        back, or the finished row."""
+        p = self.params
+        if len(self.tokens) >= p.max_new_tokens:  # a budget of 0: nothing to emit
+            return self._done(tokenizer, FINISH_LENGTH)
+        token = _pick_next(logits, p, self.generator)
+        if token in stop_token_ids and not p.ignore_eos:
+            return self._done(tokenizer, FINISH_STOP)
+        self.tokens.append(token)
+        if self.logprobs is not None:
+            self.logprob_sum += self.logprobs.add(token, logprobs, p.logprobs)
+        else:
+            self.logprob_sum += float(logprobs[token])
+        if p.stop:
+            text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
+            if cut >= 0:
+                return self._done(tokenizer, FINISH_STOP, text[:cut])
+        if len(self.tokens) >= p.max_new_tokens:
+            return self._done(tokenizer, FINISH_LENGTH)
+        return token
+
+    def _done(self, tokenizer, finish_reason: str, text: str | None = None) -> DecodedRow:
+        if text is None:
+            text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        confidence = mean_token_confidence(self.logprob_sum, len(self.tokens))
+        return DecodedRow(self.tokens, text, finish_reason, confidence, self.logprobs, self.prompt_logprobs)
 
 
 @torch.inference_mode()
@@ -147,73 +273,51 @@ def decode_batch(
     adapter_names: list[str] | None = None,
     device: torch.device | str = "cpu",
 ) -> list[DecodedRow]:
-    """Decode every row of a left-padded batch with a KV cache.
+    """Decode every row of a batch with a KV cache: greedy or sampled per row, each with its own budget and stops.
 
-    ``forward(**kwargs)`` is the (peft) model call; ``adapter_names`` (one per row) is passed
-    to it when given, so one forward pass can serve rows of different adapters.
+    forward(input_ids [rows, seq], attention_mask [rows, past + seq], position_ids [rows, seq],
+    past_key_values, use_cache, logits_to_keep, adapter_names) is the (peft) model call; its
+    ``.logits`` are [rows, kept positions, vocab] (all positions of the prompt pass when a row asks for
+    prompt_logprobs, else the last). prompts: token ids per row (any lengths; left-padded here).
+    params: one SamplingParams per row. adapter_names (one per row) is passed to forward when given,
+    so one forward pass can serve rows of different adapters. Rows that finish leave the batch and
+    the cache. Returns one DecodedRow per prompt, in order. Raises ConfigError for an empty prompt.
     """
     n = len(prompts)
     if n == 0:
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_token_ids), 0)
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ConfigError("empty prompt: nothing to continue from")
-        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+    input_ids, mask = _left_pad(prompts, pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    generators = []
-    for p in params:
-        if p.temperature == 0:
-            generators.append(None)
-        else:
-            g = torch.Generator(device="cpu")
-            g.manual_seed(p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,))))
-            generators.append(g)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, width]: padding does not advance the position
+    rows = [_Row(p) for p in params]
+    scored = [i for i, p in enumerate(params) if p.prompt_logprobs is not None]
 
-    outputs: list[list[int]] = [[] for _ in range(n)]
-    logprob_sums = [0.0] * n
     results: list[DecodedRow | None] = [None] * n
     live = list(range(n))  # original row index of each row still in the batch
     names = list(adapter_names) if adapter_names is not None else None
     extra = {"adapter_names": names} if names is not None else {}
-    out = forward(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **extra)
+    out = forward(  # every position's logits only when a prompt is scored (0 keeps all)
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+        logits_to_keep=0 if scored else 1, **extra,
+    )
+    for i in scored:  # row i's prompt is the last len(prompts[i]) positions (left padding)
+        rows[i].prompt_logprobs = score_prompt(out.logits[i, -len(prompts[i]) :], prompts[i], params[i].prompt_logprobs)
     cache = out.past_key_values
-    logits = out.logits[:, -1, :]
-    next_pos = positions[:, -1:] + 1
+    logits = out.logits[:, -1, :]  # [live rows, vocab]
+    next_pos = positions[:, -1:] + 1  # [live rows, 1]
 
     while True:
         next_tokens = []
         still = []
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [live rows, vocab]
         for b, row in enumerate(live):
-            p = params[row]
-            token = _pick_next(logits[b], p, generators[row])
-            finish = None
-            if token in stop_token_ids and not p.ignore_eos:
-                finish = FINISH_STOP
-            else:
-                outputs[row].append(token)
-                logprob_sums[row] += float(logprobs[b, token])
-                if p.stop:
-                    text = tokenizer.decode(outputs[row], skip_special_tokens=True)
-                    cut = min((text.find(s) for s in p.stop if s in text), default=-1)
-                    if cut >= 0:
-                        confidence = mean_token_confidence(logprob_sums[row], len(outputs[row]))
-                        results[row] = DecodedRow(outputs[row], text[:cut], FINISH_STOP, confidence)
-                        continue
-                if len(outputs[row]) >= p.max_new_tokens:
-                    finish = FINISH_LENGTH
-            if finish is not None:
-                text = tokenizer.decode(outputs[row], skip_special_tokens=True)
-                results[row] = DecodedRow(outputs[row], text, finish, mean_token_confidence(logprob_sums[row], len(outputs[row])))
+            step = rows[row].step(logits[b], logprobs[b], stop_token_ids, tokenizer)
+            if isinstance(step, DecodedRow):
+                results[row] = step
                 continue
             still.append(b)
-            next_tokens.append(token)
+            next_tokens.append(step)
         if not still:
             break
         if len(still) < len(live):  # drop finished rows from the batch and the cache
@@ -228,9 +332,37 @@ def decode_batch(
         step_ids = torch.tensor(next_tokens, dtype=torch.long, device=mask.device).unsqueeze(1)
         mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
         out = forward(
-            input_ids=step_ids, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True, logits_to_keep=1, **extra
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **extra,
         )
         cache = out.past_key_values
         logits = out.logits[:, -1, :]
         next_pos = next_pos + 1
     return [r for r in results]  # type: ignore[misc]
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids per row -> input_ids [rows, width] left-padded with pad_id, attention_mask [rows, width]."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ConfigError("empty prompt: nothing to continue from")
+        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return input_ids, mask
+
+
+def _row_generator(params: SamplingParams) -> torch.Generator | None:
+    """A CPU generator seeded with the row's seed (a random one without), or None for greedy rows."""
+    if params.temperature == 0:
+        return None
+    g = torch.Generator(device="cpu")
+    g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
+    return g

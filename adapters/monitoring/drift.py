@@ -2,10 +2,16 @@
 
 - Population stability index (PSI) for categorical distributions (predicted labels) and
   binned continuous ones (confidence, input length), with epsilon smoothing of empty bins.
-- Two-sample Kolmogorov-Smirnov test for input lengths (scipy).
+  PSI is the symmetrised Kullback-Leibler divergence (Jeffreys divergence) of the binned
+  distributions, from credit scoring; the 0.1 / 0.25 warn / alarm levels are that field's rule
+  of thumb (N. Siddiqi, "Credit Risk Scorecards", Wiley 2006; B. Yurdakul, "Statistical
+  Properties of Population Stability Index", PhD thesis, Western Michigan University 2018).
+- Two-sample Kolmogorov-Smirnov test for input lengths (Kolmogorov 1933, Smirnov 1948;
+  ``scipy.stats.ks_2samp``).
 - Maximum mean discrepancy (RBF kernel, median-heuristic bandwidth) with a permutation
-  p-value for embeddings: distribution-free, and fast for a few hundred 384-d vectors
-  because the kernel matrix is computed once and permutations only re-index it.
+  p-value for embeddings (A. Gretton et al., "A Kernel Two-Sample Test", JMLR 13, 2012):
+  distribution-free, and fast for a few hundred 384-d vectors because the kernel matrix is
+  computed once and permutations only re-index it.
 - Out-of-vocabulary rate of the window against the training vocabulary.
 
 Each check returns a ``CheckResult`` whose status ("ok", "warn", "alarm", "skipped")
@@ -21,15 +27,20 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from scipy.stats import ks_2samp
 
 from adapters.errors import ConfigError
+from adapters.monitoring.reference import bin_counts
 
 Status = Literal["ok", "warn", "alarm", "skipped"]
 SEVERITY = {"skipped": 0, "ok": 0, "warn": 1, "alarm": 2}
 
 
 class DriftThresholds(BaseModel):
-    """When a statistic is worth a warning, and when an alarm (a retraining trigger)."""
+    """When a statistic is worth a warning, and when an alarm (a retraining trigger).
+
+    Validation rejects unknown keys, out-of-range values and alarm levels below warn levels.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -42,8 +53,12 @@ class DriftThresholds(BaseModel):
     )
     mmd_permutations: int = Field(500, ge=20, description="Permutations for the MMD p-value.")
     max_embeddings: int = Field(200, ge=10, description="Window texts embedded for the MMD test (a random sample).")
-    oov_warn_increase: float = Field(0.03, ge=0, le=1, description="OOV rate above the reference baseline by this: warning.")
-    oov_alarm_increase: float = Field(0.06, ge=0, le=1, description="OOV rate above the reference baseline by this: alarm.")
+    oov_warn_increase: float = Field(
+        0.03, ge=0, le=1, description="OOV rate above the reference baseline by this: warning."
+    )
+    oov_alarm_increase: float = Field(
+        0.06, ge=0, le=1, description="OOV rate above the reference baseline by this: alarm."
+    )
     min_window: int = Field(30, ge=1, description="Fewer records than this: checks are skipped, not guessed.")
     seed: int = Field(0, description="Seed of sampling and permutations (reproducible reports).")
 
@@ -53,13 +68,17 @@ class DriftThresholds(BaseModel):
             raise ValueError(f"psi_alarm ({self.psi_alarm}) must be >= psi_warn ({self.psi_warn})")
         if self.oov_alarm_increase < self.oov_warn_increase:
             raise ValueError(
-                f"oov_alarm_increase ({self.oov_alarm_increase}) must be >= oov_warn_increase ({self.oov_warn_increase})"
+                f"oov_alarm_increase ({self.oov_alarm_increase}) must be >= "
+                f"oov_warn_increase ({self.oov_warn_increase})"
             )
         return self
 
 
 def load_thresholds(raw: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()) -> DriftThresholds:
-    """Thresholds from a dict (e.g. a YAML file) plus ``key=value`` overrides; ConfigError names the key."""
+    """Thresholds from a dict (e.g. a YAML file) plus ``key=value`` overrides (e.g. "psi_alarm=0.3").
+
+    Raises ConfigError naming each bad key: unknown, out of range, or an override without "=".
+    """
     data = dict(raw or {})
     for item in overrides:
         if "=" not in item:
@@ -81,6 +100,9 @@ def load_thresholds(raw: Mapping[str, Any] | None = None, overrides: Iterable[st
 
 @dataclass
 class CheckResult:
+    """One drift check's outcome: status per ``DriftThresholds``, the statistic and p-value it
+    rests on (None where the check has none), a one-line explanation, and plot/report data."""
+
     name: str
     status: Status
     statistic: float | None = None
@@ -89,6 +111,7 @@ class CheckResult:
     data: dict[str, Any] = field(default_factory=dict)  # what the plots and report.json need
 
     def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (numpy scalars as Python numbers, non-finite floats as None)."""
         return _jsonable(asdict(self))
 
 
@@ -105,6 +128,7 @@ def _jsonable(value):
 
 
 def worst(statuses: Iterable[str]) -> Status:
+    """The most severe of the statuses ("ok" for none; "skipped" ranks with "ok")."""
     out: Status = "ok"
     for s in statuses:
         if SEVERITY[s] > SEVERITY[out]:
@@ -114,10 +138,13 @@ def worst(statuses: Iterable[str]) -> Status:
 
 # ---------------------------------------------------------------- PSI
 def psi(reference: Sequence[float], current: Sequence[float], epsilon: float = 1e-4) -> float:
-    """PSI = sum (c_i - r_i) * ln(c_i / r_i) over bins, from counts or proportions.
+    """Population stability index of two binned distributions: PSI = sum_i (c_i - r_i) * ln(c_i / r_i).
 
-    Proportions below `epsilon` are raised to it (then renormalised) so an empty bin
-    contributes a large but finite term instead of infinity.
+    reference, current: 1-d counts or proportions over the same bins (equal length, each with a
+    positive total). r_i, c_i are the bin proportions. Proportions below `epsilon` are raised to
+    it (then renormalised) so an empty bin contributes a large but finite term instead of
+    infinity. Returns PSI >= 0 (0: identical); raises ValueError on mismatched or negative input.
+    Formula: Siddiqi 2006 / Yurdakul 2018 (see the module docstring).
     """
     ref = np.asarray(reference, dtype=np.float64)
     cur = np.asarray(current, dtype=np.float64)
@@ -177,14 +204,18 @@ def binned_psi(
     values: Sequence[float],
     thresholds: DriftThresholds,
 ) -> CheckResult:
-    """PSI of a continuous variable binned at the reference's quantile edges."""
-    from adapters.monitoring.reference import bin_counts
+    """PSI of a continuous variable binned at the reference's quantile edges.
 
+    edges: the reference's interior bin edges; reference_counts: its len(edges) + 1 bin counts.
+    Non-finite and None values are dropped. Raises ConfigError if counts and edges disagree.
+    """
     values = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if len(values) < thresholds.min_window:
         return _skipped(name, f"{len(values)} values in the window, fewer than min_window={thresholds.min_window}")
     if len(reference_counts) != len(edges) + 1:
-        raise ConfigError(f"reference for {name}: {len(edges)} edges need {len(edges) + 1} counts, got {len(reference_counts)}")
+        raise ConfigError(
+            f"reference for {name}: {len(edges)} edges need {len(edges) + 1} counts, got {len(reference_counts)}"
+        )
     cur = bin_counts(values, edges)
     value = psi(reference_counts, cur, thresholds.psi_epsilon)
     return CheckResult(
@@ -213,10 +244,13 @@ def _skipped(name: str, why: str) -> CheckResult:
 
 # ---------------------------------------------------------------- KS
 def ks_test(name: str, reference: Sequence[float], values: Sequence[float], thresholds: DriftThresholds) -> CheckResult:
-    """Two-sample KS; alarms when p < p_value and the CDF gap >= ks_min_statistic (so a huge
-    window does not alarm on a negligible shift)."""
-    from scipy.stats import ks_2samp
+    """Two-sample Kolmogorov-Smirnov test (``scipy.stats.ks_2samp``, two-sided, exact or asymptotic
+    p-value as scipy chooses) of the reference sample against the window's values.
 
+    The statistic D is the largest gap between the two empirical CDFs. Alarms when p < p_value
+    and D >= ks_min_statistic (so a huge window does not alarm on a negligible shift); warns
+    when only p < p_value.
+    """
     values = np.asarray([v for v in values if v is not None], dtype=np.float64)
     reference = np.asarray(reference, dtype=np.float64)
     if len(values) < thresholds.min_window:
@@ -232,8 +266,13 @@ def ks_test(name: str, reference: Sequence[float], values: Sequence[float], thre
         status,
         statistic=stat,
         p_value=p,
-        detail=f"KS D={stat:.3f}, p={p:.2g}; median {np.median(reference):.3g} (reference) vs {np.median(values):.3g} (window)",
-        data={"reference_median": float(np.median(reference)), "window_median": float(np.median(values)), "n_window": int(len(values))},
+        detail=f"KS D={stat:.3f}, p={p:.2g}; "
+        f"median {np.median(reference):.3g} (reference) vs {np.median(values):.3g} (window)",
+        data={
+            "reference_median": float(np.median(reference)),
+            "window_median": float(np.median(values)),
+            "n_window": int(len(values)),
+        },
     )
 
 
@@ -246,10 +285,11 @@ def _sq_dists(x: np.ndarray) -> np.ndarray:
 
 
 def _mmd2_unbiased(k: np.ndarray, in_x: np.ndarray) -> np.ndarray:
-    """Unbiased MMD^2 for each row of the boolean matrix in_x (True = sample x, False = y).
+    """Unbiased MMD^2 (Gretton et al. 2012, eq. 3) for each row of the boolean matrix in_x.
 
-    With K0 = K minus its diagonal: sum over x-x pairs = a^T K0 a for the indicator a; all
-    permutations at once are a single matrix product, not a loop over index copies.
+    k: (N, N) kernel matrix of the pooled sample; in_x: (P, N), True = sample x, False = y.
+    Returns (P,). With K0 = K minus its diagonal: sum over x-x pairs = a^T K0 a for the
+    indicator a; all permutations at once are a single matrix product, not a loop over index copies.
     """
     a = in_x.astype(np.float64)
     b = 1.0 - a
@@ -266,10 +306,15 @@ def _mmd2_unbiased(k: np.ndarray, in_x: np.ndarray) -> np.ndarray:
 def mmd_permutation_test(
     x: np.ndarray, y: np.ndarray, permutations: int = 500, seed: int = 0, bandwidth: float | None = None
 ) -> tuple[float, float, np.ndarray, float]:
-    """Unbiased MMD^2 between samples x and y (RBF kernel), with a permutation p-value.
+    """Unbiased MMD^2 between samples x (m, d) and y (n, d), RBF kernel, with a permutation p-value.
 
-    Returns (mmd2, p_value, null distribution, bandwidth). The bandwidth defaults to the
-    median pairwise distance of the pooled sample (the median heuristic).
+    The estimator and the permutation test are Gretton et al., "A Kernel Two-Sample Test",
+    JMLR 13 (2012). k(a, b) = exp(-|a - b|^2 / (2 bandwidth^2)); the bandwidth defaults to
+    sqrt(median / 2) of the pooled sample's nonzero squared pairwise distances (the median
+    heuristic). p = (1 + #{null >= observed}) / (1 + permutations), never 0 (Phipson & Smyth,
+    "Permutation p-values should never be zero", SAGMB 2010).
+    Returns (mmd2, p_value, null distribution of shape (permutations,), bandwidth);
+    raises ValueError for arrays that are not 2-d with equal d, or with fewer than 2 rows.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
@@ -297,7 +342,15 @@ def mmd_permutation_test(
     return observed, p_value, null, bandwidth
 
 
-def embedding_mmd(name: str, reference: np.ndarray | None, window: np.ndarray | None, thresholds: DriftThresholds) -> CheckResult:
+def embedding_mmd(
+    name: str, reference: np.ndarray | None, window: np.ndarray | None, thresholds: DriftThresholds
+) -> CheckResult:
+    """MMD permutation test of reference (n, d) against window (m, d) embeddings; alarms at p < p_value.
+
+    The window is subsampled to max_embeddings rows. The result's data carries the null
+    distribution and a 2-d PCA projection of both samples, for the plot. Raises ConfigError
+    when the two have different d (different base models).
+    """
     if reference is None or len(reference) < 2:
         return _skipped(name, "the reference has no embedding sample")
     if window is None or len(window) < min(thresholds.min_window, thresholds.max_embeddings):
@@ -327,7 +380,8 @@ def embedding_mmd(name: str, reference: np.ndarray | None, window: np.ndarray | 
         status,
         statistic=mmd2,
         p_value=p,
-        detail=f"MMD^2={mmd2:.4g} (RBF, bandwidth {bw:.3g}), permutation p={p:.3g} ({thresholds.mmd_permutations} permutations)",
+        detail=f"MMD^2={mmd2:.4g} (RBF, bandwidth {bw:.3g}), "
+        f"permutation p={p:.3g} ({thresholds.mmd_permutations} permutations)",
         data={
             "null": null.tolist(),
             "n_reference": int(len(reference)),
@@ -343,6 +397,9 @@ def embedding_mmd(name: str, reference: np.ndarray | None, window: np.ndarray | 
 def oov_rate_check(
     name: str, baseline_rate: float, oov_tokens: int, total_tokens: int, n_records: int, thresholds: DriftThresholds
 ) -> CheckResult:
+    """Out-of-vocabulary token rate of the window (oov_tokens / total_tokens) against the reference's
+    held-out baseline rate; warns / alarms when it exceeds the baseline by oov_warn_increase /
+    oov_alarm_increase (absolute rates in [0, 1])."""
     if n_records < thresholds.min_window or total_tokens <= 0:
         return _skipped(
             name,
@@ -350,13 +407,21 @@ def oov_rate_check(
         )
     rate = oov_tokens / total_tokens
     increase = rate - baseline_rate
-    status: Status = (
-        "alarm" if increase > thresholds.oov_alarm_increase else "warn" if increase > thresholds.oov_warn_increase else "ok"
-    )
+    status: Status = "ok"
+    if increase > thresholds.oov_alarm_increase:
+        status = "alarm"
+    elif increase > thresholds.oov_warn_increase:
+        status = "warn"
     return CheckResult(
         name,
         status,
         statistic=rate,
         detail=f"OOV rate {rate:.3f} vs {baseline_rate:.3f} on held-out training data ({increase:+.3f})",
-        data={"baseline": baseline_rate, "increase": increase, "oov_tokens": oov_tokens, "total_tokens": total_tokens, "n_window": n_records},
+        data={
+            "baseline": baseline_rate,
+            "increase": increase,
+            "oov_tokens": oov_tokens,
+            "total_tokens": total_tokens,
+            "n_window": n_records,
+        },
     )

@@ -2,7 +2,7 @@
 
 ``monitor(...)`` resolves the adapter (store reference or folder), reads its reference,
 reads the traffic window, runs the checks of ``adapters.monitoring.drift`` and writes ``report.md``,
-``report.json`` and PNG plots. ``DriftReport.exit_code`` is what ``scripts/monitor.py``
+``report.json`` and PNG plots. ``DriftReport.exit_code`` is what ``adapterkit monitor``
 exits with, so a scheduler can trigger retraining: 0 no drift, 1 drift past thresholds,
 2 the monitor could not run (bad input).
 """
@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure
+from transformers import AutoTokenizer
 
+from adapters.errors import ConfigError
+from adapters.modeling.builtins import resolve_model
 from adapters.monitoring.drift import (
     SEVERITY,
     CheckResult,
@@ -32,9 +36,9 @@ from adapters.monitoring.drift import (
     oov_rate_check,
     worst,
 )
-from adapters.errors import ConfigError
-from adapters.monitoring.reference import Reference
-from adapters.monitoring.traffic_log import token_counts
+from adapters.monitoring.reference import Reference, embedder
+from adapters.monitoring.traffic_log import read_window, token_counts
+from adapters.store.store import AdapterStore
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,8 @@ EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
 
 @dataclass
 class DriftReport:
+    """The outcome of every drift check on one traffic window (see ``build_report``)."""
+
     adapter: str
     status: str  # worst check status: ok | warn | alarm
     n_records: int
@@ -56,19 +62,23 @@ class DriftReport:
 
     @property
     def drifted(self) -> bool:
+        """Whether the worst status reaches fail_on ("warn" or "alarm")."""
         return SEVERITY[self.status] >= SEVERITY[self.fail_on]
 
     @property
     def exit_code(self) -> int:
+        """EXIT_DRIFT when drifted, else EXIT_OK (what a scheduler acts on)."""
         return EXIT_DRIFT if self.drifted else EXIT_OK
 
     def check(self, name: str) -> CheckResult:
+        """The check called `name`; KeyError listing the checks if there is none."""
         for c in self.checks:
             if c.name == name:
                 return c
         raise KeyError(f"no check {name!r}; checks: {', '.join(c.name for c in self.checks)}")
 
     def to_dict(self, with_data: bool = True) -> dict[str, Any]:
+        """report.json's content; with_data=False leaves out each check's plot data."""
         checks = []
         for c in self.checks:
             d = c.to_dict()
@@ -99,6 +109,10 @@ def _texts(records: Sequence[dict]) -> list[str]:
 
 
 def window_lengths(records: Sequence[dict], tokenizer=None) -> list[int]:
+    """Input length in tokens of each record: logged, else counted from logged text.
+
+    Records with neither are left out.
+    """
     out = []
     for r in records:
         if r.get("input_tokens") is not None:
@@ -228,17 +242,15 @@ def _bin_names(edges: Sequence[float], fmt: str) -> list[str]:
 
 
 def write_plots(report: DriftReport, out_dir: Path) -> dict[str, str]:
-    import matplotlib
+    """PNG plots of the checks that ran (label / confidence / length bars, embedding MMD); returns {name: file}.
 
-    matplotlib.use("Agg")  # headless: no display on servers and CI
-    import matplotlib.pyplot as plt
-
+    Figures are made without pyplot, so no GUI backend is needed and the caller's is left alone.
+    """
     plots: dict[str, str] = {}
 
     def save(fig, name):
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=90)
-        plt.close(fig)
         plots[name.rsplit(".", 1)[0]] = name
 
     specs = [
@@ -251,13 +263,15 @@ def write_plots(report: DriftReport, out_dir: Path) -> dict[str, str]:
         if c.status == "skipped":
             continue
         names = c.data["categories"] if fmt is None else _bin_names(c.data["edges"], fmt)
-        fig, ax = plt.subplots(figsize=(7, 3.8))
+        fig = Figure(figsize=(7, 3.8))
+        ax = fig.subplots()
         _plot_bars(ax, names, c.data["reference"], c.data["window"], f"{title}\nPSI {c.statistic:.3f} ({c.status})")
         save(fig, fname)
 
     c = report.check("embedding_mmd")
     if c.status != "skipped":
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        fig = Figure(figsize=(10, 3.8))
+        a1, a2 = fig.subplots(1, 2)
         a1.hist(c.data["null"], bins=30, color="0.6", label="permutation null")
         a1.axvline(c.statistic, color="C3", label=f"observed (p={c.p_value:.3g})")
         a1.set_title("embedding MMD^2")
@@ -283,6 +297,7 @@ def _fmt(value) -> str:
 
 
 def render_markdown(report: DriftReport) -> str:
+    """report.md: status, window, one table row per check, thresholds and the plots."""
     lines = [
         f"# Drift report: {report.adapter or '(adapter)'}",
         "",
@@ -335,10 +350,13 @@ def write_report(report: DriftReport, out_dir: str | os.PathLike, plots: bool = 
 
 
 # ---------------------------------------------------------------- end to end
-def load_adapter_reference(ref: str | os.PathLike, store_root: str | os.PathLike | None = None) -> tuple[Path, dict, Reference]:
-    """(folder, manifest, reference) of a store reference (name@version, name@prod) or a folder."""
-    from adapters.store.store import AdapterStore
+def load_adapter_reference(
+    ref: str | os.PathLike, store_root: str | os.PathLike | None = None
+) -> tuple[Path, dict, Reference]:
+    """(folder, manifest, reference) of a store reference (name@version, name@prod) or a folder.
 
+    Raises ConfigError when the adapter has no manifest or no drift reference.
+    """
     folder, manifest = AdapterStore(store_root).resolve(str(ref) if not isinstance(ref, Path) else ref)
     if manifest is None:
         raise ConfigError(f"{folder} has no manifest.json, so no training reference to compare with")
@@ -367,15 +385,17 @@ def monitor(
     plots: bool = True,
     embed_fn: Callable[[list[str]], Any] | None = None,
 ) -> DriftReport:
-    """Compare traffic of an adapter with its training reference and write the report.
+    """Compare traffic of an adapter with its training reference and write the report into out_dir.
 
-    traffic_adapter: how the adapter is named in the log (default: the stored name, matching
-    every version). The base model (from the manifest) is loaded only if records logged text
-    without embeddings, unless embed_fn (``adapters.monitoring.reference.embedder``, with its
-    ``tokenizer`` attribute) is given to reuse an already loaded one.
+    adapter_ref: a store reference (name, name@3, name@prod) or an adapter folder.
+    traffic_log: the JSONL / SQLite log of ``adapters.monitoring.traffic_log``; since / until
+    bound the window (epoch seconds, ISO-8601 or a duration ago such as "24h"), limit keeps
+    the most recent records. traffic_adapter: how the adapter is named in the log (default:
+    the stored name, matching every version). The base model (from the manifest) is loaded
+    only if records logged text without embeddings (and embed is true), unless embed_fn
+    (``adapters.monitoring.reference.embedder``, with its ``tokenizer`` attribute) is given to
+    reuse an already loaded one. Returns the report; raises ConfigError on bad input.
     """
-    from adapters.monitoring.traffic_log import read_window
-
     folder, manifest, reference = load_adapter_reference(adapter_ref, store_root)
     name = manifest.get("name") or folder.name
     version = manifest.get("version")
@@ -384,32 +404,7 @@ def monitor(
     failed = [r for r in records if (r.get("status") or 200) >= 400]
     records = [r for r in records if (r.get("status") or 200) < 400]  # rejected requests have no prediction
     t = thresholds or DriftThresholds()
-
-    if not embed:
-        embed_fn = None
-    tokenizer = getattr(embed_fn, "tokenizer", None)
-    has_text = any("text" in r for r in records)
-    needs_tokens = tokenizer is None and any(
-        r.get("input_tokens") is None or ("oov_tokens" not in r and "token_ids" not in r) for r in records if "text" in r
-    )
-    needs_embed = (
-        embed and embed_fn is None and reference.embeddings is not None and has_text and not any("embedding" in r for r in records)
-    )
-    base = manifest.get("base_model") or {}
-    # The recorded path, if it exists here; else the name (a built-in or hub id resolves anywhere).
-    base_path = base.get("path") if base.get("path") and Path(base["path"]).exists() else base.get("name")
-    if (needs_tokens or needs_embed) and base_path:
-        if needs_embed:
-            from adapters.monitoring.reference import embedder
-
-            embed_fn = embedder(str(base_path), revision=base.get("revision"))
-            tokenizer = embed_fn.tokenizer
-        else:
-            from transformers import AutoTokenizer
-
-            from adapters.modeling.builtins import resolve_model
-
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(str(base_path)), revision=base.get("revision"))
+    tokenizer, embed_fn = _base_model_tools(records, reference, manifest, embed_fn if embed else None, embed)
 
     times = [r["timestamp"] for r in records]
     window = {
@@ -425,3 +420,35 @@ def monitor(
     )
     write_report(report, out_dir, plots=plots)
     return report
+
+
+def _base_model_tools(records: Sequence[dict], reference: Reference, manifest: dict, embed_fn, embed: bool):
+    """(tokenizer, embed_fn) for records that logged text but no token counts or embeddings.
+
+    Loads the manifest's base model (its embedder, which brings the tokenizer) only when
+    embeddings are missing, else just its tokenizer, else nothing; either may stay None.
+    """
+    tokenizer = getattr(embed_fn, "tokenizer", None)
+    has_text = any("text" in r for r in records)
+    needs_tokens = tokenizer is None and any(
+        r.get("input_tokens") is None or ("oov_tokens" not in r and "token_ids" not in r)
+        for r in records
+        if "text" in r
+    )
+    needs_embed = (
+        embed
+        and embed_fn is None
+        and reference.embeddings is not None
+        and has_text
+        and not any("embedding" in r for r in records)
+    )
+    base = manifest.get("base_model") or {}
+    # The recorded path, if it exists here; else the name (a built-in or hub id resolves anywhere).
+    base_path = base.get("path") if base.get("path") and Path(base["path"]).exists() else base.get("name")
+    if (needs_tokens or needs_embed) and base_path:
+        if needs_embed:
+            embed_fn = embedder(str(base_path), revision=base.get("revision"))
+            tokenizer = embed_fn.tokenizer
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(str(base_path)), revision=base.get("revision"))
+    return tokenizer, embed_fn

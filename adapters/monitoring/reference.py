@@ -10,7 +10,10 @@ JSON part that goes into ``manifest["reference"]``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
+import json
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,10 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
+import torch
+from transformers import AutoModel, AutoTokenizer
 
+from adapters.config import ModelConfig, load_config
+from adapters.constants import MANIFEST
+from adapters.data.loading import label_words, prepare_splits
+from adapters.distributed import no_zero3_init
 from adapters.errors import ConfigError
-from adapters.paths import atomic_path
+from adapters.evaluation.evaluator import first_line_answer
+from adapters.modeling.backbone import load_tokenizer
+from adapters.modeling.builtins import resolve_model
+from adapters.modeling.generation import SamplingParams
 from adapters.monitoring.traffic_log import token_counts
+from adapters.paths import atomic_path
+from adapters.serving.engine import ClassificationRequest, GenerationRequest, InferenceEngine
+from adapters.store.manifest import read_manifest, write_manifest
 
 REFERENCE_FORMAT = "adapterkit.reference/1"
 REFERENCE_FILE = "reference.safetensors"
@@ -33,7 +49,11 @@ MAX_SAMPLE = 2000  # raw lengths / confidences kept for two-sample tests and plo
 
 @dataclass
 class Reference:
-    """JSON statistics plus the arrays stored next to them (see the module docstring)."""
+    """JSON statistics plus the arrays stored next to them (see the module docstring).
+
+    stats: what goes into ``manifest["reference"]`` (format, length / label / confidence
+    distributions, vocabulary summary, embedding description).
+    """
 
     stats: dict[str, Any]
     embeddings: np.ndarray | None = None  # (n, d) float32
@@ -44,9 +64,11 @@ class Reference:
 
     @property
     def vocabulary(self) -> frozenset[int]:
+        """The token ids seen in training."""
         return frozenset(int(i) for i in self.vocab_ids)
 
     def tensors(self) -> dict[str, np.ndarray]:
+        """The arrays as written to reference.safetensors (contiguous int64 / float32)."""
         out = {
             "vocab_ids": np.ascontiguousarray(self.vocab_ids, dtype=np.int64),
             "vocab_counts": np.ascontiguousarray(self.vocab_counts, dtype=np.int64),
@@ -59,12 +81,11 @@ class Reference:
         return out
 
     def save(self, folder: str | os.PathLike) -> dict[str, Any]:
-        """Write ``reference.safetensors`` into `folder` atomically; return manifest["reference"]."""
-        from safetensors.numpy import save
-
+        """Write ``reference.safetensors`` into `folder` atomically; return manifest["reference"]
+        (the stats plus the file's name and sha256)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        data = save(self.tensors(), metadata={"format": REFERENCE_FORMAT})
+        data = safetensors.numpy.save(self.tensors(), metadata={"format": REFERENCE_FORMAT})
         with atomic_path(folder / REFERENCE_FILE) as tmp:
             tmp.write_bytes(data)
         stats = dict(self.stats)
@@ -74,16 +95,16 @@ class Reference:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, stats: dict[str, Any] | None = None) -> "Reference":
-        """Read the reference of an adapter folder (stats from its manifest unless given)."""
-        from safetensors.numpy import load
+        """Read the reference of an adapter folder (stats from its manifest unless given).
 
+        Raises ConfigError when the folder has no manifest or no reference, the format is
+        unknown, or the file is missing or does not match its recorded sha256.
+        """
         folder = Path(folder)
         if stats is None:
-            import json
-
-            manifest_path = folder / "manifest.json"
+            manifest_path = folder / MANIFEST
             if not manifest_path.is_file():
-                raise ConfigError(f"{folder} has no manifest.json; pass the folder of a trained adapter")
+                raise ConfigError(f"{folder} has no {MANIFEST}; pass the folder of a trained adapter")
             stats = json.loads(manifest_path.read_text()).get("reference")
             if not stats:
                 raise ConfigError(
@@ -92,14 +113,16 @@ class Reference:
                     "adapters.monitoring.reference.build_reference"
                 )
         if stats.get("format") != REFERENCE_FORMAT:
-            raise ConfigError(f"reference format {stats.get('format')!r} is not supported; expected {REFERENCE_FORMAT!r}")
+            raise ConfigError(
+                f"reference format {stats.get('format')!r} is not supported; expected {REFERENCE_FORMAT!r}"
+            )
         path = folder / stats.get("file", REFERENCE_FILE)
         if not path.is_file():
             raise ConfigError(f"reference file {path} is missing")
         data = path.read_bytes()
         if stats.get("sha256") and hashlib.sha256(data).hexdigest() != stats["sha256"]:
             raise ConfigError(f"reference file {path} does not match the sha256 in the manifest (corrupt or replaced)")
-        arrays = load(data)
+        arrays = safetensors.numpy.load(data)
         return cls(
             stats=stats,
             embeddings=arrays.get("embeddings"),
@@ -110,7 +133,9 @@ class Reference:
         )
 
 
-def quantile_edges(values: np.ndarray, quantiles: Sequence[float] = LENGTH_QUANTILES, integer: bool = False) -> list[float]:
+def quantile_edges(
+    values: np.ndarray, quantiles: Sequence[float] = LENGTH_QUANTILES, integer: bool = False
+) -> list[float]:
     """Interior bin edges at the reference's quantiles (duplicates from ties removed).
 
     Bin i holds edges[i-1] < x <= edges[i]; see ``bin_counts``. integer=True keeps edges on
@@ -154,13 +179,76 @@ def build_reference(
         tokenizer: the base model's tokenizer (token lengths, vocabulary, unknown tokens).
         predictions: labels the trained model predicted on held-out data: traffic logs
             predicted labels, so these are the fair reference for label drift.
-        confidences: the model's confidence for each prediction (confidence histogram).
+        confidences: the model's confidence in [0, 1] for each prediction (confidence histogram).
         embed_fn: texts -> (n, d) array of mean-pooled base-model embeddings (``embedder``).
         label_names: the class list (index = class id) so labels given as ids read as names.
         max_embed: how many training texts to embed.
         oov_holdout: fraction of texts held out to estimate the OOV rate of same-distribution data.
+        seed: seed of the held-out split and of the samples kept.
         embed_model: what embed_fn runs (recorded so the monitor embeds traffic the same way).
+
+    Returns:
+        the ``Reference``: JSON stats (length and confidence bins at the reference's deciles,
+        label counts, vocabulary summary) plus samples of at most ``MAX_SAMPLE`` lengths /
+        confidences and up to `max_embed` embeddings.
+
+    Raises:
+        ConfigError: no tokenizer, no texts, a string instead of a list, predictions and
+            confidences of different lengths, non-finite confidences, or an embed_fn whose
+            output is not (n, d).
     """
+    texts = _checked_texts(texts, tokenizer, predictions, confidences)
+    rng = np.random.default_rng(seed)
+    ids_per_text = [token_counts(tokenizer, t) for t in texts]
+    lengths = np.array([len(ids) for ids in ids_per_text], dtype=np.int64)
+    chars = np.array([len(t) for t in texts], dtype=np.int64)
+    vocab_ids, vocab_counts, vocabulary = _vocabulary_stats(ids_per_text, tokenizer, rng, oov_holdout)
+    stats: dict[str, Any] = {
+        "format": REFERENCE_FORMAT,
+        "num_texts": len(texts),
+        "tokenizer": {
+            "name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
+            "vocab_size": int(len(tokenizer)) if hasattr(tokenizer, "__len__") else None,
+            "unk_token_id": getattr(tokenizer, "unk_token_id", None),
+        },
+        "length": {
+            "unit": "tokens (no special tokens)",
+            "edges": quantile_edges(lengths, integer=True),
+            "quantiles": {
+                f"p{int(q * 100):02d}": float(np.quantile(lengths, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)
+            },
+            "mean": float(lengths.mean()),
+            "chars_mean": float(chars.mean()),
+        },
+        "vocabulary": vocabulary,
+    }
+    stats["length"]["counts"] = bin_counts(lengths, stats["length"]["edges"])
+    stats.update(_label_stats(labels, predictions, label_names))
+
+    conf_sample = None
+    if confidences is not None:
+        stats["confidence"], conf_sample = _confidence_stats(confidences, rng)
+    embeddings = None
+    if embed_fn is not None and max_embed > 0:
+        embeddings = _embed_sample(texts, embed_fn, max_embed, rng)
+        stats["embedding"] = {
+            "count": int(embeddings.shape[0]),
+            "dim": int(embeddings.shape[1]),
+            "pooling": "mean of the base model's last hidden states",
+            "model": embed_model,
+        }
+    return Reference(
+        stats=stats,
+        embeddings=embeddings,
+        vocab_ids=vocab_ids,
+        vocab_counts=vocab_counts,
+        lengths=_sample(lengths, MAX_SAMPLE, rng),
+        confidences=conf_sample,
+    )
+
+
+def _checked_texts(texts, tokenizer, predictions, confidences) -> list[str]:
+    """The distinct texts in order, after checking build_reference's arguments (ConfigError says what is wrong)."""
     if tokenizer is None:
         raise ConfigError("build_reference needs the base model's tokenizer (tokenizer=...)")
     if isinstance(texts, str):
@@ -170,13 +258,16 @@ def build_reference(
         raise ConfigError("build_reference: no texts given")
     if predictions is not None and confidences is not None and len(predictions) != len(confidences):
         raise ConfigError(
-            f"build_reference: {len(predictions)} predictions but {len(confidences)} confidences; give one per prediction"
+            f"build_reference: {len(predictions)} predictions but {len(confidences)} confidences; "
+            "give one per prediction"
         )
-    rng = np.random.default_rng(seed)
-    ids_per_text = [token_counts(tokenizer, t) for t in texts]
-    lengths = np.array([len(ids) for ids in ids_per_text], dtype=np.int64)
-    chars = np.array([len(t) for t in texts], dtype=np.int64)
+    return texts
 
+
+def _vocabulary_stats(
+    ids_per_text: list[list[int]], tokenizer, rng: np.random.Generator, oov_holdout: float
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(sorted token ids, their counts, stats["vocabulary"]) of the tokenized training texts."""
     counter: Counter[int] = Counter()
     for ids in ids_per_text:
         counter.update(ids)
@@ -187,13 +278,25 @@ def build_reference(
 
     # Same-distribution OOV rate: vocabulary of one part of the data, measured on the rest.
     # (Slightly above what new traffic shows against the full vocabulary: a safe baseline.)
-    order = rng.permutation(len(texts))
-    n_hold = max(1, int(round(len(texts) * oov_holdout))) if len(texts) > 1 else 0
+    n_texts = len(ids_per_text)
+    order = rng.permutation(n_texts)
+    n_hold = max(1, int(round(n_texts * oov_holdout))) if n_texts > 1 else 0
     hold, fit = order[:n_hold], order[n_hold:]
     fit_vocab = {i for j in fit for i in ids_per_text[j]}
     hold_tokens = sum(len(ids_per_text[j]) for j in hold)
     hold_oov = sum(1 for j in hold for i in ids_per_text[j] if i not in fit_vocab)
-    baseline_oov = hold_oov / hold_tokens if hold_tokens else 0.0
+    stats = {
+        "size": int(len(vocab_ids)),
+        "total_tokens": total_tokens,
+        "baseline_oov_rate": float(hold_oov / hold_tokens if hold_tokens else 0.0),
+        "unk_rate": float(counter.get(unk_id, 0) / total_tokens) if unk_id is not None and total_tokens else 0.0,
+        "top": [[int(i), int(c)] for i, c in counter.most_common(20)],
+    }
+    return vocab_ids, vocab_counts, stats
+
+
+def _label_stats(labels, predictions, label_names) -> dict[str, Any]:
+    """stats["labels"] (predicted labels if given, else gold ones) and stats["label_names"], where known."""
 
     def named(values):
         out = []
@@ -204,31 +307,7 @@ def build_reference(
                 out.append(str(v))
         return out
 
-    stats: dict[str, Any] = {
-        "format": REFERENCE_FORMAT,
-        "num_texts": len(texts),
-        "tokenizer": {
-            "name_or_path": str(getattr(tokenizer, "name_or_path", "") or ""),
-            "vocab_size": int(len(tokenizer)) if hasattr(tokenizer, "__len__") else None,
-            "unk_token_id": unk_id,
-        },
-        "length": {
-            "unit": "tokens (no special tokens)",
-            "edges": quantile_edges(lengths, integer=True),
-            "quantiles": {f"p{int(q * 100):02d}": float(np.quantile(lengths, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)},
-            "mean": float(lengths.mean()),
-            "chars_mean": float(chars.mean()),
-        },
-        "vocabulary": {
-            "size": int(len(vocab_ids)),
-            "total_tokens": total_tokens,
-            "baseline_oov_rate": float(baseline_oov),
-            "unk_rate": float(counter.get(unk_id, 0) / total_tokens) if unk_id is not None and total_tokens else 0.0,
-            "top": [[int(i), int(c)] for i, c in counter.most_common(20)],
-        },
-    }
-    stats["length"]["counts"] = bin_counts(lengths, stats["length"]["edges"])
-
+    stats: dict[str, Any] = {}
     label_source, label_values = None, None
     if predictions is not None:
         label_source, label_values = "predictions", named(predictions)
@@ -240,42 +319,32 @@ def build_reference(
             stats["labels"]["train_counts"] = dict(sorted(Counter(named(labels)).items()))
     if label_names is not None:
         stats["label_names"] = [str(n) for n in label_names]
+    return stats
 
-    conf_arr = None
-    if confidences is not None:
-        conf_arr = np.asarray(confidences, dtype=np.float64)
-        if conf_arr.size == 0 or not np.all(np.isfinite(conf_arr)):
-            raise ConfigError("build_reference: confidences must be finite numbers")
-        edges = quantile_edges(conf_arr)
-        stats["confidence"] = {
-            "edges": edges,
-            "counts": bin_counts(conf_arr, edges),
-            "mean": float(conf_arr.mean()),
-            "num": int(conf_arr.size),
-        }
-        conf_arr = _sample(conf_arr, MAX_SAMPLE, rng).astype(np.float32)
 
-    embeddings = None
-    if embed_fn is not None and max_embed > 0:
-        chosen = sorted(rng.choice(len(texts), min(max_embed, len(texts)), replace=False).tolist())
-        embeddings = np.asarray(embed_fn([texts[i] for i in chosen]), dtype=np.float32)
-        if embeddings.ndim != 2 or embeddings.shape[0] != len(chosen):
-            raise ConfigError(f"embed_fn must return an (n, d) array for n texts; got shape {embeddings.shape}")
-        stats["embedding"] = {
-            "count": int(embeddings.shape[0]),
-            "dim": int(embeddings.shape[1]),
-            "pooling": "mean of the base model's last hidden states",
-            "model": embed_model,
-        }
+def _confidence_stats(confidences: Sequence[float], rng: np.random.Generator) -> tuple[dict[str, Any], np.ndarray]:
+    """(stats["confidence"]: decile bins, counts, mean; a float32 sample of at most MAX_SAMPLE values)."""
+    conf_arr = np.asarray(confidences, dtype=np.float64)
+    if conf_arr.size == 0 or not np.all(np.isfinite(conf_arr)):
+        raise ConfigError("build_reference: confidences must be finite numbers")
+    edges = quantile_edges(conf_arr)
+    stats = {
+        "edges": edges,
+        "counts": bin_counts(conf_arr, edges),
+        "mean": float(conf_arr.mean()),
+        "num": int(conf_arr.size),
+    }
+    return stats, _sample(conf_arr, MAX_SAMPLE, rng).astype(np.float32)
 
-    return Reference(
-        stats=stats,
-        embeddings=embeddings,
-        vocab_ids=vocab_ids,
-        vocab_counts=vocab_counts,
-        lengths=_sample(lengths, MAX_SAMPLE, rng),
-        confidences=conf_arr,
-    )
+
+def _embed_sample(texts: list[str], embed_fn: Callable[[list[str]], Any], max_embed: int,
+                  rng: np.random.Generator) -> np.ndarray:
+    """(n, d) float32 embeddings of a random sample of n = min(max_embed, len(texts)) texts, in text order."""
+    chosen = sorted(rng.choice(len(texts), min(max_embed, len(texts)), replace=False).tolist())
+    embeddings = np.asarray(embed_fn([texts[i] for i in chosen]), dtype=np.float32)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(chosen):
+        raise ConfigError(f"embed_fn must return an (n, d) array for n texts; got shape {embeddings.shape}")
+    return embeddings
 
 
 # ---------------------------------------------------------------- embeddings
@@ -296,15 +365,13 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 32, ma
 
     Accepts a plain ``AutoModel``, a task model (causal LM / classifier, whose body is used),
     a ``MeanPoolingClassifier`` or a ``PeftModel`` (its adapters are disabled, so the
-    embedding is the base model's, comparable across adapter versions).
+    embedding is the base model's, comparable across adapter versions). Texts are truncated
+    to `max_length` tokens; padding is masked out of the mean.
     """
-    import contextlib
-
-    import torch
-
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    disable = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else contextlib.nullcontext()
+    is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+    disable = model.disable_adapter() if is_peft else contextlib.nullcontext()
     body = _base_module(model)
     device = next(body.parameters()).device
     was_training = body.training
@@ -323,8 +390,8 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 32, ma
                 ).to(device)
                 if "token_type_ids" in batch and "token_type_ids" not in accepted:
                     del batch["token_type_ids"]  # decoders reject it
-                states = body(**batch).last_hidden_state.float()
-                mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+                states = body(**batch).last_hidden_state.float()  # (batch, seq, hidden)
+                mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)  # (batch, seq, 1)
                 out.append(((states * mask).sum(1) / mask.sum(1).clamp(min=1.0)).cpu().numpy())
     finally:
         body.train(was_training)
@@ -335,8 +402,6 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 32, ma
 
 
 def _forward_args(module) -> set[str]:
-    import inspect
-
     try:
         return set(inspect.signature(module.forward).parameters)
     except (TypeError, ValueError):
@@ -344,13 +409,10 @@ def _forward_args(module) -> set[str]:
 
 
 def embedder(model_name_or_path: str, revision: str | None = None, batch_size: int = 32, max_length: int = 128):
-    """Load the base model body (``AutoModel``, float32) once; return texts -> embeddings."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    """Load the base model body (``AutoModel``, float32) once; return texts -> (n, hidden) embeddings.
 
-    from adapters.modeling.builtins import resolve_model
-    from adapters.distributed import no_zero3_init
-
+    The returned function also carries ``model_path`` and ``tokenizer`` attributes.
+    """
     path = resolve_model(model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     with no_zero3_init():  # called by one rank only: a ZeRO-3 run must not shard this model
@@ -367,9 +429,7 @@ def embedder(model_name_or_path: str, revision: str | None = None, batch_size: i
 
 # ---------------------------------------------------------------- from a training run
 def predict_classifier(model, tokenizer, texts: Sequence[str], batch_size: int = 32, max_length: int = 128):
-    """(class ids, softmax confidence of each prediction) of a sequence classifier."""
-    import torch
-
+    """(class ids, softmax confidence of each prediction) of a sequence classifier: two lists of len(texts)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -379,15 +439,31 @@ def predict_classifier(model, tokenizer, texts: Sequence[str], batch_size: int =
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 batch = tokenizer(
-                    list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+                    list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt",
                 ).to(device)
-                probs = model(**batch).logits.float().softmax(-1)
+                probs = model(**batch).logits.float().softmax(-1)  # (batch, num_labels)
                 conf, pred = probs.max(-1)
                 preds += pred.tolist()
                 confs += conf.tolist()
     finally:
         model.train(was_training)
     return preds, confs
+
+
+def _heldout_split(prepared):
+    """The split whose predictions are the reference for predicted labels: test, else validation, else None."""
+    for name in ("test", "validation"):
+        if name in prepared.splits and len(prepared.splits[name]):
+            return prepared.splits[name]
+    return None
+
+
+def _answer_labels(data, train_split) -> tuple[list[str], bool]:
+    """A causal LM's training answers (label words applied), and whether they are few enough to be labels."""
+    words = label_words(data)
+    targets = [words.get(str(t), str(t)) for t in train_split[data.response_field or data.label_field]]
+    return targets, len(set(targets)) <= MAX_ANSWER_LABELS  # free text has no label mix to watch
 
 
 def build_training_reference(
@@ -419,30 +495,22 @@ def build_training_reference(
     data = cfg.data
     train_split = prepared.splits["train"]
     texts = [str(t) for t in train_split[data.text_field]]
-    heldout = None
-    for name in ("test", "validation"):
-        if name in prepared.splits and len(prepared.splits[name]):
-            heldout = prepared.splits[name]
-            break
+    heldout = _heldout_split(prepared)
     predictions = confidences = None
-    labels = None
     label_names = None
     if cfg.task == "sequence-classification":
-        labels = [str(l) for l in train_split[data.label_field]]
+        labels = [str(label) for label in train_split[data.label_field]]
         label_names = prepared.labels
         if heldout is not None:
             held_texts = [str(t) for t in heldout[data.text_field]][:max_heldout]
-            ids, confidences = predict_classifier(model, tokenizer, held_texts, cfg.train.eval_batch_size, data.max_length)
+            ids, confidences = predict_classifier(model, tokenizer, held_texts, cfg.train.eval_batch_size,
+                                                  data.max_length)
             predictions = [prepared.labels[i] for i in ids]
     else:
-        from adapters.data.loading import label_words
-
-        words = label_words(data)
-        target_field = data.response_field or data.label_field
-        targets = [words.get(str(t), str(t)) for t in train_split[target_field]]
-        answers_are_labels = len(set(targets)) <= MAX_ANSWER_LABELS  # free text has no label mix to watch
+        targets, answers_are_labels = _answer_labels(data, train_split)
         labels = targets if answers_are_labels else None
-        scored = [(p, c) for p, c in zip((generated or {}).get("predictions") or [], (generated or {}).get("confidences") or [])
+        generated = generated or {}
+        scored = [(p, c) for p, c in zip(generated.get("predictions") or [], generated.get("confidences") or [])
                   if c is not None][:max_heldout]
         if scored:
             confidences = [c for _, c in scored]
@@ -451,7 +519,8 @@ def build_training_reference(
         return None
     embed_fn = None
     if max_embed > 0:
-        embed_fn = embedder(cfg.model.name, revision=cfg.model.revision, batch_size=cfg.train.eval_batch_size, max_length=data.max_length)
+        embed_fn = embedder(cfg.model.name, revision=cfg.model.revision, batch_size=cfg.train.eval_batch_size,
+                            max_length=data.max_length)
     ref = build_reference(
         texts,
         labels,
@@ -467,6 +536,22 @@ def build_training_reference(
     return ref.save(out_dir)
 
 
+def _engine_predictions(engine: InferenceEngine, folder: Path, cfg, held_texts: list[str]) -> tuple[list, list]:
+    """(predicted labels or first-line answers, confidences) of the adapter in `folder` on held_texts,
+    through the serving engine in batches of cfg.train.eval_batch_size."""
+    step = cfg.train.eval_batch_size
+    chunks = [held_texts[start : start + step] for start in range(0, len(held_texts), step)]
+    if cfg.task == "sequence-classification":
+        results = [r for chunk in chunks
+                   for r in engine.classify([ClassificationRequest(adapter=str(folder), text=t) for t in chunk])]
+        return [r.label for r in results], [r.confidence for r in results]
+    params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens)  # greedy, as the run's evaluation
+    results = [r for chunk in chunks for r in engine.generate(
+        [GenerationRequest(adapter=str(folder), prompt=t, params=params) for t in chunk])]
+    scored = [(first_line_answer(r.text), r.confidence) for r in results if r.confidence is not None]
+    return [a for a, _ in scored], [c for _, c in scored]
+
+
 def attach_reference(adapter_dir: str | os.PathLike, max_heldout: int = 1000, max_embed: int = 200) -> dict[str, Any]:
     """Build and store the drift reference of an adapter folder that has none (trained before
     references were recorded, or outside ``train``): re-creates its data splits from
@@ -474,11 +559,8 @@ def attach_reference(adapter_dir: str | os.PathLike, max_heldout: int = 1000, ma
     ``reference.safetensors`` and rewrites the manifest (checksums included).
 
     Not for published store versions (they are immutable): attach, then publish.
+    Returns manifest["reference"]; raises ConfigError when the manifest has no training config.
     """
-    from adapters.config import ModelConfig, load_config
-    from adapters.data.loading import label_words, prepare_splits
-    from adapters.store.manifest import read_manifest, write_manifest
-
     folder = Path(adapter_dir).resolve()
     manifest = read_manifest(folder)
     if not isinstance(manifest.get("training"), dict):
@@ -487,53 +569,26 @@ def attach_reference(adapter_dir: str | os.PathLike, max_heldout: int = 1000, ma
     prepared = prepare_splits(cfg)
     data = cfg.data
     texts = [str(t) for t in prepared.splits["train"][data.text_field]]
-    heldout = next((prepared.splits[s] for s in ("test", "validation") if s in prepared.splits and len(prepared.splits[s])), None)
-    predictions = confidences = None
+    heldout = _heldout_split(prepared)
     if cfg.task == "sequence-classification":
-        labels = [str(l) for l in prepared.splits["train"][data.label_field]]
-        if heldout is not None:
-            from adapters.serving.engine import ClassificationRequest, InferenceEngine
-
-            engine = InferenceEngine(ModelConfig.model_validate(manifest["training"]["model"]), task=cfg.task, capacity=1)
-            held_texts = [str(t) for t in heldout[data.text_field]][:max_heldout]
-            results = []
-            for start in range(0, len(held_texts), cfg.train.eval_batch_size):
-                chunk = held_texts[start : start + cfg.train.eval_batch_size]
-                results += engine.classify([ClassificationRequest(adapter=str(folder), text=t) for t in chunk])
-            predictions = [r.label for r in results]
-            confidences = [r.confidence for r in results]
-            tokenizer = engine.tokenizer
-        else:
-            from adapters.modeling.backbone import load_tokenizer
-
-            tokenizer = load_tokenizer(cfg.model)
+        labels, answers_are_labels = [str(label) for label in prepared.splits["train"][data.label_field]], True
     else:
-        words = label_words(data)
-        targets = [words.get(str(t), str(t)) for t in prepared.splits["train"][data.response_field or data.label_field]]
-        answers_are_labels = len(set(targets)) <= MAX_ANSWER_LABELS
+        targets, answers_are_labels = _answer_labels(data, prepared.splits["train"])
         labels = targets if answers_are_labels else None
-        if heldout is not None:
-            from adapters.serving.engine import GenerationRequest, InferenceEngine
-            from adapters.evaluation.evaluator import first_line_answer
-            from adapters.modeling.generation import SamplingParams
-
-            engine = InferenceEngine(ModelConfig.model_validate(manifest["training"]["model"]), task=cfg.task, capacity=1)
-            held_texts = [str(t) for t in heldout[data.text_field]][:max_heldout]
-            params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens)  # greedy, as the run's evaluation
-            results = []
-            for start in range(0, len(held_texts), cfg.train.eval_batch_size):
-                chunk = held_texts[start : start + cfg.train.eval_batch_size]
-                results += engine.generate([GenerationRequest(adapter=str(folder), prompt=t, params=params) for t in chunk])
-            scored = [(first_line_answer(r.text), r.confidence) for r in results if r.confidence is not None]
-            if scored:
-                confidences = [c for _, c in scored]
-                predictions = [a for a, _ in scored] if answers_are_labels else None
-            tokenizer = engine.tokenizer
-        else:
-            from adapters.modeling.backbone import load_tokenizer
-
-            tokenizer = load_tokenizer(cfg.model)
-    embed_fn = embedder(cfg.model.name, revision=cfg.model.revision, max_length=data.max_length) if max_embed > 0 else None
+    predictions = confidences = None
+    if heldout is not None:
+        engine = InferenceEngine(ModelConfig.model_validate(manifest["training"]["model"]), task=cfg.task, capacity=1)
+        held_texts = [str(t) for t in heldout[data.text_field]][:max_heldout]
+        predicted, scores = _engine_predictions(engine, folder, cfg, held_texts)
+        if cfg.task == "sequence-classification" or scores:
+            confidences = scores
+            predictions = predicted if answers_are_labels else None
+        tokenizer = engine.tokenizer
+    else:
+        tokenizer = load_tokenizer(cfg.model)
+    embed_fn = None
+    if max_embed > 0:
+        embed_fn = embedder(cfg.model.name, revision=cfg.model.revision, max_length=data.max_length)
     ref = build_reference(
         texts, labels, tokenizer=tokenizer, predictions=predictions, confidences=confidences, embed_fn=embed_fn,
         label_names=prepared.labels, max_embed=max_embed, seed=cfg.train.seed, embed_model=cfg.model.name,

@@ -197,7 +197,8 @@ class TrafficLogger:
                 special = set(getattr(self.tokenizer, "all_special_ids", []) or [])
                 ids = [i for i in ids if i not in special]
         out["input_chars"] = len(text) if text is not None else _int_or_none(record.get("input_chars"))
-        out["input_tokens"] = len(ids) if ids is not None else _int_or_none(_first(record, ("input_tokens", "num_tokens")))
+        logged_tokens = _first(record, ("input_tokens", "num_tokens"))
+        out["input_tokens"] = len(ids) if ids is not None else _int_or_none(logged_tokens)
         if ids is not None and ids:
             out["unique_token_ratio"] = round(len(set(ids)) / len(ids), 4)
             out["max_token_id"] = max(ids)
@@ -239,6 +240,7 @@ class TrafficLogger:
         return out
 
     def close(self) -> None:
+        """Flush, fsync and close the log (idempotent); later ``log`` calls raise RuntimeError."""
         with self._lock:
             if self._closed:
                 return

@@ -11,48 +11,84 @@ pass per adapter. Results come back in request order either way.
 
 One lock guards the model: a load, an unload and a forward pass never overlap, so no request
 sees a half-loaded adapter. Reading and verifying adapter files happens outside the lock.
+
+The engine delegates to one collaborator per concern (none of them imports this module):
+adapters.serving.resolver (references, checksums, base check), .slots (residency, LRU, pooled
+slots) with .slot_buffers (flat weight buffers, file mapping), .peft_layers (the PeftModel and
+its active adapter), .planner (rows into passes), .passes (classification and prompt-learning calls)
+and .scheduler (continuous batching: ``start`` admits rows to running decode batches that
+``scheduler.step()`` advances one token at a time; rows join and leave between steps).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from adapters.serving import file_mapping
 from adapters.config import ModelConfig, QuantizationConfig
-from adapters.errors import ConfigError, StoreError
-from adapters.serving.mixed_lora import MixedLoraForward
-from adapters.store.verified import folder_stamp, verify_folder_cached
-from adapters.modeling.generation import DecodedRow, SamplingParams, decode_batch, encode_prompt, eos_ids, mean_token_confidence
-from adapters.constants import MANIFEST, PEFT_BASE, TASKS
+from adapters.constants import PEFT_BASE, TASKS
+from adapters.errors import ConfigError
+from adapters.methods.targets import head_module_names
+from adapters.modeling.backbone import allow_cpu_4bit_packing, load_backbone, load_tokenizer
+from adapters.modeling.generation import (
+    DecodedRow,
+    SamplingParams,
+    TokenLogprobs,
+    decode_batch,
+    encode_prompt,
+    eos_ids,
+)
+from adapters.paths import atomic_path
+from adapters.serving.passes import classify_logits, generate_prompt_learning
+from adapters.serving.peft_layers import PeftLayers
+from adapters.serving.planner import plan_passes, prepare_pass, resolve_rows
+from adapters.serving.resolver import BASE, AdapterResolver, ResolvedAdapter
+from adapters.serving.scheduler import DecodeScheduler, LiveRow
+from adapters.serving.slots import EngineStats, ResidentAdapter, SlotPool
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "BASE",
+    "ClassificationRequest",
+    "ClassificationResult",
+    "EngineStats",
+    "GenerationRequest",
+    "GenerationResult",
+    "InferenceEngine",
+    "LiveRow",
+    "ResidentAdapter",
+    "ResolvedAdapter",
+    "generation_result",
+    "infer_records",
+    "write_jsonl",
+]
 
-BASE = "base"  # the reference that means "no adapter"
+_DEFAULT_MAX_POSITIONS = 2048  # input limit of a model whose config does not give max_position_embeddings
 
 
 # ------------------------------------------------------------------ requests and results
 @dataclass
 class GenerationRequest:
-    """One row to generate for. Give ``prompt`` (text) or ``messages`` (chat)."""
+    """One row to generate for. Give ``prompt`` (text), ``messages`` (chat: [{"role", "content"}, ...]) or
+    ``prompt_ids`` (token ids, used as given: no prompt format, no special tokens added)."""
 
     adapter: str = BASE
     prompt: str | None = None
     messages: list[dict] | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     raw: bool = False  # True: do not apply the adapter's training prompt format to plain text
+    prompt_ids: list[int] | None = None
 
 
 @dataclass
 class GenerationResult:
+    """One generated row: the text, its token ids, why it ended (``"stop"`` or ``"length"``) and token counts."""
+
     adapter: str
     text: str
     token_ids: list[int]
@@ -60,16 +96,24 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     confidence: float | None = None  # geometric mean probability of the emitted tokens
+    prompt_ids: list[int] = field(default_factory=list)  # the prompt's token ids as the model saw them
+    logprobs: TokenLogprobs | None = None  # of the emitted tokens, when params.logprobs asked
+    prompt_logprobs: TokenLogprobs | None = None  # of the prompt tokens, when params.prompt_logprobs asked
 
 
 @dataclass
 class ClassificationRequest:
+    """One text to classify with ``adapter`` (a classifier adapter: it carries its own head)."""
+
     adapter: str
     text: str
 
 
 @dataclass
 class ClassificationResult:
+    """One classified row: the best label, its probability (``confidence``), every label's softmax
+    probability, the raw logits [num_labels] and the number of input tokens (after truncation)."""
+
     adapter: str
     label: str
     label_id: int
@@ -79,45 +123,19 @@ class ClassificationResult:
     input_tokens: int
 
 
-@dataclass
-class ResolvedAdapter:
-    """What a reference points to, before it is loaded."""
-
-    key: str  # the real folder path: two references to the same version share one slot
-    path: Path
-    manifest: dict
-    method: str
-    mixable: bool
-    is_prompt_learning: bool
-    peft_type: str
-    num_labels: int | None
-    signature: str  # equal signatures: identically shaped layers (a pooled slot fits)
-    immutable: bool = False  # a published store version: its files never change in place
-
-
-@dataclass
-class ResidentAdapter:
-    slot: str  # the peft adapter name
-    adapter: ResolvedAdapter
-    loaded_at: float
-    load_seconds: float
-    uses: int = 0
-    refs: set[str] = field(default_factory=set)
-
-
-@dataclass
-class EngineStats:
-    hits: int = 0
-    misses: int = 0
-    loads: int = 0
-    evictions: int = 0
-    unloads: int = 0
-    last_load_seconds: float = 0.0
-
-
 # ------------------------------------------------------------------ the engine
 class InferenceEngine:
-    """One base model, many adapters. Thread-safe."""
+    """One base model, many adapters. Thread-safe.
+
+    ``base``: a model name or folder, or a ModelConfig. ``task``: one of adapters.constants.TASKS.
+    ``quantization``: 4 or 8 (bits), a QuantizationConfig or its dict. ``capacity``: most adapters
+    resident at once. ``store``: an AdapterStore or its root (None: the default store).
+    ``device``: None picks CUDA when available for an unquantized base. ``max_input_tokens``:
+    prompt + new tokens limit (default: the model's max_position_embeddings).
+    ``allow_base_mismatch``: serve adapters trained on another base. ``fast_mixed_lora``: batched
+    matmuls for mixed LoRA batches (adapters.serving.mixed_lora) instead of peft's per-adapter loop.
+    Raises ConfigError for an unknown task or a capacity below 1.
+    """
 
     def __init__(
         self,
@@ -133,8 +151,6 @@ class InferenceEngine:
         allow_base_mismatch: bool = False,
         fast_mixed_lora: bool = True,
     ):
-        from adapters.modeling.backbone import allow_cpu_4bit_packing, load_backbone, load_tokenizer
-
         if task not in TASKS:
             raise ConfigError(f"task {task!r} is not served; valid tasks: {', '.join(TASKS)}")
         if capacity < 1:
@@ -143,31 +159,13 @@ class InferenceEngine:
             quantization = QuantizationConfig(bits=quantization)
         elif isinstance(quantization, dict):
             quantization = QuantizationConfig(**quantization)
-        self.model_config = base if isinstance(base, ModelConfig) else ModelConfig(name=str(base), dtype=dtype, quantization=quantization, pooling=pooling)
+        if not isinstance(base, ModelConfig):
+            base = ModelConfig(name=str(base), dtype=dtype, quantization=quantization, pooling=pooling)
+        self.model_config = base
         self.base_name = self.model_config.name
         self.task = task
-        self.capacity = capacity
-        self.store = store
-        self.allow_base_mismatch = allow_base_mismatch
         self.stats = EngineStats()
         self._lock = threading.RLock()
-        self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # key -> resident, LRU order
-        self._next_slot = 0
-        self._tuner_layers: list[torch.nn.Module] = []
-        self._active_slot: str | None = None
-        self._pinned_keys: dict[str, str] = {}
-        self._free: dict[str, str] = {}  # pooled slot -> config signature
-        self._slot_signature: dict[str, str] = {}
-        self._slot_params: dict[str, dict[str, torch.Tensor]] = {}
-        self._layer_dicts: list[tuple[dict, bool]] = []
-        self._verified: dict[str, list] = {}  # folder -> the folder_stamp it passed verification with
-        self._resolved: dict[str, tuple[list, ResolvedAdapter]] = {}
-        self._pass_model = None
-        self._route_rows = False  # every adapter layer is a wrapped LoRA Linear (see MixedLoraForward)
-        # slot -> (file header, flat weight buffer, the file mapping behind the buffer or None)
-        self._slot_layout: dict[str, tuple[bytes, torch.Tensor, Any]] = {}
-        self._mixed = MixedLoraForward()
-        self._mixed.enabled = fast_mixed_lora
 
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(self.model_config)
@@ -181,169 +179,84 @@ class InferenceEngine:
             model.to(device)
         self.device = next(model.parameters()).device
         model.eval()
-        self._base_model = model
-        self._peft = None  # the PeftModel, once an adapter is loaded
         self.base_load_seconds = time.perf_counter() - t0
-        self.max_input_tokens = max_input_tokens or int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+        self.loaded_at = time.time()  # epoch seconds: when the base was ready
+        max_positions = getattr(model.config, "max_position_embeddings", _DEFAULT_MAX_POSITIONS)
+        self.max_input_tokens = max_input_tokens or int(max_positions or _DEFAULT_MAX_POSITIONS)
         self._stop_ids = eos_ids(model, self.tokenizer) if task == "causal-lm" else set()
-        self._base_fingerprint: str | None = None
+        self._resolver = AdapterResolver(store, task, self.base_name, head_module_names(model), allow_base_mismatch)
+        self._layers = PeftLayers(model, fast_mixed_lora)
+        self._pool = SlotPool(self._layers, capacity, self.stats)
+        self.scheduler = DecodeScheduler(
+            self._lock, self._pool, self._layers, self.tokenizer, self._stop_ids, self.device
+        )
+
+    @property
+    def capacity(self) -> int:
+        """Most adapters resident (or pooled) at once; may be changed between batches."""
+        return self._pool.capacity
+
+    @capacity.setter
+    def capacity(self, value: int) -> None:
+        with self._lock:
+            self._pool.capacity = value
+
+    @property
+    def store(self) -> Any:
+        """The adapter store, its root, or None until store_of() opens the default one."""
+        return self._resolver.store
+
+    @property
+    def allow_base_mismatch(self) -> bool:
+        """Whether adapters trained on another base (or without a manifest) are served."""
+        return self._resolver.allow_base_mismatch
 
     # ------------------------------------------------------------------ references
     def store_of(self):
         """The adapter store that resolves references (the default store unless one was given)."""
-        if self.store is None or isinstance(self.store, (str, Path)):
-            from adapters.store.store import AdapterStore
-
-            self.store = AdapterStore(self.store)
-        return self.store
+        return self._resolver.store_of()
 
     def key_of(self, ref: str) -> str:
-        """The folder a reference points at now (cheap: no checksums). Tags may move between calls."""
-        from adapters.store.store import is_path_ref
+        """The folder a reference points at now (cheap: no checksums). Tags may move between calls.
 
-        if not isinstance(ref, str) or not ref.strip():
-            raise ConfigError("adapter reference must be a non-empty string")
-        if ref == BASE:
-            raise ConfigError("'base' is the bare base model, not an adapter")
-        if is_path_ref(ref):
-            return str(Path(ref).expanduser().resolve())
-        return str(self.store_of().locate(ref).path.resolve())
+        Raises ConfigError for an empty reference or ``base``, StoreError for an unknown one.
+        """
+        return self._resolver.key_of(ref)
 
     def resolve(self, ref: str) -> ResolvedAdapter:
         """Resolve a reference, verify its files' checksums and its base model, read what serving needs.
 
         Raises ConfigError, StoreError or BaseMismatchError (a StoreError) naming the problem.
         """
-        from adapters.store.manifest import read_manifest
-        from adapters.methods.base import method_of_config
-        from adapters.store.store import check_publishable_files, is_path_ref
-
-        key = self._cached_key(ref)  # validates the reference
-        stamp = folder_stamp(key)
-        cached = self._resolved.get(key)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]  # verified before, and no file changed since
-        if is_path_ref(ref):
-            path, manifest = self.store_of().resolve(ref, verify=False)
-            path = Path(path)
-        else:  # key is the version folder the reference located
-            path, manifest = Path(key), read_manifest(key)
-        check_publishable_files(path)  # safetensors present, nothing that unpickles
-        self._verify_once(ref, key, manifest, stamp)
-        self._check_base(ref, path, manifest)
-        manifest = dict(manifest or {})
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        method = method_of_config(cfg, path)
-        from adapters.methods.peft_base import PeftMethod
-
-        if not isinstance(method, PeftMethod):
-            raise ConfigError(
-                f"adapter {ref!r} uses method {method.name!r}, which changes the base model's own weights; "
-                "it cannot share a base with other adapters: load it as its own model instead"
-            )
-        task = manifest.get("task")
-        if task and task != self.task:
-            raise ConfigError(f"adapter {ref!r} was trained for task {task!r}; this engine serves {self.task!r}")
-        peft_type = str(cfg.get("peft_type", "")).upper()
-        num_labels = None
-        if self.task == "sequence-classification":
-            labels = manifest.get("labels")
-            num_labels = self._head_size(path) or (len(labels) if labels else None)
-        resolved = ResolvedAdapter(
-            key=key,
-            path=path,
-            manifest=manifest,
-            method=method.name,
-            mixable=bool(method.mixable),
-            is_prompt_learning=peft_type in _PROMPT_LEARNING,
-            peft_type=peft_type,
-            num_labels=num_labels,
-            signature=_config_signature(cfg),
-            immutable=not is_path_ref(ref),
-        )
-        self._resolved[resolved.key] = (stamp, resolved)
-        return resolved
-
-    def _verify_once(self, ref: str, key: str, manifest: dict | None, stamp: list) -> None:
-        """Check every file against the manifest's sha256 unless this process or this machine already
-        verified the same files (see adapters.store.verified: any write to a file makes it hash again)."""
-        if manifest is None:
-            return  # no checksums to check; _check_base decides whether it may load at all
-        if self._verified.get(key) == stamp:
-            return
-        problems = verify_folder_cached(key, stamp=stamp)
-        if problems:
-            raise StoreError(f"adapter {ref} failed verification, refusing to load it: {'; '.join(problems)}")
-        self._verified[key] = stamp
+        return self._resolver.resolve(ref)
 
     def base_fingerprint(self) -> str | None:
         """Fingerprint of the base model's files (None for a hub id that is not a local folder)."""
-        if self._base_fingerprint is None:
-            from adapters.modeling.builtins import resolve_model
-            from adapters.store.fingerprint import fingerprint_model
+        return self._resolver.base_fingerprint()
 
-            where = Path(resolve_model(self.model_config.name))
-            self._base_fingerprint = fingerprint_model(where) if where.is_dir() else ""
-        return self._base_fingerprint or None
-
-    def _check_base(self, ref: str, path: Path, manifest: dict | None) -> None:
-        """Refuse an adapter trained on another base (the store's check), unless allowed."""
-        from adapters.store.store import check_base
-
-        if manifest is None:
-            if not self.allow_base_mismatch:
-                raise StoreError(
-                    f"adapter {ref!r} ({path}) has no manifest.json, so its base model cannot be checked; "
-                    "publish it with a manifest, or start the engine with allow_base_mismatch=True"
-                )
-            log.warning("serving %s without a manifest: base model unchecked", path)
-            return
-        check_base(manifest, self.base_fingerprint(), allow_mismatch=self.allow_base_mismatch, base_name=self.base_name)
-
-    def _head_size(self, path: Path) -> int | None:
-        from safetensors import safe_open
-
-        from adapters.methods.peft_base import head_module_names
-
-        weights = path / "adapter_model.safetensors"
-        if not weights.is_file():
-            return None
-        heads = head_module_names(self._base_model)
-        with safe_open(str(weights), framework="pt") as fh:
-            for key in fh.keys():
-                for head in heads:
-                    if key.endswith(f"{head}.weight") or key.endswith(f"{head}.modules_to_save.weight"):
-                        return int(fh.get_slice(key).get_shape()[0])
-        return None
+    def adapter_of(self, ref: str) -> ResolvedAdapter:
+        """What a reference points at: a resident adapter's entry without touching its files, else resolve()."""
+        key = self._resolver.cached_key(ref)
+        with self._lock:
+            entry = self._pool.resident.get(key)
+        return entry.adapter if entry is not None else self._resolver.resolve(ref)
 
     # ------------------------------------------------------------------ residency
     def load(self, ref: str) -> ResidentAdapter:
-        """Make an adapter resident (a cache hit costs a dict look-up). Returns its resident entry."""
-        adapter = self.resolve(ref)
+        """Make an adapter resident (a cache hit costs a dict look-up). Returns its resident entry.
+
+        Raises what resolve() raises, and ConfigError for an adapter of another peft type than the resident ones.
+        """
+        adapter = self._resolver.resolve(ref)  # outside the lock: reading and hashing files
         with self._lock:
-            return self._ensure_resident(adapter, ref, pinned=set())
+            return self._pool.ensure_resident(adapter, ref, pinned=set())
 
     def unload(self, ref: str) -> bool:
-        """Delete an adapter from memory. Returns False if it was not resident."""
-        key = self._cached_key(ref)
+        """Delete an adapter from memory (its layers stay pooled until trim()); while rows of the running decode
+        batch use it, when the last of them leaves. Returns False if it was not resident."""
+        key = self._resolver.cached_key(ref)
         with self._lock:
-            if key not in self._resident:
-                return False
-            self._evict(key)
-            self.stats.unloads += 1
-            return True
-
-    def _cached_key(self, ref: str) -> str:
-        # A folder path or name@<version> always means the same files (store versions are
-        # immutable), so its key is remembered; a bare name or a tag is looked up each time.
-        key = self._pinned_keys.get(ref)
-        if key is None:
-            key = self.key_of(ref)
-            if _is_pinned_ref(ref):
-                if len(self._pinned_keys) > 4096:
-                    self._pinned_keys.clear()
-                self._pinned_keys[ref] = key
-        return key
+            return self._pool.unload(key)
 
     def activate(self, ref: str) -> str:
         """Make ``ref`` the active adapter for single-adapter calls; ``base`` disables adapters.
@@ -353,577 +266,202 @@ class InferenceEngine:
         """
         if ref == BASE:
             with self._lock:
-                self._activate_slot(None)
+                self._layers.activate(None)
             return PEFT_BASE
-        key = self._cached_key(ref)
+        key = self._resolver.cached_key(ref)
         with self._lock:
-            entry = self._resident.get(key)
+            entry = self._pool.hit(key, ref)
             if entry is not None:
-                self.stats.hits += 1
-                self._resident.move_to_end(key)
-                entry.refs.add(ref)
-                self._activate_slot(entry.slot)
+                self._layers.activate(entry.slot)
                 return entry.slot
-        adapter = self.resolve(ref)  # outside the lock: reading and hashing files
+        adapter = self._resolver.resolve(ref)  # outside the lock: reading and hashing files
         with self._lock:
-            entry = self._ensure_resident(adapter, ref, pinned=set())
-            self._activate_slot(entry.slot)
+            entry = self._pool.ensure_resident(adapter, ref, pinned=set())
+            self._layers.activate(entry.slot)
             return entry.slot
 
     def resident(self) -> list[dict]:
-        """Resident adapters, least recently used first."""
+        """Resident adapters, least recently used first (``load_seconds``: wall time of the load)."""
         with self._lock:
-            return [
-                {
-                    "key": e.adapter.key,
-                    "slot": e.slot,
-                    "refs": sorted(e.refs),
-                    "name": e.adapter.manifest.get("name"),
-                    "version": e.adapter.manifest.get("version"),
-                    "method": e.adapter.method,
-                    "mixable": e.adapter.mixable,
-                    "labels": self._labels(e),
-                    "uses": e.uses,
-                    "load_seconds": round(e.load_seconds, 4),
-                }
-                for e in self._resident.values()
-            ]
-
-    def _ensure_resident(self, adapter: ResolvedAdapter, ref: str, pinned: set[str]) -> ResidentAdapter:
-        entry = self._resident.get(adapter.key)
-        if entry is not None:
-            self.stats.hits += 1
-            self._resident.move_to_end(adapter.key)
-            entry.refs.add(ref)
-            return entry
-        self.stats.misses += 1
-        self._check_peft_type(adapter, pinned)
-        t0 = time.perf_counter()
-        signature = adapter.signature
-        if len(self._resident) >= self.capacity and self._compatible_free(signature, adapter) is None:
-            self._evict(self._lru_victim(pinned))  # its slot may fit the new adapter
-        slot = self._compatible_free(signature, adapter)
-        if slot is not None and not self._refill(slot, adapter):
-            self._delete_slot(slot)
-            slot = None
-        if slot is None:
-            while len(self._resident) + len(self._free) >= self.capacity:
-                if self._free:
-                    self._delete_slot(next(iter(self._free)))
-                else:
-                    self._evict(self._lru_victim(pinned))
-                    self._delete_slot(next(iter(self._free)))
-            slot = f"a{self._next_slot}"
-            self._next_slot += 1
-            self._attach(adapter, slot)
-            self._slot_signature[slot] = signature
-            if not adapter.is_prompt_learning:
-                self._flatten_slot(slot, adapter.path / "adapter_model.safetensors", adapter.immutable)
-        seconds = time.perf_counter() - t0
-        entry = ResidentAdapter(slot=slot, adapter=adapter, loaded_at=time.time(), load_seconds=seconds, refs={ref})
-        self._resident[adapter.key] = entry
-        self.stats.loads += 1
-        self.stats.last_load_seconds = seconds
-        return entry
-
-    def _lru_victim(self, pinned: set[str]) -> str:
-        victim = next((k for k in self._resident if k not in pinned), None)
-        if victim is None:
-            raise ConfigError(f"a batch needs more than capacity={self.capacity} adapters at once")
-        return victim
-
-    def _check_peft_type(self, adapter: ResolvedAdapter, pinned: set[str]) -> None:
-        # One PeftModel holds adapters of one peft type (LoRA and DoRA share LORA).
-        if self._peft is None:
-            return
-        current = str(getattr(self._peft, "peft_type", "")).split(".")[-1].upper()
-        if current == adapter.peft_type:
-            return
-        if pinned or self._resident:
-            raise ConfigError(
-                f"adapter {adapter.manifest.get('name') or adapter.path} uses peft type {adapter.peft_type}, "
-                f"but the resident adapters use {current}; one engine serves one peft type at a time "
-                "(unload the others first, or start another engine)"
-            )
-        self.trim()  # nothing resident: drop the pooled slots and start a fresh wrapper
-
-    def _attach(self, adapter: ResolvedAdapter, slot: str) -> None:
-        """A new peft adapter: peft builds its layers (the slow path, ~0.1-1 s on SmolLM2)."""
-        from peft import PeftModel
-
-        if adapter.num_labels is not None:
-            self._resize_heads(adapter.num_labels)
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(
-                self._base_model, str(adapter.path), adapter_name=slot, is_trainable=False, low_cpu_mem_usage=True
-            )
-        else:
-            self._peft.load_adapter(str(adapter.path), adapter_name=slot, is_trainable=False, low_cpu_mem_usage=True)
-        self._peft.eval()
-        self._refresh_tuner_layers()
-        self._activate_slot(self._active_slot if self._active_slot in self._slots() else slot)
-
-    # Pooled slots: an evicted or unloaded adapter's layers stay allocated (within capacity), and the
-    # next adapter of the same shape is copied into them: a load then costs reading its file.
-    def _compatible_free(self, signature: str, adapter: ResolvedAdapter) -> str | None:
-        if adapter.is_prompt_learning:
-            return None
-        return next((slot for slot, sig in self._free.items() if sig == signature), None)
-
-    def _refill(self, slot: str, adapter: ResolvedAdapter) -> bool:
-        """Put the adapter's weights into a pooled slot; False if its tensors do not fit after all.
-
-        A slot's weights live in one flat buffer laid out like its adapter file's data section, so
-        an adapter whose file has the same header needs no per-tensor work: a store version's file
-        is mapped over the buffer in place (no copy; see adapters.serving.file_mapping), any other file is
-        read straight into it.
-        """
-        weights = adapter.path / "adapter_model.safetensors"
-        layout = self._slot_layout.get(slot)
-        if layout is not None:
-            raw_header, flat, mapping = layout
-            with open(weights, "rb", buffering=0) as fh:
-                # Byte-equal headers: same tensors, shapes, dtypes and offsets (no JSON parse needed).
-                if _read_header_bytes(fh) == raw_header:
-                    if mapping is not None and adapter.immutable:
-                        try:
-                            mapping.remap(fh.fileno(), weights)
-                        except OSError as err:
-                            log.warning("slot %s: %s; rebuilding it", slot, err)
-                            return False
-                    elif fh.readinto(memoryview(flat.numpy())) != flat.numel():
-                        raise StoreError(f"{weights}: file ended early")
-                    del self._free[slot]
-                    return True
-        from safetensors import safe_open
-
-        targets = self._slot_tensors(slot)
-        with safe_open(str(weights), framework="pt") as fh:
-            if set(fh.keys()) != set(targets):
-                return False
-            loaded = {key: fh.get_tensor(key) for key in targets}
-        if any(loaded[k].shape != targets[k].shape for k in targets):
-            return False  # e.g. a classification head of another size
-        with torch.no_grad():
-            for key, tensor in loaded.items():
-                targets[key].copy_(tensor)
-        del self._free[slot]
-        return True
-
-    def _slot_tensors(self, slot: str) -> dict[str, torch.Tensor]:
-        """The slot's parameters under the key names of an adapter file (sharing their storage)."""
-        tensors = self._slot_params.get(slot)
-        if tensors is None:
-            from peft.utils import get_peft_model_state_dict
-
-            tensors = get_peft_model_state_dict(self._peft, adapter_name=slot)
-            self._slot_params[slot] = tensors
-        return tensors
-
-    def _flatten_slot(self, slot: str, weights: Path, immutable: bool) -> None:
-        """Move a new slot's parameters into one buffer laid out like ``weights``' data section:
-        a private mapping of the file itself for a store version, else an allocated copy."""
-        with open(weights, "rb") as fh:
-            raw_header = _read_header_bytes(fh)
-        header = _parse_header(raw_header, weights)
-        targets = self._slot_tensors(slot)
-        if set(header) != set(targets) or any(t.device.type != "cpu" for t in targets.values()):
-            return
-        data_start = 8 + len(raw_header)
-        size = max(v["data_offsets"][1] for v in header.values())
-        for key, meta in header.items():
-            target = targets[key]
-            if (_SAFETENSORS_DTYPES.get(meta["dtype"]) != target.dtype or list(meta["shape"]) != list(target.shape)
-                    or (data_start + meta["data_offsets"][0]) % target.element_size()):
-                return  # another dtype in memory than on disk: keep the per-tensor copy
-        mapping = None
-        if immutable and file_mapping.supported():
-            try:
-                mapping = file_mapping.FileMapping(weights, data_start + size)
-            except OSError as err:
-                log.info("slot %s: not mapped (%s); using a copy", slot, err)
-        flat = mapping.tensor[data_start : data_start + size] if mapping is not None else torch.zeros(size, dtype=torch.uint8)
-        views = {key: flat[m["data_offsets"][0] : m["data_offsets"][1]].view(targets[key].dtype).view(targets[key].shape)
-                 for key, m in header.items()}
-        by_ptr = {p.data_ptr(): p for p in self._peft.parameters()}
-        with torch.no_grad():
-            for key, view in views.items():
-                if mapping is None or not torch.equal(view, targets[key]):  # equal: peft loaded this file
-                    view.copy_(targets[key])
-                param = by_ptr.get(targets[key].data_ptr())
-                if param is None:
-                    return
-                param.data = view
-                targets[key] = view
-        self._slot_layout[slot] = (raw_header, flat, mapping)
-
-    def _delete_slot(self, slot: str, pooled: bool = True) -> None:
-        if pooled:
-            del self._free[slot]
-        self._slot_params.pop(slot, None)
-        self._slot_signature.pop(slot, None)
-        self._slot_layout.pop(slot, None)
-        if self._resident or self._free:
-            if self._active_slot in (None, slot):  # point peft at a survivor first: deleting the active one warns
-                self._activate_slot(next(iter(self._slots() or list(self._free))))
-            self._peft.delete_adapter(slot)
-            self._refresh_tuner_layers()
-        else:
-            # peft keeps at least one adapter; drop the wrapper and restore the plain base instead.
-            self._base_model = self._unwrap()
-            self._peft = None
-            self._tuner_layers = []
-            self._active_slot = None
-
-    def _unwrap(self):
-        """The plain base model again, without any adapter layers."""
-        if any(c.is_prompt_learning for c in self._peft.peft_config.values()):
-            return self._peft.get_base_model()  # prompt learning never touched the base's modules
-        return self._peft.unload()
-
-    def _evict(self, key: str) -> None:
-        """Make an adapter non-resident; its slot joins the pool for the next adapter of its shape."""
-        entry = self._resident.pop(key)
-        if self._active_slot == entry.slot:
-            self._activate_slot(next(iter(self._slots()), None))
-        self._free[entry.slot] = self._slot_signature.get(entry.slot, "")
-        self.stats.evictions += 1
+            return [e.summary() for e in self._pool.resident.values()]
 
     def trim(self) -> int:
         """Free the memory of pooled (non-resident) slots. Returns how many were deleted."""
         with self._lock:
-            n = len(self._free)
-            for slot in list(self._free):
-                self._delete_slot(slot)
-            return n
-
-    def _slots(self) -> list[str]:
-        return [e.slot for e in self._resident.values()]
-
-    def _refresh_tuner_layers(self) -> None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        self._tuner_layers = [m for m in self._peft.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
-        self._layer_dicts = [(m.__dict__, isinstance(m._active_adapter, list)) for m in self._tuner_layers]
-        self._mixed.install(self._peft)
-        self._route_rows = self._mixed.covers(self._tuner_layers)
-
-    def _activate_slot(self, slot: str | None) -> None:
-        """Point every adapter layer at ``slot`` (None: the bare base).
-
-        peft's set_adapter also flips requires_grad on every adapter of every layer, which grows
-        with the number of resident adapters; at inference only the active name matters, set
-        straight in each layer's __dict__ (nn.Module.__setattr__ is ~10x slower).
-        """
-        if self._peft is None:
-            return
-        if slot is None:
-            for d, _ in self._layer_dicts:
-                d["_disable_adapters"] = True
-            self._active_slot = None
-            return
-        listed = [slot]
-        for d, is_list in self._layer_dicts:
-            d["_active_adapter"] = listed if is_list else slot
-            d["_disable_adapters"] = False
-        if self._peft.peft_config[slot].is_prompt_learning:
-            self._peft.set_adapter(slot)  # no tuner layers to walk: cheap
-        else:
-            self._peft.base_model.active_adapter = slot
-        self._active_slot = slot
-
-    def _labels(self, entry: ResidentAdapter) -> list[str] | None:
-        labels = entry.adapter.manifest.get("labels")
-        if labels:
-            return list(labels)
-        if entry.adapter.num_labels:
-            return [f"LABEL_{i}" for i in range(entry.adapter.num_labels)]
-        return None
-
-    def _resize_heads(self, num_labels: int) -> None:
-        """Give the placeholder head the adapter's label count, so peft's per-adapter copy matches its weights."""
-        from peft.utils.other import ModulesToSaveWrapper
-
-        from adapters.methods.peft_base import head_module_names
-
-        root = self._base_model
-        for name in head_module_names(root):
-            module = root.get_submodule(name)
-            holder = module
-            current = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-            if not isinstance(current, torch.nn.Linear) or current.out_features == num_labels:
-                continue
-            fresh = torch.nn.Linear(current.in_features, num_labels, bias=current.bias is not None)
-            fresh = fresh.to(device=current.weight.device, dtype=current.weight.dtype)
-            if isinstance(holder, ModulesToSaveWrapper):
-                holder.original_module = fresh
-            else:
-                parent_name, _, attr = name.rpartition(".")
-                setattr(root.get_submodule(parent_name) if parent_name else root, attr, fresh)
-        if hasattr(root, "config"):
-            root.config.num_labels = num_labels
-
-    def adapter_of(self, ref: str) -> ResolvedAdapter:
-        """What a reference points at: a resident adapter's entry without touching its files, else resolve()."""
-        key = self._cached_key(ref)
-        with self._lock:
-            entry = self._resident.get(key)
-        return entry.adapter if entry is not None else self.resolve(ref)
+            return self._pool.trim()
 
     # ------------------------------------------------------------------ batches
-    def _resolve_rows(self, refs: list[str]) -> list[ResolvedAdapter | None]:
-        """What each row's reference points at; a resident adapter is found without touching its files."""
-        found: dict[str, ResolvedAdapter | None] = {}
-        out = []
-        for ref in refs:
-            if ref not in found:
-                found[ref] = None if ref == BASE else self.adapter_of(ref)
-            out.append(found[ref])
-        return out
-
-    def _plan(self, adapters: list[ResolvedAdapter | None]) -> list[tuple[bool, list[int]]]:
-        """Split row indices into passes: (mixed, rows). Mixable rows (and base rows) share passes
-        of at most ``capacity`` distinct adapters; each non-mixable adapter gets its own pass."""
-        passes: list[tuple[bool, list[int]]] = []
-        mix_groups: dict[Any, list[int]] = {}
-        solo: dict[str, list[int]] = {}
-        for i, a in enumerate(adapters):
-            if a is None or a.mixable:
-                group = a.num_labels if (a is not None and self.task == "sequence-classification") else None
-                mix_groups.setdefault(group, []).append(i)
-            else:
-                solo.setdefault(a.key, []).append(i)
-        for rows in mix_groups.values():
-            chunk: list[int] = []
-            keys: set[str] = set()
-            for i in rows:
-                key = adapters[i].key if adapters[i] is not None else None
-                if key is not None and key not in keys and len(keys) >= self.capacity:
-                    passes.append((True, chunk))
-                    chunk, keys = [], set()
-                if key is not None:
-                    keys.add(key)
-                chunk.append(i)
-            if chunk:
-                passes.append((True, chunk))
-        passes.extend((False, rows) for rows in solo.values())
-        return passes
-
-    def _prepare_pass(self, refs: list[str], adapters: list[ResolvedAdapter | None], rows: list[int]):
-        """Under the lock: make the pass's adapters resident; return the per-row peft adapter names
-        (mixed) or None after activating the single adapter (or the base)."""
-        pinned = {adapters[i].key for i in rows if adapters[i] is not None}
-        slots = []
-        for i in rows:
-            a = adapters[i]
-            if a is None:
-                slots.append(PEFT_BASE)
-                continue
-            entry = self._ensure_resident(a, refs[i], pinned)
-            entry.uses += 1
-            slots.append(entry.slot)
-        distinct = set(slots)
-        if self._peft is None:
-            self._pass_model = self._base_model  # only base rows and no adapter loaded: the plain model
-            return None
-        self._pass_model = self._peft
-        if distinct == {PEFT_BASE} and any(c.is_prompt_learning for c in self._peft.peft_config.values()):
-            # prompt learning adds its virtual tokens inside the PeftModel's forward; its base is untouched
-            self._pass_model = self._peft.get_base_model()
-            return None
-        if len(distinct) == 1:
-            only = slots[0]
-            self._activate_slot(None if only == PEFT_BASE else only)
-            return None
-        # Mixed pass: peft falls back to the base for a ModulesToSaveWrapper whose active adapter it
-        # does not hold, so point the layers at an adapter of this pass.
-        self._activate_slot(next(s for s in slots if s != PEFT_BASE))
-        return slots
-
-    def _forward_fn(self):
-        """The model call of the prepared pass (set by _prepare_pass, under the lock).
-
-        With per-row adapter names it routes them through the wrapped LoRA layers when they
-        cover the model, and through peft's ``adapter_names`` otherwise (heads, other methods).
-        """
-        model = self._pass_model
-        if model is self._peft and self._route_rows and self._mixed.enabled:
-            def forward(adapter_names=None, **kwargs):
-                if adapter_names is None:
-                    return model(**kwargs)
-                return self._mixed.forward(model, adapter_names, **kwargs)
-
-            return forward
-        return model
-
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
-        """Generate for a batch of rows that may use different adapters. Results are in request order."""
-        if self.task != "causal-lm":
-            raise ConfigError(f"generate needs a causal-lm engine; this engine serves {self.task!r}")
-        refs = [r.adapter or BASE for r in requests]
-        adapters = self._resolve_rows(refs)
-        prompts: list[list[int]] = []
-        for req, a in zip(requests, adapters):
-            spec = None if (req.raw or a is None) else a.manifest.get("prompt")
-            ids = encode_prompt(self.tokenizer, req.prompt, req.messages, spec)
-            if len(ids) + req.params.max_new_tokens > self.max_input_tokens:
-                raise ConfigError(
-                    f"prompt ({len(ids)} tokens) + max_new_tokens ({req.params.max_new_tokens}) exceeds the "
-                    f"model's limit of {self.max_input_tokens} tokens"
-                )
-            prompts.append(ids)
+        """Generate for a batch of rows that may use different adapters. Results are in request order.
+
+        Raises ConfigError on a non-causal-lm engine, when a prompt plus its max_new_tokens exceeds
+        ``max_input_tokens``, for a prompt token id outside the vocabulary, for log-probabilities or
+        max_new_tokens 0 on a prompt-learning adapter (peft's generate path), and what resolve() raises
+        for a bad reference.
+        """
+        refs, adapters, prompts = self._encode(requests)
         results: list[GenerationResult | None] = [None] * len(requests)
-        for _, rows in self._plan(adapters):
+        for _, rows in plan_passes(adapters, self.task, self.capacity):
             with self._lock:
-                names = self._prepare_pass(refs, adapters, rows)
+                forward, names = prepare_pass(self._pool, self._layers, refs, adapters, rows)
                 is_prompt_learning = any(adapters[i] is not None and adapters[i].is_prompt_learning for i in rows)
                 try:
                     if is_prompt_learning:
-                        decoded = [self._generate_prompt_learning(prompts[i], requests[i].params) for i in rows]
+                        decoded = [
+                            generate_prompt_learning(
+                                self._layers.peft,
+                                self.tokenizer,
+                                prompts[i],
+                                requests[i].params,
+                                self._stop_ids,
+                                self.device,
+                            )
+                            for i in rows
+                        ]
                     else:
                         decoded = decode_batch(
-                            self._forward_fn(), self.tokenizer, [prompts[i] for i in rows], [requests[i].params for i in rows],
-                            self._stop_ids, adapter_names=names, device=self.device,
+                            forward,
+                            self.tokenizer,
+                            [prompts[i] for i in rows],
+                            [requests[i].params for i in rows],
+                            self._stop_ids,
+                            adapter_names=names,
+                            device=self.device,
                         )
                 finally:
-                    self._mixed.clear()
+                    self._layers.mixed.clear()
             for i, d in zip(rows, decoded):
-                results[i] = GenerationResult(
-                    adapter=refs[i], text=d.text, token_ids=d.token_ids, finish_reason=d.finish_reason,
-                    prompt_tokens=len(prompts[i]), completion_tokens=len(d.token_ids), confidence=d.confidence,
-                )
+                results[i] = generation_result(refs[i], prompts[i], d)
         return results  # type: ignore[return-value]
 
-    def _generate_prompt_learning(self, prompt: list[int], params: SamplingParams) -> DecodedRow:
-        # Prompt-learning methods prepend virtual tokens inside peft's generate; run them one row at a
-        # time through it (their rows never mix, and a single row needs no padding).
-        ids = torch.tensor([prompt], device=self.device)
-        kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-        if params.temperature > 0:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p)
-        else:
-            kwargs.update(do_sample=False)
-        if params.stop:
-            kwargs.update(stop_strings=params.stop, tokenizer=self.tokenizer)
-        with torch.inference_mode():
-            out = self._peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), output_logits=True,
-                                      return_dict_in_generate=True, **kwargs)
-        new = [int(t) for t in out.sequences[0, len(prompt):]]
-        finish = "length"
-        if new and new[-1] in self._stop_ids:
-            new, finish = new[:-1], "stop"
-        # raw logits of each step: the same confidence as decode_batch's (temperature 1)
-        logprob_sum = sum(float(torch.log_softmax(step[0].float(), -1)[t]) for step, t in zip(out.logits, new))
-        text = self.tokenizer.decode(new, skip_special_tokens=True)
-        for s in params.stop:
-            if s in text:
-                text, finish = text[: text.find(s)], "stop"
-        return DecodedRow(new, text, finish, mean_token_confidence(logprob_sum, len(new)))
+    def _encode(self, requests: list[GenerationRequest]) -> tuple[list[str], list, list[list[int]]]:
+        """Each request's reference, resolved adapter (None: the base) and checked prompt token ids."""
+        if self.task != "causal-lm":
+            raise ConfigError(f"generate needs a causal-lm engine; this engine serves {self.task!r}")
+        refs = [r.adapter or BASE for r in requests]
+        adapters = resolve_rows(refs, self.adapter_of)
+        return refs, adapters, _encode_prompts(self.tokenizer, self.max_input_tokens, requests, adapters)
+
+    def start(self, requests: list[GenerationRequest], mix: bool = True) -> list[LiveRow] | None:
+        """Admit rows to the running decode batches (continuous batching, see adapters.serving.scheduler):
+        ``scheduler.step()`` then decodes them a token at a time beside the rows already running, and
+        ``generation_result`` turns a finished one into a GenerationResult equal to generate()'s.
+
+        ``mix``: rows of different mixable adapters share a batch. Returns one LiveRow per request, or None
+        when they do not fit now (their adapters and the running rows' are more than ``capacity``); nothing
+        is admitted then. Raises what generate() raises for bad rows.
+        """
+        refs, adapters, prompts = self._encode(requests)
+        if not self.scheduler.fits(adapters, self.capacity, mix):
+            return None
+        return self.scheduler.admit(refs, adapters, prompts, [r.params for r in requests], mix)
 
     def classify(self, requests: list[ClassificationRequest]) -> list[ClassificationResult]:
-        """Classify a batch of texts; each row names its adapter (which carries its own head)."""
+        """Classify a batch of texts; each row names its adapter (which carries its own head).
+
+        Texts are truncated to the adapter's training max_length (and ``max_input_tokens``). Raises
+        ConfigError on a non-classification engine or for a ``base`` row, and what resolve() raises.
+        """
         if self.task != "sequence-classification":
             raise ConfigError(f"classify needs a sequence-classification engine; this engine serves {self.task!r}")
         refs = [r.adapter for r in requests]
         if any(ref == BASE or not ref for ref in refs):
             raise ConfigError("classification needs an adapter: the base model has no trained head")
-        adapters = self._resolve_rows(refs)
+        adapters = resolve_rows(refs, self.adapter_of)
         encoded = []
         for req, a in zip(requests, adapters):
-            limit = int(((a.manifest.get("training") or {}).get("data") or {}).get("max_length") or self.max_input_tokens)
-            ids = self.tokenizer(req.text, truncation=True, max_length=min(limit, self.max_input_tokens))["input_ids"]
-            encoded.append(ids)
+            data = (a.manifest.get("training") or {}).get("data") or {}
+            limit = min(int(data.get("max_length") or self.max_input_tokens), self.max_input_tokens)
+            encoded.append(self.tokenizer(req.text, truncation=True, max_length=limit)["input_ids"])
         results: list[ClassificationResult | None] = [None] * len(requests)
-        for _, rows in self._plan(adapters):
+        for _, rows in plan_passes(adapters, self.task, self.capacity):
             with self._lock, torch.inference_mode():
-                names = self._prepare_pass(refs, adapters, rows)
+                forward, names = prepare_pass(self._pool, self._layers, refs, adapters, rows)
                 try:
-                    logits = self._classify_pass([encoded[i] for i in rows], names)
+                    logits = classify_logits(forward, self.tokenizer, [encoded[i] for i in rows], names, self.device)
                 finally:
-                    self._mixed.clear()
-                labels_of = {i: self._labels(self._resident[adapters[i].key]) for i in rows}
-            for i, row_logits in zip(rows, logits):
+                    self._layers.mixed.clear()
+                labels_of = {i: self._pool.resident[adapters[i].key].adapter.labels() for i in rows}
+            for i, row_logits in zip(rows, logits):  # row_logits: [num_labels]
                 labels = labels_of[i]
                 probs = torch.softmax(row_logits.float(), dim=-1)
                 best = int(torch.argmax(probs))
                 results[i] = ClassificationResult(
-                    adapter=refs[i], label=labels[best], label_id=best, confidence=float(probs[best]),
+                    adapter=refs[i],
+                    label=labels[best],
+                    label_id=best,
+                    confidence=float(probs[best]),
                     probabilities={labels[k]: float(probs[k]) for k in range(len(labels))},
-                    logits=[float(v) for v in row_logits], input_tokens=len(encoded[i]),
+                    logits=[float(v) for v in row_logits],
+                    input_tokens=len(encoded[i]),
                 )
         return results  # type: ignore[return-value]
 
-    def _classify_pass(self, encoded: list[list[int]], names: list[str] | None) -> torch.Tensor:
-        pad_id = self.tokenizer.pad_token_id or 0
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, e in enumerate(encoded):  # right padding: encoders and last-token pooling both handle it
-            ids[i, : len(e)] = torch.tensor(e)
-            mask[i, : len(e)] = 1
-        extra = {"adapter_names": names} if names is not None else {}
-        out = self._forward_fn()(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **extra)
-        return out.logits.detach().cpu()
-
     def count_tokens(self, text: str) -> int:
+        """Number of tokens of ``text`` under the base's tokenizer (special tokens included)."""
         return len(self.tokenizer(text)["input_ids"])
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+def _encode_prompts(
+    tokenizer, max_input_tokens: int, requests: list[GenerationRequest], adapters: list[ResolvedAdapter | None]
+) -> list[list[int]]:
+    """The prompt token ids of each request (its adapter's prompt format applied unless raw), checked."""
+    prompts: list[list[int]] = []
+    for req, a in zip(requests, adapters):
+        spec = None if (req.raw or a is None) else a.manifest.get("prompt")
+        if req.prompt_ids is not None:
+            ids = list(req.prompt_ids)
+            if not all(0 <= t < len(tokenizer) for t in ids):
+                raise ConfigError(f"prompt token ids must be in [0, {len(tokenizer) - 1}]")
+        else:
+            ids = encode_prompt(tokenizer, req.prompt, req.messages, spec, req.params.max_new_tokens)
+        p = req.params
+        if a is not None and a.is_prompt_learning and (
+            p.logprobs is not None or p.prompt_logprobs is not None or p.max_new_tokens == 0
+        ):
+            raise ConfigError("logprobs and max_new_tokens 0 are not available for prompt-learning adapters")
+        if len(ids) + req.params.max_new_tokens > max_input_tokens:
+            raise ConfigError(
+                f"prompt ({len(ids)} tokens) + max_new_tokens ({req.params.max_new_tokens}) exceeds the "
+                f"model's limit of {max_input_tokens} tokens"
+            )
+        prompts.append(ids)
+    return prompts
 
 
-def _read_header_bytes(fh) -> bytes:
-    """The raw JSON header of a safetensors file (file position left at the data section)."""
-    size = int.from_bytes(fh.read(8), "little")
-    if not 0 < size < 100_000_000:
-        raise StoreError(f"{getattr(fh, 'name', 'adapter file')}: not a safetensors file")
-    return fh.read(size)
-
-
-def _parse_header(raw: bytes, where: Path) -> dict:
-    """The tensor entries of a safetensors header."""
-    try:
-        header = json.loads(raw)
-    except ValueError as err:
-        raise StoreError(f"{where}: not a safetensors file ({err})") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-_IGNORED_CONFIG_KEYS = {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"}
-
-
-def _config_signature(cfg: dict) -> str:
-    """Adapters with equal signatures have identically shaped layers (a pooled slot fits)."""
-    return json.dumps({k: v for k, v in cfg.items() if k not in _IGNORED_CONFIG_KEYS}, sort_keys=True, default=str)
-
-
-_PROMPT_LEARNING = {"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"}
-
-
-def _is_pinned_ref(ref: str) -> bool:
-    """A folder or name@<version> always means the same files; a bare name or a tag may move."""
-    from adapters.store.store import is_path_ref
-
-    if is_path_ref(ref):
-        return True
-    _, _, suffix = ref.partition("@")
-    return suffix.isdigit()
+def generation_result(ref: str, prompt_ids: list[int], decoded: DecodedRow) -> GenerationResult:
+    """The GenerationResult of a row of ``ref`` with prompt ``prompt_ids`` that decoded to ``decoded``."""
+    return GenerationResult(
+        adapter=ref,
+        text=decoded.text,
+        token_ids=decoded.token_ids,
+        finish_reason=decoded.finish_reason,
+        prompt_tokens=len(prompt_ids),
+        completion_tokens=len(decoded.token_ids),
+        confidence=decoded.confidence,
+        prompt_ids=prompt_ids,
+        logprobs=decoded.logprobs,
+        prompt_logprobs=decoded.prompt_logprobs,
+    )
 
 
 # ------------------------------------------------------------------ records (scripts/infer.py)
 _SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "seed", "stop")
 
 
-def infer_records(engine: InferenceEngine, records: list[dict], adapter: str = BASE, defaults: dict | None = None, batch_size: int = 16) -> list[dict]:
+def infer_records(
+    engine: InferenceEngine,
+    records: list[dict],
+    adapter: str = BASE,
+    defaults: dict | None = None,
+    batch_size: int = 16,
+) -> list[dict]:
     """Run JSON records through the engine, ``batch_size`` rows per batch; returns one output per record.
 
     A record holds ``prompt`` (or ``text``) or ``messages``, and optionally its own ``adapter``
     and sampling keys (max_new_tokens, temperature, top_p, seed, stop). Other keys (an id...)
-    are copied to the output.
+    are copied to the output. ``defaults``: sampling keys for records that do not set them.
+    Raises ConfigError for a record that is not an object or has no input.
     """
     defaults = dict(defaults or {})
     outputs: list[dict] = []
@@ -946,19 +484,36 @@ def infer_records(engine: InferenceEngine, records: list[dict], adapter: str = B
                 for rec in chunk
             ]
             for rec, res in zip(chunk, engine.generate(requests)):
-                outputs.append({**rec, "adapter": res.adapter, "output": res.text, "finish_reason": res.finish_reason,
-                                "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens})
+                outputs.append(
+                    {
+                        **rec,
+                        "adapter": res.adapter,
+                        "output": res.text,
+                        "finish_reason": res.finish_reason,
+                        "prompt_tokens": res.prompt_tokens,
+                        "completion_tokens": res.completion_tokens,
+                    }
+                )
         else:
-            requests = [ClassificationRequest(adapter=rec.get("adapter") or adapter, text=rec.get("text", rec.get("prompt"))) for rec in chunk]
-            for rec, res in zip(chunk, engine.classify(requests)):
-                outputs.append({**rec, "adapter": res.adapter, "label": res.label, "confidence": res.confidence, "probabilities": res.probabilities})
+            texts = [
+                ClassificationRequest(adapter=rec.get("adapter") or adapter, text=rec.get("text", rec.get("prompt")))
+                for rec in chunk
+            ]
+            for rec, res in zip(chunk, engine.classify(texts)):
+                outputs.append(
+                    {
+                        **rec,
+                        "adapter": res.adapter,
+                        "label": res.label,
+                        "confidence": res.confidence,
+                        "probabilities": res.probabilities,
+                    }
+                )
     return outputs
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     """Write rows as JSON lines atomically (temp file + fsync + rename)."""
-    from adapters.paths import atomic_path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -41,6 +41,7 @@ _LIBC = _libc()
 
 
 def supported() -> bool:
+    """Whether FileMapping works here (Linux or macOS with a libc exposing mmap); else callers copy."""
     return _LIBC is not None
 
 

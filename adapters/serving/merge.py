@@ -23,9 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft.utils.integrations import dequantize_bnb_weight
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from adapters.config import ModelConfig, QuantizationConfig
 from adapters.errors import ConfigError
+from adapters.methods import method_of_folder
+from adapters.modeling.backbone import MeanPoolingClassifier, load_backbone, load_tokenizer, quantization_config
+from adapters.modeling.builtins import resolve_model
+from adapters.modeling.generation import encode_prompt
+from adapters.store.fingerprint import fingerprint_model
+from adapters.store.loading import check_base
+from adapters.store.store import AdapterStore, check_publishable_files
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +68,6 @@ def merge_and_export(
     (``max_abs_diff <= atol``; atol defaults to 1e-3, or 2e-2 on a quantized base, whose 4-bit
     kernels round differently from a float matmul on the same dequantized values).
     """
-    from adapters.modeling.builtins import resolve_model
-    from adapters.store.fingerprint import fingerprint_model
-    from adapters.methods import method_of_folder
-    from adapters.modeling.backbone import load_backbone, load_tokenizer
-    from adapters.store.store import AdapterStore, check_base, check_publishable_files
-
     out = Path(out_dir).expanduser()
     if out.exists():
         raise ConfigError(f"export folder {out} already exists; choose a new folder")
@@ -78,13 +82,16 @@ def merge_and_export(
     trained_model = (manifest.get("training") or {}).get("model") or {}
     qcfg = _quantization(quantization if quantization is not None else trained_model.get("quantization"))
     if requantize and qcfg is None:
-        raise ConfigError("requantize needs a quantized base: pass quantization (4 or 8) or use an adapter trained on one")
+        raise ConfigError(
+            "requantize needs a quantized base: pass quantization (4 or 8) or use an adapter trained on one"
+        )
     if atol is None:
         atol = 2e-2 if qcfg is not None else 1e-3
     model_cfg = ModelConfig(name=base, quantization=qcfg, pooling=trained_model.get("pooling") or "auto")
     base_path = Path(resolve_model(base))
     if manifest:
-        check_base(manifest, fingerprint_model(base_path) if base_path.is_dir() else None, allow_mismatch=allow_base_mismatch, base_name=base)
+        base_fingerprint = fingerprint_model(base_path) if base_path.is_dir() else None
+        check_base(manifest, base_fingerprint, allow_mismatch=allow_base_mismatch, base_name=base)
     elif not allow_base_mismatch:
         raise ConfigError(f"{folder} has no manifest.json: its base cannot be checked (pass allow_base_mismatch=True)")
     labels = manifest.get("labels")
@@ -108,7 +115,9 @@ def merge_and_export(
     merged = method.load(base_model, folder)
     merged.eval()
     if not hasattr(merged, "merge_and_unload"):
-        raise ConfigError(f"method {method.name!r} cannot be merged into the base (only weight-update methods such as LoRA can)")
+        raise ConfigError(
+            f"method {method.name!r} cannot be merged into the base (only weight-update methods such as LoRA can)"
+        )
     merged = merged.merge_and_unload()
     merged.to(torch.float32 if model_cfg.dtype == "float32" else merged.dtype)
     if labels and hasattr(merged, "config"):
@@ -171,16 +180,16 @@ def _quantization(value) -> QuantizationConfig | None:
 
 def _dequantize(model):
     """Replace bitsandbytes layers by float32 ones holding the dequantized weights."""
-    from peft.utils.integrations import dequantize_bnb_weight
-
-    try:
+    try:  # only a quantized base needs bitsandbytes, which may lack a wheel for this platform
         import bitsandbytes as bnb
     except ImportError as err:  # pragma: no cover - depends on the install
         raise ConfigError(f"dequantizing needs bitsandbytes ({err})") from err
     for name, module in list(model.named_modules()):
         if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             weight = dequantize_bnb_weight(module.weight, state=getattr(module, "state", None)).to(torch.float32)
-            plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=weight.device)
+            plain = torch.nn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, device=weight.device
+            )
             plain.weight.data = weight
             if module.bias is not None:
                 plain.bias.data = module.bias.data.to(torch.float32)
@@ -200,24 +209,22 @@ def _dequantize(model):
 
 
 def _save(model, tokenizer, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    from adapters.modeling.backbone import MeanPoolingClassifier
-
     if isinstance(model, MeanPoolingClassifier):
         model.backbone.save_pretrained(str(folder), safe_serialization=True)
         save_file({k: v.contiguous() for k, v in model.classifier.state_dict().items()}, str(folder / HEAD_WEIGHTS))
-        (folder / "adapterkit_classifier.json").write_text(json.dumps({"pooling": "mean", "id2label": model.config.id2label}))
+        head = {"pooling": "mean", "id2label": model.config.id2label}
+        (folder / "adapterkit_classifier.json").write_text(json.dumps(head))
     else:
         model.save_pretrained(str(folder), safe_serialization=True)
     tokenizer.save_pretrained(str(folder))
 
 
 def _requantize(folder: Path, model_cfg: ModelConfig, task: str) -> None:
-    from adapters.modeling.backbone import quantization_config
-
     qconfig = quantization_config(model_cfg)
-    model = _auto_class(folder, task).from_pretrained(str(folder), quantization_config=qconfig, device_map="cpu" if not torch.cuda.is_available() else {"": 0}, dtype=torch.float32)
+    device_map = "cpu" if not torch.cuda.is_available() else {"": 0}
+    model = _auto_class(folder, task).from_pretrained(
+        str(folder), quantization_config=qconfig, device_map=device_map, dtype=torch.float32
+    )
     for f in folder.glob("*.safetensors"):
         if f.name != HEAD_WEIGHTS:
             f.unlink()
@@ -225,8 +232,6 @@ def _requantize(folder: Path, model_cfg: ModelConfig, task: str) -> None:
 
 
 def _auto_class(folder: Path, task: str):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
-
     if task == "causal-lm":
         return AutoModelForCausalLM
     if (folder / HEAD_WEIGHTS).is_file():
@@ -240,11 +245,6 @@ def load_exported(folder: str | os.PathLike, task: str | None = None):
     A mean-pooling sentence classifier (``classifier.safetensors`` present) comes back as a
     MeanPoolingClassifier; everything else through transformers' Auto classes.
     """
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    from adapters.modeling.backbone import MeanPoolingClassifier
-
     folder = Path(folder)
     if task is None:
         info = folder / EXPORT_INFO
@@ -266,8 +266,6 @@ def load_exported(folder: str | os.PathLike, task: str | None = None):
 
 
 def _check_inputs(tokenizer, task: str, prompt_spec: dict | None, texts: list[str] | None) -> list[list[int]]:
-    from adapters.modeling.generation import encode_prompt
-
     texts = list(texts or DEFAULT_CHECK_TEXTS)
     if task == "causal-lm":
         return [encode_prompt(tokenizer, t, None, prompt_spec) for t in texts]
@@ -291,7 +289,13 @@ def _compare(reference: list[torch.Tensor], got: list[torch.Tensor], atol: float
     agree = [bool((a.argmax(-1) == b.argmax(-1)).all()) for a, b in zip(reference, got)]
     agreement = sum(agree) / len(agree)
     passed = agreement >= 0.75 if requantized else max_diff <= atol
-    return {"inputs": len(reference), "max_abs_diff": max_diff, "top1_agreement": agreement, "atol": None if requantized else atol, "passed": passed}
+    return {
+        "inputs": len(reference),
+        "max_abs_diff": max_diff,
+        "top1_agreement": agreement,
+        "atol": None if requantized else atol,
+        "passed": passed,
+    }
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -20,11 +20,19 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+
 from adapters.constants import PEFT_BASE
 
 
-
 class MixedLoraForward:
+    """Routes each row of a batch to its own LoRA adapter with two ``bmm`` per layer.
+
+    ``install(model)`` wraps the LoRA Linear layers; ``forward(model, adapter_names, **kwargs)``
+    runs the model with one adapter name (or PEFT_BASE) per row; ``clear()`` drops the stacked
+    weights after a pass. ``enabled = False`` sends every mixed batch through peft's own loop.
+    """
+
     def __init__(self) -> None:
         self._cache: dict[tuple[int, tuple[str, ...]], object] = {}
         self._patched: set[int] = set()
@@ -33,8 +41,6 @@ class MixedLoraForward:
 
     def install(self, model: torch.nn.Module) -> int:
         """Wrap the forward of every LoRA Linear layer of ``model``. Returns how many are new."""
-        from peft.tuners.lora.layer import Linear as LoraLinear
-
         count = 0
         for module in model.modules():
             if isinstance(module, LoraLinear) and id(module) not in self._patched:
@@ -63,6 +69,8 @@ class MixedLoraForward:
         self._cache.clear()
 
     def _stack(self, layer, names: tuple[str, ...]):
+        """The rows' stacked A^T [rows, in, r], B^T [rows, r, out] and scale [rows, 1, 1] of ``layer``
+        (zeros for rows whose adapter does not touch it); None when no row's does."""
         present = {n for n in names if n != PEFT_BASE and n in layer.lora_A}
         if not present:
             return None
@@ -76,10 +84,12 @@ class MixedLoraForward:
         zero_b = layer.lora_B[first].weight.new_zeros(layer.lora_B[first].weight.shape)
         a = torch.stack([layer.lora_A[n].weight if n in present else zero_a for n in names])  # [rows, r, in]
         b = torch.stack([layer.lora_B[n].weight if n in present else zero_b for n in names])  # [rows, out, r]
-        scale = torch.tensor([float(layer.scaling[n]) if n in present else 0.0 for n in names], dtype=b.dtype, device=b.device)
+        scales = [float(layer.scaling[n]) if n in present else 0.0 for n in names]
+        scale = torch.tensor(scales, dtype=b.dtype, device=b.device)
         return a.transpose(1, 2), b.transpose(1, 2), scale.view(-1, 1, 1)
 
     def _layer_forward(self, layer, peft_forward, x: torch.Tensor, *args, **kwargs):
+        # batched path: x [rows, tokens, in] -> [rows, tokens, out]
         names = self.names
         if names is None:
             return peft_forward(x, *args, **kwargs)
@@ -104,7 +114,7 @@ class MixedLoraForward:
 
 
 class _Unsupported(Exception):
-    pass
+    """A layer this path does not cover: peft's own loop runs it."""
 
 
 _MISSING = object()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from adapters.errors import StoreError
 from adapters.paths import atomic_path, cache_dir
@@ -47,13 +48,20 @@ def sha256_file(path: str | Path) -> str:
 
 # ---------------------------------------------------------------- base model
 def model_files(path: str | Path) -> list[Path]:
-    """The files that define a model's weights: config.json and every weight file (sorted)."""
+    """The files that define a model's weights: config.json and every weight file (sorted).
+
+    path: a model folder, or a single-file model such as a .gguf. Raises StoreError when it is
+    neither, or the folder holds no weight file.
+    """
     path = Path(path)
     if path.is_file():  # a single-file model, e.g. a .gguf
         return [path]
     if not path.is_dir():
         raise StoreError(f"cannot fingerprint model {str(path)!r}: not a local folder or file")
-    files = [p for p in sorted(path.iterdir()) if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))]
+    files = [
+        p for p in sorted(path.iterdir())
+        if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
+    ]
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in files):
         raise StoreError(
             f"cannot fingerprint model folder {path}: no weight files ({', '.join('*' + s for s in WEIGHT_SUFFIXES)})"
@@ -62,7 +70,8 @@ def model_files(path: str | Path) -> list[Path]:
 
 
 def fingerprint_model(path: str | Path) -> str:
-    """Fingerprint of a model folder's config.json and weight files; cached across calls and processes."""
+    """Fingerprint ("sha256:<hex>") of a model folder's config.json and weight files; cached across calls
+    and processes. Raises StoreError as model_files."""
     files = model_files(path)
     return _cached("model", Path(path), files, lambda: _hash_named_files(files))
 
@@ -78,16 +87,23 @@ def _hash_named_files(files: list[Path]) -> str:
 def fingerprint_tokenizer(path_or_tokenizer: Any) -> str:
     """Fingerprint of what a tokenizer does: its vocabulary, merges, normalisation, special
     tokens and chat template. The same tokenizer gives the same fingerprint whether passed as a
-    loaded object or as a folder (a folder is loaded with AutoTokenizer; the result is cached)."""
+    loaded object or as a folder (a folder is loaded with AutoTokenizer; the result is cached).
+
+    Returns "sha256:<hex>". Raises StoreError for a path that is not a folder holding tokenizer files.
+    """
     if isinstance(path_or_tokenizer, (str, os.PathLike)):
         folder = Path(path_or_tokenizer)
         if not folder.is_dir():
             raise StoreError(f"cannot fingerprint tokenizer {str(folder)!r}: not a local folder")
         files = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
         if not files:
-            raise StoreError(f"cannot fingerprint tokenizer folder {folder}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
+            raise StoreError(
+                f"cannot fingerprint tokenizer folder {folder}: "
+                f"no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)"
+            )
 
         def compute() -> str:
+            # transformers takes seconds to import; here only on a fingerprint cache miss, not on store CLI start-up.
             from transformers import AutoTokenizer
 
             return _tokenizer_digest(AutoTokenizer.from_pretrained(str(folder)))
@@ -118,7 +134,8 @@ def fingerprint_dataset(data: Any) -> str:
     """Content hash of the rows given, in order: a datasets.Dataset or an iterable of dict rows.
 
     Not datasets' own ``_fingerprint`` (which tracks transform history, not content): a Dataset
-    and a list holding the same rows give the same fingerprint.
+    and a list holding the same rows give the same fingerprint. Returns "sha256:<hex>"; raises
+    StoreError for a row that is not a dict or holds a value JSON cannot represent.
     """
     h = hashlib.sha256()
     count = 0
@@ -144,7 +161,9 @@ def _rows(data: Any) -> Iterable[dict]:
 
 # ---------------------------------------------------------------- helpers
 def _canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_jsonable, allow_nan=True)
+    return json.dumps(
+        value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_jsonable, allow_nan=True
+    )
 
 
 def _jsonable(value: Any) -> Any:

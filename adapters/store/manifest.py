@@ -7,6 +7,7 @@ other file's path (relative, '/'-separated) to its sha256 hex digest.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -16,10 +17,17 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from adapters import __version__
+from adapters.constants import MANIFEST, TASKS
 from adapters.errors import ConfigError, StoreError
-from adapters.store.fingerprint import sha256_file
 from adapters.paths import atomic_path
-from adapters.constants import MANIFEST, TASKS  # noqa: F401  (MANIFEST re-exported)
+from adapters.store.fingerprint import (
+    PREFIX,
+    fingerprint_dataset,
+    fingerprint_model,
+    fingerprint_tokenizer,
+    sha256_file,
+)
 
 FORMAT = "adapterkit.manifest/1"
 MANIFEST_KEYS = (
@@ -30,7 +38,9 @@ BASE_MODEL_KEYS = ("name", "path", "revision", "fingerprint", "tokenizer_fingerp
 PROMPT_KEYS = ("system_prompt", "instruction", "label_names")
 DATA_KEYS = ("source", "fingerprint", "num_train", "num_validation", "num_test")
 # Distributions whose versions decide whether an adapter reloads the same way.
-TRACKED_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "accelerate", "datasets", "tokenizers", "bitsandbytes")
+TRACKED_LIBRARIES = (
+    "torch", "transformers", "peft", "safetensors", "accelerate", "datasets", "tokenizers", "bitsandbytes",
+)
 _SETTABLE = tuple(k for k in MANIFEST_KEYS if k not in ("format", "files"))
 
 
@@ -40,10 +50,13 @@ def build_manifest(**fields: Any) -> dict:
     Required: task, method ({name, options} or a method name), base_model ({name, path, revision,
     fingerprint, tokenizer_fingerprint}). Optional: every other key of MANIFEST_KEYS except
     format and files (write_manifest fills files). Pydantic models are dumped to plain dicts.
+    Raises ConfigError for an unknown or missing field, an invalid task or method, or a value JSON cannot hold.
     """
     unknown = sorted(set(fields) - set(_SETTABLE))
     if unknown:
-        raise ConfigError(f"build_manifest: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(_SETTABLE)}")
+        raise ConfigError(
+            f"build_manifest: unknown field(s) {', '.join(unknown)}; valid fields: {', '.join(_SETTABLE)}"
+        )
     missing = [k for k in ("task", "method", "base_model") if fields.get(k) is None]
     if missing:
         raise ConfigError(f"build_manifest: missing required field(s) {', '.join(missing)}")
@@ -87,9 +100,10 @@ def build_manifest(**fields: Any) -> dict:
 
 def base_model_entry(name: str, path: str | os.PathLike, revision: str | None = None, tokenizer: Any = None) -> dict:
     """The manifest's base_model dict for a local base folder: fingerprints of its weights
-    (cached) and of its tokenizer (the loaded `tokenizer` if given, else the folder's)."""
-    from adapters.store.fingerprint import fingerprint_model, fingerprint_tokenizer
+    (cached) and of its tokenizer (the loaded `tokenizer` if given, else the folder's).
 
+    Raises StoreError when path holds no weights or tokenizer files.
+    """
     return {
         "name": name,
         "path": os.fspath(path),
@@ -101,11 +115,10 @@ def base_model_entry(name: str, path: str | os.PathLike, revision: str | None = 
 
 def data_entry(source: str, train: Any, validation: Any = None, test: Any = None) -> dict:
     """The manifest's data dict: row counts per split and one fingerprint over all given splits
-    (a change to the evaluation rows changes what the metrics mean, so it counts too)."""
-    import hashlib
+    (a change to the evaluation rows changes what the metrics mean, so it counts too).
 
-    from adapters.store.fingerprint import PREFIX, fingerprint_dataset
-
+    train, validation, test: datasets.Dataset or lists of dict rows (None for a missing split).
+    """
     splits = {"train": train, "validation": validation, "test": test}
     h = hashlib.sha256()
     for split, rows in splits.items():
@@ -119,13 +132,12 @@ def data_entry(source: str, train: Any, validation: Any = None, test: Any = None
 
 
 def utc_now() -> str:
+    """The current UTC time as ISO 8601 with seconds, e.g. 2025-01-31T12:00:00+00:00."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def library_versions() -> dict[str, str | None]:
     """Versions of adapterkit, python and the libraries that shape a saved adapter (None if absent)."""
-    from adapters import __version__
-
     versions: dict[str, str | None] = {"adapterkit": __version__, "python": platform.python_version()}
     for dist in TRACKED_LIBRARIES:
         try:
@@ -202,7 +214,8 @@ def write_json_atomic(path: str | Path, value: Any, mode: int = 0o644) -> None:
 def write_manifest(folder: str | Path, manifest: dict) -> dict:
     """Write folder/manifest.json atomically with ``files`` set to the sha256 of every other file.
 
-    Returns the manifest as written.
+    Returns the manifest as written. Raises StoreError when folder is not a folder, the manifest is
+    invalid (manifest_problems) or the folder holds a link or special file.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -216,7 +229,7 @@ def write_manifest(folder: str | Path, manifest: dict) -> dict:
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The manifest of an adapter folder, or StoreError saying why there is none."""
+    """The manifest of an adapter folder; StoreError when it is missing, unreadable or not this format."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise StoreError(f"{folder} has no {MANIFEST}: not an adapterkit adapter folder")
@@ -231,7 +244,10 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def manifest_problems(manifest: Any, require_files: bool = True) -> list[str]:
-    """What is wrong with a manifest dict's shape (empty list when nothing)."""
+    """What is wrong with a manifest dict's shape (empty list when nothing).
+
+    require_files: ``files`` must list at least one checksum (false for a manifest not yet written).
+    """
     if not isinstance(manifest, dict):
         return [f"manifest is a {type(manifest).__name__}, not a dict"]
     problems = []
@@ -278,7 +294,33 @@ def verify_folder(folder: str | Path) -> list[str]:
             actual = sha256_file(path)
             if actual != expected:
                 problems.append(f"{rel}: checksum mismatch (manifest {str(expected)[:12]}..., file {actual[:12]}...)")
-    for rel, path in _walk(folder):
+    for rel, _path in _walk(folder):
         if rel not in files:
             problems.append(f"{rel}: not listed in the manifest")
     return problems
+
+
+# ---------------------------------------------------------------- comparing
+DIFF_SECTIONS = (
+    "task", "method", "base_model", "labels", "prompt", "training", "data", "metrics", "parent", "versions",
+)
+
+
+def diff_manifests(a: dict, b: dict) -> dict[str, dict[str, list]]:
+    """{section: {dotted key: [value in a, value in b]}} for every leaf of DIFF_SECTIONS that differs."""
+    out = {}
+    for section in DIFF_SECTIONS:
+        fa, fb = _flatten(a.get(section)), _flatten(b.get(section))
+        changes = {k: [fa.get(k), fb.get(k)] for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
+        if changes:
+            out[section] = changes
+    return out
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        flat = {}
+        for k, v in value.items():
+            flat.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return flat
+    return {prefix or "(value)": value}

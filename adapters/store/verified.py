@@ -21,8 +21,8 @@ import os
 import time
 from pathlib import Path
 
-from adapters.store.manifest import verify_folder
 from adapters.paths import atomic_path, cache_dir
+from adapters.store.manifest import verify_folder
 
 RACY_SECONDS = 2.0
 
@@ -83,7 +83,9 @@ def _record(real: str, stamp: list[list], started_ns: int) -> None:
         pass
 
 
-def verify_folder_cached(folder: str | os.PathLike, recheck: bool = False, stamp: list[list] | None = None) -> list[str]:
+def verify_folder_cached(
+    folder: str | os.PathLike, recheck: bool = False, stamp: list[list] | None = None
+) -> list[str]:
     """verify_folder(folder), skipped when this machine verified the same files before.
 
     recheck=True always hashes (an explicit ``verify``). A clean result is recorded; problems never are.
@@ -101,7 +103,7 @@ def verify_folder_cached(folder: str | os.PathLike, recheck: bool = False, stamp
 
 
 def prune_records() -> int:
-    """Forget records of folders that are gone or changed (store gc calls this). Returns how many."""
+    """Forget records of folders that are gone or changed (store gc calls this). Returns how many were removed."""
     removed = 0
     for entry in sorted((cache_dir() / "verified").glob("*.json")):
         try:

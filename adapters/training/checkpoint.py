@@ -16,22 +16,21 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from adapters.distributed import gathered
+
 STATE_FILE = "trainer_state.json"
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    """Copies of the trainable weights. Under ZeRO-3 every rank must call it (a gather)."""
-    from adapters.distributed import gathered
-
+    """{name: CPU copy} of the trainable weights. Under ZeRO-3 every rank must call it (a gather)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     with gathered([p for _, p in trainable]):
         return {n: p.detach().cpu().clone().contiguous() for n, p in trainable}
 
 
 def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
-    """Copy weights in by name. Under ZeRO-3 every rank must call it (gather, write, re-shard)."""
-    from adapters.distributed import gathered
-
+    """Copy weights in by name (cast to each parameter's device and dtype). Under ZeRO-3 every rank
+    must call it (gather, write, re-shard). Raises KeyError for names the model lacks."""
     params = dict(model.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
@@ -42,6 +41,8 @@ def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(folder: Path, accelerator, model, optimizer, scheduler, state: dict) -> None:
+    """Write a resumable checkpoint into `folder`: trainable weights, optimizer, schedule, torch RNG
+    and the JSON trainer `state` (step, epoch, early stopping). Every process must call it."""
     folder = Path(folder)
     if accelerator.distributed_type.value == "DEEPSPEED":
         # DeepSpeed shards optimizer state across ranks: only its own checkpointing can save it.
@@ -75,6 +76,8 @@ def read_checkpoint_state(folder: Path) -> dict:
 
 
 def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> dict:
+    """Load a checkpoint written by save_checkpoint into model/optimizer/scheduler (and the torch
+    RNG); returns its trainer state."""
     folder = Path(folder)
     state = read_checkpoint_state(folder)
     if accelerator.distributed_type.value == "DEEPSPEED":
@@ -88,6 +91,7 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> d
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step under <run_dir>/checkpoints, or None."""
     ckpts = sorted(
         (p for p in (Path(run_dir) / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file()),
         key=lambda p: int(p.name.split("-")[1]),

@@ -11,25 +11,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.config import RunConfig
+from adapters.data.splits import aggregate_folds, format_folds
+from adapters.training.finalize import TrainResult
+from adapters.training.loop import train
+from adapters.training.setup import default_run_dir
 
 
 @dataclass
 class CrossValResult:
+    """The folds' runs and their metrics aggregated as {metric: {"mean", "std", "values"}}."""
+
     run_dir: Path
-    folds: list  # TrainResult per fold
+    folds: list[TrainResult]  # one per fold
     validation: dict  # {metric: {mean, std, values}}
     test: dict
 
 
 def cross_validate(cfg: RunConfig, command: list[str] | None = None) -> CrossValResult:
-    from adapters.data.splits import aggregate_folds, format_folds
-    from adapters.training.loop import default_run_dir, train
-
+    """Train data.split.folds runs (fold i validates on the i-th of k stratified folds), never
+    publishing; writes crossval.json / crossval.md into the run folder. The usual k-fold
+    protocol (e.g. scikit-learn's StratifiedKFold), with a test split fixed before the folds."""
     k = cfg.data.split.folds
     root = default_run_dir(cfg)
     results = []
     for i in range(k):
-        fold_cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_dir": str(root / f"fold-{i}"), "publish": False})})
+        output = cfg.output.model_copy(update={"run_dir": str(root / f"fold-{i}"), "publish": False})
+        fold_cfg = cfg.model_copy(update={"output": output})
         results.append(train(fold_cfg, command=command, fold=i))
     validation = aggregate_folds([_numeric(r.metrics["validation"]) for r in results])
     test = aggregate_folds([_numeric(r.metrics["adapted"]) for r in results])

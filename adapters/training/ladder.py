@@ -21,15 +21,20 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors.torch import load_file
 
 from adapters.config import RunConfig, apply_overrides, load_config
 from adapters.errors import ConfigError
+from adapters.store.store import AdapterStore
+from adapters.training.state import is_improvement
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +42,18 @@ CHOSEN = "chosen"  # stage method placeholder: the run config's own method
 
 
 class LadderStageConfig(BaseModel):
+    """One rung: a method (or "chosen": the run's own) and train overrides."""
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., description="Stage name, used in folder names and the report.")
-    method: str | dict[str, Any] = Field(..., description="Method name or {name, options...}; 'chosen' = the run's method.")
-    train: dict[str, Any] = Field(default_factory=dict, description="Overrides of the run's train section for this stage (e.g. a higher lr for head-only).")
+    method: str | dict[str, Any] = Field(
+        ..., description="Method name or {name, options...}; 'chosen' = the run's method."
+    )
+    train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the run's train section for this stage (e.g. a higher lr for head-only).",
+    )
 
 
 def _default_stages() -> list[LadderStageConfig]:
@@ -53,10 +65,14 @@ def _default_stages() -> list[LadderStageConfig]:
 
 
 class LadderConfig(BaseModel):
+    """The `ladder:` section: the stages in order and the validation metric that ranks them."""
+
     model_config = ConfigDict(extra="forbid")
 
     stages: list[LadderStageConfig] = Field(default_factory=_default_stages, min_length=1)
-    metric: str = Field("eval_loss", description="Validation metric that ranks stages (as train() reports it, e.g. eval_accuracy).")
+    metric: str = Field(
+        "eval_loss", description="Validation metric that ranks stages (as train() reports it, e.g. eval_accuracy)."
+    )
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
     min_delta: float = Field(0.0, ge=0, description="A stage must beat the best so far by more than this to continue.")
 
@@ -120,8 +136,7 @@ def canonical_name(name: str) -> str:
 
 
 def read_adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
+    """{name: tensor} of an adapter folder's adapter_model.safetensors; ConfigError if it has none."""
     path = Path(adapter_dir) / "adapter_model.safetensors"
     if not path.is_file():
         raise ConfigError(f"ladder: {adapter_dir} has no adapter_model.safetensors to warm-start from")
@@ -131,8 +146,6 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, Any]:
 def apply_init_state(model, state: dict[str, Any]) -> list[str]:
     """Copy `state` tensors into the model's trainable parameters whose canonical names and
     shapes match; returns the names of the parameters that were set."""
-    import torch
-
     by_name = {canonical_name(k): v for k, v in state.items()}
     loaded = []
     with torch.no_grad():
@@ -159,6 +172,9 @@ def _warm_start_hook(state: dict[str, Any], loaded: list[str]) -> Callable[[Any]
 # ---------------------------------------------------------------- the ladder
 @dataclass
 class StageResult:
+    """One stage's run: its validation `metric` value, all metrics, size and time, where it was
+    warm-started from, and whether it beat the best stage before it."""
+
     name: str
     method: dict[str, Any]
     run_dir: str
@@ -175,6 +191,8 @@ class StageResult:
 
 @dataclass
 class LadderResult:
+    """The ladder's stages in order, the best one, and why it stopped early (if it did)."""
+
     metric: str
     mode: str
     min_delta: float
@@ -186,12 +204,15 @@ class LadderResult:
 
     @property
     def best_stage(self) -> StageResult | None:
+        """The best stage's result (None before any stage ran)."""
         return next((s for s in self.stages if s.name == self.best), None)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON report (ladder_report.json)."""
         return asdict(self)
 
     def to_markdown(self) -> str:
+        """The Markdown report (ladder_report.md): one table row per stage."""
         lines = [
             "# Ladder report", "",
             f"Stages ranked by validation `{self.metric}` ({'higher' if self.mode == 'max' else 'lower'} is better, "
@@ -201,24 +222,18 @@ class LadderResult:
         ]
         for s in self.stages:
             value = "n/a" if s.metric is None else f"{s.metric:.4f}"
-            test = ", ".join(f"{k}={v:.4f}" for k, v in s.test.items() if k in ("accuracy", "f1_macro", "loss", "exact_match"))
+            shown = ("accuracy", "f1_macro", "loss", "exact_match")
+            test = ", ".join(f"{k}={v:.4f}" for k, v in s.test.items() if k in shown)
             warm = f"{s.warm_started_tensors} tensors from {s.warm_started_from}" if s.warm_started_from else "-"
             lines.append(
-                f"| {s.name}{' (best)' if s.name == self.best else ''} | {s.method.get('name')} | {s.trainable_params:,} | {value} | "
+                f"| {s.name}{' (best)' if s.name == self.best else ''} | {s.method.get('name')} | "
+                f"{s.trainable_params:,} | {value} | "
                 f"{test} | {s.train_seconds:.1f} | {warm} | {'yes' if s.improved else 'no'} |"
             )
         lines += ["", f"Best stage: **{self.best}**" + (f" ({self.best_stage.adapter_dir})" if self.best_stage else "")]
         if self.stopped_early:
             lines.append(f"Stopped early: {self.stopped_early}")
         return "\n".join(lines) + "\n"
-
-
-def _beats(value: float | None, best: float | None, mode: str, min_delta: float) -> bool:
-    if value is None:
-        return False
-    if best is None:
-        return True
-    return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
 def _scalars(metrics: dict | None) -> dict[str, float]:
@@ -235,15 +250,22 @@ def run_ladder(
     that does not improve. Writes ladder_report.json/.md into the ladder folder; publishes the
     best stage's adapter when output.publish is set."""
     if train_fn is None:
+        # Here, not at the top: `scripts/ladder.py --check` validates without loading the training stack.
         from adapters.training.loop import train as train_fn
     ladder = ladder or LadderConfig()
     if ladder_dir is None:
-        ladder_dir = Path(cfg.output.run_dir) if cfg.output.run_dir else Path("runs") / f"ladder-{_slug(cfg.output.name)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        default = Path("runs") / f"ladder-{_slug(cfg.output.name)}-{stamp}"
+        ladder_dir = Path(cfg.output.run_dir) if cfg.output.run_dir else default
     ladder_dir = Path(ladder_dir)
     ladder_dir.mkdir(parents=True, exist_ok=True)
-    stage_cfgs = [stage_config(cfg, stage, ladder_dir / f"{i + 1}-{_slug(stage.name)}") for i, stage in enumerate(ladder.stages)]
+    stage_cfgs = [
+        stage_config(cfg, stage, ladder_dir / f"{i + 1}-{_slug(stage.name)}") for i, stage in enumerate(ladder.stages)
+    ]
 
-    result = LadderResult(metric=ladder.metric, mode=ladder.mode, min_delta=ladder.min_delta, ladder_dir=str(ladder_dir))
+    result = LadderResult(
+        metric=ladder.metric, mode=ladder.mode, min_delta=ladder.min_delta, ladder_dir=str(ladder_dir)
+    )
     best_value: float | None = None
     for i, (stage, stage_cfg) in enumerate(zip(ladder.stages, stage_cfgs)):
         best = result.best_stage
@@ -259,7 +281,7 @@ def run_ladder(
                 f"{', '.join(sorted(validation))}"
             )
         value = validation[ladder.metric]
-        improved = _beats(value, best_value, ladder.mode, ladder.min_delta)
+        improved = is_improvement(value, best_value, ladder.mode, ladder.min_delta)
         result.stages.append(StageResult(
             name=stage.name,
             method={"name": stage_cfg.method.name, "options": stage_cfg.method.options},
@@ -280,14 +302,14 @@ def run_ladder(
         if i + 1 < len(ladder.stages):
             result.stopped_early = (
                 f"stage {stage.name!r} ({ladder.metric}={value:.4f}) did not beat stage {result.best!r} "
-                f"({best_value:.4f}) by more than {ladder.min_delta}; skipped {', '.join(s.name for s in ladder.stages[i + 1:])}"
+                f"({best_value:.4f}) by more than {ladder.min_delta}; "
+                f"skipped {', '.join(s.name for s in ladder.stages[i + 1:])}"
             )
         break
 
     if cfg.output.publish and result.best_stage is not None:
-        from adapters.store.store import AdapterStore
-
-        result.adapter_ref = str(AdapterStore(cfg.output.store).publish(Path(result.best_stage.adapter_dir), cfg.output.name))
+        best_dir = Path(result.best_stage.adapter_dir)
+        result.adapter_ref = str(AdapterStore(cfg.output.store).publish(best_dir, cfg.output.name))
     (ladder_dir / "ladder_report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     (ladder_dir / "ladder_report.md").write_text(result.to_markdown())
     return result

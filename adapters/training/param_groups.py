@@ -1,5 +1,10 @@
 """Optimizer parameter groups: weight decay where it belongs, discriminative learning rates.
 
+Discriminative fine-tuning (a lower LR for lower layers) is from ULMFiT (Howard & Ruder, 2018);
+the geometric per-layer form, layer-wise LR decay, is the one of ELECTRA (Clark et al., 2020)
+and BEiT (Bao et al., 2022). No weight decay on biases and norms follows BERT's and
+transformers' Trainer's AdamW setup.
+
 Every trainable parameter gets one *role*, read from its name:
 
 - ``head``: the new task head: a module named ``classifier`` or ``score`` (what
@@ -26,8 +31,9 @@ Each group carries a readable ``name`` ("layer.5/decay", "head/no_decay", ...) f
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch.nn as nn
 
@@ -59,19 +65,23 @@ def _segments(name: str) -> list[str]:
 
 
 def is_head_param(name: str) -> bool:
+    """Whether the parameter belongs to a new task head (a module named classifier or score)."""
     segments = _segments(name)
     return any(s in HEAD_MODULES for s in segments)
 
 
 def is_prompt_param(name: str) -> bool:
+    """Whether the parameter belongs to peft's prompt encoder (prompt/prefix/p-tuning)."""
     return "prompt_encoder" in _segments(name)
 
 
 def is_embedding_param(name: str) -> bool:
+    """Whether the parameter belongs to the token/position embeddings (names with embed, wte, wpe)."""
     return any("embed" in s.lower() or s in _EMBED_SEGMENTS for s in _segments(name))
 
 
 def is_no_decay_param(name: str, param: Any = None) -> bool:
+    """Whether weight decay should skip the parameter: biases, norms, and (given `param`) any tensor under 2-D."""
     lowered = name.lower()
     if "bias" in _segments(lowered) or lowered.endswith("bias") or "norm" in lowered:
         return True
@@ -80,11 +90,14 @@ def is_no_decay_param(name: str, param: Any = None) -> bool:
 
 @dataclass(frozen=True)
 class ParamRole:
+    """A parameter's role (see the module doc); `label` names it for groups and logs."""
+
     role: str  # "head" | "prompt" | "layer" | "embeddings" | "top"
     index: int | None = None  # block index for role == "layer"
 
     @property
     def label(self) -> str:
+        """"layer.<i>" for a block, else the role name."""
         return f"layer.{self.index}" if self.role == "layer" else self.role
 
 
@@ -156,7 +169,8 @@ def build_param_groups(model: nn.Module, train_cfg: TrainConfig, per_layer: bool
         no_decay = is_no_decay_param(name, param)
         key = f"{label}/{'no_decay' if no_decay else 'decay'}"
         if key not in groups:
-            groups[key] = {"name": key, "params": [], "lr": lr, "weight_decay": 0.0 if no_decay else train_cfg.weight_decay}
+            weight_decay = 0.0 if no_decay else train_cfg.weight_decay
+            groups[key] = {"name": key, "params": [], "lr": lr, "weight_decay": weight_decay}
             sort_keys[key] = (_group_order(role, n_layers) if label != "backbone" else (0,), no_decay)
         groups[key]["params"].append(param)
     return [groups[k] for k in sorted(groups, key=lambda k: sort_keys[k])]

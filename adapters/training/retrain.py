@@ -26,12 +26,27 @@ import copy
 import json
 import logging
 import os
+import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
+from datasets import Dataset
+
+from adapters.config import DataConfig, ModelConfig, SplitConfig, apply_overrides, load_config
+from adapters.data.loading import label_words as configured_label_words
+from adapters.data.loading import load_rows, prepare_splits
+from adapters.data.splits import column_values, split_dataset
 from adapters.errors import ConfigError
+from adapters.evaluation.metrics import classification_metrics, exact_match
+from adapters.modeling.generation import SamplingParams
+from adapters.paths import validate_name
+from adapters.serving.engine import ClassificationRequest, GenerationRequest, InferenceEngine
+from adapters.store.manifest import write_json_atomic
+from adapters.store.store import AdapterStore, is_path_ref
+from adapters.training.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +56,9 @@ DEFAULT_METRIC = {"sequence-classification": "accuracy", "causal-lm": "exact_mat
 
 @dataclass
 class RetrainResult:
+    """One retraining: parent and candidate (``name@version``), their holdout metrics, the decision
+    (`not_worse`: candidate metric >= current - margin; `promoted`: the tag moved) and row counts."""
+
     current: str  # name@version the candidate was trained from (and compared with)
     candidate: str  # name@version of the new adapter
     metric: str
@@ -60,19 +78,20 @@ class RetrainResult:
 
     @property
     def exit_code(self) -> int:
+        """scripts/retrain.py's exit status: 0 not worse (promoted unless promote=False), 1 worse."""
         return 0 if self.not_worse else 1
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON report (format adapterkit.retrain-report/1)."""
         return {"format": REPORT_FORMAT, **asdict(self)}
 
 
 # ---------------------------------------------------------------- data
 def load_labeled(path: str | os.PathLike, text_field: str, label_field: str):
-    """The labeled window as a datasets.Dataset with `text` and `label` columns (deduplicated)."""
-    from adapters.config import DataConfig
-    from adapters.data.loading import load_rows
-    from adapters.data.splits import column_values
+    """The labeled window as a datasets.Dataset with `text` and `label` columns (deduplicated).
 
+    Raises ConfigError if the file is missing, lacks either column, or has no usable row.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"labeled data file {path} does not exist")
@@ -83,14 +102,12 @@ def load_labeled(path: str | os.PathLike, text_field: str, label_field: str):
                 f"labeled data {path}: no {what} column {column!r} (the parent adapter was trained with it); "
                 f"columns: {', '.join(rows.column_names)}"
             )
-    from datasets import Dataset
-
     seen: set[str] = set()
     texts, labels = [], []
     for text, label in zip(column_values(rows, text_field), column_values(rows, label_field)):
         if text is None or not str(text).strip() or label is None:
             continue
-        key = " ".join(str(text).lower().split())
+        key = _key(str(text))
         if key in seen:
             continue
         seen.add(key)
@@ -105,8 +122,8 @@ def _write_jsonl(path: Path, texts: Iterable[str], labels: Iterable[str]) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        for t, l in zip(texts, labels):
-            fh.write(json.dumps({"text": t, "label": l}, ensure_ascii=False) + "\n")
+        for text, label in zip(texts, labels):
+            fh.write(json.dumps({"text": text, "label": label}, ensure_ascii=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -114,23 +131,18 @@ def _write_jsonl(path: Path, texts: Iterable[str], labels: Iterable[str]) -> Pat
 
 
 def _replay_rows(parent_raw: dict, n: int, seed: int, exclude: set[str]) -> tuple[list[str], list[str]]:
-    """n rows of the parent's own training split (the same split its training used)."""
-    import random
-
-    from adapters.config import load_config
-    from adapters.data.loading import prepare_splits
-    from adapters.data.splits import column_values
-
+    """n rows of the parent's own training split (the same split its training used), shuffled
+    with `seed`, none whose text key is in `exclude`."""
     parent_cfg = load_config(raw=copy.deepcopy(parent_raw))
-    train = prepare_splits(parent_cfg).splits["train"]
+    train_split = prepare_splits(parent_cfg).splits["train"]
     data = parent_cfg.data
     target = data.response_field or data.label_field
-    texts = [str(t) for t in column_values(train, data.text_field)]
-    labels = [str(l) for l in column_values(train, target)]
-    pairs = [(t, l) for t, l in zip(texts, labels) if " ".join(t.lower().split()) not in exclude]
+    texts = [str(t) for t in column_values(train_split, data.text_field)]
+    labels = [str(label) for label in column_values(train_split, target)]
+    pairs = [(text, label) for text, label in zip(texts, labels) if _key(text) not in exclude]
     random.Random(seed).shuffle(pairs)
     pairs = pairs[:n]
-    return [t for t, _ in pairs], [l for _, l in pairs]
+    return [text for text, _ in pairs], [label for _, label in pairs]
 
 
 # ---------------------------------------------------------------- evaluation
@@ -138,11 +150,11 @@ def evaluate_on_holdout(
     engine, refs: list[str], texts: list[str], labels: list[str], task: str, label_words: dict[str, str] | None = None,
     max_new_tokens: int = 8, batch_size: int = 32,
 ) -> dict[str, dict[str, float]]:
-    """{ref: metrics} of each adapter on the same rows, through the serving engine."""
-    from adapters.serving.engine import ClassificationRequest, GenerationRequest
-    from adapters.modeling.generation import SamplingParams
-    from adapters.evaluation.metrics import classification_metrics, exact_match
+    """{ref: metrics} of each adapter on the same rows, through the serving engine.
 
+    Classifiers: accuracy / macro-F1 of the predicted labels. Causal LMs: exact match of greedy
+    answers (at most max_new_tokens) against each label's target words (label_words).
+    """
     out: dict[str, dict[str, float]] = {}
     for ref in refs:
         preds: list[str] = []
@@ -152,12 +164,13 @@ def evaluate_on_holdout(
                 preds += [r.label for r in engine.classify([ClassificationRequest(adapter=ref, text=t) for t in chunk])]
             else:
                 params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-                preds += [r.text for r in engine.generate([GenerationRequest(adapter=ref, prompt=t, params=params) for t in chunk])]
+                requests = [GenerationRequest(adapter=ref, prompt=t, params=params) for t in chunk]
+                preds += [r.text for r in engine.generate(requests)]
         if task == "sequence-classification":
             out[ref] = classification_metrics(preds, labels, sorted(set(labels) | set(preds)))
         else:
             words = label_words or {}
-            out[ref] = {"exact_match": exact_match(preds, [words.get(l, l) for l in labels])}
+            out[ref] = {"exact_match": exact_match(preds, [words.get(label, label) for label in labels])}
     return out
 
 
@@ -181,17 +194,16 @@ def retrain(
 ) -> RetrainResult:
     """Train the next version of `current_ref` on a labeled window; promote it if not worse.
 
+    labeled / holdout_file: jsonl/csv/json/parquet with the parent's text and label columns.
+    holdout: fraction of `labeled` held out (stratified) for the comparison, unless holdout_file.
+    metric: the deciding metric (default accuracy for classifiers, exact_match for causal LMs).
     margin: how much worse (in metric units) the candidate may be and still be promoted
     (0.0: at least as good; 0.01: one point of accuracy of slack).
+    replay: rows of the parent's own training split mixed into the training rows.
     overrides: ``key.path=value`` changes to the parent's training config (e.g. train.epochs=2).
+    Writes retrain_report.json/.md into out_dir. Raises ConfigError (or StoreError) for a
+    request that cannot run, before any training.
     """
-    from datasets import Dataset
-
-    from adapters.config import SplitConfig, apply_overrides, load_config
-    from adapters.paths import validate_name
-    from adapters.data.splits import column_values, split_dataset
-    from adapters.store.store import AdapterStore, is_path_ref
-
     if not 0.0 < holdout < 1.0:
         raise ConfigError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
     if margin < 0:
@@ -204,67 +216,142 @@ def retrain(
         )
     store = AdapterStore(store_root)
     located = store.locate(current_ref)
-    parent_dir, manifest = store.resolve(str(located))
+    _, manifest = store.resolve(str(located))
     parent = str(located)
     parent_raw = manifest.get("training")
     if not isinstance(parent_raw, dict):
         raise ConfigError(f"{parent}: its manifest has no training config ('training'), so it cannot be retrained from")
     task = manifest.get("task") or parent_raw.get("task")
     metric = metric or DEFAULT_METRIC[task]
-    data_raw = parent_raw.get("data") or {}
-    text_field = data_raw.get("text_field", "text")
-    label_field = data_raw.get("response_field") or data_raw.get("label_field", "label")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    # ---- data: labeled window -> train + holdout (+ replay of the parent's training rows)
+    rows = _window_rows(parent_raw, labeled, holdout_file, holdout, replay, seed)
+    if task == "sequence-classification":
+        _check_classes(parent, list(manifest.get("labels") or []), rows.train_labels, rows.held_labels)
+    if len(rows.held_texts) < 2:
+        raise ConfigError(f"holdout has {len(rows.held_texts)} rows; give more labeled rows or a holdout_file")
+    train_path = _write_jsonl(out / "data" / "train.jsonl", rows.train_texts, rows.train_labels)
+    _write_jsonl(out / "data" / "holdout.jsonl", rows.held_texts, rows.held_labels)
+
+    words = (manifest.get("prompt") or {}).get("label_names")
+    if task == "causal-lm" and not words:
+        words = configured_label_words(DataConfig.model_validate(parent_raw.get("data") or {})) or None
+    raw = _candidate_config(parent_raw, task, words, train_path, parent, located.name, store, out)
+    cfg = load_config(raw=apply_overrides(raw, list(overrides)))
+
+    # ---- train the candidate (the hook: adapters.training.loop.train(cfg) -> TrainResult)
+    result = train(cfg, command=command)
+    candidate = result.adapter_ref
+    if not candidate:
+        raise ConfigError("training finished but published nothing (output.publish was overridden to false?)")
+
+    # ---- compare on the holdout, through the serving engine
+    engine = InferenceEngine(ModelConfig.model_validate(parent_raw["model"]), task=task, store=store, capacity=2)
+    metrics = evaluate_on_holdout(
+        engine, [parent, candidate], rows.held_texts, rows.held_labels, task, words or {},
+        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.train.eval_batch_size,
+    )
+    current_m, cand_m = metrics[parent], metrics[candidate]
+    if metric not in cand_m:
+        raise ConfigError(f"metric {metric!r} is not computed for {task}; choose from: {', '.join(cand_m)}")
+    not_worse = cand_m[metric] >= current_m[metric] - margin
+    reason = (
+        f"{metric} {cand_m[metric]:.4f} (candidate {candidate}) vs {current_m[metric]:.4f} (current {parent}) "
+        f"on {len(rows.held_texts)} holdout rows, margin {margin}"
+    )
+    promoted = False
+    if not_worse and promote:
+        store.tag(candidate, tag)
+        promoted = True
+        reason = f"promoted to {located.name}@{tag}: " + reason
+    elif not_worse:
+        reason = "not worse, not promoted (promote=False): " + reason
+    else:
+        reason = f"kept {parent} as {located.name}@{tag}: candidate is worse: " + reason
+    log.info(reason)
+
+    res = RetrainResult(
+        current=parent, candidate=candidate, metric=metric, current_metrics=current_m, candidate_metrics=cand_m,
+        margin=margin, not_worse=not_worse, promoted=promoted, tag=tag, reason=reason,
+        num_train=len(rows.train_texts), num_holdout=len(rows.held_texts), num_replay=rows.num_replay,
+        run_dir=str(result.run_dir), out_dir=str(out),
+    )
+    write_retrain_report(res, out)
+    return res
+
+
+@dataclass
+class WindowRows:
+    """The labeled window split for retraining: training rows (window rows not in the holdout,
+    then replayed parent rows) and holdout rows, as parallel text/label lists."""
+
+    train_texts: list[str]
+    train_labels: list[str]
+    held_texts: list[str]
+    held_labels: list[str]
+    num_replay: int
+
+
+def _key(text: str) -> str:
+    """Case- and whitespace-insensitive text key: the same question twice is one row."""
+    return " ".join(text.lower().split())
+
+
+def _window_rows(
+    parent_raw: dict, labeled: str | os.PathLike, holdout_file: str | os.PathLike | None, holdout: float,
+    replay: int, seed: int,
+) -> WindowRows:
+    """Labeled window -> training rows + holdout (+ `replay` rows of the parent's training split)."""
+    data_raw = parent_raw.get("data") or {}
+    text_field = data_raw.get("text_field", "text")
+    label_field = data_raw.get("response_field") or data_raw.get("label_field", "label")
     window = load_labeled(labeled, text_field, label_field)
     if holdout_file is not None:
         train_rows, held = window, load_labeled(holdout_file, text_field, label_field)
     else:
         parts = split_dataset(window, SplitConfig(kind="stratified", validation=holdout, test=0.0), "label", seed)
         train_rows, held = parts["train"], parts["validation"]
-    held_keys = {" ".join(t.lower().split()) for t in column_values(held, "text")}
-    train_texts = [t for t in column_values(train_rows, "text") if " ".join(t.lower().split()) not in held_keys]
-    train_labels = [l for t, l in zip(column_values(train_rows, "text"), column_values(train_rows, "label")) if " ".join(t.lower().split()) not in held_keys]
-    replay_texts, replay_labels = _replay_rows(parent_raw, replay, seed, held_keys | {" ".join(t.lower().split()) for t in train_texts}) if replay > 0 else ([], [])
-    train_texts += replay_texts
-    train_labels += replay_labels
-    held_texts, held_labels = [str(t) for t in column_values(held, "text")], [str(l) for l in column_values(held, "label")]
+    held_keys = {_key(t) for t in column_values(held, "text")}
+    kept = [(text, label) for text, label in zip(column_values(train_rows, "text"), column_values(train_rows, "label"))
+            if _key(text) not in held_keys]
+    train_texts, train_labels = [text for text, _ in kept], [label for _, label in kept]
+    replay_texts, replay_labels = ([], [])
+    if replay > 0:
+        replay_texts, replay_labels = _replay_rows(parent_raw, replay, seed, held_keys | {_key(t) for t in train_texts})
+    return WindowRows(
+        train_texts + replay_texts, train_labels + replay_labels, [str(t) for t in column_values(held, "text")],
+        [str(label) for label in column_values(held, "label")], len(replay_texts),
+    )
 
-    if task == "sequence-classification":
-        parent_labels = list(manifest.get("labels") or [])
-        unknown = sorted(set(train_labels) - set(parent_labels))
-        if unknown:
-            raise ConfigError(
-                f"labeled data has classes the parent {parent} was not trained on: {', '.join(unknown[:10])}; "
-                f"its classes: {', '.join(parent_labels)}. A new class needs a new head: train a new adapter instead"
-            )
-        missing = sorted(set(parent_labels) - set(train_labels))
-        if missing:
-            # The loop builds the head from the training labels; a missing class would change its shape.
-            raise ConfigError(
-                f"the training rows lack classes of the parent {parent}: {', '.join(missing)}; continuing from it "
-                "needs every class - add labeled rows of them, or mix in the parent's training rows with replay=N"
-            )
-        held_unknown = sorted(set(held_labels) - set(parent_labels))
-        if held_unknown:
-            raise ConfigError(f"holdout has classes the adapters cannot predict: {', '.join(held_unknown[:10])}")
-    if len(held_texts) < 2:
-        raise ConfigError(f"holdout has {len(held_texts)} rows; give more labeled rows or a holdout_file")
 
-    data_dir = out / "data"
-    train_path = _write_jsonl(data_dir / "train.jsonl", train_texts, train_labels)
-    _write_jsonl(data_dir / "holdout.jsonl", held_texts, held_labels)
+def _check_classes(parent: str, parent_labels: list[str], train_labels: list[str], held_labels: list[str]) -> None:
+    """A classifier continues with the parent's head: the rows must have exactly its classes."""
+    unknown = sorted(set(train_labels) - set(parent_labels))
+    if unknown:
+        raise ConfigError(
+            f"labeled data has classes the parent {parent} was not trained on: {', '.join(unknown[:10])}; "
+            f"its classes: {', '.join(parent_labels)}. A new class needs a new head: train a new adapter instead"
+        )
+    missing = sorted(set(parent_labels) - set(train_labels))
+    if missing:
+        # The loop builds the head from the training labels; a missing class would change its shape.
+        raise ConfigError(
+            f"the training rows lack classes of the parent {parent}: {', '.join(missing)}; continuing from it "
+            "needs every class - add labeled rows of them, or mix in the parent's training rows with replay=N"
+        )
+    held_unknown = sorted(set(held_labels) - set(parent_labels))
+    if held_unknown:
+        raise ConfigError(f"holdout has classes the adapters cannot predict: {', '.join(held_unknown[:10])}")
 
-    # ---- config: the parent's, on the new rows, continuing from the parent
+
+def _candidate_config(
+    parent_raw: dict, task: str, words: dict | None, train_path: Path, parent: str, name: str, store: AdapterStore,
+    out: Path,
+) -> dict:
+    """The parent's raw training config, on the new rows, continuing from the parent and publishing to its store."""
     raw = copy.deepcopy(parent_raw)
-    words = (manifest.get("prompt") or {}).get("label_names")
-    if task == "causal-lm" and not words:
-        from adapters.config import DataConfig
-        from adapters.data.loading import label_words as parent_words
-
-        words = parent_words(DataConfig.model_validate(data_raw)) or None
+    data_raw = parent_raw.get("data") or {}
     split = dict(data_raw.get("split") or {})
     raw["data"] = {
         **data_raw,
@@ -283,63 +370,17 @@ def retrain(
     raw["init_from"] = parent
     raw["output"] = {
         **(raw.get("output") or {}),
-        "name": located.name,
+        "name": name,
         "publish": True,
         "store": str(store.root),
         "run_dir": str(out / "run"),
     }
     raw["eval"] = {**(raw.get("eval") or {}), "baseline": False}
-    cfg = load_config(raw=apply_overrides(raw, list(overrides)))
-
-    # ---- train the candidate (the hook: adapters.training.loop.train(cfg) -> TrainResult)
-    from adapters.training.loop import train
-
-    result = train(cfg, command=command)
-    candidate = result.adapter_ref
-    if not candidate:
-        raise ConfigError("training finished but published nothing (output.publish was overridden to false?)")
-
-    # ---- compare on the holdout, through the serving engine
-    from adapters.config import ModelConfig
-    from adapters.serving.engine import InferenceEngine
-
-    engine = InferenceEngine(ModelConfig.model_validate(parent_raw["model"]), task=task, store=store, capacity=2)
-    metrics = evaluate_on_holdout(
-        engine, [parent, candidate], held_texts, held_labels, task, words or {}, max_new_tokens=cfg.eval.max_new_tokens,
-        batch_size=cfg.train.eval_batch_size,
-    )
-    current_m, cand_m = metrics[parent], metrics[candidate]
-    if metric not in cand_m:
-        raise ConfigError(f"metric {metric!r} is not computed for {task}; choose from: {', '.join(cand_m)}")
-    not_worse = cand_m[metric] >= current_m[metric] - margin
-    reason = (
-        f"{metric} {cand_m[metric]:.4f} (candidate {candidate}) vs {current_m[metric]:.4f} (current {parent}) "
-        f"on {len(held_texts)} holdout rows, margin {margin}"
-    )
-    promoted = False
-    if not_worse and promote:
-        store.tag(candidate, tag)
-        promoted = True
-        reason = f"promoted to {located.name}@{tag}: " + reason
-    elif not_worse:
-        reason = "not worse, not promoted (promote=False): " + reason
-    else:
-        reason = f"kept {parent} as {located.name}@{tag}: candidate is worse: " + reason
-    log.info(reason)
-
-    res = RetrainResult(
-        current=parent, candidate=candidate, metric=metric, current_metrics=current_m, candidate_metrics=cand_m,
-        margin=margin, not_worse=not_worse, promoted=promoted, tag=tag, reason=reason,
-        num_train=len(train_texts), num_holdout=len(held_texts), num_replay=len(replay_texts),
-        run_dir=str(result.run_dir), out_dir=str(out),
-    )
-    write_retrain_report(res, out)
-    return res
+    return raw
 
 
 def write_retrain_report(result: RetrainResult, out_dir: Path) -> None:
-    from adapters.store.manifest import write_json_atomic
-
+    """retrain_report.json (RetrainResult.to_dict) and retrain_report.md (the metric table), each written atomically."""
     write_json_atomic(out_dir / "retrain_report.json", result.to_dict())
     keys = sorted(set(result.current_metrics) | set(result.candidate_metrics))
     lines = [
@@ -356,7 +397,10 @@ def write_retrain_report(result: RetrainResult, out_dir: Path) -> None:
     ]
     for k in keys:
         a, b = result.current_metrics.get(k), result.candidate_metrics.get(k)
-        lines.append(f"| {k}{' (decides)' if k == result.metric else ''} | {a:.4f} | {b:.4f} |" if a is not None and b is not None else f"| {k} | {a} | {b} |")
+        if a is not None and b is not None:
+            lines.append(f"| {k}{' (decides)' if k == result.metric else ''} | {a:.4f} | {b:.4f} |")
+        else:
+            lines.append(f"| {k} | {a} | {b} |")
     text = "\n".join(lines) + "\n"
     tmp = out_dir / ".retrain_report.md.tmp"
     tmp.write_text(text, encoding="utf-8")

@@ -1,5 +1,10 @@
 """Learning-rate schedules: transformers' schedulers plus step decay, all with warmup.
 
+constant / linear / cosine / cosine_with_restarts are transformers' ``get_scheduler`` schedules
+(linear warmup, then constant, linear decay to 0, half-cosine decay to 0 (SGDR, Loshchilov &
+Hutter, 2017, without restarts) or cosine with hard restarts); "step" is the classic step decay
+(x gamma every step_size steps) after the same linear warmup.
+
 Every scheduler here is a ``torch.optim.lr_scheduler.LambdaLR`` (one multiplier function per
 param group), so param groups added later, e.g. by gradual unfreezing, can join the same
 schedule through ``add_param_group``.
@@ -12,6 +17,7 @@ from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_scheduler
 
 from adapters.config import TrainConfig
 from adapters.errors import ConfigError
@@ -34,7 +40,8 @@ def warmup_steps(train_cfg: TrainConfig, num_training_steps: int) -> int:
 
 
 def step_decay_lambda(num_warmup_steps: int, step_size: int, gamma: float):
-    """Linear warmup to 1, then x gamma every `step_size` steps after warmup."""
+    """LambdaLR multiplier of optimizer step `step`: linear warmup from 0 to 1 over
+    `num_warmup_steps`, then x gamma every `step_size` steps after warmup."""
 
     def multiplier(step: int) -> float:
         if step < num_warmup_steps:
@@ -45,9 +52,16 @@ def step_decay_lambda(num_warmup_steps: int, step_size: int, gamma: float):
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, num_training_steps: int) -> LambdaLR:
-    """The LR scheduler named by train.scheduler; call .step() once per optimizer step."""
+    """The LR scheduler named by train.scheduler over `num_training_steps` optimizer steps (with
+    warmup_steps(...) of linear warmup); call .step() once per optimizer step.
+
+    Raises ConfigError for no steps, a warmup that leaves no steps, "step" without
+    train.step_size, or an unknown name.
+    """
     if num_training_steps < 1:
-        raise ConfigError(f"cannot schedule {num_training_steps} training steps: the training set is empty or too small")
+        raise ConfigError(
+            f"cannot schedule {num_training_steps} training steps: the training set is empty or too small"
+        )
     name = train_cfg.scheduler
     warmup = warmup_steps(train_cfg, num_training_steps)
     if warmup >= num_training_steps and name != "constant":
@@ -62,8 +76,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train_cfg: TrainConfig, nu
         return LambdaLR(optimizer, [fn] * len(optimizer.param_groups))
     if name not in _TRANSFORMERS_NAMES:
         raise ConfigError(f"train.scheduler: unknown {name!r}; valid: {', '.join(SCHEDULERS)}")
-    from transformers import get_scheduler
-
     extra: dict[str, Any] = {}
     if name == "cosine_with_restarts":
         extra["num_cycles"] = train_cfg.num_cycles
@@ -85,7 +97,10 @@ def _unwrap_scheduler(scheduler: Any) -> Any:
 
 def add_param_group(optimizer: Any, group: dict, scheduler: Any = None) -> dict:
     """Add `group` to a (possibly accelerate-wrapped) optimizer; with a LambdaLR `scheduler`, the
-    group follows the same schedule from the current step on (its "lr" is its peak LR)."""
+    group follows the same schedule from the current step on (its "lr" is its peak LR).
+
+    Returns the optimizer's new group. Raises TypeError for a scheduler that is not a LambdaLR.
+    """
     optimizer.add_param_group(group)  # accelerate's AcceleratedOptimizer forwards this
     added = optimizer.param_groups[-1]
     sched = _unwrap_scheduler(scheduler) if scheduler is not None else None

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from adapters.errors import ConfigError
 
 INSTALL_HINT = "pip install 'adapterkit[mlflow]'  (or: pip install mlflow)"
@@ -40,7 +42,7 @@ RUN_FILES = ("config.yaml", "run_info.json", "summary.json", "data_report.json",
 
 def require_mlflow():
     """The mlflow module, or a ConfigError saying how to install it."""
-    try:
+    try:  # mlflow is an optional extra: imported only here and in MlflowTracker, once asked for
         import mlflow  # noqa: F401
         from mlflow.tracking import MlflowClient  # noqa: F401
     except ImportError as err:
@@ -114,7 +116,7 @@ class MlflowTracker:
         tags: Mapping[str, Any] | None = None,
     ):
         require_mlflow()
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # optional extra, present once require_mlflow() passed
 
         self.run_dir = Path(run_dir)
         self.tracking_uri = tracking_uri or default_tracking_uri(self.run_dir)
@@ -136,14 +138,16 @@ class MlflowTracker:
         self._finished = False
 
     def log_params(self, config: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
+        """Log a nested config as flattened params (flatten_params), in MLflow-sized batches."""
+        from mlflow.entities import Param  # optional extra (see __init__)
 
         params = [Param(k, v) for k, v in flatten_params(config).items()]
         for chunk in _chunks(params, MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=chunk)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, timestamp: float | None = None) -> None:
-        from mlflow.entities import Metric
+        """Log nested metrics (flatten_metrics) at `step`; timestamp in Unix seconds (default now)."""
+        from mlflow.entities import Metric  # optional extra (see __init__)
 
         ts = int((timestamp if timestamp is not None else time.time()) * 1000)
         rows = [Metric(k, v, ts, step or 0) for k, v in flatten_metrics(metrics).items()]
@@ -151,21 +155,24 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, metrics=chunk)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
+        """Set run tags (None values skipped, values cut to MLflow's limit)."""
+        from mlflow.entities import RunTag  # optional extra (see __init__)
 
         rows = [RunTag(sanitize_key(k), str(v)[:MAX_PARAM_VALUE]) for k, v in tags.items() if v is not None]
         for chunk in _chunks(rows, MAX_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=chunk)
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy a file into the run's artifacts (under `artifact_path`)."""
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
+        """End the run with `status` (FINISHED, FAILED, KILLED); idempotent."""
         if not self._finished:
             self.client.set_terminated(self.run_id, status=status)
             self._finished = True
 
-    def __enter__(self) -> "MlflowTracker":
+    def __enter__(self) -> MlflowTracker:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -184,9 +191,10 @@ class RunRecord:
 
 
 def collect_run(run_dir: str | os.PathLike) -> RunRecord:
-    """Read a run folder written by adapters.training.loop.train (no MLflow needed)."""
-    import yaml
+    """Read a run folder written by adapters.training.loop.train (no MLflow needed).
 
+    Raises ConfigError if the folder has no config.yaml.
+    """
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
@@ -217,7 +225,8 @@ def collect_run(run_dir: str | os.PathLike) -> RunRecord:
     info_path = run_dir / "run_info.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text())
-        for key in ("device", "num_processes", "distributed_type", "mixed_precision", "python", "platform", "code_revision"):
+        keys = ("device", "num_processes", "distributed_type", "mixed_precision", "python", "platform", "code_revision")
+        for key in keys:
             if info.get(key) is not None:
                 tags[key] = str(info[key])
         if info.get("code_revision"):
@@ -237,7 +246,10 @@ def log_run_folder(
     tracking_uri: str | None = None,
     run_name: str | None = None,
 ) -> str:
-    """Log a finished run folder as one MLflow run; returns the MLflow run id."""
+    """Log a finished run folder as one MLflow run; returns the MLflow run id.
+
+    Raises ConfigError for a folder that is not a run folder, or when mlflow is not installed.
+    """
     record = collect_run(run_dir)  # read (and fail on a bad folder) before touching MLflow
     with MlflowTracker(run_dir, experiment, run_name, tracking_uri, tags=record.tags) as tracker:
         tracker.log_params(record.params)

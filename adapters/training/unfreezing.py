@@ -1,5 +1,8 @@
 """Gradual unfreezing: train the head alone first, then open one block at a time from the top.
 
+The schedule of ULMFiT (Howard & Ruder, 2018, section 3.3), combined there, as here, with
+discriminative learning rates (adapters.training.param_groups).
+
 The unit of unfreezing is a *stage*, built from the parameters that were trainable when the
 unfreezer was created (so it works for full fine-tuning, where that is every parameter, and
 for peft methods, where it is the adapter weights plus the head copy):
@@ -15,7 +18,8 @@ running LR schedule (``adapters.training.schedules.add_param_group``).
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch.nn as nn
 
@@ -48,7 +52,9 @@ def transformer_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
         if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in _BLOCK_LIST_NAMES and len(module) > 0
     ]
     if not candidates:
-        raise ValueError(f"no transformer blocks found in {type(root).__name__} (looked for a ModuleList named {_BLOCK_LIST_NAMES})")
+        raise ValueError(
+            f"no transformer blocks found in {type(root).__name__} (looked for a ModuleList named {_BLOCK_LIST_NAMES})"
+        )
     expected = getattr(getattr(root, "config", None), "num_hidden_layers", None)
     candidates.sort(key=lambda item: (len(item[1]) == expected, len(item[1])), reverse=True)
     return list(enumerate(candidates[0][1]))
@@ -65,6 +71,8 @@ def freeze_all_but(model: nn.Module, predicate: Callable[[str], bool]) -> int:
 
 
 def stage_of(name: str, num_layers: int) -> str:
+    """The unfreezing stage of parameter `name`: "head", "layer.<i>" or "embeddings"; the
+    parameters above the blocks (final norm, pooler) open with the top block."""
     role = param_role(name, num_layers)
     if role.role in ("head", "prompt"):
         return "head"
@@ -78,6 +86,8 @@ class GradualUnfreezer:
 
     LRs: `lr_for_group(stage_name) -> lr`, or `base_lr` with `decay`: layer.i at
     base_lr x decay^(N-1-i), embeddings at base_lr x decay^N, head at head_lr (default base_lr).
+    Creating it freezes every trainable parameter outside the first stage. Raises ValueError for
+    a bad `every`/`unit`, no LR rule, or a model without trainable parameters.
     """
 
     def __init__(
@@ -132,7 +142,9 @@ class GradualUnfreezer:
         log.info("gradual unfreezing (every %d %s(s)): %s", every, unit, " -> ".join(self._order))
 
     @classmethod
-    def from_train_config(cls, model: nn.Module, train_cfg: TrainConfig, every: int, unit: Literal["epoch", "step"] = "epoch"):
+    def from_train_config(
+        cls, model: nn.Module, train_cfg: TrainConfig, every: int, unit: Literal["epoch", "step"] = "epoch"
+    ) -> GradualUnfreezer:
         """LRs from train.lr / head_lr / layer_decay, weight decay from train.weight_decay."""
         return cls(
             model, every, unit, base_lr=train_cfg.lr, decay=train_cfg.layer_decay or 1.0,
@@ -144,6 +156,7 @@ class GradualUnfreezer:
         return list(self._order)
 
     def param_names(self, stage: str) -> list[str]:
+        """The parameter names of one stage."""
         return [n for n, _ in self._params[stage]]
 
     def due_stages(self, position: int) -> int:
@@ -190,4 +203,5 @@ class GradualUnfreezer:
 
     @property
     def done(self) -> bool:
+        """Whether every stage is open."""
         return len(self.unfrozen) == len(self._order)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
+import torch
 
 from adapters.benchmarking.report import ArmSummary, flag_negative_transfer, markdown_table, summarize
 from adapters.benchmarking.suite import (
-    Cell,
     TargetSpec,
     load_suite,
     plan_cells,
@@ -17,7 +16,9 @@ from adapters.benchmarking.suite import (
     run_suite,
     time_to_target,
 )
+from adapters.config import ModelConfig
 from adapters.errors import ConfigError
+from adapters.modeling.backbone import load_backbone
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -25,8 +26,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Tiny matrices gain nothing from a second thread, and on a busy 2-core machine they lose a lot."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -37,7 +36,8 @@ def one_torch_thread():
 def question_csv(tmp_path_factory):
     """Two classes a bag of words separates: 'who ...' questions and 'how many ...' questions."""
     rng = random.Random(0)
-    nouns = ["river", "king", "planet", "song", "city", "painter", "bridge", "island", "war", "novel", "team", "mountain"]
+    nouns = ["river", "king", "planet", "song", "city", "painter", "bridge", "island", "war", "novel", "team",
+             "mountain"]
     rows = []
     for i in range(160):
         noun, other = rng.choice(nouns), rng.choice(nouns)
@@ -46,7 +46,7 @@ def question_csv(tmp_path_factory):
         else:
             rows.append((f"how many {noun}s are in the {other} number {i}", "number"))
     path = tmp_path_factory.mktemp("data") / "questions.csv"
-    path.write_text("text,label\n" + "\n".join(f"{t},{l}" for t, l in rows) + "\n")
+    path.write_text("text,label\n" + "\n".join(f"{text},{label}" for text, label in rows) + "\n")
     return path
 
 
@@ -55,13 +55,15 @@ def suite_raw(model_dir, data_path, **extra) -> dict:
         "name": "tiny",
         "budget": {"steps": 6},
         "seeds": [0, 1],
-        "train": {"batch_size": 8, "eval_batch_size": 32, "log_every": 2, "eval_every": 3, "lr": 5e-3, "scheduler": "constant"},
+        "train": {"batch_size": 8, "eval_batch_size": 32, "log_every": 2, "eval_every": 3, "lr": 5e-3,
+                  "scheduler": "constant"},
         "methods": [{"name": "lora", "options": {"r": 4}}, {"name": "ia3", "label": "ia3-default"}],
         "tasks": [{
             "name": "questions",
             "task": "sequence-classification",
             "model": {"name": str(model_dir), "pooling": "mean"},
-            "data": {"name": str(data_path), "max_length": 24, "split": {"kind": "stratified", "validation": 0.2, "test": 0.25}},
+            "data": {"name": str(data_path), "max_length": 24,
+                     "split": {"kind": "stratified", "validation": 0.2, "test": 0.25}},
             "target": {"metric": "eval_accuracy", "value": 0.0},
         }],
     }
@@ -102,8 +104,10 @@ def test_matrix_runs_every_cell_with_measurements(matrix):
         assert rec["steps_to_target"] == 3 and rec["seconds_to_target"] > 0  # target 0.0: reached at the first eval
     # the scratch baseline trains every weight of a randomly initialised copy; LoRA a small fraction
     assert scratch["config"]["model"]["init"] == "random" and scratch["method"]["name"] == "full"
-    assert lora["config"]["train"]["max_grad_norm"] == 1.0 and lora["config"]["train"]["max_steps"] == 6  # resolved: defaults filled in
-    assert scratch["trainable_params"] == scratch["total_params"] > lora["trainable_params"] > base["trainable_params"] > 0
+    # the resolved config: defaults filled in
+    assert lora["config"]["train"]["max_grad_norm"] == 1.0 and lora["config"]["train"]["max_steps"] == 6
+    assert (scratch["trainable_params"] == scratch["total_params"] > lora["trainable_params"]
+            > base["trainable_params"] > 0)
     assert scratch["adapter_weights_bytes"] > lora["adapter_weights_bytes"] > base["adapter_weights_bytes"]
     # fp32 weights: at least 4 bytes per trained parameter, and not much more
     assert 4 * lora["trainable_params"] <= lora["adapter_weights_bytes"] < 4 * lora["trainable_params"] + 100_000
@@ -112,17 +116,21 @@ def test_matrix_runs_every_cell_with_measurements(matrix):
     assert classic["metric"] > 0.9  # the classes are separable by words
     assert classic["trainable_params"] > 0 and classic["tokens_per_second"] is None
     # each seed carves its own split and trains its own way
-    assert by["questions/lora/seed=0"]["config"]["train"]["seed"] == 0 and by["questions/lora/seed=1"]["config"]["train"]["seed"] == 1
+    assert by["questions/lora/seed=0"]["config"]["train"]["seed"] == 0
+    assert by["questions/lora/seed=1"]["config"]["train"]["seed"] == 1
 
 
 def test_report_files_written(matrix):
     _, root, _ = matrix
     out = root / "out"
     table = (out / "table.md").read_text()
-    for title in ("base model (frozen, head-only)", "from scratch (random init, full)", "TF-IDF + logistic regression", "| lora |"):
+    titles = ("base model (frozen, head-only)", "from scratch (random init, full)", "TF-IDF + logistic regression",
+              "| lora |")
+    for title in titles:
         assert title in table
     assert "ia3" not in table
-    assert "± " in table and "(2)" in table and "pytest matrix" in table and "load average" in table and "summed over the 8 cells" in table
+    assert "± " in table and "(2)" in table and "pytest matrix" in table
+    assert "load average" in table and "summed over the 8 cells" in table
     for name in ("metric_vs_params.png", "metric_vs_time.png", "loss_curves.png"):
         data = (out / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
@@ -188,8 +196,9 @@ def test_suite_errors_name_the_key(tiny_bert_dir, question_csv):
 
 
 def _record(task, arm, kind, seed, metric):
-    return {"status": "ok", "task": task, "task_type": "sequence-classification", "arm": arm, "kind": kind, "seed": seed,
-            "metric_name": "accuracy", "metric": metric, "trainable_params": 10, "loss_curve": [[1, 1.0], [2, 0.5]]}
+    return {"status": "ok", "task": task, "task_type": "sequence-classification", "arm": arm, "kind": kind,
+            "seed": seed, "metric_name": "accuracy", "metric": metric, "trainable_params": 10,
+            "loss_curve": [[1, 1.0], [2, 0.5]]}
 
 
 def test_negative_transfer_flags_arms_below_scratch_or_classic():
@@ -235,18 +244,15 @@ def test_time_to_target_uses_first_crossing_and_direction():
 
 
 def test_random_init_changes_the_weights_not_the_architecture(tiny_bert_dir):
-    import torch
-
-    from adapters.config import ModelConfig
-    from adapters.modeling.backbone import load_backbone
-
     labels = {"a": 0, "b": 1}
     pretrained = load_backbone(ModelConfig(name=str(tiny_bert_dir), pooling="mean"), "sequence-classification", labels)
     torch.manual_seed(123)
-    scratch = load_backbone(ModelConfig(name=str(tiny_bert_dir), pooling="mean", init="random"), "sequence-classification", labels)
+    scratch_cfg = ModelConfig(name=str(tiny_bert_dir), pooling="mean", init="random")
+    scratch = load_backbone(scratch_cfg, "sequence-classification", labels)
     p, s = dict(pretrained.named_parameters()), dict(scratch.named_parameters())
     assert p.keys() == s.keys() and all(p[k].shape == s[k].shape for k in p)
     name = "backbone.encoder.layer.0.attention.self.query.weight"
     assert not torch.allclose(p[name], s[name])
     with pytest.raises(ConfigError, match="model.init"):
-        load_backbone(ModelConfig(name=str(tiny_bert_dir), init="random", quantization={"bits": 4}), "sequence-classification", labels)
+        quantized = ModelConfig(name=str(tiny_bert_dir), init="random", quantization={"bits": 4})
+        load_backbone(quantized, "sequence-classification", labels)

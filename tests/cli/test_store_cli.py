@@ -1,4 +1,4 @@
-"""The store CLI (adapters/store_cli.py, scripts/store.py): every subcommand, text and JSON."""
+"""The store CLI (adapters/cli/store.py, scripts/store.py): every subcommand, text and JSON."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.store.store import AdapterStore
 from adapters.cli.store import main
+from adapters.store.store import AdapterStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -118,7 +118,7 @@ def test_script_wrapper_uses_the_environment_store(tmp_path, make_adapter_folder
     AdapterStore(store_dir).publish(make_adapter_folder(), "viaenv")
     env = {**os.environ, "ADAPTERKIT_STORE": str(store_dir)}
     done = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "adapters.py"), "list", "--json"],
+        [sys.executable, str(REPO / "scripts" / "store.py"), "list", "--json"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
     )
     assert done.returncode == 0, done.stderr

@@ -53,7 +53,7 @@ TEST = [
 
 def make_splits(train=TRAIN, validation=VALIDATION, test=TEST) -> DatasetDict:
     def ds(rows):
-        return Dataset.from_dict({"text": [t for t, _ in rows], "label": [l for _, l in rows]})
+        return Dataset.from_dict({"text": [t for t, _ in rows], "label": [label for _, label in rows]})
 
     return DatasetDict(train=ds(train), validation=ds(validation), test=ds(test))
 
@@ -65,20 +65,30 @@ def test_planted_exact_and_near_duplicates_are_found():
     assert report.exact_duplicates["train/test"]["count"] == 1
     near = report.near_duplicates["train/validation"]
     assert near["count"] == 2
-    assert {e["text"] for e in near["examples"]} == {"Who wrote the novel Moby-Dick?", "Who painted the ceiling of the Sistine Chapel in Rome ?"}
-    assert {e["match"] for e in near["examples"]} == {"Who wrote the novel Moby Dick ?", "Who painted the ceiling of the Sistine Chapel ?"}
+    assert {e["text"] for e in near["examples"]} == {
+        "Who wrote the novel Moby-Dick?",
+        "Who painted the ceiling of the Sistine Chapel in Rome ?",
+    }
+    assert {e["match"] for e in near["examples"]} == {
+        "Who wrote the novel Moby Dick ?",
+        "Who painted the ceiling of the Sistine Chapel ?",
+    }
     assert all(0.9 <= e["similarity"] <= 1.0 for e in near["examples"])
     assert report.near_duplicates["train/test"]["count"] == 0
     assert report.has_leakage
     problems = report.problems()
-    assert any("1 validation row(s) have an exact duplicate in train and 2 more a near duplicate" in p for p in problems)
+    assert any(
+        "1 validation row(s) have an exact duplicate in train and 2 more a near duplicate" in p for p in problems
+    )
 
 
 def test_same_template_different_question_is_not_a_near_duplicate():
     matches = near_duplicate_matches(["what is the capital of spain ?"], ["what is the capital of france ?"], 0.9)
     assert matches == []
     # ...but it is similar: a threshold low enough flags it, proving the search looks at it.
-    assert len(near_duplicate_matches(["what is the capital of spain ?"], ["what is the capital of france ?"], 0.5)) == 1
+    assert (
+        len(near_duplicate_matches(["what is the capital of spain ?"], ["what is the capital of france ?"], 0.5)) == 1
+    )
 
 
 def test_two_stage_search_agrees_with_brute_force():
@@ -88,7 +98,9 @@ def test_two_stage_search_agrees_with_brute_force():
     words = [f"w{i}" for i in range(300)]
     corpus = [" ".join(rng.choice(words, 8)) for _ in range(400)]
     corpus += ["@user @user @user :)"] * 60  # boilerplate: no rare n-grams at all
-    queries = [c.replace("w1", "w2", 1) + " x" for c in corpus[:40]] + [" ".join(rng.choice(words, 8)) for _ in range(39)]
+    queries = [c.replace("w1", "w2", 1) + " x" for c in corpus[:40]] + [
+        " ".join(rng.choice(words, 8)) for _ in range(39)
+    ]
     queries += ["rt @user @user @user @user thanks"]
     sim = TextSimilarity(corpus + queries)
     q, c = list(range(460, 540)), list(range(460))
@@ -106,7 +118,9 @@ def test_label_distribution_shift_and_unseen_labels():
     assert report.unseen_labels == {"validation": [], "test": ["PLANT"]}
     assert any("PLANT" in p for p in report.problems())
     shift = report.label_shift["train->test"]
-    assert shift["tvd"] == pytest.approx(label_shift(report.label_distribution["train"], report.label_distribution["test"])["tvd"])
+    assert shift["tvd"] == pytest.approx(
+        label_shift(report.label_distribution["train"], report.label_distribution["test"])["tvd"]
+    )
     assert label_shift({"a": 50, "b": 50}, {"a": 50, "b": 50}) == {"tvd": 0.0, "psi": 0.0}
     skewed = label_shift({"a": 90, "b": 10}, {"a": 10, "b": 90})
     assert skewed["tvd"] == pytest.approx(0.8) and skewed["psi"] > 1.0
@@ -200,19 +214,31 @@ def test_trec_file_releases_overlap_and_the_report_finds_it():
     rows = BUILTIN_DATASETS["trec"].load()
     assert len(rows) == 15452
     releases = Counter(rows["original_split"][:])
-    assert releases == {"train_1000": 1000, "train_2000": 2000, "train_3000": 3000, "train_4000": 4000, "train_5500": 5452}
+    assert releases == {
+        "train_1000": 1000,
+        "train_2000": 2000,
+        "train_3000": 3000,
+        "train_4000": 4000,
+        "train_5500": 5452,
+    }
     assert len(set(rows["text"][:])) == 5381
     release_column = rows["original_split"][:]
     by_release = {name: rows.select([i for i, r in enumerate(release_column) if r == name]) for name in releases}
     assert by_release["train_5500"]["text"][:1000] == by_release["train_1000"]["text"][:]  # a prefix
 
     # Train on the largest release, validate on a smaller one: every validation row leaks.
-    splits = DatasetDict(train=by_release["train_5500"], validation=by_release["train_1000"], test=by_release["train_2000"])
+    splits = DatasetDict(
+        train=by_release["train_5500"], validation=by_release["train_1000"], test=by_release["train_2000"]
+    )
     report = build_data_report(splits, "text", "label")
     assert report.exact_duplicates["train/validation"]["count"] == 1000
     assert report.exact_duplicates["train/test"]["count"] == 2000
     # train_5500 repeats some questions itself (72 after lowercasing).
-    assert report.duplicates_within["train"] == 5452 - len({normalize_text(t) for t in by_release["train_5500"]["text"][:]}) > 0
+    assert (
+        report.duplicates_within["train"]
+        == 5452 - len({normalize_text(t) for t in by_release["train_5500"]["text"][:]})
+        > 0
+    )
     with pytest.raises(ConfigError, match="leakage: 1000 validation"):
         enforce(report, strict=True)
 

@@ -10,8 +10,8 @@ import pytest
 from datasets import Dataset
 
 from adapters.config import SplitConfig
-from adapters.errors import ConfigError
 from adapters.data.splits import aggregate_folds, format_folds, kfold_splits, split_dataset
+from adapters.errors import ConfigError
 
 
 def make_ds(n: int = 200, seed: int = 0) -> Dataset:
@@ -72,7 +72,9 @@ def test_stratified_falls_back_to_random_with_a_warning(caplog):
 
 def test_group_split_never_shares_a_group():
     ds = make_ds(500)
-    out = split_dataset(ds, SplitConfig(kind="group", group_column="customer", validation=0.15, test=0.2), "label", seed=0)
+    out = split_dataset(
+        ds, SplitConfig(kind="group", group_column="customer", validation=0.15, test=0.2), "label", seed=0
+    )
     groups = {name: set(out[name]["customer"]) for name in ("train", "validation", "test")}
     assert not groups["train"] & groups["validation"]
     assert not groups["train"] & groups["test"]
@@ -107,7 +109,11 @@ def test_time_split_rejects_non_timestamps():
 
 def test_predefined_split_uses_the_split_column():
     ds = Dataset.from_dict(
-        {"text": list("abcdefg"), "label": [0] * 7, "split": ["train", "train", "dev", "test", "train", "validation", "TEST"]}
+        {
+            "text": list("abcdefg"),
+            "label": [0] * 7,
+            "split": ["train", "train", "dev", "test", "train", "validation", "TEST"],
+        }
     )
     out = split_dataset(ds, SplitConfig(kind="predefined"), "label", seed=0)
     assert out["train"]["text"] == ["a", "b", "e"]

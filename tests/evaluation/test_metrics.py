@@ -1,4 +1,4 @@
-"""Metrics through local evaluate modules agree with sklearn; confusion matrix files; generation metrics."""
+"""Metrics agree with sklearn; confusion matrix files; generation metrics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from adapters.evaluation.metrics import (
     classification_metrics,
     confusion_matrix,
     exact_match,
-    load_metric,
+    get_metric,
     per_class_report,
     perplexity_from_loss,
     save_confusion_matrix,
@@ -120,6 +120,6 @@ def test_exact_match_fraction_and_perplexity():
     assert perplexity_from_loss(1e6) == float("inf")
 
 
-def test_unknown_metric_module_lists_the_available_ones():
+def test_unknown_metric_lists_the_available_ones():
     with pytest.raises(ValueError, match="available: accuracy, confusion_matrix, exact_match, f1"):
-        load_metric("bleu")
+        get_metric("bleu")

@@ -5,6 +5,13 @@ Plain functions (imported relatively), not fixtures: the folders come from tests
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
+from adapters.config import ModelConfig
+from adapters.modeling.backbone import load_backbone
+
 LABEL2ID = {"negative": 0, "neutral": 1, "positive": 2}
 
 # backbone kind -> (task, fixture folder name, pooling)
@@ -23,11 +30,6 @@ def load_tiny(kind: str, folders: dict):
     """A fresh tiny backbone of `kind` through adapters.modeling.backbone.load_backbone -> (model, ModelConfig).
 
     `folders` maps the conftest fixture names (tiny_llama_dir, tiny_bert_dir) to their folders."""
-    import torch
-
-    from adapters.config import ModelConfig
-    from adapters.modeling.backbone import load_backbone
-
     task, fixture, pooling = BACKBONES[kind]
     cfg = ModelConfig(name=str(folders[fixture]), pooling=pooling)
     torch.manual_seed(0)
@@ -35,9 +37,9 @@ def load_tiny(kind: str, folders: dict):
 
 
 def make_batch(model, task: str, seq_len: int = 12, rows: int = 4) -> dict:
-    """A fixed batch with real padding (row 0 is 3 tokens shorter, padded on the right)."""
-    import torch
+    """A fixed batch with real padding (row 0 is 3 tokens shorter, padded on the right).
 
+    input_ids / attention_mask [rows, seq_len]; labels [rows, seq_len] (causal-lm, -100 on padding) or [rows]."""
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 1000, (rows, seq_len), generator=gen)
     mask = torch.ones_like(ids)
@@ -53,16 +55,12 @@ def make_batch(model, task: str, seq_len: int = 12, rows: int = 4) -> dict:
 
 
 def eval_loss(model, batch) -> float:
-    import torch
-
     model.eval()
     with torch.no_grad():
         return float(model(**batch).loss)
 
 
 def logits_of(model, batch):
-    import torch
-
     model.eval()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
@@ -71,8 +69,6 @@ def logits_of(model, batch):
 
 def train_steps(model, batch, steps: int = 10, lr: float = 1e-2) -> tuple[float, float]:
     """AdamW on the trainable parameters over one fixed batch; returns eval-mode loss before and after."""
-    import torch
-
     before = eval_loss(model, batch)
     params = [p for p in model.parameters() if p.requires_grad]
     assert params, "the method left nothing trainable"
@@ -91,6 +87,4 @@ def trainable_count(model) -> int:
 
 
 def folder_bytes(folder) -> int:
-    from pathlib import Path
-
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

@@ -11,6 +11,12 @@ from pathlib import Path
 
 import torch
 
+from adapters.config import ModelConfig
+from adapters.methods import get_method
+from adapters.modeling.backbone import load_backbone
+from adapters.store.fingerprint import fingerprint_model
+from adapters.store.manifest import build_manifest, write_manifest
+
 
 def make_adapter(
     base_dir: Path,
@@ -25,18 +31,20 @@ def make_adapter(
     std: float = 0.2,
     quantization: dict | None = None,
 ) -> Path:
-    from adapters.config import ModelConfig
-    from adapters.store.fingerprint import fingerprint_model
-    from adapters.store.manifest import build_manifest, write_manifest
-    from adapters.methods import get_method
-    from adapters.modeling.backbone import load_backbone
+    """Train nothing: attach ``method`` to the base at ``base_dir``, fill its weights with N(0, std^2)
+    draws from ``seed`` and save the adapter folder (peft files + manifest.json) to ``out``.
 
+    ``labels``: a classifier's class names; ``prompt``: the manifest's prompt format; ``options``:
+    method options (LoRA/DoRA default to r=4 on the attention projections); ``quantization``: the
+    base's, recorded in the manifest as the training model. Returns ``out``.
+    """
     model_cfg = ModelConfig(name=str(base_dir), quantization=quantization)
     label2id = {label: i for i, label in enumerate(labels)} if labels else None
     torch.manual_seed(seed)
     model = load_backbone(model_cfg, task, label2id)
     impl = get_method(method)
-    opts = impl.parse_options({"r": 4, "target_modules": "attention", **(options or {})} if method in ("lora", "dora") else (options or {}))
+    defaults = {"r": 4, "target_modules": "attention"} if method in ("lora", "dora") else {}
+    opts = impl.parse_options({**defaults, **(options or {})})
     model = impl.attach(model, opts, task)
     gen = torch.Generator().manual_seed(seed + 1000)
     with torch.no_grad():

@@ -8,8 +8,15 @@ import pytest
 
 from adapters.errors import ConfigError
 from adapters.methods import ModelInfo, get_method, method_of_folder
-
-from tests.helpers.methods import BACKBONES, folder_bytes, load_tiny, logits_of, make_batch, train_steps, trainable_count
+from tests.helpers.methods import (
+    BACKBONES,
+    folder_bytes,
+    load_tiny,
+    logits_of,
+    make_batch,
+    train_steps,
+    trainable_count,
+)
 
 # (method name, options, backbone kind): both variants, both tasks, BERT and Llama.
 MATRIX = [
@@ -30,7 +37,7 @@ def scramble_head(model) -> None:
     """Give a fresh classifier a different random head, so only a saved head can reproduce the logits."""
     import torch
 
-    from adapters.methods.peft_base import head_module_names
+    from adapters.methods.targets import head_module_names
 
     gen = torch.Generator().manual_seed(99)
     for name in head_module_names(model):
@@ -84,23 +91,33 @@ def test_where_the_adapters_go(folders):
     def adapted(kind, name, **options):
         method = get_method(name)
         model = method.attach(load_tiny(kind, folders)[0], method.parse_options(options), BACKBONES[kind][0])
-        return sorted(n.split("base_model.model.")[-1] for n, m in model.named_modules() if isinstance(m, BottleneckLayer))
+        return sorted(
+            n.split("base_model.model.")[-1] for n, m in model.named_modules() if isinstance(m, BottleneckLayer)
+        )
 
     assert adapted("llama-lm", "houlsby") == [
-        "model.layers.0.mlp.down_proj", "model.layers.0.self_attn.o_proj",
-        "model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.self_attn.o_proj",
     ]
     assert adapted("llama-lm", "pfeiffer") == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     # BERT: the dense projections that feed BertSelfOutput / BertOutput's residual + LayerNorm.
     assert adapted("bert-cls", "bottleneck", variant="houlsby", layers=[1]) == [
-        "backbone.encoder.layer.1.attention.output.dense", "backbone.encoder.layer.1.output.dense",
+        "backbone.encoder.layer.1.attention.output.dense",
+        "backbone.encoder.layer.1.output.dense",
     ]
-    assert adapted("bert-cls", "pfeiffer") == ["backbone.encoder.layer.0.output.dense", "backbone.encoder.layer.1.output.dense"]
+    assert adapted("bert-cls", "pfeiffer") == [
+        "backbone.encoder.layer.0.output.dense",
+        "backbone.encoder.layer.1.output.dense",
+    ]
 
 
 def test_bottleneck_width_and_head_kept_trainable(folders):
     method = get_method("bottleneck")
-    model = method.attach(load_tiny("bert-cls", folders)[0], method.parse_options({"reduction_factor": 8}), "sequence-classification")
+    model = method.attach(
+        load_tiny("bert-cls", folders)[0], method.parse_options({"reduction_factor": 8}), "sequence-classification"
+    )
     down = next(m for n, m in model.named_modules() if n.endswith("layer.0.output.dense.bottleneck_down.default"))
     assert (down.in_features, down.out_features) == (32, 4)  # hidden 32 / 8
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -127,9 +144,10 @@ def test_every_supported_architecture_is_hooked(model_type, extra):
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModel
 
-    from adapters.methods.tuners.bottleneck import SUPPORTED_MODEL_TYPES, BottleneckConfig, BottleneckLayer
+    from adapters.methods.targets import BOTTLENECK_MODEL_TYPES
+    from adapters.methods.tuners.bottleneck import BottleneckConfig, BottleneckLayer
 
-    assert model_type in SUPPORTED_MODEL_TYPES
+    assert model_type in BOTTLENECK_MODEL_TYPES
     kwargs = {"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, **extra}
     if model_type == "distilbert":
         kwargs = {"vocab_size": 64, **extra}
@@ -228,8 +246,15 @@ def test_trains_on_a_4bit_base(tmp_path):
     method = get_method("bottleneck")
     assert method.supports_quantized
     torch.manual_seed(0)  # width 64: bitsandbytes' CPU 4-bit kernels reject the width-32 tiny model
-    config = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(config).save_pretrained(str(tmp_path / "base"))
     model_cfg = ModelConfig(name=str(tmp_path / "base"), quantization=QuantizationConfig(bits=4))
     model = method.attach(load_backbone(model_cfg, "causal-lm"), method.parse_options({}), "causal-lm")
@@ -261,7 +286,9 @@ def test_plain_peft_loads_the_folder(folders, tiny_llama_dir, tmp_path):
     expected = logits_of(model, batch)
     method.save(model, tmp_path / "p")
 
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), str(tmp_path / "p"))
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), str(tmp_path / "p")
+    )
     assert peft_model.peft_config["default"].peft_type is PeftType.BOTTLENECK
     assert PeftType("BOTTLENECK") in list(PeftType)
     assert torch.allclose(logits_of(peft_model, batch), expected, atol=1e-6)
@@ -306,24 +333,28 @@ def test_minilm_trec_classifier_trains_and_reloads(minilm_dir, tmp_path, record_
     import torch
     from transformers import AutoTokenizer
 
-    from adapters.data.builtins import BUILTIN_DATASETS
     from adapters.config import ModelConfig
+    from adapters.data.builtins import BUILTIN_DATASETS
     from adapters.modeling.backbone import load_backbone
 
     rows = BUILTIN_DATASETS["trec"].load().shuffle(seed=0).select(range(256))
     labels = sorted(set(rows["label"]))
-    label2id = {l: i for i, l in enumerate(labels)}
+    label2id = {label: i for i, label in enumerate(labels)}
     tok = AutoTokenizer.from_pretrained(str(minilm_dir))
     batches = []
     for i in range(0, len(rows), 16):
         enc = tok(rows["text"][i : i + 16], padding=True, truncation=True, max_length=24, return_tensors="pt")
-        batches.append({**enc, "labels": torch.tensor([label2id[l] for l in rows["label"][i : i + 16]])})
+        batches.append({**enc, "labels": torch.tensor([label2id[label] for label in rows["label"][i : i + 16]])})
 
     method = get_method("bottleneck")
     opts = method.parse_options({"variant": "houlsby", "reduction_factor": 16})
     method.check_model(opts, ModelInfo("bert", True, 6, 384), "sequence-classification")
     torch.manual_seed(0)
-    model = method.attach(load_backbone(ModelConfig(name=str(minilm_dir)), "sequence-classification", label2id), opts, "sequence-classification")
+    model = method.attach(
+        load_backbone(ModelConfig(name=str(minilm_dir)), "sequence-classification", label2id),
+        opts,
+        "sequence-classification",
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-3)
     model.train()
@@ -353,4 +384,7 @@ def test_minilm_trec_classifier_trains_and_reloads(minilm_dir, tmp_path, record_
     saved = (folder / "adapter_model.safetensors").stat().st_size
     record_property("trainable_params", trainable)
     record_property("saved_bytes", saved)
-    print(f"MiniLM bottleneck: loss {first:.3f} -> {last:.3f} in {train_seconds:.1f} s, {trainable} trainable params, {saved} bytes")
+    print(
+        f"MiniLM bottleneck: loss {first:.3f} -> {last:.3f} in {train_seconds:.1f} s, "
+        f"{trainable} trainable params, {saved} bytes"
+    )

@@ -9,8 +9,15 @@ import pytest
 
 from adapters.errors import BaseMismatchError, ConfigError
 from adapters.methods import ModelInfo, get_method, method_of_folder
-
-from tests.helpers.methods import BACKBONES, folder_bytes, load_tiny, logits_of, make_batch, train_steps, trainable_count
+from tests.helpers.methods import (
+    BACKBONES,
+    folder_bytes,
+    load_tiny,
+    logits_of,
+    make_batch,
+    train_steps,
+    trainable_count,
+)
 
 
 def _head(name):
@@ -41,7 +48,7 @@ def scramble_head(model) -> None:
     """A different random head on the fresh base, so only a saved head can reproduce the logits."""
     import torch
 
-    from adapters.methods.peft_base import head_module_names
+    from adapters.methods.targets import head_module_names
 
     gen = torch.Generator().manual_seed(99)
     for name in head_module_names(model):
@@ -50,7 +57,9 @@ def scramble_head(model) -> None:
 
 
 @pytest.mark.parametrize("name,options,kind,expected_trained", MATRIX, ids=[f"{m[0]}-{m[2]}" for m in MATRIX])
-def test_trains_saves_only_changed_weights_and_reloads(name, options, kind, expected_trained, folders, tmp_path, record_property):
+def test_trains_saves_only_changed_weights_and_reloads(
+    name, options, kind, expected_trained, folders, tmp_path, record_property
+):
     import torch
     from safetensors import safe_open
 
@@ -95,7 +104,10 @@ def test_trains_saves_only_changed_weights_and_reloads(name, options, kind, expe
     assert trainable_count(reloaded) == 0  # loaded for inference
     record_property("trainable_params", sum(start[n].numel() for n in start))
     record_property("saved_bytes", saved)
-    print(f"{name} {kind}: {sum(t.numel() for t in start.values())} trainable params, {saved} bytes saved (base {size_of_base})")
+    print(
+        f"{name} {kind}: {sum(t.numel() for t in start.values())} trainable params, "
+        f"{saved} bytes saved (base {size_of_base})"
+    )
 
 
 def test_full_keeps_tied_embeddings_tied(folders, tmp_path):
@@ -138,7 +150,9 @@ def test_load_for_more_training_unfreezes_what_was_saved(folders, tmp_path):
 
 def test_wrong_base_is_refused(folders, tmp_path):
     method = get_method("partial")
-    model = method.attach(load_tiny("bert-cls", folders)[0], method.parse_options({"blocks": 1}), "sequence-classification")
+    model = method.attach(
+        load_tiny("bert-cls", folders)[0], method.parse_options({"blocks": 1}), "sequence-classification"
+    )
     method.save(model, tmp_path / "bert-partial")
     with pytest.raises(BaseMismatchError, match="does not fit this base model"):
         method.load(load_tiny("llama-cls", folders)[0], tmp_path / "bert-partial")
@@ -157,16 +171,32 @@ def test_one_weights_changing_adapter_per_model(folders, tmp_path):
 def test_impossible_combinations_fail_at_config_validation():
     from adapters.config import load_config
 
-    raw = {"task": "causal-lm", "model": {"name": "smollm2-135m-instruct"}, "data": {"name": "trec"}, "method": "head-only"}
-    with pytest.raises(ConfigError, match="method 'head-only' does not support task 'causal-lm'; it supports: sequence-classification"):
+    raw = {
+        "task": "causal-lm",
+        "model": {"name": "smollm2-135m-instruct"},
+        "data": {"name": "trec"},
+        "method": "head-only",
+    }
+    with pytest.raises(
+        ConfigError, match="method 'head-only' does not support task 'causal-lm'; it supports: sequence-classification"
+    ):
         load_config(raw=raw)
     with pytest.raises(ConfigError, match="method.blocks.*8 is more than the model's 6 blocks"):
-        get_method("partial").check_model(get_method("partial").parse_options({"blocks": 8}), ModelInfo("bert", True, 6, 384), "sequence-classification")
+        get_method("partial").check_model(
+            get_method("partial").parse_options({"blocks": 8}),
+            ModelInfo("bert", True, 6, 384),
+            "sequence-classification",
+        )
     with pytest.raises(ConfigError, match="method.blocks"):
         get_method("partial").parse_options({"blocks": 0})
     with pytest.raises(ConfigError, match="unknown option 'method.blocks' for method 'full'"):
         get_method("full").parse_options({"blocks": 2})
-    quantized = {**raw, "task": "sequence-classification", "method": "full", "model": {"name": "x", "quantization": {"bits": 4}}}
+    quantized = {
+        **raw,
+        "task": "sequence-classification",
+        "method": "full",
+        "model": {"name": "x", "quantization": {"bits": 4}},
+    }
     with pytest.raises(ConfigError, match="model.quantization: method 'full'"):
         load_config(raw=quantized)
 
@@ -177,7 +207,9 @@ def test_partial_on_a_cls_pooled_bert_includes_the_pooler(tiny_bert_dir):
     from adapters.modeling.backbone import load_backbone
 
     def trained(name, **options):
-        model = load_backbone(ModelConfig(name=str(tiny_bert_dir), pooling="cls"), "sequence-classification", {"a": 0, "b": 1})
+        model = load_backbone(
+            ModelConfig(name=str(tiny_bert_dir), pooling="cls"), "sequence-classification", {"a": 0, "b": 1}
+        )
         model = get_method(name).attach(model, get_method(name).parse_options(options), "sequence-classification")
         return sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.requires_grad})
 

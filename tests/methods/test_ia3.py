@@ -9,7 +9,6 @@ import pytest
 from adapters.errors import ConfigError
 from adapters.methods import get_method
 from adapters.methods.base import ModelInfo
-
 from tests.helpers.methods import BACKBONES, load_tiny, make_batch, train_steps
 
 
@@ -30,7 +29,12 @@ def ia3_layers(model) -> dict[str, bool]:
         ("llama-lm", {"self_attn.k_proj": False, "self_attn.v_proj": False, "mlp.down_proj": True}),
         (
             "bert-cls",
-            {"attention.self.key": False, "attention.self.value": False, "attention.output.dense": True, "output.dense": True},
+            {
+                "attention.self.key": False,
+                "attention.self.value": False,
+                "attention.output.dense": True,
+                "output.dense": True,
+            },
         ),
     ],
 )
@@ -67,7 +71,9 @@ def test_check_model_refusals():
     bad = ia3.parse_options({"target_modules": ["v_proj"], "feedforward_modules": ["down_proj"]})
     with pytest.raises(ConfigError, match=r"feedforward_modules.*\['down_proj'\] are not in method\.target_modules"):
         ia3.check_model(bad, llama, "causal-lm")
-    with pytest.raises(ConfigError, match=r"unknown option 'method\.rank'.*valid options: target_modules, feedforward_modules"):
+    with pytest.raises(
+        ConfigError, match=r"unknown option 'method\.rank'.*valid options: target_modules, feedforward_modules"
+    ):
         ia3.parse_options({"rank": 4})
 
 
@@ -79,7 +85,6 @@ def test_ia3_trains_on_a_quantized_base_and_reloads(bits, tiny_llama64_dir, tmp_
 
     from adapters.config import ModelConfig
     from adapters.modeling.backbone import load_backbone
-
     from tests.helpers.methods import logits_of
 
     cfg = ModelConfig(name=str(tiny_llama64_dir), quantization={"bits": bits})

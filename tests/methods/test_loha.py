@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from adapters.methods import get_method
-
 from tests.helpers.methods import load_tiny, make_batch, train_steps
 
 

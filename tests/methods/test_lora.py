@@ -12,7 +12,6 @@ from adapters.config import ModelConfig
 from adapters.errors import ConfigError
 from adapters.methods import get_method
 from adapters.modeling.backbone import load_backbone
-
 from tests.helpers.methods import BACKBONES, load_tiny, logits_of, make_batch, train_steps
 
 
@@ -118,8 +117,11 @@ def test_qlora_gradients_are_the_same_after_an_evaluation_pass(tiny_llama64_dir)
     def lora_grads(evaluate_first: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         lora = get_method("lora")
-        model = lora.attach(load_backbone(ModelConfig(name=str(tiny_llama64_dir), quantization={"bits": 4}), "causal-lm"),
-                            lora.parse_options({}), "causal-lm")
+        model = lora.attach(
+            load_backbone(ModelConfig(name=str(tiny_llama64_dir), quantization={"bits": 4}), "causal-lm"),
+            lora.parse_options({}),
+            "causal-lm",
+        )
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if "lora_B" in name:

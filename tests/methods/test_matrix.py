@@ -13,12 +13,11 @@ import json
 import pytest
 import torch
 
+from adapters.constants import ADAPTER_CONFIG
 from adapters.errors import ConfigError
 from adapters.methods import list_methods, method_of_folder
-from adapters.methods.base import ADAPTER_CONFIG
 from adapters.methods.peft_base import PeftMethod
 from adapters.modeling.backbone import model_info
-
 from tests.helpers.methods import BACKBONES, backbones_for, folder_bytes, load_tiny, logits_of, make_batch, train_steps
 
 CASES = [

@@ -14,7 +14,6 @@ import torch
 from adapters.config import ModelConfig
 from adapters.methods import list_methods, method_of_folder
 from adapters.modeling.backbone import load_backbone
-
 from tests.helpers.methods import logits_of, train_steps
 
 pytestmark = pytest.mark.real_model
@@ -78,9 +77,7 @@ def _train_save_reload(method, base, batch, task, tmp_path, steps):
     torch.testing.assert_close(logits_of(reloaded, batch), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "method_name", [m.name for m in list_methods() if "sequence-classification" in m.tasks]
-)
+@pytest.mark.parametrize("method_name", [m.name for m in list_methods() if "sequence-classification" in m.tasks])
 def test_every_method_on_minilm_classification(method_name, minilm, tmp_path):
     method = next(m for m in list_methods() if m.name == method_name)
     base, batch = minilm

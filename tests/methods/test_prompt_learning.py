@@ -8,7 +8,6 @@ import torch
 from adapters.errors import ConfigError
 from adapters.methods import get_method
 from adapters.methods.base import ModelInfo
-
 from tests.helpers.methods import load_tiny, logits_of, make_batch, train_steps
 
 
@@ -32,7 +31,9 @@ def test_text_init_starts_from_the_text_token_embeddings(kind, task, folders, tm
     method.save(model, tmp_path / "adapter")
     fresh, _ = load_tiny(kind, folders)
     for trainable in (False, True):  # trainable reload must not need the tokenizer path recorded at training
-        reloaded = method.load(fresh if not trainable else load_tiny(kind, folders)[0], tmp_path / "adapter", is_trainable=trainable)
+        reloaded = method.load(
+            fresh if not trainable else load_tiny(kind, folders)[0], tmp_path / "adapter", is_trainable=trainable
+        )
         torch.testing.assert_close(logits_of(reloaded, batch), logits_of(model, batch), atol=1e-5, rtol=0)
 
 
@@ -80,7 +81,9 @@ def test_refused_combinations_name_the_method_and_what_it_supports():
     quantized = ModelInfo(model_type="llama", is_encoder=False, num_layers=2, hidden_size=32, quantized=True)
     for name in ("prompt-tuning", "p-tuning"):
         method = get_method(name)
-        with pytest.raises(ConfigError, match=rf"'{name}' cannot do sequence-classification on decoder.*supports: causal-lm"):
+        with pytest.raises(
+            ConfigError, match=rf"'{name}' cannot do sequence-classification on decoder.*supports: causal-lm"
+        ):
             method.check_model(method.parse_options({}), llama, "sequence-classification")
         method.check_model(method.parse_options({}), bert, "sequence-classification")
         method.check_model(method.parse_options({}), llama, "causal-lm")
@@ -97,14 +100,22 @@ def test_distilbert_geometry_and_prefix_refusal_at_attach():
     """DistilBERT names its width 'dim': prompt/P-tuning still find it; prefix tuning is refused clearly."""
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
-    config = DistilBertConfig(vocab_size=200, dim=32, hidden_dim=64, n_layers=2, n_heads=4, num_labels=3, max_position_embeddings=64)
+    config = DistilBertConfig(
+        vocab_size=200, dim=32, hidden_dim=64, n_layers=2, n_heads=4, num_labels=3, max_position_embeddings=64
+    )
     for name in ("prompt-tuning", "p-tuning"):
         method = get_method(name)
-        model = method.attach(DistilBertForSequenceClassification(config), method.parse_options({"num_virtual_tokens": 4}), "sequence-classification")
+        model = method.attach(
+            DistilBertForSequenceClassification(config),
+            method.parse_options({"num_virtual_tokens": 4}),
+            "sequence-classification",
+        )
         ids = torch.randint(0, 200, (2, 6))
         assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 3)
     prefix = get_method("prefix-tuning")
-    with pytest.raises(ConfigError, match=r"'prefix-tuning' cannot attach to DistilBertForSequenceClassification.*past_key_values"):
+    with pytest.raises(
+        ConfigError, match=r"'prefix-tuning' cannot attach to DistilBertForSequenceClassification.*past_key_values"
+    ):
         prefix.attach(DistilBertForSequenceClassification(config), prefix.parse_options({}), "sequence-classification")
 
 

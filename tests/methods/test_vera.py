@@ -5,7 +5,6 @@ from __future__ import annotations
 from safetensors.torch import load_file
 
 from adapters.methods import get_method
-
 from tests.helpers.methods import load_tiny, logits_of, make_batch, train_steps
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from adapters.errors import ConfigError
 from adapters.monitoring.drift import (
     DriftThresholds,
     binned_psi,
@@ -19,7 +20,7 @@ from adapters.monitoring.drift import (
     psi,
     worst,
 )
-from adapters.errors import ConfigError
+from adapters.monitoring.reference import bin_counts, quantile_edges
 
 T = DriftThresholds()
 
@@ -61,7 +62,6 @@ def test_categorical_psi_counts_unseen_categories():
 def test_binned_psi_uses_reference_edges():
     rng = np.random.default_rng(0)
     ref_values = rng.normal(0, 1, 5000)
-    from adapters.monitoring.reference import bin_counts, quantile_edges
 
     edges = quantile_edges(ref_values)
     counts = bin_counts(ref_values, edges)
@@ -74,8 +74,6 @@ def test_binned_psi_uses_reference_edges():
 
 
 def test_bin_counts_boundaries():
-    from adapters.monitoring.reference import bin_counts
-
     # bins: (-inf, 1], (1, 2], (2, inf)
     assert bin_counts([0, 1, 1.5, 2, 3, 100], [1, 2]) == [2, 2, 2]
     assert bin_counts([5, 6], []) == [2]

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from adapters.data.builtins import BUILTIN_DATASETS
 from adapters.monitoring.drift import DriftThresholds
-from adapters.monitoring.monitor import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, build_report, monitor
-from adapters.monitoring.reference import build_reference, embedder
+from adapters.monitoring.monitor import EXIT_DRIFT, EXIT_ERROR, EXIT_OK, _bin_names, build_report, monitor
+from adapters.monitoring.reference import Reference, build_reference, embedder
 from adapters.monitoring.traffic_log import TrafficLogger, read_window
+from adapters.store.manifest import build_manifest, write_manifest
 
 N_REF, N_WINDOW = 1500, 300
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,8 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def trec():
-    from adapters.data.builtins import BUILTIN_DATASETS
-
     ds = BUILTIN_DATASETS["trec"].load()
     first_label: dict[str, str] = {}
     for text, label in zip(ds["text"], ds["label"]):
@@ -47,8 +47,6 @@ def embed(tiny_bert_dir, one_torch_thread):
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory, trec, embed, tiny_bert_dir):
     """An adapter folder whose manifest carries a TREC reference (as training writes it)."""
-    from adapters.store.manifest import build_manifest, write_manifest
-
     texts, labels, ref_idx, _ = trec
     rng = np.random.default_rng(1)
     ref = build_reference(
@@ -67,7 +65,8 @@ def adapter_dir(tmp_path_factory, trec, embed, tiny_bert_dir):
         version=1,
         task="sequence-classification",
         method="lora",
-        base_model={"name": str(tiny_bert_dir), "path": str(tiny_bert_dir), "revision": None, "fingerprint": None, "tokenizer_fingerprint": None},
+        base_model={"name": str(tiny_bert_dir), "path": str(tiny_bert_dir), "revision": None, "fingerprint": None,
+                    "tokenizer_fingerprint": None},
         labels=sorted(set(labels)),
         reference=stats,
         code_revision=None,
@@ -88,7 +87,6 @@ def _window(trec, scenario: str, seed: int = 100):
         lengths = np.array([len(texts[i]) for i in hold])
         idx = rng.choice(hold[lengths > np.quantile(lengths, 0.7)], N_WINDOW, replace=False)
     elif scenario == "domain":
-        from adapters.data.builtins import BUILTIN_DATASETS
 
         sms = BUILTIN_DATASETS["sms-spam"].load()["text"]
         chosen = rng.choice(len(sms), N_WINDOW, replace=False)
@@ -104,7 +102,8 @@ def _log(path: Path, window, **logger_kwargs) -> Path:
     texts, preds, confs = window
     with TrafficLogger(path, **logger_kwargs) as logger:
         for text, pred, conf in zip(texts, preds, confs):
-            logger.log({"adapter": "trec-clf@1", "text": text, "label": pred, "confidence": float(conf), "latency_ms": 3.0})
+            logger.log({"adapter": "trec-clf@1", "text": text, "label": pred, "confidence": float(conf),
+                        "latency_ms": 3.0})
     return path
 
 
@@ -134,8 +133,6 @@ def test_planted_drift_is_detected_and_same_distribution_is_not(tmp_path, trec, 
 
 def test_private_logging_still_detects_domain_drift(tmp_path, trec, adapter_dir, embed, one_torch_thread):
     """Without raw text, the logger records OOV counts and embeddings at request time."""
-    from adapters.monitoring.reference import Reference
-
     reference = Reference.load(adapter_dir)
     kwargs = {"tokenizer": embed.tokenizer, "vocabulary": reference.vocabulary, "embed_fn": embed}
     domain = _log(tmp_path / "domain.db", _window(trec, "domain"), **kwargs)
@@ -153,7 +150,9 @@ def test_report_files_and_plots(tmp_path, trec, adapter_dir):
     report = monitor(str(adapter_dir), log_path, out, traffic_adapter="trec-clf@1")
     data = json.loads((out / "report.json").read_text())
     assert data["status"] == "alarm" and data["exit_code"] == EXIT_DRIFT and data["n_records"] == N_WINDOW
-    assert {c["name"] for c in data["checks"]} == {"label_psi", "confidence_psi", "length_psi", "length_ks", "embedding_mmd", "oov_rate"}
+    assert {c["name"] for c in data["checks"]} == {
+        "label_psi", "confidence_psi", "length_psi", "length_ks", "embedding_mmd", "oov_rate"
+    }
     for name in ("labels.png", "confidence.png", "length.png", "embedding.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in (out / "report.md").read_text()
@@ -189,19 +188,24 @@ def test_script_exit_codes(tmp_path, trec, adapter_dir, monitor_script, capsys):
     assert printed["status"] == "alarm" and "data" not in printed["checks"][0]
     # Looser thresholds from a file: the same window no longer alarms on length.
     (tmp_path / "t.yaml").write_text("psi_alarm: 100\npsi_warn: 50\nks_min_statistic: 0.9\n")
-    code = monitor_script.main(args + ["--traffic", str(longer), "--out", str(tmp_path / "c"), "--thresholds", str(tmp_path / "t.yaml"), "--set", "p_value=0.001"])
+    loose = ["--thresholds", str(tmp_path / "t.yaml")]
+    code = monitor_script.main(args + ["--traffic", str(longer), "--out", str(tmp_path / "c"), *loose,
+                                       "--set", "p_value=0.001"])
     assert code == EXIT_OK, capsys.readouterr().out
     # --fail-on warn turns the KS warning (significant, small effect) into a failure.
-    assert monitor_script.main(args + ["--traffic", str(longer), "--out", str(tmp_path / "d"), "--thresholds", str(tmp_path / "t.yaml"), "--fail-on", "warn"]) == EXIT_DRIFT
+    code = monitor_script.main(args + ["--traffic", str(longer), "--out", str(tmp_path / "d"), *loose,
+                                       "--fail-on", "warn"])
+    assert code == EXIT_DRIFT
     capsys.readouterr()
-    assert monitor_script.main(["--adapter", str(tmp_path / "nope"), "--traffic", str(same), "--out", str(tmp_path / "e")]) == EXIT_ERROR
+    missing = ["--adapter", str(tmp_path / "nope"), "--traffic", str(same), "--out", str(tmp_path / "e")]
+    code = monitor_script.main(missing)
+    assert code == EXIT_ERROR
     assert "does not exist" in capsys.readouterr().err
-    assert monitor_script.main(args + ["--traffic", str(same), "--out", str(tmp_path / "f"), "--set", "psi_alrm=1"]) == EXIT_ERROR
+    code = monitor_script.main(args + ["--traffic", str(same), "--out", str(tmp_path / "f"), "--set", "psi_alrm=1"])
+    assert code == EXIT_ERROR
     assert "valid keys" in capsys.readouterr().err
 
 
 def test_bin_names_read_as_ranges():
-    from adapters.monitoring.monitor import _bin_names
-
     assert _bin_names([6.0, 7.0, 9.0, 12.0], ".0f") == ["<=6", "7", "8-9", "10-12", ">12"]
     assert _bin_names([0.5, 0.75], ".2f") == ["<=0.50", "0.50-0.75", ">0.75"]

@@ -7,9 +7,22 @@ import json
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+import adapters.monitoring.reference as reference
+from adapters.config import load_config
+from adapters.data.loading import prepare_splits
 from adapters.errors import ConfigError
-from adapters.monitoring.reference import REFERENCE_FILE, Reference, build_reference, embed_texts, embedder
+from adapters.modeling.backbone import load_backbone, load_tokenizer
+from adapters.monitoring.reference import (
+    REFERENCE_FILE,
+    Reference,
+    build_reference,
+    build_training_reference,
+    embed_texts,
+    embedder,
+)
 
 TEXTS = [
     "What is the capital of France ?",
@@ -27,8 +40,6 @@ LABELS = ["LOC", "HUM", "NUM", "LOC", "ABBR", "HUM", "NUM", "NUM"]
 
 @pytest.fixture(scope="module")
 def bert_tokenizer(tiny_bert_dir):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(tiny_bert_dir))
 
 
@@ -70,7 +81,8 @@ def test_gold_labels_are_the_fallback_distribution(bert_tokenizer):
 
 def test_save_load_round_trip_and_integrity(tmp_path, bert_tokenizer):
     fake_embed = lambda texts: np.arange(len(texts) * 4, dtype=np.float32).reshape(len(texts), 4)  # noqa: E731
-    ref = build_reference(TEXTS, LABELS, tokenizer=bert_tokenizer, confidences=np.full(8, 0.9), predictions=LABELS, embed_fn=fake_embed, max_embed=5)
+    ref = build_reference(TEXTS, LABELS, tokenizer=bert_tokenizer, confidences=np.full(8, 0.9), predictions=LABELS,
+                          embed_fn=fake_embed, max_embed=5)
     stats = ref.save(tmp_path)
     assert stats["file"] == REFERENCE_FILE and len(stats["sha256"]) == 64
     assert stats["embedding"]["count"] == 5 and stats["embedding"]["dim"] == 4
@@ -107,8 +119,6 @@ def test_bad_input(bert_tokenizer):
 
 @pytest.mark.parametrize("which", ["tiny_bert_dir", "tiny_llama_dir"])
 def test_embed_texts_mean_pools_and_ignores_padding(request, which):
-    from transformers import AutoModel, AutoTokenizer
-
     folder = request.getfixturevalue(which)
     tok = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModel.from_pretrained(str(folder), dtype=torch.float32)
@@ -124,9 +134,6 @@ def test_embed_texts_mean_pools_and_ignores_padding(request, which):
 
 
 def test_embed_texts_uses_the_base_model_under_task_heads_and_adapters(tiny_llama_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     base = embed_texts(AutoModel.from_pretrained(str(tiny_llama_dir)), tok, TEXTS[:3])
     lm = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
@@ -163,15 +170,11 @@ def test_minilm_embeddings_put_same_domain_texts_closer(minilm_dir):
 def test_build_training_reference_from_a_run(tmp_path, task, tiny_bert_dir, tiny_llama_dir, monkeypatch):
     """What the training loop calls after training: held-out predictions (classifiers) or label
     words (causal LMs), written next to the manifest, loadable by the monitor."""
-    from adapters.config import load_config
-    from adapters.data.loading import prepare_splits
-    from adapters.modeling.backbone import load_backbone, load_tokenizer
-    from adapters.monitoring.reference import build_training_reference
-
     model_dir = tiny_bert_dir if task == "sequence-classification" else tiny_llama_dir
     cfg = load_config(raw={
         "task": task, "model": {"name": str(model_dir)},
-        "data": {"name": "trec", "max_length": 32, "max_train_samples": 60, "max_eval_samples": 8, "max_test_samples": 24},
+        "data": {"name": "trec", "max_length": 32, "max_train_samples": 60, "max_eval_samples": 8,
+                 "max_test_samples": 24},
         "train": {"eval_batch_size": 16, "seed": 5},
     })
     prepared = prepare_splits(cfg)
@@ -189,14 +192,17 @@ def test_build_training_reference_from_a_run(tmp_path, task, tiny_bert_dir, tiny
         assert all(0.0 < c <= 1.0 for c in ref.confidences)
     else:
         assert stats["labels"]["source"] == "labels" and "confidence" not in stats
-        assert set(stats["labels"]["counts"]) <= {"abbreviation", "description", "entity", "human", "location", "number"}
+        label_words = {"abbreviation", "description", "entity", "human", "location", "number"}
+        assert set(stats["labels"]["counts"]) <= label_words
         # with the run's test answers: they are the label mix the server will log, with their confidences
-        import adapters.monitoring.reference as reference
 
-        generated = {"predictions": ["location", "number", "nonsense", "location"], "confidences": [0.9, 0.5, None, 0.2]}
-        stats = build_training_reference(model, tokenizer, cfg, prepared, tmp_path / "gen", max_embed=0, generated=generated)
+        generated = {"predictions": ["location", "number", "nonsense", "location"],
+                     "confidences": [0.9, 0.5, None, 0.2]}
+        stats = build_training_reference(model, tokenizer, cfg, prepared, tmp_path / "gen", max_embed=0,
+                                         generated=generated)
         assert stats["labels"]["source"] == "predictions" and stats["labels"]["counts"] == {"location": 2, "number": 1}
         assert stats["confidence"]["num"] == 3
         monkeypatch.setattr(reference, "MAX_ANSWER_LABELS", 3)  # free-text answers: no label mix, confidences still
-        stats = build_training_reference(model, tokenizer, cfg, prepared, tmp_path / "free", max_embed=0, generated=generated)
+        stats = build_training_reference(model, tokenizer, cfg, prepared, tmp_path / "free", max_embed=0,
+                                         generated=generated)
         assert "labels" not in stats and stats["confidence"]["num"] == 3

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+from transformers import AutoTokenizer
 
 from adapters.errors import ConfigError
 from adapters.monitoring.traffic_log import TrafficLogger, adapter_matches, detect_backend, read_window, text_hash
@@ -15,8 +16,6 @@ from adapters.monitoring.traffic_log import TrafficLogger, adapter_matches, dete
 
 @pytest.fixture(scope="module")
 def tokenizer(minilm_dir):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(str(minilm_dir))
 
 
@@ -64,7 +63,8 @@ def test_log_text_stores_text_and_ids_and_vocabulary_gives_oov(tmp_path, tokeniz
 def test_counts_given_by_the_server_are_used_without_a_tokenizer(tmp_path):
     with TrafficLogger(tmp_path / "t.jsonl") as logger:
         rec = logger.log(
-            {"adapter": "a@2", "inputs": ["hi there"], "prediction": {"label": "ham", "score": 0.7}, "num_tokens": 3, "latency_s": 0.02}
+            {"adapter": "a@2", "inputs": ["hi there"], "prediction": {"label": "ham", "score": 0.7}, "num_tokens": 3,
+             "latency_s": 0.02}
         )
     assert rec["input_tokens"] == 3 and rec["input_chars"] == len("hi there")
     assert rec["label"] == "ham" and rec["confidence"] == pytest.approx(0.7)

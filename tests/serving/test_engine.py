@@ -7,11 +7,12 @@ import threading
 import pytest
 import torch
 
-from adapters.serving.engine import ClassificationRequest, GenerationRequest, InferenceEngine
-from adapters.errors import ConfigError, StoreError
 from adapters.config import DataConfig
-from adapters.data.loading import build_prompt_ids
+from adapters.data.prompts import build_prompt_ids
+from adapters.errors import ConfigError, StoreError
 from adapters.modeling.generation import SamplingParams, encode_prompt, format_prompt
+from adapters.serving.engine import ClassificationRequest, GenerationRequest, InferenceEngine
+from adapters.serving.planner import plan_passes, resolve_rows
 from tests.helpers.serving import make_adapter
 
 PROMPTS = ["Hello there", "The capital of France is", "Once upon a time, long ago in a land", "x", "2 + 2 ="]
@@ -25,7 +26,9 @@ def lm_adapters(tiny_llama_dir, tmp_path_factory):
         "B": make_adapter(tiny_llama_dir, root / "B", seed=2),
         "C": make_adapter(tiny_llama_dir, root / "C", seed=3, options={"r": 8, "target_modules": "all"}),
         "D": make_adapter(tiny_llama_dir, root / "D", method="dora", seed=4),  # not mixable: split path
-        "P": make_adapter(tiny_llama_dir, root / "P", seed=5, prompt={"system_prompt": "Answer briefly.", "instruction": "Classify:"}),
+        "P": make_adapter(
+            tiny_llama_dir, root / "P", seed=5, prompt={"system_prompt": "Answer briefly.", "instruction": "Classify:"}
+        ),
     }
 
 
@@ -40,8 +43,16 @@ def greedy(adapter, prompt, n=8):
 
 def test_mixed_batch_equals_each_row_alone(lm_engine, lm_adapters):
     a = lm_adapters
-    rows = [(a["A"], PROMPTS[0]), (a["B"], PROMPTS[1]), ("base", PROMPTS[2]), (a["D"], PROMPTS[3]),
-            (a["C"], PROMPTS[4]), (a["A"], PROMPTS[2]), ("base", PROMPTS[0]), (a["D"], PROMPTS[1])]
+    rows = [
+        (a["A"], PROMPTS[0]),
+        (a["B"], PROMPTS[1]),
+        ("base", PROMPTS[2]),
+        (a["D"], PROMPTS[3]),
+        (a["C"], PROMPTS[4]),
+        (a["A"], PROMPTS[2]),
+        ("base", PROMPTS[0]),
+        (a["D"], PROMPTS[1]),
+    ]
     requests = [greedy(ad, p, n=6) for ad, p in rows]
     mixed = lm_engine.generate(requests)
     for req, got in zip(requests, mixed):
@@ -58,24 +69,29 @@ def test_fast_mixed_lora_equals_peft_loop(lm_engine, lm_adapters, monkeypatch):
 
     a = lm_adapters
     rows = [(a["A"], PROMPTS[0]), (a["B"], PROMPTS[1]), ("base", PROMPTS[2]), (a["C"], PROMPTS[4])]
-    requests = [GenerationRequest(adapter=str(ad), prompt=p, params=SamplingParams(max_new_tokens=8, ignore_eos=True)) for ad, p in rows]
+    requests = [
+        GenerationRequest(adapter=str(ad), prompt=p, params=SamplingParams(max_new_tokens=8, ignore_eos=True))
+        for ad, p in rows
+    ]
     stacked = []
     original = MixedLoraForward._stack
-    monkeypatch.setattr(MixedLoraForward, "_stack", lambda self, layer, names: stacked.append(names) or original(self, layer, names))
+    monkeypatch.setattr(
+        MixedLoraForward, "_stack", lambda self, layer, names: stacked.append(names) or original(self, layer, names)
+    )
     fast = lm_engine.generate(requests)
     assert stacked and all(len(names) == 4 for names in stacked)  # one stack per layer and pass, not per step
-    lm_engine._mixed.enabled = False
+    lm_engine._layers.mixed.enabled = False
     try:
         loop = lm_engine.generate(requests)
     finally:
-        lm_engine._mixed.enabled = True
+        lm_engine._layers.mixed.enabled = True
     assert [r.token_ids for r in fast] == [r.token_ids for r in loop]
 
 
 def test_plan_mixes_lora_and_base_rows_and_splits_dora(lm_engine, lm_adapters):
     a = lm_adapters
-    adapters = lm_engine._resolve_rows([str(a["A"]), "base", str(a["D"]), str(a["B"])])
-    passes = lm_engine._plan(adapters)
+    adapters = resolve_rows([str(a["A"]), "base", str(a["D"]), str(a["B"])], lm_engine.adapter_of)
+    passes = plan_passes(adapters, lm_engine.task, lm_engine.capacity)
     assert (True, [0, 1, 3]) in passes and (False, [2]) in passes  # LoRA + base mix; DoRA alone
 
 
@@ -100,14 +116,14 @@ def test_lru_eviction_load_unload(tiny_llama_dir, lm_adapters, store_root):
     keys = [r["key"] for r in engine.resident()]
     assert keys == [str(a["A"].resolve()), str(a["C"].resolve())]
     assert engine.stats.evictions == 1 and engine.stats.loads == 3 and engine.stats.hits >= 1
-    assert "a1" not in engine._peft.peft_config  # B's peft adapter was deleted, not just hidden
+    assert "a1" not in engine._layers.peft.peft_config  # B's peft adapter was deleted, not just hidden
     # the same folder through another spelling shares one slot
     engine.load(str(a["A"]) + "/")
     assert len(engine.resident()) == 2
     assert engine.unload(str(a["A"])) is True and engine.unload(str(a["A"])) is False
     assert engine.unload(str(a["C"])) is True
-    assert engine.resident() == [] and len(engine._free) == 2  # their layers are pooled for the next load
-    assert engine.trim() == 2 and engine._peft is None
+    assert engine.resident() == [] and len(engine._pool.free) == 2  # their layers are pooled for the next load
+    assert engine.trim() == 2 and engine._layers.peft is None
     # with every adapter gone the base is untouched
     assert engine.generate([greedy("base", PROMPTS[1])])[0].token_ids == before
     with pytest.raises(StoreError, match="not an adapter folder"):
@@ -127,18 +143,22 @@ def test_activate_then_reload_is_consistent(tiny_llama_dir, lm_adapters, store_r
 
 def test_pooled_slot_is_refilled_with_the_new_adapters_weights(tiny_llama_dir, lm_adapters, store_root):
     a, b = str(lm_adapters["A"]), str(lm_adapters["B"])  # same shape: B reuses A's layers
-    fresh_b = InferenceEngine(str(tiny_llama_dir), capacity=1, store=store_root).generate([greedy(b, PROMPTS[2])])[0].token_ids
+    fresh_b = (
+        InferenceEngine(str(tiny_llama_dir), capacity=1, store=store_root)
+        .generate([greedy(b, PROMPTS[2])])[0]
+        .token_ids
+    )
     engine = InferenceEngine(str(tiny_llama_dir), capacity=1, store=store_root)
     first_a = engine.generate([greedy(a, PROMPTS[2])])[0].token_ids
     slot_a = engine.resident()[0]["slot"]
     assert engine.generate([greedy(b, PROMPTS[2])])[0].token_ids == fresh_b
-    assert engine.resident()[0]["slot"] == slot_a and len(engine._peft.peft_config) == 1  # refilled, not rebuilt
-    assert slot_a in engine._slot_layout  # by one read into the slot's flat buffer
+    assert engine.resident()[0]["slot"] == slot_a and len(engine._layers.peft.peft_config) == 1  # refilled, not rebuilt
+    assert slot_a in engine._pool.buffers.layouts  # by one read into the slot's flat buffer
     assert engine.generate([greedy(a, PROMPTS[2])])[0].token_ids == first_a
     assert first_a != fresh_b
     # another shape cannot reuse the slot: it is deleted and a new one built
     engine.generate([greedy(str(lm_adapters["C"]), PROMPTS[2])])
-    assert engine.resident()[0]["slot"] != slot_a and len(engine._peft.peft_config) == 1
+    assert engine.resident()[0]["slot"] != slot_a and len(engine._layers.peft.peft_config) == 1
 
 
 def test_store_versions_are_mapped_into_pooled_slots(tiny_llama_dir, lm_adapters, tmp_path):
@@ -148,13 +168,17 @@ def test_store_versions_are_mapped_into_pooled_slots(tiny_llama_dir, lm_adapters
     store = AdapterStore(tmp_path / "store")
     store.publish(lm_adapters["A"], "a")
     store.publish(lm_adapters["B"], "b")
-    fresh = {r: InferenceEngine(str(tiny_llama_dir), capacity=1, store=store.root).generate([greedy(r, PROMPTS[2])])[0].token_ids
-             for r in ("a@1", "b@1")}
+    fresh = {
+        r: InferenceEngine(str(tiny_llama_dir), capacity=1, store=store.root)
+        .generate([greedy(r, PROMPTS[2])])[0]
+        .token_ids
+        for r in ("a@1", "b@1")
+    }
     engine = InferenceEngine(str(tiny_llama_dir), capacity=1, store=store.root)
     for ref in ("a@1", "b@1", "a@1", "b@1"):  # each load reuses the one slot
         assert engine.generate([greedy(ref, PROMPTS[2])])[0].token_ids == fresh[ref]
-    assert fresh["a@1"] != fresh["b@1"] and len(engine._peft.peft_config) == 1
-    (_, _, mapping), = engine._slot_layout.values()
+    assert fresh["a@1"] != fresh["b@1"] and len(engine._layers.peft.peft_config) == 1
+    ((_, _, mapping),) = engine._pool.buffers.layouts.values()
     assert (mapping is not None) == file_mapping.supported()
     assert store.verify() == {"a@1": [], "b@1": []}  # mapped, never written
 
@@ -165,11 +189,12 @@ def test_slot_buffer_never_moves_accelerator_weights_to_the_cpu(tiny_llama_dir, 
     engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store_root)
     engine.load(str(lm_adapters["A"]))
     slot = engine.resident()[0]["slot"]
-    engine._slot_layout.clear()
-    on_device = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in engine._slot_tensors(slot).items()}
-    monkeypatch.setattr(engine, "_slot_tensors", lambda s: on_device)
-    engine._flatten_slot(slot, lm_adapters["A"] / "adapter_model.safetensors", immutable=False)
-    assert slot not in engine._slot_layout and all(t.device.type == "meta" for t in on_device.values())
+    buffers = engine._pool.buffers
+    buffers.layouts.clear()
+    on_device = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in buffers.tensors(slot).items()}
+    monkeypatch.setattr(buffers, "tensors", lambda s: on_device)
+    buffers.flatten(slot, lm_adapters["A"] / "adapter_model.safetensors", immutable=False)
+    assert slot not in buffers.layouts and all(t.device.type == "meta" for t in on_device.values())
 
 
 def test_changed_adapter_file_is_refused(tiny_llama_dir, lm_adapters, tmp_path, store_root):
@@ -214,11 +239,13 @@ def test_generation_confidence_is_the_mean_token_probability(lm_engine, lm_adapt
     a, b = str(lm_adapters["A"]), str(lm_adapters["B"])
     request = GenerationRequest(adapter=a, prompt=PROMPTS[1], params=SamplingParams(max_new_tokens=6), raw=True)
     alone = lm_engine.generate([request])[0]
-    mixed = lm_engine.generate([request, GenerationRequest(adapter=b, prompt=PROMPTS[2], params=SamplingParams(max_new_tokens=6))])[0]
+    mixed = lm_engine.generate(
+        [request, GenerationRequest(adapter=b, prompt=PROMPTS[2], params=SamplingParams(max_new_tokens=6))]
+    )[0]
     ids = encode_prompt(lm_engine.tokenizer, PROMPTS[1], None, None)
     lm_engine.activate(a)
     with torch.no_grad():  # one forward over prompt + answer: log p(token | everything before it)
-        logits = lm_engine._peft(input_ids=torch.tensor([ids + alone.token_ids])).logits[0].float()
+        logits = lm_engine._layers.peft(input_ids=torch.tensor([ids + alone.token_ids])).logits[0].float()
     steps = torch.log_softmax(logits[len(ids) - 1 : len(ids) - 1 + len(alone.token_ids)], -1)
     expected = float(steps.gather(-1, torch.tensor(alone.token_ids).unsqueeze(-1)).mean().exp())
     assert alone.confidence == pytest.approx(expected, rel=1e-4)
@@ -229,17 +256,20 @@ def test_sampling_seed_stop_and_length(lm_engine, lm_adapters):
     ref = str(lm_adapters["A"])
     sampled = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=7)
     r1 = lm_engine.generate([GenerationRequest(adapter=ref, prompt=PROMPTS[0], params=sampled)])[0]
-    r2 = lm_engine.generate([GenerationRequest(adapter=ref, prompt=PROMPTS[0], params=sampled),
-                             greedy(lm_adapters["B"], PROMPTS[1])])[0]
+    r2 = lm_engine.generate(
+        [GenerationRequest(adapter=ref, prompt=PROMPTS[0], params=sampled), greedy(lm_adapters["B"], PROMPTS[1])]
+    )[0]
     assert r1.token_ids == r2.token_ids  # the seed is per row, not per batch
     other = SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.9, seed=8)
     r3 = lm_engine.generate([GenerationRequest(adapter=ref, prompt=PROMPTS[0], params=other)])[0]
     assert r3.token_ids != r1.token_ids
     full = lm_engine.generate([greedy(ref, PROMPTS[1], n=12)])[0]
     assert full.finish_reason == "length" and full.completion_tokens == 12
-    stop = full.text[len(full.text) // 2:][:3]
+    stop = full.text[len(full.text) // 2 :][:3]
     assert stop
-    stopped = lm_engine.generate([GenerationRequest(adapter=ref, prompt=PROMPTS[1], params=SamplingParams(max_new_tokens=12, stop=[stop]))])[0]
+    stopped = lm_engine.generate(
+        [GenerationRequest(adapter=ref, prompt=PROMPTS[1], params=SamplingParams(max_new_tokens=12, stop=[stop]))]
+    )[0]
     assert stopped.finish_reason == "stop" and stop not in stopped.text and full.text.startswith(stopped.text)
     with pytest.raises(ConfigError, match="top_p"):
         SamplingParams(top_p=0)
@@ -248,16 +278,35 @@ def test_sampling_seed_stop_and_length(lm_engine, lm_adapters):
 def test_manifest_prompt_format_and_chat(lm_engine, lm_adapters):
     ref = str(lm_adapters["P"])
     tok = lm_engine.tokenizer
-    formatted = format_prompt(tok, "Where is Paris?", None, {"system_prompt": "Answer briefly.", "instruction": "Classify:"})
-    assert "Answer briefly." in formatted and "Classify:\nWhere is Paris?" in formatted and formatted.endswith("assistant\n")
+    formatted = format_prompt(
+        tok, "Where is Paris?", None, {"system_prompt": "Answer briefly.", "instruction": "Classify:"}
+    )
+    assert (
+        "Answer briefly." in formatted
+        and "Classify:\nWhere is Paris?" in formatted
+        and formatted.endswith("assistant\n")
+    )
     # exactly the ids training built for this format
     data_cfg = DataConfig(name="x", system_prompt="Answer briefly.", instruction="Classify:")
-    assert encode_prompt(tok, "Where is Paris?", None, {"system_prompt": "Answer briefly.", "instruction": "Classify:"}) == build_prompt_ids(tok, "Where is Paris?", data_cfg)
+    assert encode_prompt(
+        tok, "Where is Paris?", None, {"system_prompt": "Answer briefly.", "instruction": "Classify:"}
+    ) == build_prompt_ids(tok, "Where is Paris?", data_cfg)
     plain = lm_engine.generate([greedy(ref, "Where is Paris?")])[0]
-    as_chat = lm_engine.generate([GenerationRequest(adapter=ref, messages=[
-        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Classify:\nWhere is Paris?"}],
-        params=SamplingParams(max_new_tokens=8))])[0]
-    raw = lm_engine.generate([GenerationRequest(adapter=ref, prompt="Where is Paris?", raw=True, params=SamplingParams(max_new_tokens=8))])[0]
+    as_chat = lm_engine.generate(
+        [
+            GenerationRequest(
+                adapter=ref,
+                messages=[
+                    {"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": "Classify:\nWhere is Paris?"},
+                ],
+                params=SamplingParams(max_new_tokens=8),
+            )
+        ]
+    )[0]
+    raw = lm_engine.generate(
+        [GenerationRequest(adapter=ref, prompt="Where is Paris?", raw=True, params=SamplingParams(max_new_tokens=8))]
+    )[0]
     assert plain.token_ids == as_chat.token_ids  # the recorded format was applied
     assert plain.prompt_tokens > raw.prompt_tokens
     with pytest.raises(ConfigError, match="exceeds"):
@@ -301,17 +350,31 @@ def test_concurrent_generate_while_loading(tiny_llama_dir, lm_adapters, store_ro
 def cls_adapters(tiny_bert_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cls-adapters")
     return {
-        "spam": make_adapter(tiny_bert_dir, root / "spam", task="sequence-classification", seed=11, labels=["ham", "spam"]),
-        "topic": make_adapter(tiny_bert_dir, root / "topic", task="sequence-classification", seed=12, labels=["a", "b", "c"]),
-        "topic2": make_adapter(tiny_bert_dir, root / "topic2", task="sequence-classification", seed=13, labels=["x", "y", "z"]),
-        "dora": make_adapter(tiny_bert_dir, root / "dora", task="sequence-classification", method="dora", seed=14, labels=["no", "yes"]),
+        "spam": make_adapter(
+            tiny_bert_dir, root / "spam", task="sequence-classification", seed=11, labels=["ham", "spam"]
+        ),
+        "topic": make_adapter(
+            tiny_bert_dir, root / "topic", task="sequence-classification", seed=12, labels=["a", "b", "c"]
+        ),
+        "topic2": make_adapter(
+            tiny_bert_dir, root / "topic2", task="sequence-classification", seed=13, labels=["x", "y", "z"]
+        ),
+        "dora": make_adapter(
+            tiny_bert_dir, root / "dora", task="sequence-classification", method="dora", seed=14, labels=["no", "yes"]
+        ),
     }
 
 
 def test_mixed_classification_equals_each_row_alone(tiny_bert_dir, cls_adapters, store_root):
     engine = InferenceEngine(str(tiny_bert_dir), task="sequence-classification", capacity=4, store=store_root)
     c = cls_adapters
-    texts = ["win a free prize now", "see you at lunch", "what is the capital of peru", "call me", "hello world again and again"]
+    texts = [
+        "win a free prize now",
+        "see you at lunch",
+        "what is the capital of peru",
+        "call me",
+        "hello world again and again",
+    ]
     refs = [c["spam"], c["topic"], c["topic2"], c["dora"], c["topic"], c["spam"]]
     requests = [ClassificationRequest(adapter=str(r), text=texts[i % len(texts)]) for i, r in enumerate(refs)]
     mixed = engine.classify(requests)
@@ -322,8 +385,12 @@ def test_mixed_classification_equals_each_row_alone(tiny_bert_dir, cls_adapters,
         assert abs(sum(got.probabilities.values()) - 1) < 1e-5
     assert set(mixed[0].probabilities) == {"ham", "spam"} and set(mixed[1].probabilities) == {"a", "b", "c"}
     # two three-label adapters give different logits for the same text: each row used its own head
-    same = engine.classify([ClassificationRequest(adapter=str(c["topic"]), text=texts[0]),
-                            ClassificationRequest(adapter=str(c["topic2"]), text=texts[0])])
+    same = engine.classify(
+        [
+            ClassificationRequest(adapter=str(c["topic"]), text=texts[0]),
+            ClassificationRequest(adapter=str(c["topic2"]), text=texts[0]),
+        ]
+    )
     assert same[0].logits != same[1].logits
     with pytest.raises(ConfigError, match="needs an adapter"):
         engine.classify([ClassificationRequest(adapter="base", text="hi")])
@@ -336,27 +403,49 @@ def test_infer_script_prompt_and_jsonl(tiny_llama_dir, lm_adapters, tmp_path, ca
     import json
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("infer_script", Path(__file__).resolve().parents[2] / "scripts" / "infer.py")
+    spec = importlib.util.spec_from_file_location(
+        "infer_script", Path(__file__).resolve().parents[2] / "scripts" / "infer.py"
+    )
     infer = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(infer)
     monkeypatch.setenv("ADAPTERKIT_STORE", str(tmp_path / "store"))
     a, b = str(lm_adapters["A"]), str(lm_adapters["B"])
     rows = [{"id": 1, "prompt": PROMPTS[0]}, {"id": 2, "prompt": PROMPTS[1], "adapter": b, "max_new_tokens": 3}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert infer.main(["--base", str(tiny_llama_dir), "--adapter", a, "--input", str(tmp_path / "in.jsonl"),
-                       "--output", str(tmp_path / "out.jsonl"), "--max-new-tokens", "5"]) == 0
+    assert (
+        infer.main(
+            [
+                "--base",
+                str(tiny_llama_dir),
+                "--adapter",
+                a,
+                "--input",
+                str(tmp_path / "in.jsonl"),
+                "--output",
+                str(tmp_path / "out.jsonl"),
+                "--max-new-tokens",
+                "5",
+            ]
+        )
+        == 0
+    )
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [o["id"] for o in out] == [1, 2] and [o["adapter"] for o in out] == [a, b]
     assert out[0]["completion_tokens"] <= 5 and out[1]["completion_tokens"] <= 3
     engine = InferenceEngine(str(tiny_llama_dir), store=tmp_path / "store")
     assert out[1]["output"] == engine.generate([greedy(b, PROMPTS[1], n=3)])[0].text
-    assert infer.main(["--base", str(tiny_llama_dir), "--adapter", a, "--prompt", PROMPTS[0], "--max-new-tokens", "5"]) == 0
+    assert (
+        infer.main(["--base", str(tiny_llama_dir), "--adapter", a, "--prompt", PROMPTS[0], "--max-new-tokens", "5"])
+        == 0
+    )
     assert capsys.readouterr().out.strip() == out[0]["output"].strip()
     assert infer.main(["--base", str(tiny_llama_dir), "--adapter", "missing@1", "--prompt", "x"]) == 2
 
 
 def test_prompt_tuning_adapter_and_one_peft_type_per_engine(tiny_llama_dir, lm_adapters, tmp_path, store_root):
-    pt = make_adapter(tiny_llama_dir, tmp_path / "pt", method="prompt-tuning", seed=51, options={"num_virtual_tokens": 4})
+    pt = make_adapter(
+        tiny_llama_dir, tmp_path / "pt", method="prompt-tuning", seed=51, options={"num_virtual_tokens": 4}
+    )
     engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store_root)
     requests = [greedy(pt, PROMPTS[0], n=6), greedy("base", PROMPTS[1], n=6), greedy(pt, PROMPTS[2], n=6)]
     out = engine.generate(requests)
@@ -365,7 +454,9 @@ def test_prompt_tuning_adapter_and_one_peft_type_per_engine(tiny_llama_dir, lm_a
     base_only = engine.generate([greedy("base", PROMPTS[0], n=6)])[0].token_ids
     assert out[0].token_ids != base_only  # the virtual tokens change the continuation
     plain = InferenceEngine(str(tiny_llama_dir), store=store_root)
-    assert base_only == plain.generate([greedy("base", PROMPTS[0], n=6)])[0].token_ids  # base rows get no virtual tokens
+    assert (
+        base_only == plain.generate([greedy("base", PROMPTS[0], n=6)])[0].token_ids
+    )  # base rows get no virtual tokens
     with pytest.raises(ConfigError, match="one peft type at a time"):
         engine.load(str(lm_adapters["A"]))
     engine.unload(str(pt))

@@ -1,138 +1,29 @@
-"""The versioned adapter store: round trip through peft, versions, tags, integrity, base checks,
-crash safety, concurrency, hostile names and archives."""
+"""The versioned adapter store: versions, tags, integrity, crash safety, concurrency, hostile names, gc.
+
+Loading and the base check: test_loading.py; export and import: test_archive.py."""
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from adapters.errors import BaseMismatchError, StoreError
-from adapters.store.manifest import MANIFEST, build_manifest, read_manifest, write_manifest
-from adapters.store.store import AdapterStore, check_base, load_adapter, parse_ref
+from adapters.errors import StoreError
+from adapters.store.loading import load_adapter
+from adapters.store.manifest import MANIFEST, read_manifest, write_manifest
+from adapters.store.refs import parse_ref
+from adapters.store.store import AdapterStore
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _subprocess_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-# ---------------------------------------------------------------- a real peft LoRA adapter
-@pytest.fixture(scope="module")
-def real_lora(tiny_llama_dir, tmp_path_factory):
-    """A LoRA adapter on the tiny Llama with non-zero weights, its manifest, and its logits."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from adapters.store.fingerprint import fingerprint_model, fingerprint_tokenizer
-    from adapters.store.manifest import base_model_entry
-
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    torch.manual_seed(1)
-    with torch.no_grad():  # LoRA starts as a no-op (B = 0); make it change the output
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.eval()
-    folder = tmp_path_factory.mktemp("lora-src")
-    model.save_pretrained(str(folder))
-    manifest = build_manifest(
-        task="causal-lm",
-        method={"name": "lora", "options": {"r": 4, "alpha": 8}},
-        base_model=base_model_entry("tiny-llama", tiny_llama_dir),
-        metrics={"eval_loss": 1.25},
-    )
-    assert manifest["base_model"]["fingerprint"] == fingerprint_model(tiny_llama_dir)
-    assert manifest["base_model"]["tokenizer_fingerprint"] == fingerprint_tokenizer(tiny_llama_dir)
-    write_manifest(folder, manifest)
-    ids = torch.tensor([[1, 5, 9, 42, 7]])
-    with torch.no_grad():
-        adapted = model(input_ids=ids).logits
-        with model.disable_adapter():
-            plain = model(input_ids=ids).logits
-    assert not torch.allclose(adapted, plain)  # the comparison below means something
-    return {"folder": folder, "ids": ids, "logits": adapted, "base_dir": tiny_llama_dir}
-
-
-def _fresh_base(path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-
-
-def test_publish_list_load_round_trip(real_lora, store_root):
-    import torch
-    from peft import PeftModel
-
-    store = AdapterStore(store_root)
-    ref = store.publish(real_lora["folder"], "greeter")
-    assert str(ref) == "greeter@1" and ref.path == store_root / "greeter" / "1"
-    rows = store.list()
-    assert [(r["name"], r["version"], r["tags"], r["method"], r["base"]) for r in rows] == [
-        ("greeter", 1, ["latest"], "lora", "tiny-llama")
-    ]
-    assert rows[0]["metrics"] == {"eval_loss": 1.25}
-
-    path, manifest = store.resolve("greeter")
-    assert path == ref.path and manifest["name"] == "greeter" and manifest["version"] == 1
-    assert set(manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
-
-    # Plain peft loads the stored folder as it is.
-    with torch.no_grad():
-        plain_peft = PeftModel.from_pretrained(_fresh_base(real_lora["base_dir"]), str(path)).eval()
-        torch.testing.assert_close(plain_peft(input_ids=real_lora["ids"]).logits, real_lora["logits"])
-        # load_adapter resolves, checks the base fingerprint of the model's folder, attaches.
-        for reference in ("greeter", "greeter@1", "greeter@latest", str(path)):
-            model = load_adapter(_fresh_base(real_lora["base_dir"]), reference, store=store).eval()
-            torch.testing.assert_close(model(input_ids=real_lora["ids"]).logits, real_lora["logits"])
-
-
-def test_wrong_base_is_refused_and_the_override_loads(real_lora, store_root, tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    store = AdapterStore(store_root)
-    store.publish(real_lora["folder"], "greeter")
-    config = _fresh_base(real_lora["base_dir"]).config
-    torch.manual_seed(123)
-    other_dir = tmp_path / "other-base"
-    AutoModelForCausalLM.from_config(config).save_pretrained(str(other_dir))
-
-    with pytest.raises(BaseMismatchError) as err:
-        load_adapter(_fresh_base(other_dir), "greeter", store=store)
-    message = str(err.value)
-    manifest = read_manifest(store_root / "greeter" / "1")
-    assert "tiny-llama" in message and manifest["base_model"]["fingerprint"] in message  # the trained-on base
-    assert str(other_dir) in message  # the base it was about to be loaded on
-    assert "allow_base_mismatch" in message
-
-    model = load_adapter(_fresh_base(other_dir), "greeter", store=store, allow_base_mismatch=True)
-    assert "default" in model.peft_config
-    # An explicit fingerprint is checked the same way.
-    with pytest.raises(BaseMismatchError):
-        load_adapter(_fresh_base(real_lora["base_dir"]), "greeter", store=store, base_fingerprint="sha256:" + "f" * 64)
-
-
-def test_check_base():
-    manifest = {"name": "a", "version": 2, "base_model": {"name": "llama-x", "fingerprint": "sha256:aa"}}
-    assert check_base(manifest, "sha256:aa") is True
-    with pytest.raises(BaseMismatchError, match=r"a@2 was trained on base llama-x \(sha256:aa\) but is being loaded on bert-y \(sha256:bb\)"):
-        check_base(manifest, "sha256:bb", base_name="bert-y")
-    assert check_base(manifest, "sha256:bb", allow_mismatch=True) is False
-    with pytest.raises(BaseMismatchError, match="no fingerprint recorded"):
-        check_base({"base_model": {"name": "x"}}, "sha256:aa")
 
 
 # ---------------------------------------------------------------- versions and tags
@@ -255,16 +146,6 @@ def test_publish_refuses_pickles_links_and_unverified_sources(tmp_path, store_ro
         store.publish(src, "clf")
     assert store.list() == []
     assert [p.name for p in (store_root / "clf").iterdir()] == []  # failed publishes leave nothing
-
-
-def test_load_refuses_plain_folder_without_manifest_unless_overridden(store_root, make_adapter_folder):
-    src = make_adapter_folder()
-    (src / MANIFEST).unlink()
-    store = AdapterStore(store_root)
-    path, manifest = store.resolve(str(src))
-    assert path == src and manifest is None
-    with pytest.raises(StoreError, match="no manifest.json, so its base model cannot be checked"):
-        load_adapter(object(), str(src), store=store)
 
 
 # ---------------------------------------------------------------- names
@@ -414,84 +295,6 @@ def test_concurrent_publishers_get_distinct_versions(store_root, make_adapter_fo
     stored = {(store_root / "shared" / str(v) / "adapter_model.safetensors").read_bytes() for v in versions}
     assert stored == {(s / "adapter_model.safetensors").read_bytes() for s in srcs}
     assert store.tags("shared")["latest"] in versions
-
-
-# ---------------------------------------------------------------- export / import
-@pytest.mark.parametrize("dest_name", ["exported", "exported.tar.gz"])
-def test_export_import_round_trip(dest_name, store_root, make_adapter_folder, tmp_path):
-    store = AdapterStore(store_root)
-    store.publish(make_adapter_folder(), "clf")
-    store.publish(make_adapter_folder(metrics={"accuracy": 0.9}), "clf")
-    dest = store.export("clf@2", tmp_path / dest_name)
-    assert dest.exists()
-    with pytest.raises(StoreError, match="already exists"):
-        store.export("clf@2", dest)
-
-    other = AdapterStore(tmp_path / "other-store")
-    ref = other.import_(dest)
-    assert str(ref) == "clf@1"  # versions are per store
-    original = read_manifest(store_root / "clf" / "2")
-    imported = read_manifest(ref.path)
-    assert imported["files"] == original["files"]
-    assert imported["metrics"] == {"accuracy": 0.9}
-    assert {k: v for k, v in imported.items() if k != "version"} == {k: v for k, v in original.items() if k != "version"}
-    assert other.verify() == {"clf@1": []}
-    assert other.import_(dest, name="renamed", tags=("latest", "prod")).name == "renamed"
-    assert other.tags("renamed") == {"latest": 1, "prod": 1}
-    assert sorted(p.name for p in other.root.iterdir()) == ["clf", "renamed"]  # no import leftovers
-
-
-def _archive_with(tmp_path, member: tarfile.TarInfo, payload: bytes = b"x") -> Path:
-    archive = tmp_path / "hostile.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        manifest = json.dumps({"format": "adapterkit.manifest/1"}).encode()
-        info = tarfile.TarInfo("pkg/manifest.json")
-        info.size = len(manifest)
-        tar.addfile(info, io.BytesIO(manifest))
-        if member.isfile():
-            member.size = len(payload)
-            tar.addfile(member, io.BytesIO(payload))
-        else:
-            tar.addfile(member)
-    return archive
-
-
-def _member(name, kind=tarfile.REGTYPE, target=""):
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    return info
-
-
-@pytest.mark.parametrize(
-    "member,reason",
-    [
-        (_member("../escaped.txt"), "unsafe path"),
-        (_member("/tmp/adapterkit-escaped.txt"), "unsafe path"),
-        (_member("pkg/../../escaped.txt"), "unsafe path"),
-        (_member("pkg/link", tarfile.SYMTYPE, "/etc/passwd"), "link or special file"),
-        (_member("pkg/hard", tarfile.LNKTYPE, "/etc/passwd"), "link or special file"),
-        (_member("pkg/fifo", tarfile.FIFOTYPE), "link or special file"),
-    ],
-)
-def test_import_refuses_hostile_archives(member, reason, store_root, tmp_path):
-    archive = _archive_with(tmp_path, member)
-    store = AdapterStore(store_root)
-    with pytest.raises(StoreError, match=reason):
-        store.import_(archive)
-    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path.parent / "escaped.txt").exists()
-    assert not Path("/tmp/adapterkit-escaped.txt").exists()
-    assert list(store_root.iterdir()) == []
-
-
-def test_import_refuses_an_archive_whose_files_do_not_match_the_manifest(store_root, make_adapter_folder, tmp_path):
-    store = AdapterStore(store_root)
-    store.publish(make_adapter_folder(), "clf")
-    dest = store.export("clf", tmp_path / "copy")
-    (dest / "adapter_config.json").chmod(0o644)
-    (dest / "adapter_config.json").write_text("{}")  # tampered in transit
-    with pytest.raises(StoreError, match="does not match its manifest"):
-        AdapterStore(tmp_path / "other").import_(dest)
 
 
 # ---------------------------------------------------------------- gc

@@ -1,1 +1,1 @@
-"""methods.tuners."""
+"""peft tuners of our own (imported when a model is adapted: they import peft)."""

@@ -11,11 +11,17 @@ is peft's own layout (adapter_config.json + adapter_model.safetensors).
 
 An adapter wraps the output projection of a sub-layer and rewrites its output h as
 ``h + up(dropout(act(down(h))))`` before the block adds its residual stream (and, in BERT,
-before the LayerNorm) - Houlsby et al. 2019. Houlsby places one after attention and one after
-the feed-forward block; Pfeiffer et al. 2020 only after the feed-forward block. The
-up-projection starts at zero, so a fresh adapter leaves the model's outputs unchanged.
+before the LayerNorm) - Houlsby et al. 2019 (arXiv:1902.00751). Houlsby places one after
+attention and one after the feed-forward block; Pfeiffer et al. 2021 (AdapterFusion,
+arXiv:2005.00247) only after the feed-forward block. Shapes, with hidden = the wrapped layer's
+out_features and bottleneck = max(1, round(hidden / reduction_factor)):
 
-Adapters are non-linear: they cannot be merged into the base weights.
+    h [batch, seq, hidden] -> down -> [batch, seq, bottleneck] -> act, dropout
+      -> up -> [batch, seq, hidden] -> * scaling (+ h when residual)
+
+The up-projection starts at zero, so a fresh adapter leaves the model's outputs unchanged.
+Adapters are non-linear: they cannot be merged into the base weights. Where they go per
+architecture: ``adapters.methods.targets.BOTTLENECK_TARGETS``.
 """
 
 from __future__ import annotations
@@ -24,31 +30,21 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import PeftType, register_peft_method
 from peft.utils.other import AuxiliaryTrainingWrapper
 
+from adapters.constants import PEFT_BASE
+from adapters.methods.targets import BOTTLENECK_MODEL_TYPES, BOTTLENECK_TARGETS
+
 PEFT_TYPE_NAME = "BOTTLENECK"
 PREFIX = "bottleneck_"
-
-# Per architecture: the name of the block list, the attention output projection and the
-# feed-forward output projection (module names relative to one block).
-ARCHITECTURES: dict[str, tuple[str, str, str]] = {
-    "llama": ("layers", "self_attn.o_proj", "mlp.down_proj"),
-    "mistral": ("layers", "self_attn.o_proj", "mlp.down_proj"),
-    "qwen2": ("layers", "self_attn.o_proj", "mlp.down_proj"),
-    "bert": ("layer", "attention.output.dense", "output.dense"),
-    "roberta": ("layer", "attention.output.dense", "output.dense"),
-    "xlm-roberta": ("layer", "attention.output.dense", "output.dense"),
-    "electra": ("layer", "attention.output.dense", "output.dense"),
-    "distilbert": ("layer", "attention.out_lin", "ffn.lin2"),
-}
-SUPPORTED_MODEL_TYPES = tuple(sorted(ARCHITECTURES))
 
 VARIANTS = ("houlsby", "pfeiffer")
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -81,16 +77,20 @@ def _extend_peft_type(name: str) -> PeftType:
 BOTTLENECK = _extend_peft_type(PEFT_TYPE_NAME)
 
 
-def target_regex(model_type: str, variant: str, layers: Optional[list[int]] = None) -> str:
-    """A full-match regex over module names selecting where the adapters go."""
-    if model_type not in ARCHITECTURES:
+def target_regex(model_type: str, variant: str, layers: list[int] | None = None) -> str:
+    """A full-match regex over module names selecting where the adapters go.
+
+    variant: "houlsby" (attention and feed-forward outputs) or "pfeiffer" (feed-forward only);
+    layers: block indices (None: every block). Raises ValueError for an unknown model type or variant.
+    """
+    if model_type not in BOTTLENECK_TARGETS:
         raise ValueError(
             f"bottleneck adapters do not know where to hook into model type {model_type!r}; "
-            f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)} (or pass target_modules)"
+            f"supported model types: {', '.join(BOTTLENECK_MODEL_TYPES)} (or pass target_modules)"
         )
     if variant not in VARIANTS:
         raise ValueError(f"bottleneck variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    blocks, attention_out, ffn_out = ARCHITECTURES[model_type]
+    blocks, attention_out, ffn_out = BOTTLENECK_TARGETS[model_type]
     modules = [ffn_out] if variant == "pfeiffer" else [attention_out, ffn_out]
     index = r"\d+" if layers is None else "(?:" + "|".join(str(int(i)) for i in layers) + ")"
     alternatives = "|".join(re.escape(m) for m in modules)
@@ -99,10 +99,11 @@ def target_regex(model_type: str, variant: str, layers: Optional[list[int]] = No
 
 @dataclass
 class BottleneckConfig(PeftConfig):
-    """Configuration of a bottleneck adapter (see the module docstring)."""
+    """Configuration of a bottleneck adapter (see the module docstring). Raises ValueError for invalid values."""
 
     variant: Literal["houlsby", "pfeiffer"] = field(
-        default="houlsby", metadata={"help": "houlsby: after attention and feed-forward; pfeiffer: after feed-forward only."}
+        default="houlsby",
+        metadata={"help": "houlsby: after attention and feed-forward; pfeiffer: after feed-forward only."},
     )
     reduction_factor: float = field(default=16, metadata={"help": "Bottleneck width = hidden size / reduction_factor."})
     non_linearity: str = field(default="relu", metadata={"help": f"One of {', '.join(NON_LINEARITIES)}."})
@@ -112,16 +113,18 @@ class BottleneckConfig(PeftConfig):
     init_weights: bool = field(
         default=True, metadata={"help": "True: zero up-projection (starts as the identity); False: small random."}
     )
-    layers: Optional[list[int]] = field(
+    layers: list[int] | None = field(
         default=None, metadata={"help": "Block indices to adapt (None: all); folded into the derived target regex."}
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex; None: derived from variant and the model type."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Other modules to train and save (e.g. a classification head)."}
     )
-    adapterkit_method: str = field(default="bottleneck", metadata={"help": "Which adapterkit method wrote this folder."})
+    adapterkit_method: str = field(
+        default="bottleneck", metadata={"help": "Which adapterkit method wrote this folder."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -140,7 +143,8 @@ class BottleneckConfig(PeftConfig):
 
 
 class BottleneckLayer(BaseTunerLayer):
-    """Wraps a module whose output the adapters rewrite. Adapters of several names live side by side."""
+    """Wraps a module whose output [batch, seq, features] the adapters rewrite; adapters of several
+    names live side by side. Raises TypeError for a module without out_features."""
 
     adapter_layer_names = ("bottleneck_down", "bottleneck_up")
     other_param_names = ("bottleneck_act", "bottleneck_dropout", "bottleneck_residual", "bottleneck_scaling")
@@ -161,6 +165,8 @@ class BottleneckLayer(BaseTunerLayer):
             raise TypeError(f"bottleneck adapters wrap layers with out_features; got {type(base).__name__}")
 
     def update_layer(self, adapter_name: str, config: BottleneckConfig) -> None:
+        """Add adapter `adapter_name`: down nn.Linear(features -> width), up nn.Linear(width -> features),
+        width = max(1, round(features / reduction_factor))."""
         width = max(1, int(round(self.features / config.reduction_factor)))
         down = nn.Linear(self.features, width)
         up = nn.Linear(width, self.features)
@@ -188,10 +194,12 @@ class BottleneckLayer(BaseTunerLayer):
             if adapter_name in layers and not layers[adapter_name].weight.dtype.is_floating_point:
                 layers[adapter_name] = layers[adapter_name].float()
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Always raises TypeError: the adapter is non-linear."""
         raise TypeError("bottleneck adapters are non-linear and cannot be merged into the base weights")
 
     def unmerge(self) -> None:
+        """Always raises TypeError: nothing is ever merged."""
         raise TypeError("bottleneck adapters are never merged")
 
 
@@ -204,11 +212,15 @@ class BottleneckWrapper(nn.Module, BottleneckLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Optional[list[str]] = None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """The base layer's output [batch, seq, features], rewritten by the active adapters in turn, or
+        row by row by ``adapter_names`` (one name per row; a name without an adapter here leaves its row as is)."""
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
-        if adapter_names is not None:  # one adapter per row (inference only; "__base__" = none)
+        if adapter_names is not None:  # one adapter per row (inference only; PEFT_BASE = none)
             mixed = result.clone()
             for name in set(adapter_names):
                 if name in self.bottleneck_down:
@@ -221,9 +233,11 @@ class BottleneckWrapper(nn.Module, BottleneckLayer):
         return result
 
     def _adapt(self, name: str, result: torch.Tensor) -> torch.Tensor:
+        """[rows, seq, features] -> same shape, in the adapter's dtype inside and `result`'s dtype out."""
         down = self.bottleneck_down[name]
         h = result.to(down.weight.dtype)
-        z = self.bottleneck_up[name](self.bottleneck_dropout[name](self.bottleneck_act[name](down(h))))
+        z = self.bottleneck_act[name](down(h))  # [rows, seq, bottleneck]
+        z = self.bottleneck_up[name](self.bottleneck_dropout[name](z))  # [rows, seq, features]
         z = z * self.bottleneck_scaling[name]
         out = h + z if self.bottleneck_residual[name] else z
         return out.to(result.dtype)
@@ -269,7 +283,7 @@ class BottleneckModel(BaseTuner):
         for module in self.modules():
             if isinstance(module, BottleneckLayer):
                 known |= set(module.bottleneck_down.keys())
-        unknown = {n for n in adapter_names if n != "__base__"} - known
+        unknown = {n for n in adapter_names if n != PEFT_BASE} - known
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
         num_beams = kwargs.get("num_beams")
@@ -296,12 +310,10 @@ def _inject_adapter_names(module, args, kwargs, adapter_names):
 
 
 def _register() -> None:
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
     if BOTTLENECK not in PEFT_TYPE_TO_CONFIG_MAPPING:
         register_peft_method(name="bottleneck", config_cls=BottleneckConfig, model_cls=BottleneckModel, prefix=PREFIX)
 
 
 _register()
 
-__all__ = ["BOTTLENECK", "BottleneckConfig", "BottleneckModel", "SUPPORTED_MODEL_TYPES", "target_regex"]
+__all__ = ["BOTTLENECK", "BottleneckConfig", "BottleneckLayer", "BottleneckModel", "target_regex"]

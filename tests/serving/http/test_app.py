@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.serving.engine import ClassificationRequest, GenerationRequest, InferenceEngine
 from adapters.modeling.generation import SamplingParams
-from adapters.serving.http.app import ServerSettings, create_app
+from adapters.monitoring.traffic_log import TrafficLogger
+from adapters.serving.engine import ClassificationRequest, GenerationRequest, InferenceEngine
+from adapters.serving.http.app import create_app
+from adapters.serving.http.batcher import Batcher
+from adapters.serving.http.settings import ServerSettings
+from adapters.store.manifest import read_manifest, write_manifest
 from adapters.store.store import AdapterStore
 from tests.helpers.serving import make_adapter
 
@@ -37,6 +42,10 @@ def client(lm_engine):
         yield c
 
 
+def metric_value(text: str, name: str) -> float:
+    return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name)))
+
+
 def reference(engine, ref, prompt, n):
     return engine.generate([GenerationRequest(adapter=ref, prompt=prompt, params=SamplingParams(max_new_tokens=n))])[0]
 
@@ -44,7 +53,8 @@ def reference(engine, ref, prompt, n):
 def test_completions_for_two_adapters_and_base(client, lm_engine):
     seen = set()
     for ref in ("alpha", "beta@1", "beta", "base"):
-        r = client.post("/v1/completions", json={"model": ref, "prompt": "The weather today", "max_tokens": 6, "temperature": 0})
+        body = {"model": ref, "prompt": "The weather today", "max_tokens": 6, "temperature": 0}
+        r = client.post("/v1/completions", json=body)
         assert r.status_code == 200, r.text
         body = r.json()
         expected = reference(lm_engine, ref, "The weather today", 6)
@@ -55,16 +65,19 @@ def test_completions_for_two_adapters_and_base(client, lm_engine):
         assert body["usage"]["total_tokens"] == expected.prompt_tokens + expected.completion_tokens
         seen.add(body["choices"][0]["text"])
     assert len(seen) == 4  # alpha, beta@1, beta@2 and the base all answer differently
-    r = client.post("/v1/completions", json={"model": "alpha@prod", "prompt": ["a", "b c"], "max_tokens": 3, "temperature": 0})
+    body = {"model": "alpha@prod", "prompt": ["a", "b c"], "max_tokens": 3, "temperature": 0}
+    r = client.post("/v1/completions", json=body)
     assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == [0, 1]
 
 
 def test_chat_completions(client, lm_engine):
     messages = [{"role": "user", "content": "Say hi"}]
-    r = client.post("/v1/chat/completions", json={"model": "alpha", "messages": messages, "max_tokens": 5, "temperature": 0})
+    body = {"model": "alpha", "messages": messages, "max_tokens": 5, "temperature": 0}
+    r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     body = r.json()
-    expected = lm_engine.generate([GenerationRequest(adapter="alpha", messages=messages, params=SamplingParams(max_new_tokens=5))])[0]
+    row = GenerationRequest(adapter="alpha", messages=messages, params=SamplingParams(max_new_tokens=5))
+    expected = lm_engine.generate([row])[0]
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": expected.text}
 
@@ -79,8 +92,9 @@ def test_errors_are_json_4xx_and_server_keeps_serving(client):
         ({"model": "alpha"}, 400, "invalid_request_error"),
         ({"model": "alpha", "prompt": "x", "max_tokens": 33}, 400, "invalid_request_error"),
         ({"model": "alpha", "prompt": "word " * 70}, 400, "invalid_request_error"),
-        ({"model": "alpha", "prompt": "x", "n": 2}, 400, "invalid_request_error"),
-        ({"model": "alpha", "prompt": "x", "stream": True}, 400, "invalid_request_error"),
+        ({"model": "alpha", "prompt": "x", "n": 0}, 400, "invalid_request_error"),
+        ({"model": "alpha", "prompt": "x", "n": 2, "best_of": 3}, 400, "invalid_request_error"),
+        ({"model": "alpha", "prompt": "x", "stream": "maybe"}, 400, "invalid_request_error"),
         ({"model": "alpha", "prompt": "x", "temperature": -1}, 400, "invalid_request_error"),
     ]
     for body, status, kind in cases:
@@ -119,15 +133,17 @@ def test_health_docs_metrics(client):
     assert client.get("/health").json()["status"] == "ok"
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/v1/adapters/load", "/health", "/metrics"} <= set(paths)
+    routes = {"/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/v1/adapters/load", "/health",
+              "/metrics"}
+    assert routes <= set(paths)
     client.post("/v1/completions", json={"model": "alpha", "prompt": "m", "max_tokens": 2})
     text = client.get("/metrics").text
     assert 'adapterkit_requests_total{endpoint="completions",status="200"}' in text
     assert 'adapterkit_adapter_requests_total{adapter="alpha"}' in text
     assert "adapterkit_request_latency_seconds_bucket" in text
     assert 'adapterkit_tokens_total{kind="completion"}' in text
-    hits = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("adapterkit_adapter_cache_hits_total")))
-    misses = float(next(line.split()[-1] for line in text.splitlines() if line.startswith("adapterkit_adapter_cache_misses_total")))
+    hits = metric_value(text, "adapterkit_adapter_cache_hits_total")
+    misses = metric_value(text, "adapterkit_adapter_cache_misses_total")
     assert hits >= 1 and misses >= 1
 
 
@@ -146,8 +162,6 @@ def test_bearer_token(lm_engine, monkeypatch):
 
 
 def test_traffic_hook_with_traffic_logger(lm_engine, tmp_path):
-    from adapters.monitoring.traffic_log import TrafficLogger
-
     records = []
     with TestClient(create_app(lm_engine, ServerSettings(on_request=records.append))) as c:
         c.post("/v1/completions", json={"model": "alpha", "prompt": "secret words", "max_tokens": 3})
@@ -167,17 +181,17 @@ def test_traffic_hook_with_traffic_logger(lm_engine, tmp_path):
 
 
 def test_answers_are_logged_as_labels_when_the_reference_watches_them(tiny_llama_dir, tmp_path):
-    from adapters.store.manifest import read_manifest, write_manifest
-
     folder = make_adapter(tiny_llama_dir, tmp_path / "qtype", seed=24)
     manifest = read_manifest(folder)
-    write_manifest(folder, {**manifest, "reference": {"labels": {"source": "predictions", "counts": {"location": 3, "number": 2}}}})
+    labels = {"source": "predictions", "counts": {"location": 3, "number": 2}}
+    write_manifest(folder, {**manifest, "reference": {"labels": labels}})
     store = AdapterStore(tmp_path / "store")
     store.publish(folder, "qtype")
     engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store)
     records = []
     with TestClient(create_app(engine, ServerSettings(on_request=records.append))) as c:
-        out = c.post("/v1/completions", json={"model": "qtype", "prompt": ["Where is Paris?", "How many?"], "max_tokens": 3}).json()
+        body = {"model": "qtype", "prompt": ["Where is Paris?", "How many?"], "max_tokens": 3}
+        out = c.post("/v1/completions", json=body).json()
     texts = [choice["text"] for choice in out["choices"]]
     assert [r["label"] for r in records] == [t.split("\n")[0].strip() for t in texts]
     assert all(0.0 < r["confidence"] <= 1.0 for r in records)
@@ -187,8 +201,9 @@ def test_answers_are_logged_as_labels_when_the_reference_watches_them(tiny_llama
 def cls_client(tiny_bert_dir, tmp_path_factory):
     src = tmp_path_factory.mktemp("cls-src")
     store = AdapterStore(tmp_path_factory.mktemp("cls-store"))
-    store.publish(make_adapter(tiny_bert_dir, src / "spam", task="sequence-classification", seed=31, labels=["ham", "spam"]), "spam")
-    store.publish(make_adapter(tiny_bert_dir, src / "topic", task="sequence-classification", seed=32, labels=["a", "b", "c"]), "topic")
+    for name, seed, labels in (("spam", 31, ["ham", "spam"]), ("topic", 32, ["a", "b", "c"])):
+        folder = make_adapter(tiny_bert_dir, src / name, task="sequence-classification", seed=seed, labels=labels)
+        store.publish(folder, name)
     engine = InferenceEngine(str(tiny_bert_dir), task="sequence-classification", capacity=4, store=store)
     with TestClient(create_app(engine, ServerSettings())) as c:
         yield c, engine
@@ -209,10 +224,6 @@ def test_classify(cls_client):
 
 
 def test_batcher_gathers_a_window_and_mixes_adapters_or_not():
-    from types import SimpleNamespace
-
-    from adapters.serving.http.app import Batcher
-
     class RecordingEngine:
         def __init__(self):
             self.calls = []

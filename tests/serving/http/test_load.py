@@ -8,9 +8,10 @@ import threading
 
 import httpx
 
-from adapters.serving.engine import GenerationRequest, InferenceEngine
 from adapters.modeling.generation import SamplingParams
-from adapters.serving.http.app import BackgroundServer, ServerSettings, create_app
+from adapters.serving.engine import GenerationRequest, InferenceEngine
+from adapters.serving.http.app import BackgroundServer, create_app
+from adapters.serving.http.settings import ServerSettings
 from adapters.store.store import AdapterStore
 from tests.helpers.serving import make_adapter
 
@@ -30,8 +31,9 @@ def test_concurrent_clients_each_on_its_adapter_while_adapters_churn(tiny_llama_
     engine = InferenceEngine(str(tiny_llama_dir), capacity=5, store=store)
     prompts = {name: f"Request number {i} says" + " hello" * (i % 4) for i, name in enumerate(names)}
     prompts["base"] = "The base model says"
+    params = SamplingParams(max_new_tokens=MAX_TOKENS)
     expected = {
-        ref: engine.generate([GenerationRequest(adapter=ref, prompt=prompts[ref], params=SamplingParams(max_new_tokens=MAX_TOKENS))])[0].text
+        ref: engine.generate([GenerationRequest(adapter=ref, prompt=prompts[ref], params=params)])[0].text
         for ref in [*names, "base"]
     }
     assert len(set(expected.values())) == len(expected)  # every adapter answers differently
@@ -45,7 +47,8 @@ def test_concurrent_clients_each_on_its_adapter_while_adapters_churn(tiny_llama_
     def client(ref: str, url: str) -> None:
         with httpx.Client(base_url=url, timeout=120) as http:
             for _ in range(REQUESTS_PER_CLIENT):
-                r = http.post("/v1/completions", json={"model": ref, "prompt": prompts[ref], "max_tokens": MAX_TOKENS, "temperature": 0})
+                body = {"model": ref, "prompt": prompts[ref], "max_tokens": MAX_TOKENS, "temperature": 0}
+                r = http.post("/v1/completions", json=body)
                 if r.status_code != 200:
                     failures.append(f"{ref}: HTTP {r.status_code} {r.text}")
                 elif r.json()["choices"][0]["text"] != expected[ref]:
@@ -75,10 +78,12 @@ def test_concurrent_clients_each_on_its_adapter_while_adapters_churn(tiny_llama_
         metrics = httpx.get(server.url + "/metrics").text
 
     assert not failures, failures[:5]
-    served = sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("adapterkit_adapter_requests_total{"))
+    lines = metrics.splitlines()
+    served = sum(float(line.split()[-1]) for line in lines if line.startswith("adapterkit_adapter_requests_total{"))
     assert served == (CLIENTS + 1) * REQUESTS_PER_CLIENT
     # the batcher really mixed adapters: some batches held more than one adapter
-    single = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith('adapterkit_batch_adapters_bucket{le="1.0"}')))
-    total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("adapterkit_batch_adapters_count")))
+    one_adapter = 'adapterkit_batch_adapters_bucket{le="1.0"}'
+    single = float(next(line.split()[-1] for line in lines if line.startswith(one_adapter)))
+    total = float(next(line.split()[-1] for line in lines if line.startswith("adapterkit_batch_adapters_count")))
     assert total > single
     assert engine.stats.evictions > 0

@@ -1,0 +1,207 @@
+"""Step-wise decoding: a running batch that rows join and leave between steps (continuous batching).
+
+``decode_batch`` (adapters.modeling.generation) decodes a fixed batch to its end. ``DecodeState`` is the same
+decoding split into calls, so a server can schedule at the granularity of one token (iteration-level
+scheduling, Yu et al. 2022, "Orca: A Distributed Serving System for Transformer-Based Generative Models"):
+``add`` prefills new rows in a forward pass of their own and merges their KV cache into the running batch's,
+``step`` picks one token for every row, and rows that finish (or are removed) leave the batch and the cache.
+Each row is left-padded with position ids that skip the padding, as in decode_batch, so a row decodes to the
+same tokens whenever it joins (greedy; up to float rounding across batch shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from adapters.modeling.generation import DecodedRow, SamplingParams, _left_pad, _Row, score_prompt
+
+StepEvent = tuple[Hashable, "int | None", "DecodedRow | None"]  # (row key, token emitted or None, finished row)
+
+
+class DecodeState:
+    """A batch being decoded one token at a time; rows join (``add``) and leave (finish, ``remove``) between steps.
+
+    ``forward(input_ids [rows, seq], attention_mask [rows, past + seq], position_ids [rows, seq],
+    past_key_values, use_cache, logits_to_keep, adapter_names)`` is the model call, as for decode_batch;
+    ``adapter_names`` is one name per row of the call (the ``names`` given to ``add``). ``stop_token_ids``: ids
+    that end a row (EOS). ``pad_id``: the token under the left padding. Not thread-safe: one caller at a time
+    (the caller holds the model's lock around ``add``, ``step`` and ``remove``).
+
+    Between calls the batch holds, per row: its key, adapter name and _Row (settings, emitted tokens), the
+    attention mask [rows, width] over the KV cache (left padding 0), the next position [rows, 1], and either
+    the logits [rows, vocab] of its next token or the tokens picked last step, not yet fed to the model.
+    """
+
+    def __init__(self, tokenizer, stop_token_ids: set[int], pad_id: int, device: torch.device | str = "cpu"):
+        self.tokenizer, self.stop_token_ids, self.pad_id, self.device = tokenizer, stop_token_ids, pad_id, device
+        self.keys: list[Hashable] = []
+        self.names: list[str | None] = []
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # [rows, width]
+        self._next_pos: torch.Tensor | None = None  # [rows, 1]
+        self._logits: torch.Tensor | None = None  # [rows, vocab], when the rows' next tokens are not picked yet
+        self._pending: list[int] | None = None  # tokens picked by the last step, one per row, not yet fed
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def can_join(self) -> bool:
+        """Whether rows may join now: the batch is empty, or its KV cache is one whose layers can be merged
+        (transformers' DynamicLayer: keys/values [rows, heads, width, head_dim]; not sliding-window layers)."""
+        return not self.keys or _mergeable(self._cache)
+
+    @torch.inference_mode()
+    def add(
+        self,
+        forward: Callable[..., Any],
+        keys: list[Hashable],
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        names: list[str | None] | None = None,
+    ) -> None:
+        """Prefill ``prompts`` (token ids per row) in one forward pass and merge the rows into the batch.
+
+        ``keys``: one hashable per row, naming it in step()'s events and in remove(). ``params``: one
+        SamplingParams per row; ``names``: one adapter name per row (None: ``adapter_names`` is not passed).
+        The running rows' last picked tokens are fed first. Raises ConfigError for an empty prompt and
+        RuntimeError when rows cannot join now (see can_join); on any error the running rows go on unharmed.
+        """
+        if not prompts:
+            return
+        if not self.can_join():
+            raise RuntimeError("this model's KV cache cannot take rows while others decode")
+        input_ids, mask = _left_pad(prompts, self.pad_id)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [new rows, width]: padding does not advance the position
+        rows = [_Row(p) for p in params]
+        scored = [i for i, p in enumerate(params) if p.prompt_logprobs is not None]
+        self._feed(forward)
+        out = forward(  # every position's logits only when a prompt is scored (0 keeps all)
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+            logits_to_keep=0 if scored else 1, **_names_kwarg(names),
+        )
+        for i in scored:  # row i's prompt is the last len(prompts[i]) positions (left padding)
+            rows[i].prompt_logprobs = score_prompt(
+                out.logits[i, -len(prompts[i]):], prompts[i], params[i].prompt_logprobs
+            )
+        logits = out.logits[:, -1, :]  # [new rows, vocab]
+        if self.keys:
+            self._mask = _merge_caches(self._cache, self._mask, out.past_key_values, mask)
+            self._next_pos = torch.cat([self._next_pos, positions[:, -1:] + 1])
+            self._logits = torch.cat([self._logits, logits])
+        else:
+            self._cache, self._mask, self._logits = out.past_key_values, mask, logits
+            self._next_pos = positions[:, -1:] + 1
+        self.keys.extend(keys)
+        self.names.extend(names if names is not None else [None] * len(keys))
+        self._rows.extend(rows)
+
+    @torch.inference_mode()
+    def step(self, forward: Callable[..., Any]) -> list[StepEvent]:
+        """Pick one token for every row: feed the tokens picked last step (one forward pass), then choose.
+
+        Returns one event per row, in batch order: (key, token, None) for a row that goes on, (key, token or
+        None, DecodedRow) for one that finished (the token is None when it ended on EOS or its budget without
+        emitting one). Finished rows leave the batch and the KV cache.
+        """
+        self._feed(forward)
+        if self._logits is None:
+            return []
+        logprobs = torch.log_softmax(self._logits.float(), dim=-1)  # [rows, vocab]
+        events: list[StepEvent] = []
+        keep, picked = [], []
+        for b, row in enumerate(self._rows):
+            emitted = len(row.tokens)
+            result = row.step(self._logits[b], logprobs[b], self.stop_token_ids, self.tokenizer)
+            token = row.tokens[-1] if len(row.tokens) > emitted else None
+            if isinstance(result, DecodedRow):
+                events.append((self.keys[b], token, result))
+            else:
+                events.append((self.keys[b], token, None))
+                keep.append(b)
+                picked.append(result)
+        self._logits = None
+        self._select(keep)
+        self._pending = picked if keep else None
+        return events
+
+    def remove(self, keys: set[Hashable]) -> None:
+        """Drop the rows named by ``keys`` (cancelled) from the batch and the KV cache; unknown keys are ignored."""
+        keep = [b for b, key in enumerate(self.keys) if key not in keys]
+        if len(keep) == len(self.keys):
+            return
+        if self._pending is not None:
+            self._pending = [self._pending[b] for b in keep] or None
+        if self._logits is not None:
+            self._logits = self._logits[keep] if keep else None
+        self._select(keep)
+
+    def _feed(self, forward: Callable[..., Any]) -> None:
+        """Run the tokens picked last step through the model; their logits become the rows' next ones."""
+        if self._pending is None:
+            return
+        step_ids = torch.tensor(self._pending, dtype=torch.long, device=self._mask.device).unsqueeze(1)  # [rows, 1]
+        self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)
+        out = forward(
+            input_ids=step_ids, attention_mask=self._mask, position_ids=self._next_pos, past_key_values=self._cache,
+            use_cache=True, logits_to_keep=1, **_names_kwarg(self.names),
+        )
+        self._cache, self._logits, self._pending = out.past_key_values, out.logits[:, -1, :], None
+        self._next_pos = self._next_pos + 1
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep rows ``keep`` (batch indices, in order) and drop the cache columns no kept row attends to."""
+        if len(keep) == len(self.keys):
+            return
+        self.keys = [self.keys[b] for b in keep]
+        self.names = [self.names[b] for b in keep]
+        self._rows = [self._rows[b] for b in keep]
+        if not keep:
+            self._cache = self._mask = self._next_pos = self._logits = self._pending = None
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self._mask.device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._next_pos = self._mask[index], self._next_pos[index]
+        if _mergeable(self._cache):  # left columns padding for every kept row: cut them
+            first = int(self._mask.any(dim=0).nonzero()[0])
+            if first > 0:
+                self._mask = self._mask[:, first:]
+                for layer in self._cache.layers:
+                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+
+def _names_kwarg(names: list[str | None] | None) -> dict:
+    """forward's ``adapter_names`` argument: one name per row, or nothing when the rows were added without."""
+    return {} if names is None or None in names else {"adapter_names": list(names)}
+
+
+def _mergeable(cache: Any) -> bool:
+    """Whether ``cache`` is a KV cache of filled full-attention DynamicLayers (their tensors can be padded and
+    joined; a sliding-window layer keeps only its window)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.keys is not None for layer in layers)
+
+
+def _merge_caches(cache: Any, mask: torch.Tensor, new_cache: Any, new_mask: torch.Tensor) -> torch.Tensor:
+    """Append ``new_cache``'s rows to ``cache`` (in place), left-padding the shorter one's keys and values with
+    zeros to one width; returns the joined attention mask [rows + new rows, width] (padding 0)."""
+    width = max(mask.shape[1], new_mask.shape[1])
+    for layer, new in zip(cache.layers, new_cache.layers):
+        layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(new.keys, width)])
+        layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(new.values, width)])
+    return torch.cat([_pad_left(mask, width, dim=1), _pad_left(new_mask, width, dim=1)])
+
+
+def _pad_left(x: torch.Tensor, width: int, dim: int = -2) -> torch.Tensor:
+    """``x`` with zeros before its entries along ``dim`` up to ``width`` (keys/values [rows, heads, seq, dim]: -2)."""
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)

@@ -1,0 +1,125 @@
+"""What every route needs: the engine, settings, batcher and metrics of its app, and the shared checks.
+
+Routes take ``server: Server`` (a FastAPI dependency) and get a ServerContext built from ``request.app.state``,
+which ``create_app`` fills; a test can fill it by hand to mount one router alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from adapters.serving.engine import BASE, InferenceEngine
+from adapters.serving.http.batcher import Batcher, ContinuousBatcher
+from adapters.serving.http.metrics import ServerMetrics
+from adapters.serving.http.middleware import APIError, api_error_of
+from adapters.serving.http.settings import ServerSettings
+from adapters.serving.http.traffic import log_traffic
+from adapters.store.refs import is_path_ref
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """One app's engine, settings, batcher and metrics, with the request checks and bookkeeping routes share.
+
+    Every check raises APIError (a 4xx the client can fix) rather than returning a flag.
+    """
+
+    engine: InferenceEngine
+    settings: ServerSettings
+    batcher: Batcher | ContinuousBatcher
+    metrics: ServerMetrics
+
+    def check_adapter(self, ref: str) -> str:
+        """The stripped reference ``ref`` ("base", name, name@3, name@tag); 404 when the store has no such adapter.
+
+        Folder references are refused (400) unless ``settings.allow_path_refs``.
+        """
+        if not isinstance(ref, str) or not ref.strip():
+            raise APIError(400, "model: give 'base' or an adapter reference", param="model")
+        ref = ref.strip()
+        if is_path_ref(ref) and not self.settings.allow_path_refs:
+            raise APIError(
+                400, "folder references are disabled on this server; use name, name@<version> or name@<tag>",
+                param="model",
+            )
+        if ref != BASE:
+            try:
+                self.engine.key_of(ref)  # cheap: unknown names, versions and tags fail here with 404
+            except Exception as err:  # noqa: BLE001
+                raise api_error_of(err) from None
+        return ref
+
+    def check_task(self, task: str, endpoint: str) -> None:
+        """400 unless the engine serves ``task`` ("causal-lm" or "sequence-classification")."""
+        if self.engine.task != task:
+            message = f"{endpoint} needs a {task} model; this server serves {self.engine.task}"
+            raise APIError(400, message, param="model")
+
+    def check_tokens(self, n: int, what: str) -> None:
+        """400 when an input of ``n`` tokens is over ``settings.max_prompt_tokens``; ``what`` names the field."""
+        if n > self.settings.max_prompt_tokens:
+            message = f"{what} is {n} tokens, over the limit of {self.settings.max_prompt_tokens}"
+            raise APIError(400, message, param=what)
+
+    def check_max_tokens(self, value: int) -> None:
+        """400 when a request asks for more than ``settings.max_tokens`` new tokens."""
+        if value > self.settings.max_tokens:
+            raise APIError(
+                400, f"max_tokens {value} is over the server limit of {self.settings.max_tokens}", param="max_tokens"
+            )
+
+    async def run_job(self, kind: str, rows: list) -> list:
+        """Run ``rows`` through the batcher ("generate" or "classify") and await the engine's results, in order.
+
+        Raises the engine's error mapped to an APIError (api_error_of).
+        """
+        future = self.batcher.submit(kind, rows)
+        try:
+            return await asyncio.wrap_future(future)
+        except Exception as err:  # noqa: BLE001
+            raise api_error_of(err) from None
+
+    def answers_are_labels(self, ref: str) -> bool:
+        """Whether this causal-LM adapter's drift reference watches its answers as labels."""
+        if ref == BASE:
+            return False
+        try:
+            # resident after the request: no file I/O
+            stats = self.engine.adapter_of(ref).manifest.get("reference") or {}
+        except Exception:  # noqa: BLE001 - the request itself succeeded; logging just gets no label
+            return False
+        return bool(stats.get("labels"))
+
+    def record(self, endpoint: str, ref: str, started: float, status: int, **fields: Any) -> None:
+        """Count the request in the metrics and hand its rows to the traffic hook (see log_traffic for ``fields``)."""
+        self.metrics.observe_request(endpoint, ref, started, status, fields)
+        log_traffic(self.settings, self.engine, endpoint, ref, started, status, fields)
+
+    async def guarded(self, endpoint: str, ref: str, work: Callable[[], Awaitable[tuple[Any, dict]]]) -> Any:
+        """Await ``work()`` -> (response, traffic fields), record the request either way and return the response.
+
+        An APIError is recorded with its status and raised again for the exception handler.
+        """
+        started = time.perf_counter()
+        try:
+            response, fields = await work()
+        except APIError as err:
+            self.record(endpoint, ref, started, err.status)
+            raise
+        self.record(endpoint, ref, started, 200, **fields)
+        return response
+
+
+def server_context(request: Request) -> ServerContext:
+    """FastAPI dependency: the ServerContext of the app serving ``request``."""
+    state = request.app.state
+    return ServerContext(state.engine, state.settings, state.batcher, state.metrics)
+
+
+Server = Annotated[ServerContext, Depends(server_context)]
