@@ -43,7 +43,7 @@ class QuantizationConfig(Strict):
 class ModelConfig(Strict):
     """``model``: which backbone, in which dtype, and how it is loaded."""
 
-    name: str = Field(..., description="Built-in name (see `adapterkit models`), a local folder, or a hub id.")
+    name: str = Field(..., description="Built-in name (see `adapterkit builtins`), a local folder, or a hub id.")
     revision: str | None = Field(None, description="Hub revision (ignored for built-ins and folders).")
     dtype: DType = Field("float32", description="Weights dtype. float32 is the fast choice on CPU.")
     quantization: QuantizationConfig | None = Field(None, description="Load the backbone quantized.")
@@ -108,7 +108,7 @@ class DataConfig(Strict):
     """``data``: where the rows come from, which columns hold input and target, and the prompt format."""
 
     name: str = Field(
-        ..., description="Built-in data set (see `adapterkit datasets`), a csv/json/jsonl/parquet file, or a hub id."
+        ..., description="Built-in data set (see `adapterkit builtins`), a csv/json/jsonl/parquet file, or a hub id."
     )
     text_field: str = Field("text", description="Input text column.")
     label_field: str = Field("label", description="Label column (classification) or target column.")

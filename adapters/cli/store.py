@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
 
     parser = argparse.ArgumentParser(
-        prog="adapters", parents=[common],
+        prog="adapterkit store", parents=[common],
         description="Manage the versioned adapter store. References: name, name@3, name@prod, or a folder path.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -102,4 +102,23 @@ def resolve_model(name: str) -> str:
         return str(path)
     if name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name: folder {name} does not exist")
+    if _hub_offline() and not _in_hub_cache(name):
+        raise ConfigError(
+            f"model.name: {name!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a local folder, "
+            "and the model hub is offline (HF_HUB_OFFLINE=1) with no cached copy"
+        )
     return name  # a hub id, for users with internet
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    # huggingface_hub only when a hub id is named: `adapterkit builtins` stays light.
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id at all
+        return False
