@@ -8,18 +8,27 @@ and the method registry it imports stay free of peft, transformers and datasets,
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adapters.constants import CAUSAL_LM_METRICS, CLASSIFICATION_METRICS, GENERATION_METRICS, Task
+from adapters.constants import (
+    CAUSAL_LM_METRICS,
+    CLASSIFICATION_METRICS,
+    GENERATION_METRICS,
+    PREFERENCE_METRICS,
+    Task,
+)
 from adapters.errors import ConfigError
 from adapters.methods import get_method, list_methods
 from adapters.methods.base import MethodOptions
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+# Row formats a data set may hold (adapters.data.formats); "auto" finds it from the columns.
+DataFormatName = Literal["auto", "text", "messages", "sharegpt", "alpaca", "prompt-completion", "preference"]
 
 
 class Strict(BaseModel):
@@ -110,10 +119,17 @@ class DataConfig(Strict):
     name: str = Field(
         ..., description="Built-in data set (see `adapterkit builtins`), a csv/json/jsonl/parquet file, or a hub id."
     )
+    format: DataFormatName = Field(
+        "auto", description="Row format: messages, sharegpt, alpaca, prompt-completion, preference, or text "
+        "(text_field + response_field/label_field); auto finds it from the columns (adapters.data.formats)."
+    )
     text_field: str = Field("text", description="Input text column.")
     label_field: str = Field("label", description="Label column (classification) or target column.")
     response_field: str | None = Field(
         None, description="Target text column for causal-lm (defaults to label_field)."
+    )
+    rejected_field: str = Field(
+        "rejected", description="Rejected-response column of preference rows (train.objective dpo/orpo/kto/simpo)."
     )
     label_names: dict[str, str] | None = Field(None, description="Rename labels, e.g. {LOC: location}.")
     system_prompt: str | None = Field(None, description="System message for chat-template prompts.")
@@ -137,6 +153,71 @@ class EarlyStoppingConfig(Strict):
     mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
     patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
     min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement.")
+
+
+Objective = Literal["sft", "dpo", "orpo", "kto", "simpo", "grpo"]
+#: Objectives trained on (prompt, chosen, rejected) rows.
+PREFERENCE_OBJECTIVES: tuple[str, ...] = ("dpo", "orpo", "kto", "simpo")
+#: Reward functions GRPO knows by name (adapters.training.objectives.rewards); "module:function" imports one.
+REWARD_NAMES: tuple[str, ...] = ("exact_match", "regex", "length_penalty")
+
+
+class PreferenceConfig(Strict):
+    """``train.preference``: the loss options of dpo, orpo, kto and simpo (adapters.training.objectives)."""
+
+    beta: float | None = Field(
+        None, gt=0, description="Temperature of the implicit reward (ORPO: the odds-ratio weight lambda). "
+        "None: the objective's usual value (dpo, kto, orpo 0.1; simpo 2.0)."
+    )
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(
+        "sigmoid", description="DPO's loss on the reward margin: sigmoid (DPO), hinge (SLiC), ipo (IPO)."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin gamma.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO's weight of the chosen (desirable) completions.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO's weight of the rejected (undesirable) ones.")
+
+
+class RewardConfig(Strict):
+    """One entry of ``train.grpo.rewards``: a reward function by name, or a Python callable as "module:function"."""
+
+    name: str = Field(..., description="exact_match, regex, length_penalty, or module:function.")
+    weight: float = Field(1.0, description="Weight of this reward in the sum GRPO normalizes.")
+    pattern: str | None = Field(None, description="regex: 1.0 when the pattern is found in the completion.")
+
+    @model_validator(mode="after")
+    def _known(self) -> RewardConfig:
+        if self.name not in REWARD_NAMES and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.name):
+            raise ConfigError(
+                f"train.grpo.rewards: unknown reward {self.name!r}; valid: {', '.join(REWARD_NAMES)}, "
+                "or a Python callable as 'module:function'"
+            )
+        if (self.name == "regex") != (self.pattern is not None):
+            raise ConfigError("train.grpo.rewards: 'pattern' goes with name 'regex' (and only with it)")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as err:
+                raise ConfigError(
+                    f"train.grpo.rewards: pattern {self.pattern!r} is not a regular expression: {err}"
+                ) from None
+        return self
+
+
+class GRPOConfig(Strict):
+    """``train.grpo``: group-relative policy optimization (Shao et al. 2024) with verifiable rewards."""
+
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    max_new_tokens: int = Field(8, ge=1, description="Tokens per sampled completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (also scales the trained log-probs).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the base (adapter disabled); 0: none.")
+    scale_rewards: Literal["group", "none"] = Field(
+        "group", description="Divide each advantage by its group's reward std ('group') or not ('none', Dr. GRPO)."
+    )
+    rewards: list[RewardConfig] = Field(
+        default_factory=lambda: [RewardConfig(name="exact_match")], min_length=1,
+        description="Reward functions, summed with their weights.",
+    )
 
 
 class TrainConfig(Strict):
@@ -175,6 +256,10 @@ class TrainConfig(Strict):
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of every random number generator (numpy's range).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="'no' on CPU: bf16 is ~20x slower there.")
     group_by_length: bool = Field(True, description="Batch rows of similar length (less padding).")
+    packing: bool = Field(
+        False, description="causal-lm: pack several training rows into each row of data.max_length tokens, "
+        "attention kept within each (adapters.data.packing)."
+    )
     log_every: int = Field(10, ge=1)
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     unfreeze_every: int | None = Field(
@@ -183,6 +268,12 @@ class TrainConfig(Strict):
         description="Gradual unfreezing: start with the head alone, open one more block from the top every N units.",
     )
     unfreeze_unit: Literal["epoch", "step"] = Field("epoch", description="Unit of unfreeze_every.")
+    objective: Objective = Field(
+        "sft", description="sft (cross-entropy on the response), dpo, orpo, kto, simpo (preference rows: "
+        "data.rejected_field), or grpo (sampled completions scored by train.grpo.rewards)."
+    )
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
 
 
 class OutputConfig(Strict):
@@ -255,14 +346,33 @@ class RunConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _packing_fits(self) -> RunConfig:
+        # Packing joins causal-lm rows for the token-level SFT loss; a classifier or a pairwise loss has no use for it.
+        if self.train.packing and (self.task != "causal-lm" or self.train.objective != "sft"):
+            raise ConfigError(
+                f"train.packing works with task causal-lm and train.objective sft, not {self.task} / "
+                f"{self.train.objective}; set train.packing: false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _early_stopping_metric_exists(self) -> RunConfig:
         # A metric the validation never reports would never stop the run (and never pick a best).
         stopping = self.train.early_stopping
-        valid = validation_metrics(self.task)
+        valid = validation_metrics(self.task, self.train.objective)
         if stopping is not None and stopping.metric not in valid:
             raise ConfigError(
                 f"train.early_stopping.metric: {stopping.metric!r} is not a validation metric of {self.task}; "
                 f"valid: {', '.join(valid)}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits_task(self) -> RunConfig:
+        # Preference and RL objectives score generated text: only a causal LM has any.
+        if self.train.objective != "sft" and self.task != "causal-lm":
+            raise ConfigError(
+                f"train.objective {self.train.objective!r} trains a causal LM; task {self.task!r} takes only 'sft'"
             )
         return self
 
@@ -271,13 +381,15 @@ class RunConfig(Strict):
         return get_method(self.method.name).parse_options(self.method.options)
 
 
-def validation_metrics(task: str) -> tuple[str, ...]:
+def validation_metrics(task: str, objective: str = "sft") -> tuple[str, ...]:
     """The metrics the validation split reports for `task` ("eval_" + the evaluator's keys,
     adapters.evaluation.evaluator): what early stopping and the ladder can watch. Causal-lm's
-    eval_exact_match makes every evaluation generate answers (adapters.training.validation)."""
+    eval_exact_match makes every evaluation generate answers (adapters.training.validation);
+    preference objectives add PREFERENCE_METRICS (adapters.evaluation.preference)."""
     if task == "sequence-classification":
         return tuple(f"eval_{m}" for m in CLASSIFICATION_METRICS)
-    return tuple(f"eval_{m}" for m in CAUSAL_LM_METRICS + GENERATION_METRICS)
+    extra = PREFERENCE_METRICS if objective in PREFERENCE_OBJECTIVES else ()
+    return tuple(f"eval_{m}" for m in CAUSAL_LM_METRICS + GENERATION_METRICS + extra)
 
 
 def _format_validation_error(err: ValidationError, prefix: str = "") -> str:

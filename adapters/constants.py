@@ -16,6 +16,8 @@ CLASSIFICATION_METRICS: tuple[str, ...] = (
 CAUSAL_LM_METRICS: tuple[str, ...] = ("loss", "perplexity")
 #: Causal-lm metrics of generated answers: measured only when the evaluation generates.
 GENERATION_METRICS: tuple[str, ...] = ("exact_match",)
+#: Causal-lm metrics of preference pairs (adapters.evaluation.preference), on data with rejected responses.
+PREFERENCE_METRICS: tuple[str, ...] = ("preference_accuracy", "logp_margin")
 
 #: peft's adapter config file, next to the adapter weights.
 ADAPTER_CONFIG = "adapter_config.json"
@@ -25,3 +27,5 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "manifest.json"
 #: peft's `adapter_names` value for a row that runs on the bare base (no adapter).
 PEFT_BASE = "__base__"
+#: Runtimes ``adapterkit parity`` compares adapterkit's engine with (adapters.serving.parity).
+RUNTIMES: tuple[str, ...] = ("peft", "transformers", "vllm", "gguf")

@@ -10,6 +10,7 @@ under ``ServerSettings.batching = "continuous"`` (rows join and leave the runnin
 steps) and ``"window"`` (requests gathered for --window-ms run as one batch to its end):
 - one adapter: every client uses the same adapter;
 - N adapters, mixing: each client its own adapter, batches may mix adapters;
+- the same with mixed lengths: client i asks for max_tokens x (1/4, 1/2, 1, 2)[i % 4] tokens;
 - N adapters, no mixing (window only, as before: one engine batch per adapter).
 The engine holds clients + 1 adapters: continuous batching keeps one slot free of running rows.
 Writes benchmarks/results/server_latency.{json,md}.
@@ -36,16 +37,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_workload(engine, args, name: str, adapters: list[str], mix: bool, batching: str) -> dict:
-    """Serve ``engine`` with one batching mode and drive it with ``args.clients`` streaming clients."""
+def run_workload(engine, args, name: str, adapters: list[str], mix: bool, batching: str,
+                 lengths: list[int] | None = None) -> dict:
+    """Serve ``engine`` with one batching mode and drive it with ``args.clients`` streaming clients; client i
+    uses ``adapters[i]`` and asks for ``lengths[i]`` new tokens (default: ``args.max_tokens``)."""
+    lengths = lengths or [args.max_tokens] * args.clients
     import httpx
 
     from adapters.serving.http.app import BackgroundServer, create_app
     from adapters.serving.http.settings import ServerSettings
 
     settings = ServerSettings(batch_window_ms=args.window_ms, max_batch_size=args.clients, mix_adapters=mix,
-                              max_tokens=args.max_tokens, batching=batching)
+                              max_tokens=max(lengths), batching=batching, join_every_steps=args.join_every_steps)
     latencies: list[float] = []
+    tokens: list[int] = []
     first_tokens: list[float] = []
     failures: list[str] = []
     with BackgroundServer(create_app(engine, settings)) as server:
@@ -54,7 +59,7 @@ def run_workload(engine, args, name: str, adapters: list[str], mix: bool, batchi
             with httpx.Client(base_url=server.url, timeout=600) as http:
                 for k in range(args.requests):
                     body = {"model": adapters[i], "prompt": f"Client {i} request {k}: write about the weather.",
-                            "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+                            "max_tokens": lengths[i], "temperature": 0, "ignore_eos": True, "stream": True,
                             "stream_options": {"include_usage": True}}
                     t0 = time.perf_counter()
                     first, usage = None, None
@@ -68,7 +73,8 @@ def run_workload(engine, args, name: str, adapters: list[str], mix: bool, batchi
                             usage = chunk.get("usage") or usage
                     latencies.append(time.perf_counter() - t0)
                     first_tokens.append(first if first is not None else latencies[-1])
-                    if r.status_code != 200 or not usage or usage["completion_tokens"] != args.max_tokens:
+                    tokens.append(usage["completion_tokens"] if usage else 0)
+                    if r.status_code != 200 or tokens[-1] != lengths[i]:
                         failures.append(f"{r.status_code} {usage}")
 
         with httpx.Client(base_url=server.url) as http:  # warm-up
@@ -88,7 +94,7 @@ def run_workload(engine, args, name: str, adapters: list[str], mix: bool, batchi
         "workload": name, "batching": batching, "requests": len(latencies), "failures": len(failures),
         "wall_seconds": wall, "p50_ms": statistics.median(latencies) * 1e3, "p99_ms": percentile(latencies, 0.99) * 1e3,
         "ttft_p50_ms": statistics.median(first_tokens) * 1e3, "ttft_p99_ms": percentile(first_tokens, 0.99) * 1e3,
-        "requests_per_s": len(latencies) / wall, "tokens_per_s": len(latencies) * args.max_tokens / wall,
+        "requests_per_s": len(latencies) / wall, "tokens_per_s": sum(tokens) / wall,
         # window: rows per engine batch; continuous: rows per decode step (prefills of joining rows not counted)
         "mean_batch_rows": rows / batches if batches else None,
     }
@@ -100,6 +106,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3, help="requests per client")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--window-ms", type=float, default=10.0)
+    p.add_argument("--join-every-steps", type=int, default=4, help="continuous: waiting requests join together "
+                   "at most every this many decode steps (one prefill pass)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; see load_avg)")
     p.add_argument("--out", default="benchmarks/results/server_latency")
     args = p.parse_args()
@@ -110,20 +118,26 @@ def main() -> None:
 
     results: dict = {"command": "python " + " ".join(sys.argv), "machine": machine(), "base": BASE,
                      "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-                     "batch_window_ms": args.window_ms}
+                     "batch_window_ms": args.window_ms, "join_every_steps": args.join_every_steps}
     with tempfile.TemporaryDirectory() as tmp:
         refs = publish_random_loras(Path(tmp) / "store", args.clients)
         engine = InferenceEngine(BASE, capacity=args.clients + 1, store=Path(tmp) / "store")
         for r in refs:
             engine.load(r)
         one, many = [refs[0]] * args.clients, refs
+        mixed = f"{args.clients} adapters, mixed batches"
+        spread = [args.max_tokens * f // 4 for f in (1, 2, 4, 8)] * args.clients  # 1/4 to 2x max_tokens
+        results["lengths_spread"] = sorted(set(spread))
         results["workloads"] = [
-            run_workload(engine, args, "one adapter", one, True, "continuous"),
-            run_workload(engine, args, "one adapter", one, True, "window"),
-            run_workload(engine, args, f"{args.clients} adapters, mixed batches", many, True, "continuous"),
-            run_workload(engine, args, f"{args.clients} adapters, mixed batches", many, True, "window"),
-            run_workload(engine, args, f"{args.clients} adapters, one batch per adapter", many, False, "window"),
-        ]
+            run_workload(engine, args, "one adapter", one, True, batching)
+            for batching in ("continuous", "window")
+        ] + [
+            run_workload(engine, args, mixed, many, True, batching) for batching in ("continuous", "window")
+        ] + [
+            run_workload(engine, args, mixed + ", lengths " + "/".join(map(str, sorted(set(spread)))), many, True,
+                         batching, spread[: args.clients])
+            for batching in ("continuous", "window")
+        ] + [run_workload(engine, args, f"{args.clients} adapters, one batch per adapter", many, False, "window")]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
@@ -141,7 +155,8 @@ def render_md(r: dict) -> str:
         f"Command: `{r['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average at start "
         f"{tuple(round(x, 1) for x in m['load_avg'])} (shared machine), git {m['git']}; loopback HTTP, streamed "
-        f"completions (latency: to the last chunk; TTFT: to the first text chunk), window {r['batch_window_ms']} ms",
+        f"completions (latency: to the last chunk; TTFT: to the first text chunk), window {r['batch_window_ms']} ms, "
+        f"continuous: requests join at most every {r['join_every_steps']} decode steps",
         "",
         "| workload | batching | requests | failures | p50 | p99 | TTFT p50 | TTFT p99 | requests/s | tokens/s "
         "| rows per step / batch |",

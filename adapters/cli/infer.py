@@ -58,6 +58,20 @@ def _records(args: argparse.Namespace) -> list[dict]:
     return [{"prompt": args.prompt, "raw": args.raw}]
 
 
+def _base(args: argparse.Namespace):
+    """The base model config: --base and --quantization, pooled as the adapter's classifier was trained."""
+    # The config and the store load with the serving stack, after parsing.
+    from adapters.config import ModelConfig, QuantizationConfig
+    from adapters.store.store import AdapterStore
+
+    quantization = QuantizationConfig(bits=args.quantization) if args.quantization else None
+    pooling = "auto"
+    if args.adapter != "base" and args.task == "sequence-classification":
+        _, manifest = AdapterStore(args.store).resolve(args.adapter, verify=False)
+        pooling = (((manifest or {}).get("training") or {}).get("model") or {}).get("pooling") or "auto"
+    return ModelConfig(name=args.base, quantization=quantization, pooling=pooling)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`adapterkit infer`: print or write the outputs; returns the exit status (module docstring)."""
     parser = build_parser()
@@ -65,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     # serving imports transformers: loaded after parsing so --help and usage errors answer at once.
     from adapters.serving.engine import InferenceEngine, infer_records, write_jsonl
     from adapters.serving.merge import merge_and_export
+    from adapters.serving.standalone import StandaloneEngine, needs_own_model
 
     try:
         if args.export:
@@ -75,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.input and args.prompt is None:
             parser.error("give --prompt, --input or --export")
         records = _records(args)
-        engine = InferenceEngine(args.base, task=args.task, quantization=args.quantization, capacity=4,
-                                 store=args.store)
+        if needs_own_model(args.adapter, args.store):  # full/partial/head-only: base + artifact is one model
+            engine = StandaloneEngine(args.base, args.adapter, task=args.task, quantization=args.quantization,
+                                      capacity=4, store=args.store)
+        else:
+            engine = InferenceEngine(_base(args), task=args.task, capacity=4, store=args.store)
         defaults = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                     "seed": args.seed, "stop": args.stop}
         outputs = infer_records(engine, records, adapter=args.adapter, defaults=defaults, batch_size=args.batch_size)

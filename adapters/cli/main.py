@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "monitor": ("adapters.cli.monitor", "compare logged traffic with an adapter's training reference (drift)"),
     "retrain": ("adapters.cli.retrain", "train a stored adapter's next version on labeled data; promote if not worse"),
     "ladder": ("adapters.cli.ladder", "train stages in turn, each from the best so far, until one does not improve"),
+    "export": ("adapters.cli.export", "write an adapter as the folder peft, transformers, vLLM or llama.cpp expects"),
+    "parity": ("adapters.cli.parity", "check that another runtime gives adapterkit's outputs on the adapter's data"),
     "methods": ("adapters.cli.main", "list every adaptation method and its options"),
     "builtins": ("adapters.cli.main", "list the built-in models and datasets"),
 }

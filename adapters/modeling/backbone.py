@@ -21,13 +21,13 @@ from transformers import (
     AutoTokenizer,
     BitsAndBytesConfig,
 )
-from transformers.modeling_outputs import SequenceClassifierOutput
 
 from adapters.config import ModelConfig, QuantizationConfig
 from adapters.distributed import zero3_enabled
 from adapters.errors import ConfigError
 from adapters.methods.base import ModelInfo
 from adapters.modeling.builtins import BUILTIN_MODELS, resolve_model
+from adapters.modeling.mean_pooling import MeanPoolingForSequenceClassification
 
 log = logging.getLogger(__name__)
 
@@ -244,90 +244,33 @@ def _has_pooler(path: str) -> bool:
     return cfg.model_type in ("bert", "roberta", "xlm-roberta", "electra")
 
 
-class MeanPoolingClassifier(nn.Module):
-    """A sentence encoder with a linear head on mean-pooled token states.
+class MeanPoolingClassifier(MeanPoolingForSequenceClassification):
+    """adapterkit's mean-pooling classifier (adapters.modeling.mean_pooling), built around a loaded encoder
+    with a fresh head for `label2id` (class name -> id; `id2label` its inverse).
 
-    Sentence encoders such as MiniLM (Sentence-BERT, Reimers & Gurevych 2019) were trained to be
-    mean-pooled; a head on their CLS pooler starts from a representation they never optimised
-    (0.32 vs 0.8+ on TREC, frozen). Exposes the pieces peft expects of a transformers model
-    (config, input embeddings).
+    Adapters saved before issue 15 named the encoder ``backbone.``; peft maps those keys to the
+    encoder's standard name on load through ``_checkpoint_conversion_mapping``. ``backbone`` stays
+    readable as an alias of the encoder.
     """
 
     adapterkit_head_names = ("classifier",)
 
     def __init__(self, backbone: nn.Module, label2id: dict[str, int], id2label: dict[int, str]):
-        super().__init__()
-        self.backbone = backbone
-        self.config = backbone.config
-        self.config.label2id = dict(label2id)
-        self.config.id2label = dict(id2label)
-        self.config.num_labels = len(label2id)
-        dropout = getattr(self.config, "hidden_dropout_prob", 0.1) or 0.0
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(self.config.hidden_size, len(label2id))
-        nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
-        self.loss_fct = nn.CrossEntropyLoss()
-
-    # peft and transformers helpers look for these
-    def get_input_embeddings(self):
-        return self.backbone.get_input_embeddings()
+        config = backbone.config
+        config.label2id = dict(label2id)
+        config.id2label = dict(id2label)
+        config.num_labels = len(label2id)
+        super().__init__(config, encoder=backbone)
+        self._checkpoint_conversion_mapping = legacy_key_mapping(self)
 
     @property
-    def num_labels(self) -> int:  # peft's sequence-classification wrapper reads it
-        return self.config.num_labels
+    def backbone(self) -> nn.Module:
+        """The wrapped encoder (its name before issue 15)."""
+        return self.base_model
 
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    def prepare_inputs_for_generation(self, *args, **kwargs):  # pragma: no cover - never generates
-        raise NotImplementedError
-
-    def forward(
-        self,
-        input_ids=None,
-        attention_mask=None,
-        inputs_embeds=None,
-        labels=None,
-        token_type_ids=None,
-        past_key_values=None,
-        **kwargs,
-    ):
-        """input_ids / attention_mask [batch, seq] (or inputs_embeds [batch, seq, hidden]), labels [batch]
-        -> SequenceClassifierOutput: logits [batch, num_labels], loss (mean cross-entropy) when labels are given.
-
-        The mask may be shorter than the states (peft prompt tokens prepended: they count as real) or
-        longer (prefix tuning: the prefix has no states of its own)."""
-        # past_key_values is named so that peft prefix tuning calls this forward (mean pooling intact)
-        # instead of the backbone alone; the prefix keys/values reach every attention layer.
-        if past_key_values is not None:
-            kwargs["past_key_values"] = past_key_values
-        kwargs.pop("num_items_in_batch", None)
-        kwargs.pop("output_attentions", None)
-        kwargs.pop("output_hidden_states", None)
-        kwargs.pop("return_dict", None)
-        out = self.backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            inputs_embeds=inputs_embeds,
-            token_type_ids=token_type_ids,
-            **kwargs,
-        )
-        states = out.last_hidden_state  # [batch, seq, hidden]
-        if attention_mask is None:
-            attention_mask = torch.ones(states.shape[:2], device=states.device, dtype=torch.long)
-        if attention_mask.shape[1] > states.shape[1]:  # prefix tuning: mask covers the prefix, which has no states
-            attention_mask = attention_mask[:, -states.shape[1] :]
-        if attention_mask.shape[1] != states.shape[1]:  # prompt tokens prepended by peft
-            extra = states.shape[1] - attention_mask.shape[1]
-            attention_mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], extra), attention_mask], dim=1)
-        mask = attention_mask.unsqueeze(-1).to(states.dtype)  # [batch, seq, 1]
-        pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-6)  # [batch, hidden]
-        logits = self.classifier(self.dropout(pooled))  # [batch, num_labels]
-        loss = self.loss_fct(logits.float(), labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+def legacy_key_mapping(model: nn.Module) -> dict[str, str]:
+    """Regex -> replacement for adapter keys saved when the encoder was named ``backbone``: peft's
+    ``key_mapping``; empty for models that never had that name."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return {r"^backbone\.": f"{prefix}."} if isinstance(model, MeanPoolingClassifier) and prefix else {}

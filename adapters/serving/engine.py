@@ -44,6 +44,7 @@ from adapters.modeling.generation import (
     encode_prompt,
     eos_ids,
 )
+from adapters.modeling.mean_pooling import MeanPoolingForSequenceClassification
 from adapters.paths import atomic_path
 from adapters.serving.passes import classify_logits, generate_prompt_learning
 from adapters.serving.peft_layers import PeftLayers
@@ -184,7 +185,8 @@ class InferenceEngine:
         max_positions = getattr(model.config, "max_position_embeddings", _DEFAULT_MAX_POSITIONS)
         self.max_input_tokens = max_input_tokens or int(max_positions or _DEFAULT_MAX_POSITIONS)
         self._stop_ids = eos_ids(model, self.tokenizer) if task == "causal-lm" else set()
-        self._resolver = AdapterResolver(store, task, self.base_name, head_module_names(model), allow_base_mismatch)
+        self._resolver = AdapterResolver(store, task, self.base_name, head_module_names(model), allow_base_mismatch,
+                                         mean_pooling=isinstance(model, MeanPoolingForSequenceClassification))
         self._layers = PeftLayers(model, fast_mixed_lora)
         self._pool = SlotPool(self._layers, capacity, self.stats)
         self.scheduler = DecodeScheduler(

@@ -18,6 +18,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 
+from adapters.methods.peft_base import load_peft_adapter
 from adapters.methods.targets import head_module_names
 from adapters.serving.mixed_lora import MixedLoraForward
 
@@ -46,15 +47,30 @@ class PeftLayers:
         The active slot stays active when it is in ``resident_slots``; otherwise ``slot`` becomes active."""
         if num_labels is not None:
             self.resize_heads(num_labels)
-        if self.peft is None:
-            self.peft = PeftModel.from_pretrained(
-                self.base_model, str(path), adapter_name=slot, is_trainable=False, low_cpu_mem_usage=True
-            )
-        else:
-            self.peft.load_adapter(str(path), adapter_name=slot, is_trainable=False, low_cpu_mem_usage=True)
+        try:
+            self.peft = load_peft_adapter(self.peft or self.base_model, path, adapter_name=slot, low_cpu_mem_usage=True)
+        except BaseException:
+            self._drop_failed(slot, resident_slots)
+            raise
         self.peft.eval()
         self._refresh_tuner_layers()
         self.activate(self.active_slot if self.active_slot in resident_slots else slot)
+
+    def _drop_failed(self, slot: str, resident_slots: list[str]) -> None:
+        """Undo an attach that failed (an adapter that does not fit the base): its half-built layers go, the
+        other slots stay as they were."""
+        if self.peft is not None:
+            if slot in self.peft.peft_config:
+                self.delete(slot, survivors=list(self.peft.peft_config.keys() - {slot}))
+            return
+        # The first adapter: peft wrapped the base in place before failing; restore its plain layers.
+        for name, module in list(self.base_model.named_modules()):
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                plain = module.original_module if isinstance(module, ModulesToSaveWrapper) else module.get_base_layer()
+                parent_name, _, attr = name.rpartition(".")
+                setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, attr, plain)
+        if hasattr(self.base_model, "peft_config"):
+            del self.base_model.peft_config
 
     def delete(self, slot: str, survivors: list[str]) -> None:
         """Delete the peft adapter ``slot``; ``survivors`` are the slots that stay. With none left,

@@ -17,10 +17,12 @@ from typing import Any
 
 from safetensors import safe_open
 
+from adapters.config import ModelConfig
 from adapters.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adapters.errors import ConfigError, StoreError
 from adapters.methods.base import method_of_config
 from adapters.methods.peft_base import PeftMethod
+from adapters.modeling.backbone import resolve_pooling
 from adapters.modeling.builtins import resolve_model
 from adapters.store.fingerprint import fingerprint_model
 from adapters.store.loading import check_base
@@ -72,18 +74,24 @@ class AdapterResolver:
     ``store``: an AdapterStore, its root folder, or None (the default store, opened on first use).
     ``head_names``: the base model's classification head modules (to read a head's size from a file).
     ``allow_base_mismatch``: serve adapters trained on another base, or without a manifest.
+    ``mean_pooling``: the base classifier mean-pools (adapters.modeling.mean_pooling); a classifier adapter
+    trained with the other pooling is refused (its tensors would land, and answer wrongly).
     """
 
-    def __init__(self, store: Any, task: str, base_name: str, head_names: list[str], allow_base_mismatch: bool = False):
+    def __init__(self, store: Any, task: str, base_name: str, head_names: list[str], allow_base_mismatch: bool = False,
+                 mean_pooling: bool = False):
         self.store = store
         self.task = task
         self.base_name = base_name
         self.head_names = list(head_names)
         self.allow_base_mismatch = allow_base_mismatch
+        self.mean_pooling = mean_pooling
         self._pinned_keys: dict[str, str] = {}
         self._verified: dict[str, list] = {}  # folder -> the folder_stamp it passed verification with
         self._resolved: dict[str, tuple[list, ResolvedAdapter]] = {}
         self._base_fingerprint: str | None = None
+        # Set by a standalone engine (adapters.serving.standalone): the one artifact it serves, folder key.
+        self.standalone_key: str | None = None
 
     def store_of(self) -> AdapterStore:
         """The adapter store that resolves references (the default store unless one was given)."""
@@ -126,6 +134,11 @@ class AdapterResolver:
         Raises ConfigError, StoreError or BaseMismatchError (a StoreError) naming the problem.
         """
         key = self.cached_key(ref)  # validates the reference
+        if self.standalone_key is not None and key != self.standalone_key:
+            raise ConfigError(
+                f"this engine serves the standalone model {self.standalone_key} (base + its own weights); "
+                f"it takes no other adapters, so {ref!r} cannot load here"
+            )
         stamp = folder_stamp(key)
         cached = self._resolved.get(key)
         if cached is not None and cached[0] == stamp:
@@ -146,10 +159,11 @@ class AdapterResolver:
         """Read the adapter config of a verified folder; refuse methods and tasks this engine cannot serve."""
         cfg = json.loads((path / ADAPTER_CONFIG).read_text())
         method = method_of_config(cfg, path)
-        if not isinstance(method, PeftMethod):
+        if not isinstance(method, PeftMethod) and key != self.standalone_key:
             raise ConfigError(
                 f"adapter {ref!r} uses method {method.name!r}, which changes the base model's own weights; "
-                "it cannot share a base with other adapters: load it as its own model instead"
+                "it cannot share a base with other adapters: run it as a standalone model "
+                "(adapterkit infer --base BASE --adapter REF, adapterkit serve --base BASE --model REF)"
             )
         task = manifest.get("task")
         if task and task != self.task:
@@ -157,6 +171,7 @@ class AdapterResolver:
         peft_type = str(cfg.get("peft_type", "")).upper()
         num_labels = None
         if self.task == "sequence-classification":
+            self._check_pooling(ref, manifest)
             labels = manifest.get("labels")
             num_labels = self._head_size(path) or (len(labels) if labels else None)
         return ResolvedAdapter(
@@ -171,6 +186,25 @@ class AdapterResolver:
             signature=config_signature(cfg),
             immutable=not is_path_ref(ref),
         )
+
+    def _check_pooling(self, ref: str, manifest: dict) -> None:
+        """ConfigError when the adapter's classifier pooled otherwise than this engine's base (mean vs the
+        architecture's own head): the tensors would land and the answers be wrong."""
+        trained = (manifest.get("training") or {}).get("model")
+        if not trained:
+            return  # nothing recorded
+        recorded = manifest.get("base_model") or {}
+        name = recorded.get("name") or self.base_name  # a built-in's name says its pooling
+        trained_mean = resolve_pooling(ModelConfig(name=name, pooling=trained.get("pooling") or "auto"),
+                                       recorded.get("path") or name) == "mean"
+        if trained_mean != self.mean_pooling:
+            def pooling(mean: bool) -> str:
+                return "mean pooling" if mean else "the architecture's own head"
+
+            raise ConfigError(
+                f"adapter {ref!r} was trained with {pooling(trained_mean)}, but this engine's base classifier uses "
+                f"{pooling(self.mean_pooling)}; start the engine with pooling={'mean' if trained_mean else 'cls'!r}"
+            )
 
     def _verify_once(self, ref: str, key: str, manifest: dict | None, stamp: list) -> None:
         """Check every file against the manifest's sha256 unless this process or this machine already
@@ -214,6 +248,18 @@ class AdapterResolver:
                     if key.endswith(f"{head}.weight") or key.endswith(f"{head}.modules_to_save.weight"):
                         return int(fh.get_slice(key).get_shape()[0])
         return None
+
+
+def trained_model_config(base: str, manifest: dict, quantization: Any = None) -> ModelConfig:
+    """The base ``base`` loaded as the adapter with ``manifest`` was trained on it: its pooling and dtype
+    (and quantization, unless given) from the run config the manifest records."""
+    trained = (manifest.get("training") or {}).get("model") or {}
+    return ModelConfig(
+        name=base,
+        pooling=trained.get("pooling") or "auto",
+        dtype=trained.get("dtype") or "float32",
+        quantization=quantization if quantization is not None else trained.get("quantization"),
+    )
 
 
 def config_signature(cfg: dict) -> str:

@@ -32,8 +32,10 @@ from adapters.store.fingerprint import (
 FORMAT = "adapterkit.manifest/1"
 MANIFEST_KEYS = (
     "format", "name", "version", "created_at", "task", "method", "base_model", "labels", "prompt",
-    "training", "data", "metrics", "parent", "versions", "code_revision", "files", "reference",
+    "training", "data", "metrics", "parent", "versions", "code_revision", "files", "reference", "objective",
 )
+#: Keys a manifest may lack: written by later versions than some stored adapters.
+OPTIONAL_KEYS = ("reference", "objective")
 BASE_MODEL_KEYS = ("name", "path", "revision", "fingerprint", "tokenizer_fingerprint")
 PROMPT_KEYS = ("system_prompt", "instruction", "label_names")
 DATA_KEYS = ("source", "fingerprint", "num_train", "num_validation", "num_test")
@@ -85,6 +87,7 @@ def build_manifest(**fields: Any) -> dict:
         "data": _with_keys(_plain(fields.get("data") or {}), DATA_KEYS, "data"),
         "metrics": _plain(fields.get("metrics") or {}),
         "parent": _plain(fields.get("parent")),
+        "objective": _plain(fields.get("objective")),  # {"name": "dpo", "reference": ...}: how it was trained
         "versions": _plain(fields.get("versions")) or library_versions(),
         "code_revision": fields["code_revision"] if "code_revision" in fields else code_revision(),
         "files": {},
@@ -254,7 +257,7 @@ def manifest_problems(manifest: Any, require_files: bool = True) -> list[str]:
     if manifest.get("format") != FORMAT:
         problems.append(f"format {manifest.get('format')!r} is not {FORMAT!r}")
     for key in MANIFEST_KEYS:
-        if key != "reference" and key not in manifest:
+        if key not in OPTIONAL_KEYS and key not in manifest:
             problems.append(f"missing key {key!r}")
     if manifest.get("task") not in TASKS:
         problems.append(f"task {manifest.get('task')!r} is not one of {', '.join(TASKS)}")
@@ -303,6 +306,7 @@ def verify_folder(folder: str | Path) -> list[str]:
 # ---------------------------------------------------------------- comparing
 DIFF_SECTIONS = (
     "task", "method", "base_model", "labels", "prompt", "training", "data", "metrics", "parent", "versions",
+    "objective",
 )
 
 

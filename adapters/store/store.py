@@ -141,6 +141,27 @@ def _editing_tags(name_dir: Path) -> Iterator[dict]:
         raise StoreError(f"timed out after {LOCK_TIMEOUT_S} s waiting for the lock {name_dir / '.lock'}") from err
 
 
+def _version_of_run(name_dir: Path, versions: list[int], run_id: str) -> int | None:
+    """The newest of a name's `versions` that training run `run_id` published, or None."""
+    for version in reversed(versions):
+        try:
+            if read_manifest(name_dir / str(version)).get("run_id") == run_id:
+                return version
+        except StoreError:  # an unreadable manifest is not this run's
+            continue
+    return None
+
+
+def _complete_tags(state: dict, tags: Iterable[str], version: int) -> None:
+    """Set the tags a publish of `version` should have set, where they are missing or point at an older
+    version (a newer version keeps a tag it took since), and count `version` as assigned."""
+    state["last_version"] = max(int(state["last_version"] or 0), version)
+    for tag in tags:
+        current = state["tags"].get(tag)
+        if current is None or current < version:
+            tagfile.move_tag(state, tag, version)
+
+
 def _verify_version(located: AdapterRef, recheck: bool = False) -> list[str]:
     """verify_folder_cached's problems, plus a manifest naming another name@version than its folder."""
     # recheck: an explicit verify hashes every file; a load may skip versions verified before.
@@ -232,13 +253,16 @@ class AdapterStore:
         name: str,
         tags: Iterable[str] = (LATEST,),
         parent: str | AdapterRef | None = None,
+        run_id: str | None = None,
     ) -> AdapterRef:
         """Copy an adapter folder (with its manifest.json) into the store as the name's next version.
 
         tags: set on the new version (moved if they pointed elsewhere); parent: the reference of the
-        adapter this one continued from, recorded in its manifest. Returns the new version's ref.
-        Raises StoreError for an invalid manifest, unpublishable files (check_publishable_files) or
-        files that differ from the manifest's checksums.
+        adapter this one continued from, recorded in its manifest. run_id: the publishing training
+        run's id, recorded in the manifest; publishing the same run_id again returns the version it
+        made (and completes its tags, should that publish have been killed before setting them)
+        instead of adding one. Returns the version's ref. Raises StoreError for an invalid manifest,
+        unpublishable files (check_publishable_files) or files that differ from the manifest's checksums.
         """
         name = check_name(name, "adapter name")
         tags = [check_tag(t) for t in tags]
@@ -251,6 +275,12 @@ class AdapterStore:
             raise StoreError(f"publish: {src / MANIFEST} is invalid: {'; '.join(problems)}")
         check_publishable_files(src)
         name_dir = self._name_dir(name, create=True)
+        if run_id is not None:
+            with _editing_tags(name_dir) as state:
+                done = _version_of_run(name_dir, self.versions(name), run_id)
+                if done is not None:
+                    _complete_tags(state, tags, done)
+                    return AdapterRef(name, done, name_dir / str(done))
 
         with staging(name_dir, ".publish-") as staged:
             sums = _copy_adapter(src, staged, manifest.get("files") or {})
@@ -259,6 +289,8 @@ class AdapterStore:
                 final = {**manifest, "name": name, "version": version, "files": sums}
                 if parent is not None:
                     final["parent"] = str(parent)
+                if run_id is not None:
+                    final["run_id"] = run_id
                 write_json_atomic(staged / MANIFEST, final, mode=0o444)
                 fsync_dir(staged)
                 _place_version(staged, name_dir / str(version))

@@ -1,10 +1,12 @@
 """After the loop: best weights back, held-out test (base vs adapted), the adapter folder with its
-manifest and drift reference, optional publishing to the store, summary.json."""
+manifest and drift reference, optional publishing to the store (once per run), summary.json (last:
+its presence marks a finished run, which a resume returns without training again)."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,15 @@ from adapters.data.loading import PreparedData, label_words
 from adapters.data.prompts import PromptFormat
 from adapters.evaluation.evaluator import adapter_disabled
 from adapters.modeling.builtins import resolve_model
+from adapters.modeling.portable import write_portable_files
 from adapters.monitoring.reference import build_training_reference
+from adapters.paths import atomic_path
 from adapters.store.fingerprint import fingerprint_dataset, fingerprint_model, fingerprint_tokenizer
 from adapters.store.manifest import build_manifest, write_manifest
-from adapters.store.store import AdapterStore
 from adapters.training.baselines import classification_baselines, in_baseline_run
-from adapters.training.checkpoint import load_trainable_state_dict
+from adapters.training.checkpoint import load_trainable_state_dict, replace_folder
+from adapters.training.objectives import objective_entry
+from adapters.training.run_record import SUMMARY_FILE, finished_summary, publish_once
 from adapters.training.setup import TrainingRun
 from adapters.training.state import EarlyStopping, TrainState
 from adapters.training.validation import Validator, evaluate_split
@@ -49,12 +54,17 @@ class TrainResult:
     eval_seconds: float = 0.0  # evaluation inside the loop, included in train_seconds
 
 
-def finalize(run: TrainingRun, state: TrainState, stopper: EarlyStopping, validator: Validator) -> TrainResult:
+def finalize(
+    run: TrainingRun, state: TrainState, stopper: EarlyStopping, validator: Validator, finished: bool = True
+) -> TrainResult:
     """Finish a run whose loop ended: restore the best weights, evaluate, save, publish.
 
-    Writes <run_dir>/adapter (weights, manifest.json with metrics and drift reference) and
-    <run_dir>/summary.json; publishes to the store when output.publish. Every process must call
-    it (saving and the drift reference are collectives under ZeRO-3).
+    Writes <run_dir>/adapter (weights, manifest.json with metrics and drift reference; assembled in
+    <run_dir>/adapter.partial and renamed, so a kill never leaves a half-written adapter) and
+    <run_dir>/summary.json; publishes to the store when output.publish, once per run (run_record.
+    publish_once). finished: false for a loop ended by train()'s stop_after, as an interruption
+    would end it: nothing is published and a resume continues the run. Every process must call it
+    (saving and the drift reference are collectives under ZeRO-3).
     """
     accelerator, processes = run.accelerator, run.accelerator.num_processes
     train_seconds = state.elapsed()
@@ -70,27 +80,33 @@ def finalize(run: TrainingRun, state: TrainState, stopper: EarlyStopping, valida
     results = final_metrics(run, validator, generated)
     run.metrics_log.write(state.step, {"event": "test", **{f"test_{k}": v for k, v in results["adapted"].items()}})
 
-    adapter_dir = run.run_dir / "adapter"
-    save_adapter(accelerator, run.model, run.method, adapter_dir)
+    adapter_dir, staged = run.run_dir / "adapter", run.run_dir / "adapter.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(staged, ignore_errors=True)  # left by a run killed while writing its adapter
+    save_adapter(accelerator, run.model, run.method, staged)
     # Drift reference for monitoring after deployment; every rank runs it (a collective under ZeRO-3).
     reference = build_training_reference(
-        accelerator.unwrap_model(run.model), run.tokenizer, run.cfg, run.prepared, adapter_dir,
+        accelerator.unwrap_model(run.model), run.tokenizer, run.cfg, run.prepared, staged,
         write=accelerator.is_main_process, generated=generated,
     )
-    if run.cfg.eval.baseline and run.cfg.task == "sequence-classification":
+    if finished and run.cfg.eval.baseline and run.cfg.task == "sequence-classification":
         results.update(classification_baselines(run, results["adapted"]))  # every rank: a nested run
     ref = None
     if accelerator.is_main_process:
-        write_manifest(adapter_dir, run_manifest(run, results, reference))
-        if run.cfg.output.publish:
-            ref = str(AdapterStore(run.cfg.output.store).publish(adapter_dir, run.cfg.output.name, parent=run.parent))
+        write_portable_files(staged, accelerator.unwrap_model(run.model), run.tokenizer, run.cfg.output.name)
+        write_manifest(staged, run_manifest(run, results, reference))
+        replace_folder(staged, adapter_dir)
+        if run.cfg.output.publish and finished:
+            ref = publish_once(run, adapter_dir)
         summary = {
             "run_dir": str(run.run_dir), "adapter_dir": str(adapter_dir), "adapter_ref": ref, "steps": state.step,
             "trainable_params": run.trainable_params, "total_params": run.total_params, "train_seconds": train_seconds,
             "tokens_per_second": tokens_per_second, "tokens_seen": state.tokens_seen * processes,
             "samples_seen": state.samples_seen * processes, "eval_seconds": eval_seconds, "metrics": results,
+            "run_id": run.run_id, "finished": finished,
         }
-        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        with atomic_path(run.run_dir / SUMMARY_FILE, mode=0o644) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2, default=str))
     if in_baseline_run():  # the enclosing run still needs the process group that end_training destroys
         for tracker in accelerator.trackers:
             tracker.finish()
@@ -100,6 +116,23 @@ def finalize(run: TrainingRun, state: TrainState, stopper: EarlyStopping, valida
         run.run_dir, adapter_dir, results, state.step, run.trainable_params, run.total_params, train_seconds,
         tokens_per_second, ref, state.history, state.tokens_seen * processes, state.samples_seen * processes,
         eval_seconds,
+    )
+
+
+def finished_result(run_dir: Path) -> TrainResult | None:
+    """The TrainResult of the finished run in `run_dir` (run_record.finished_summary), read back from its
+    summary.json and metrics.jsonl; None when the run there has not finished."""
+    summary = finished_summary(run_dir)
+    if summary is None:
+        return None
+    log = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    history = [{"step": r["step"], "loss": r["loss"]} for r in rows if "loss" in r]
+    return TrainResult(
+        Path(summary["run_dir"]), Path(summary["adapter_dir"]), summary["metrics"], summary["steps"],
+        summary["trainable_params"], summary["total_params"], summary["train_seconds"], summary["tokens_per_second"],
+        summary.get("adapter_ref"), history, summary.get("tokens_seen", 0), summary.get("samples_seen", 0),
+        summary.get("eval_seconds", 0.0),
     )
 
 
@@ -161,6 +194,7 @@ def run_manifest(run: TrainingRun, results: dict, reference: dict | None) -> dic
                  "negative_transfer": results.get("negative_transfer")},
         parent=run.parent,
         reference=reference,
+        objective=objective_entry(run.objective),
     )
 
 

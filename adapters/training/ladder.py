@@ -110,6 +110,8 @@ def stage_config(cfg: RunConfig, stage: LadderStageConfig, run_dir: Path | None 
     raw["method"] = method
     raw["train"] = {**raw["train"], **stage.train}
     raw["init_from"] = None
+    # The ladder's own first rungs are the frozen baselines; a stage training its own would repeat them.
+    raw["eval"] = {**raw["eval"], "baseline": False}
     raw["output"] = {**raw["output"], "publish": False, "name": f"{cfg.output.name}-{_slug(stage.name)}"}
     if run_dir is not None:
         raw["output"]["run_dir"] = str(run_dir)

@@ -1,8 +1,9 @@
 """Checks a run makes once the backbone's config and the data are known, before any weights load:
 values the config alone cannot judge, and that would otherwise fail (or silently waste the run) later.
 
-- a LoRA-family rank (``method.r`` of lora, dora, loha, lokr, vera) larger than the smallest
-  input/output dimension of a layer it adapts;
+- a LoRA-family rank (``method.r`` of lora, dora, loha, lokr) larger than the smallest
+  input/output dimension of a layer it adapts (not VeRA: its r is the rank of frozen random
+  projections shared by all layers, routinely larger than a layer — Kopiczko et al. 2024 use 256-1024);
 - a global batch (train.batch_size x train.grad_accum x processes) larger than the training split.
 """
 
@@ -70,7 +71,7 @@ def check_rank_fits(cfg: RunConfig, method, options) -> None:
     """Raise ConfigError when ``method.r`` exceeds min(in, out) of a layer the method adapts: the
     low-rank factors (A [r, in], B [out, r]) would then hold more than the layer's own rank."""
     rank = getattr(options, "r", None)
-    if rank is None or getattr(options, "target_modules", None) is None:
+    if rank is None or method.name == "vera" or getattr(options, "target_modules", None) is None:
         return
     dims = adapted_layer_dims(cfg, method, options)
     if not dims:

@@ -27,23 +27,30 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from datasets import DatasetDict
 from safetensors.torch import load_file
+from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
 from adapters.config import RunConfig, dump_config
 from adapters.data.loading import PreparedData, prepare_splits, tokenize_splits, train_dataloader
+from adapters.data.packing import pack_dataset, packed_train_dataloader, packing_stats
 from adapters.distributed import param_count
 from adapters.errors import ConfigError
 from adapters.methods import get_method
 from adapters.methods.weights_delta import DeltaMethod
 from adapters.modeling.backbone import load_backbone, load_tokenizer, model_info
+from adapters.modeling.packed import check_packing_support
 from adapters.store.manifest import code_revision, library_versions
 from adapters.store.store import AdapterStore
 from adapters.training.batch_trace import BatchTrace
 from adapters.training.checkpoint import (
-    latest_checkpoint,
+    CHECKPOINTS,
+    CheckpointError,
+    checkpoint_problems,
     load_checkpoint,
     load_trainable_state_dict,
     read_checkpoint_state,
+    resume_point,
 )
+from adapters.training.objectives import build_objective
 from adapters.training.param_groups import build_param_groups
 from adapters.training.preflight import check_batch_fits, check_rank_fits
 from adapters.training.schedules import build_scheduler
@@ -66,6 +73,19 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps({"step": step, "time": time.time(), **values}, default=str) + "\n")
+
+    def rewind(self, size: int | None, step: int) -> None:
+        """Forget what an interrupted run logged after its checkpoint at optimizer step `step`:
+        metrics.jsonl is cut back to `size` bytes (None: kept), and TensorBoard hides the events of
+        later steps from earlier files (the marker torch's SummaryWriter(purge_step=step + 1) writes)."""
+        if not self.accelerator.is_main_process:
+            return
+        if size is not None and self.path.exists() and self.path.stat().st_size > size:
+            os.truncate(self.path, size)
+        for tracker in self.accelerator.trackers:
+            writer = getattr(getattr(tracker, "writer", None), "file_writer", None)
+            if tracker.name == "tensorboard" and writer is not None:
+                writer.add_event(Event(step=step + 1, session_log=SessionLog(status=SessionLog.START)))
 
 
 @dataclass
@@ -96,6 +116,8 @@ class TrainingRun:
     base_results: dict | None
     parent: str | None
     fold: int | None = None  # the cross-validation fold validated on (None: the plain split)
+    run_id: str | None = None  # kept across resumes (adapters.training.run_record), set by train()
+    objective: Any = None  # train.objective's loss (adapters.training.objectives); None: sft
 
     @property
     def test_split(self):
@@ -132,12 +154,24 @@ def setup_run(
         prepared.labels = parent_labels(cfg, prepared.labels)
     tokenizer = load_tokenizer(cfg.model)
     tokenized = tokenize_splits(prepared, cfg, tokenizer)  # adds the truncation counts to the data report
+    if cfg.train.packing:
+        packed = pack_dataset(tokenized["train"], cfg.data.max_length)
+        prepared.report.packing = packing_stats(tokenized["train"], packed, tokenizer, cfg.train.batch_size,
+                                                cfg.train.seed, cfg.train.group_by_length, cfg.data.max_length)
+        tokenized["train"] = packed
     if accelerator.is_main_process:
         (run_dir / "data_report.json").write_text(json.dumps(prepared.report.to_dict(), indent=2, default=str))
     check_batch_fits(cfg, len(tokenized["train"]), accelerator.num_processes)
-    train_dl = train_dataloader(
-        tokenized["train"], cfg.task, tokenizer, cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length
-    )
+    objective, collate = build_objective(cfg, tokenizer, method, accelerator)  # (None, None): sft
+    if cfg.train.packing:
+        train_dl = packed_train_dataloader(
+            tokenized["train"], tokenizer, cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length
+        )
+    else:
+        train_dl = train_dataloader(
+            tokenized["train"], cfg.task, tokenizer, cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length,
+            collate=collate,
+        )
 
     model = load_backbone(cfg.model, cfg.task, prepared.label2id)
     base_results = None
@@ -149,6 +183,8 @@ def setup_run(
             model, held_out_split(tokenized), tokenizer, accelerator, cfg, prepared, generate=True
         )
     model = method.attach(model, options, cfg.task)
+    if cfg.train.packing:
+        check_packing_support(model)
     parent = init_from_stored(model, cfg) if cfg.init_from else None
     if on_model_ready is not None:
         on_model_ready(model)  # e.g. the ladder's warm start; runs before the optimizer sees the weights
@@ -180,6 +216,8 @@ def setup_run(
     metrics_log = MetricsLog(run_dir, accelerator)
     batch_trace = BatchTrace.from_env(accelerator.process_index)  # opt-in: which rows each rank saw
     if accelerator.is_main_process:
+        if prepared.report.packing:
+            metrics_log.write(0, {"event": "packing", **prepared.report.packing})
         metrics_log.write(0, {"event": "param_groups", "groups": [
             {"name": g.get("name"), "lr": g["lr"], "weight_decay": g["weight_decay"],
              "params": sum(p.numel() for p in g["params"])}
@@ -188,29 +226,68 @@ def setup_run(
     return TrainingRun(
         cfg, accelerator, run_dir, method, options, prepared, tokenizer, tokenized, model, optimizer, scheduler,
         train_dl, total_steps, unfreezer, metrics_log, batch_trace, trainable, total, base_results, parent, fold,
+        objective=objective,
     )
 
 
 def resume_from_checkpoint(
     run: TrainingRun, resume: bool | str | Path, state: TrainState, stopper: EarlyStopping
 ) -> None:
-    """Load weights, optimizer, schedule and RNG of a checkpoint into `run`; counters into `state`
-    and `stopper`. resume: True for the latest checkpoint under <run_dir>/checkpoints (none there:
-    start fresh, with a note), or a checkpoint folder."""
+    """Continue `run` from a checkpoint: trainable weights, optimizer, schedule into `run`; counters,
+    data position and the random states to restore into `state`; early stopping and its best
+    weights into `stopper`; the logs (metrics.jsonl, TensorBoard) rewound to the checkpoint's step.
+
+    resume: True for the newest intact checkpoint under <run_dir>/checkpoints (each damaged one is
+    skipped with a one-line note; none intact: start over, with a note), or a checkpoint folder,
+    which must be intact. Raises CheckpointError for a damaged folder given explicitly, or a
+    checkpoint that does not fit this run.
+    """
     accelerator = run.accelerator
-    given = isinstance(resume, (str, Path)) and not isinstance(resume, bool)
-    ckpt = Path(resume) if given else latest_checkpoint(run.run_dir)
-    if ckpt is None:
-        accelerator.print(f"--resume: no checkpoint under {run.run_dir / 'checkpoints'}; starting fresh")
+    chosen, notes = pick_checkpoint(run.run_dir, resume, accelerator)
+    for note in notes:
+        accelerator.print(f"--resume: {note}")
+    if chosen is None:
+        accelerator.print(f"--resume: no intact checkpoint under {run.run_dir / CHECKPOINTS}; starting over")
         return
     if run.unfreezer is not None:  # reopen the stages open at the checkpoint so optimizer groups line up
-        saved = read_checkpoint_state(ckpt)
+        saved = read_checkpoint_state(chosen)
         position = saved["epoch"] if run.cfg.train.unfreeze_unit == "epoch" else saved["step"]
         run.unfreezer.step(position, run.optimizer, run.scheduler)
-    saved = load_checkpoint(ckpt, accelerator, run.model, run.optimizer, run.scheduler)
-    state.restore(saved)
-    stopper.restore(saved)
-    accelerator.print(f"resumed from {ckpt} at step {state.step}")
+    loaded = load_checkpoint(chosen, accelerator, run.model, run.optimizer, run.scheduler)
+    state.restore(loaded.state)
+    stopper.restore(loaded.state, loaded.best_state)
+    state.rng = loaded.rng
+    if loaded.rng is None:
+        accelerator.print(f"--resume: {chosen.name} has no random states for process {accelerator.process_index}; "
+                          "dropout and other random draws will differ from the uninterrupted run")
+    if loaded.state.get("shuffle_seed", run.cfg.train.seed) != run.cfg.train.seed:
+        accelerator.print(f"--resume: train.seed changed since {chosen.name}; the data order will differ")
+    run.metrics_log.rewind(loaded.state.get("log_bytes"), state.step)
+    accelerator.print(f"resumed from {chosen} at step {state.step}")
+
+
+def pick_checkpoint(
+    run_dir: Path, resume: bool | str | Path, accelerator: Accelerator
+) -> tuple[Path | None, list[str]]:
+    """(checkpoint folder or None, notes about damaged ones skipped), decided on the main process and
+    shared with all. resume: True (the newest intact one, checkpoint.resume_point) or a folder.
+    Raises CheckpointError, on every process, when a given folder is damaged."""
+    given = isinstance(resume, (str, Path))
+    choice: list[Any] = [None, [], []]
+    if accelerator.is_main_process:
+        if given:
+            folder = Path(resume)
+            choice = [str(folder), [], checkpoint_problems(folder) if folder.is_dir() else ["not a folder"]]
+        else:
+            found, notes = resume_point(run_dir)
+            choice = [str(found) if found else None, notes, []]
+    path, notes, problems = broadcast_object_list([choice])[0]
+    if problems:
+        raise CheckpointError(
+            f"--resume {resume}: the checkpoint is damaged ({'; '.join(problems[:3])}); "
+            "resume without a folder to use the newest intact checkpoint"
+        )
+    return (Path(path) if path else None), notes
 
 
 def start_run(cfg: RunConfig, command: list[str] | None) -> tuple[Accelerator, Path]:

@@ -75,18 +75,20 @@ class EarlyStopping:
         """True once `patience` evaluations in a row did not improve."""
         return self.patience is not None and self.bad_evals >= self.patience
 
-    def restore(self, saved: dict[str, Any]) -> None:
-        """Continue from a checkpoint's trainer state (its best weights are not saved: those restart)."""
+    def restore(self, saved: dict[str, Any], best_state: dict[str, Any] | None = None) -> None:
+        """Continue from a checkpoint's trainer state and the best weights saved with it."""
         self.best_value = saved.get("best_value")
         self.best_step = saved.get("best_step", 0)
         self.bad_evals = saved.get("bad_evals", 0)
+        self.best_state = best_state
 
 
 @dataclass
 class TrainState:
     """Counters of one run. `step` counts optimizer steps; `batches_done` micro-batches of the
     current epoch (to skip them on resume); tokens/samples are this process's real (non-padding)
-    tokens and rows; `running_loss` / `running_n` sum the micro-batch losses since the last log line."""
+    tokens and rows; since the last log line, `running_loss` sums this process's shares of the step
+    losses (StepOutput.loss) and `running_n` counts the optimizer steps."""
 
     step: int = 0
     epoch: int = 0
@@ -97,11 +99,16 @@ class TrainState:
     running_loss: float = 0.0
     running_n: int = 0
     started: float = 0.0  # time.perf_counter() when the loop started
+    grad_norm: float | None = None  # the last optimizer step's global gradient norm before clipping
+    # A resumed run's random states (checkpoint.rng_state), put back once its first batches start.
+    rng: dict[str, Any] | None = None
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Continue from a checkpoint's trainer state (see checkpoint_state)."""
         self.step, self.epoch, self.batches_done = saved["step"], saved["epoch"], saved["batches_done"]
         self.history = saved.get("history", [])
+        self.tokens_seen, self.samples_seen = saved.get("tokens_seen", 0), saved.get("samples_seen", 0)
+        self.running_loss, self.running_n = saved.get("running_loss", 0.0), saved.get("running_n", 0)
 
     def record(self, out: StepOutput) -> None:
         """Count one trained micro-batch (see adapters.training.step.train_step)."""
@@ -109,13 +116,17 @@ class TrainState:
         self.tokens_seen += out.tokens
         self.samples_seen += out.samples
         self.running_loss += out.loss
-        self.running_n += 1
+        self.running_n += int(out.synced)  # the window's last micro-batch completes an optimizer step
+        if out.synced:
+            self.grad_norm = out.grad_norm
 
     def checkpoint_state(self, stopper: EarlyStopping) -> dict[str, Any]:
         """The JSON-able trainer state a checkpoint stores next to the weights."""
         return {
             "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done, "best_value": stopper.best_value,
             "best_step": stopper.best_step, "bad_evals": stopper.bad_evals, "history": self.history,
+            "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "running_loss": self.running_loss,
+            "running_n": self.running_n,
         }
 
     def elapsed(self) -> float:

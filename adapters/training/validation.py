@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 from adapters.config import RunConfig
 from adapters.constants import GENERATION_METRICS
 from adapters.data.loading import PreparedData, eval_dataloader
+from adapters.data.pairs import PAIR_COLUMNS
 from adapters.evaluation.evaluator import evaluate_causal_lm, evaluate_classification
+from adapters.evaluation.preference import evaluate_preference
 from adapters.training.checkpoint import trainable_state_dict
 from adapters.training.state import EarlyStopping
 
@@ -25,15 +27,19 @@ def evaluate_split(
 
     Classification: loss, accuracy, macro-F1 (and a confusion matrix into out_dir when given).
     Causal LM: mean response-token loss and perplexity, plus exact match of greedy answers when
-    `generate` (the slow part); `collect` receives the answers and their confidences.
+    `generate` (the slow part); `collect` receives the answers and their confidences. Preference rows
+    add preference_accuracy and logp_margin (adapters.evaluation.preference).
     """
     if cfg.task == "sequence-classification":
         dl = eval_dataloader(dataset, cfg.task, tokenizer, cfg.train.eval_batch_size)
         return evaluate_classification(model, dl, accelerator, prepared.labels, out_dir=out_dir)
-    return evaluate_causal_lm(
+    metrics = evaluate_causal_lm(
         model, dataset, tokenizer, accelerator, cfg.train.eval_batch_size, cfg.eval.max_new_tokens,
         generate=generate, collect=collect,
     )
+    if PAIR_COLUMNS[0] in dataset.column_names:
+        metrics.update(evaluate_preference(model, dataset, tokenizer, accelerator, cfg.train.eval_batch_size))
+    return metrics
 
 
 def needs_generation(metric: str) -> bool:

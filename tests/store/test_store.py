@@ -44,6 +44,34 @@ def test_versions_are_numbered_and_never_reused(store_root, make_adapter_folder)
         store.locate("clf@3")
 
 
+def test_publishing_the_same_run_again_returns_its_version_and_completes_its_tags(store_root, make_adapter_folder,
+                                                                                   monkeypatch):
+    import adapters.store.store as store_module
+
+    store = AdapterStore(store_root)
+    src = make_adapter_folder()
+    first = store.publish(src, "clf", run_id="run-a")
+    assert read_manifest(first.path)["run_id"] == "run-a"
+    assert store.publish(src, "clf", run_id="run-a") == first  # a resumed run publishing again
+    assert store.publish(src, "clf").version == 2  # without a run id, every publish is a new version
+    real_place = store_module._place_version
+
+    def killed_after_rename(staged, final):
+        real_place(staged, final)
+        raise KeyboardInterrupt  # the version is in place, its tags and last_version not yet written
+
+    monkeypatch.setattr(store_module, "_place_version", killed_after_rename)
+    with pytest.raises(KeyboardInterrupt):
+        store.publish(make_adapter_folder(), "clf", run_id="run-b")
+    monkeypatch.undo()
+    assert store.tags("clf") == {"latest": 2}
+    assert store.publish(src, "clf", run_id="run-b").version == 3  # its content is not even copied again
+    assert store.tags("clf") == {"latest": 3} and store.versions("clf") == [1, 2, 3]
+    store.publish(make_adapter_folder(), "clf")
+    assert store.publish(src, "clf", run_id="run-a").version == 1
+    assert store.tags("clf") == {"latest": 4}, "a newer version keeps the tags it took"
+
+
 def test_versions_are_immutable(store_root, make_adapter_folder):
     store = AdapterStore(store_root)
     src = make_adapter_folder()

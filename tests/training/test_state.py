@@ -3,6 +3,7 @@ train script's start-up staying free of the training stack."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -52,22 +53,28 @@ def test_checkpoint_state_round_trips_counters_and_early_stopping():
     stopper = EarlyStopping(patience=3)
     stopper.update({"eval_loss": 1.5}, 4, dict)
     stopper.update({"eval_loss": 1.7}, 8, dict)
-    state = TrainState(step=8, epoch=1, batches_done=5, history=[{"step": 8, "loss": 1.2}])
-    saved = state.checkpoint_state(stopper)
-    assert list(saved) == ["step", "epoch", "batches_done", "best_value", "best_step", "bad_evals", "history"]
+    state = TrainState(step=8, epoch=1, batches_done=5, history=[{"step": 8, "loss": 1.2}], tokens_seen=900,
+                       samples_seen=40, running_loss=2.5, running_n=2)
+    saved = json.loads(json.dumps(state.checkpoint_state(stopper)))  # as a checkpoint stores it
+    assert list(saved) == ["step", "epoch", "batches_done", "best_value", "best_step", "bad_evals", "history",
+                           "tokens_seen", "samples_seen", "running_loss", "running_n"]
     state2, stopper2 = TrainState(), EarlyStopping(patience=3)
     state2.restore(saved)
-    stopper2.restore(saved)
+    stopper2.restore(saved, best_state={"w": 1})
     assert (state2.step, state2.epoch, state2.batches_done, state2.history) == (8, 1, 5, state.history)
-    assert (stopper2.best_value, stopper2.best_step, stopper2.bad_evals, stopper2.best_state) == (1.5, 4, 1, None)
+    # the loss since the last log line and the token counts continue, so the next log line and the summary match
+    assert (state2.tokens_seen, state2.samples_seen, state2.running_loss, state2.running_n) == (900, 40, 2.5, 2)
+    assert (stopper2.best_value, stopper2.best_step, stopper2.bad_evals, stopper2.best_state) == (1.5, 4, 1, {"w": 1})
 
 
 def test_record_counts_micro_batches_and_the_running_loss():
+    # Two optimizer steps of two micro-batches; each micro-batch's loss is its share of its step's loss.
     state = TrainState()
-    for loss in (1.0, 3.0):
-        state.record(SimpleNamespace(loss=loss, tokens=10, samples=2, synced=False))
-    assert (state.batches_done, state.tokens_seen, state.samples_seen) == (2, 20, 4)
-    assert state.running_loss / state.running_n == 2.0
+    for loss, synced, norm in ((1.0, False, None), (3.0, True, 0.7), (0.5, False, None), (1.5, True, 0.2)):
+        state.record(SimpleNamespace(loss=loss, tokens=10, samples=2, synced=synced, grad_norm=norm))
+    assert (state.batches_done, state.tokens_seen, state.samples_seen) == (4, 40, 8)
+    assert state.running_n == 2 and state.running_loss / state.running_n == 3.0
+    assert state.grad_norm == 0.2  # the last optimizer step's
 
 
 def test_train_script_check_does_not_load_the_training_stack(tmp_path):

@@ -164,6 +164,8 @@ class ContinuousBatcher:
             alone when nothing else does). A request's rows join together and are never split.
         on_batch: called with (rows, distinct adapters) after each decode step and each classification.
         mix_adapters: let rows of different adapters share the running batch (off: one batch per adapter).
+        join_every_steps: waiting requests join together at most every this many decode steps (at once when
+            nothing runs), so their prompts share one prefill pass: a pass's fixed cost is large on a CPU.
 
     Requests are admitted in arrival order: one that does not fit yet (rows, or adapters beyond the engine's
     capacity) holds back those behind it, so none starves. A request whose rows fail (its admission, or a
@@ -171,8 +173,10 @@ class ContinuousBatcher:
     """
 
     def __init__(self, engine: InferenceEngine, max_rows: int, on_batch: Callable[[int, int], None] | None = None,
-                 mix_adapters: bool = True):
+                 mix_adapters: bool = True, join_every_steps: int = 1):
         self.engine, self.max_rows, self.on_batch, self.mix_adapters = engine, max_rows, on_batch, mix_adapters
+        self.join_every_steps = join_every_steps
+        self._steps_since_join = 0
         self._queue: queue.Queue[_Job | Future | None] = queue.Queue()  # new jobs, cancelled futures, close
         self._waiting: deque[_Job] = deque()
         self._rows: dict[LiveRow, tuple[_Job, int]] = {}  # running row -> its job and index in the job
@@ -256,33 +260,67 @@ class ContinuousBatcher:
             self.engine.scheduler.cancel(live)
 
     def _admit(self) -> None:
-        """Admit waiting jobs, first come first served, while their rows fit."""
+        """Admit waiting jobs, first come first served, while their rows fit: together, in one prefill pass,
+        at most every ``join_every_steps`` steps (at once when nothing runs). Classifications run as they come."""
+        if self._rows and self._steps_since_join < self.join_every_steps:
+            return
+        jobs: list[_Job] = []
+        rows = len(self._rows)
         while self._waiting:
             job = self._waiting[0]
             if job.kind == "classify":
                 self._waiting.popleft()
                 self._classify(job)
                 continue
-            if self._rows and len(self._rows) + len(job.rows) > self.max_rows:
-                return
+            if rows and rows + len(job.rows) > self.max_rows:
+                break
+            jobs.append(self._waiting.popleft())
+            rows += len(job.rows)
+        if jobs:
+            self._steps_since_join = 0
+            self._start(jobs)
+
+    def _start(self, jobs: list[_Job]) -> None:
+        """Start ``jobs`` in the running batch together; alone, in order, when together they fail or do not fit
+        (one that does not fit beside the running rows goes back to the front of the queue, with those after it)."""
+        if len(jobs) > 1:
             try:
-                live = self.engine.start(job.rows, mix=self.mix_adapters)
-            except Exception as err:  # noqa: BLE001 - a bad request fails alone
-                self._waiting.popleft()
-                self._finish(job, err)
-                continue
-            if live is None:  # its adapters do not fit beside the running rows'
-                if self._rows:
-                    return
-                self._waiting.popleft()
-                self._generate_whole(job)
-                continue
-            self._waiting.popleft()
-            job.live, job.results = live, [None] * len(live)
-            for i, row in enumerate(live):
-                self._rows[row] = (job, i)
+                live = self.engine.start([r for j in jobs for r in j.rows], mix=self.mix_adapters)
+            except Exception:  # noqa: BLE001 - find the bad one below
+                live = None
+            if live is not None:
+                start = 0
+                for job in jobs:
+                    self._register(job, live[start : start + len(job.rows)])
+                    start += len(job.rows)
+                return
+        for k, job in enumerate(jobs):
+            if not self._start_one(job):
+                self._waiting.extendleft(reversed(jobs[k:]))
+                return
+
+    def _start_one(self, job: _Job) -> bool:
+        """Start one job; False when its adapters do not fit beside the running rows' yet (it waits)."""
+        try:
+            live = self.engine.start(job.rows, mix=self.mix_adapters)
+        except Exception as err:  # noqa: BLE001 - a bad request fails alone
+            self._finish(job, err)
+            return True
+        if live is not None:
+            self._register(job, live)
+        elif self._rows:
+            return False
+        else:  # its adapters alone exceed the engine's capacity: the engine's own passes (generate)
+            self._generate_whole(job)
+        return True
+
+    def _register(self, job: _Job, live: list[LiveRow]) -> None:
+        job.live, job.results = live, [None] * len(live)
+        for i, row in enumerate(live):
+            self._rows[row] = (job, i)
 
     def _step(self) -> None:
+        self._steps_since_join += 1
         events = self.engine.scheduler.step()
         if self.on_batch and events:
             self.on_batch(len(events), len({e.row.ref for e in events}))
@@ -318,7 +356,6 @@ class ContinuousBatcher:
         self._finish(job, None)
 
     def _generate_whole(self, job: _Job) -> None:
-        """A job whose adapters alone exceed the engine's capacity: the engine's own passes (generate)."""
         try:
             job.results = self.engine.generate(job.rows)
         except Exception as err:  # noqa: BLE001

@@ -34,6 +34,10 @@ class ServerSettings(BaseModel):
         "continuous", description="continuous: requests join and leave the running decode batch between steps; "
         "window: requests gathered for batch_window_ms run as one batch to its end (adapters.serving.http.batcher).",
     )
+    join_every_steps: int = Field(
+        4, ge=1, description="continuous: waiting requests join the running batch together at most every this many "
+        "decode steps (at once when nothing runs), sharing one prefill pass (1: at every step).",
+    )
     batch_window_ms: float = Field(
         5.0, ge=0, description="How long the window batcher waits for more requests after the first."
     )
