@@ -88,7 +88,8 @@ def run_dpo(work: Path, sft_steps: int, dpo_steps: int, beta: float) -> dict:
     return {
         "sft": {"steps": sft.steps, "seconds": round(sft_seconds, 1),
                 "test_exact_match": sft.metrics["adapted"]["exact_match"],
-                "test_preference_accuracy": sft_pref["preference_accuracy"], "test_logp_margin": sft_pref["logp_margin"]},
+                "test_preference_accuracy": sft_pref["preference_accuracy"],
+                "test_logp_margin": sft_pref["logp_margin"]},
         "dpo_after_sft": {"steps": dpo.steps, "seconds": round(dpo_seconds, 1), "beta": beta,
                           "test_exact_match": dpo.metrics["adapted"]["exact_match"],
                           "test_preference_accuracy": dpo.metrics["adapted"]["preference_accuracy"],

@@ -78,15 +78,18 @@ def train_tiny(base: Path, run_dir: Path, task: str, method: str) -> Path:
     return train(load_config(raw=raw)).adapter_dir
 
 
-def cell(adapter: Path, runtime: str, store: Path) -> dict:
+def cell(adapter: Path, runtime: str, store: Path, method: str) -> dict:
     """One parity run: {"ok", "max_diff", "note", "seconds"}."""
     t0 = time.perf_counter()
     try:
         report = run_parity(str(adapter), runtime, store=store, texts=TEXTS)
         note = "" if report.passed else f"FAIL (max |dp| {report.max_diff:.1e})"
+        if report.greedy_only:
+            note = (note + " " if note else "") + "greedy tokens only"
         out = {"ok": report.passed, "max_diff": report.max_diff, "note": note}
-    except AdapterkitError as err:
-        out = {"ok": False, "max_diff": None, "note": str(err).splitlines()[0][:160]}
+    except AdapterkitError as err:  # the refusal, short: without the folder, the method's name and the advice
+        note = str(err).splitlines()[0].replace(f"{adapter} ", "").split(";")[0]
+        out = {"ok": False, "max_diff": None, "note": note.removeprefix(f"method {method!r} ")}
     return {**out, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -106,7 +109,8 @@ def markdown(results: dict) -> str:
             elif entry is None:
                 cells.append("")
             else:
-                cells.append("yes" if entry["ok"] else f"no: {entry['note']}")
+                cells.append(("yes" + (f" ({entry['note']})" if entry["note"] else "")) if entry["ok"]
+                             else f"no: {entry['note']}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                         entry[runtime] = {"ok": False, "max_diff": None, "note": f"not trained: {err}"[:160]}
                     continue
                 for runtime in args.runtimes:
-                    entry[runtime] = cell(adapter, runtime, store)
+                    entry[runtime] = cell(adapter, runtime, store, method.name)
                     print(f"{method.name:14s} {task:24s} {runtime:12s} {entry[runtime]}", flush=True)
     results["command"] = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     results["made_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -16,7 +16,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from adapters.constants import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from adapters.errors import BaseMismatchError
+from adapters.errors import BaseMismatchError, ConfigError
 from adapters.methods.base import AdaptationMethod, MethodOptions
 from adapters.methods.targets import head_module_names
 from adapters.methods.tuners import OWN_PEFT_TYPES
@@ -69,12 +69,14 @@ def load_peft_adapter(model, folder: Path, adapter_name: str = "default", is_tra
     BaseMismatchError for an adapter that does not fit the model (other architecture, other shapes,
     renamed tensors); peft itself only warns about tensors it could not place.
     """
-    from peft import PeftModel  # peft loads when a model is adapted, not when configs are validated
+    from peft import PeftModel, PromptLearningConfig  # peft loads when a model is adapted
 
     folder = Path(folder)
-    register_own_peft_type(folder)
+    config_class = peft_config_class(folder)
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    mapping = getattr(base, "_checkpoint_conversion_mapping", None) or None
+    # Prompt learning keys have no "base_model.model." prefix to map below (peft skips them too).
+    prompt_learning = issubclass(config_class, PromptLearningConfig)
+    mapping = None if prompt_learning else getattr(base, "_checkpoint_conversion_mapping", None) or None
     try:
         if isinstance(model, PeftModel):
             model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable, key_mapping=mapping,
@@ -91,13 +93,21 @@ def load_peft_adapter(model, folder: Path, adapter_name: str = "default", is_tra
     return model
 
 
-def register_own_peft_type(folder: Path) -> None:
-    """Import the tuner of adapterkit's own that saved `folder`, if any, so that peft knows its type
-    (a fresh process serving a bottleneck adapter has not imported it yet)."""
+def peft_config_class(folder: Path) -> type:
+    """peft's config class for the adapter in `folder` (its adapter_config.json's peft_type), after importing
+    the tuner of adapterkit's own that registers that type, if it is one (a fresh process serving a
+    bottleneck adapter has not imported it yet). Raises ConfigError for a type peft does not know."""
+    # peft loads when a model is adapted, not when configs are validated.
+    import peft
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
     path = Path(folder) / ADAPTER_CONFIG
     peft_type = str(json.loads(path.read_text()).get("peft_type", "")).upper() if path.is_file() else ""
     if peft_type in OWN_PEFT_TYPES:
         importlib.import_module(OWN_PEFT_TYPES[peft_type])
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ConfigError(f"{path}: peft type {peft_type!r} is not one peft {peft.__version__} knows")
+    return PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
 
 
 def check_adapter_landed(peft_model, folder: Path, adapter_name: str, key_mapping: dict | None = None) -> None:

@@ -1,12 +1,17 @@
-"""Step-wise decoding: a running batch that rows join and leave between steps (continuous batching).
+"""Batched decoding with a KV cache: rows with their own adapters (peft's ``adapter_names``), sampling
+settings, budgets and stop strings share each forward pass.
 
-``decode_batch`` (adapters.modeling.generation) decodes a fixed batch to its end. ``DecodeState`` is the same
-decoding split into calls, so a server can schedule at the granularity of one token (iteration-level
-scheduling, Yu et al. 2022, "Orca: A Distributed Serving System for Transformer-Based Generative Models"):
-``add`` prefills new rows in a forward pass of their own and merges their KV cache into the running batch's,
-``step`` picks one token for every row, and rows that finish (or are removed) leave the batch and the cache.
-Each row is left-padded with position ids that skip the padding, as in decode_batch, so a row decodes to the
-same tokens whenever it joins (greedy; up to float rounding across batch shapes).
+``DecodeState`` is a running batch that rows join and leave between steps, so a server can schedule at the
+granularity of one token (iteration-level scheduling, Yu et al. 2022, "Orca: A Distributed Serving System for
+Transformer-Based Generative Models"): ``add`` prefills new rows in a forward pass of their own and merges
+their KV cache into the running batch's, ``step`` picks one token for every row, and rows that finish (or are
+removed) leave the batch and the cache at once. ``decode_batch`` decodes a fixed batch to its end with it.
+Rows are left-padded with position ids that skip the padding, so a row decodes to the same tokens in a batch
+as alone, whenever it joins (greedy; up to float rounding across batch shapes).
+
+Log-probabilities (``SamplingParams.logprobs`` / ``prompt_logprobs``) are the model's: log-softmax of
+the logits at temperature 1 over the whole vocabulary, whatever the row's sampling settings, so they
+equal a teacher-forced forward pass over prompt + output.
 """
 
 from __future__ import annotations
@@ -17,9 +22,131 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from adapters.modeling.generation import DecodedRow, SamplingParams, _left_pad, _Row, score_prompt
+from adapters.errors import ConfigError
+from adapters.modeling.generation import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    DecodedRow,
+    SamplingParams,
+    TokenLogprobs,
+    mean_token_confidence,
+    score_prompt,
+)
 
 StepEvent = tuple[Hashable, "int | None", "DecodedRow | None"]  # (row key, token emitted or None, finished row)
+
+
+def _pick_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """logits [vocab] of one row -> the next token id: argmax, or a sample at the temperature within top_p."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
+        keep[0] = True  # the top token, even for a top_p below float32's smallest value
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class _Row:
+    """One row's decoding state: its settings and generator, the tokens it emitted and their log-probabilities."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.generator = _row_generator(params)
+        self.tokens: list[int] = []
+        self.logprob_sum = 0.0
+        self.logprobs = TokenLogprobs() if params.logprobs is not None else None
+        self.prompt_logprobs: TokenLogprobs | None = None
+
+    def step(
+        self, logits: torch.Tensor, logprobs: torch.Tensor, stop_token_ids: set[int], tokenizer
+    ) -> int | DecodedRow:
+        """Choose the next token from logits [vocab] (logprobs [vocab]: their log-softmax): the token to feed
+        back, or the finished row."""
+        p = self.params
+        if len(self.tokens) >= p.max_new_tokens:  # a budget of 0: nothing to emit
+            return self._done(tokenizer, FINISH_LENGTH)
+        token = _pick_next(logits, p, self.generator)
+        if token in stop_token_ids and not p.ignore_eos:
+            return self._done(tokenizer, FINISH_STOP)
+        self.tokens.append(token)
+        if self.logprobs is not None:
+            self.logprob_sum += self.logprobs.add(token, logprobs, p.logprobs)
+        else:
+            self.logprob_sum += float(logprobs[token])
+        if p.stop:
+            text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
+            if cut >= 0:
+                return self._done(tokenizer, FINISH_STOP, text[:cut])
+        if len(self.tokens) >= p.max_new_tokens:
+            return self._done(tokenizer, FINISH_LENGTH)
+        return token
+
+    def _done(self, tokenizer, finish_reason: str, text: str | None = None) -> DecodedRow:
+        if text is None:
+            text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        confidence = mean_token_confidence(self.logprob_sum, len(self.tokens))
+        return DecodedRow(self.tokens, text, finish_reason, confidence, self.logprobs, self.prompt_logprobs)
+
+
+def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids per row -> input_ids [rows, width] left-padded with pad_id, attention_mask [rows, width]."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ConfigError("empty prompt: nothing to continue from")
+        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return input_ids, mask
+
+
+def _row_generator(params: SamplingParams) -> torch.Generator | None:
+    """A CPU generator seeded with the row's seed (a random one without), or None for greedy rows."""
+    if params.temperature == 0:
+        return None
+    g = torch.Generator(device="cpu")
+    g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
+    return g
+
+
+@torch.inference_mode()
+def decode_batch(
+    forward: Callable[..., Any],
+    tokenizer,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    stop_token_ids: set[int],
+    adapter_names: list[str] | None = None,
+    device: torch.device | str = "cpu",
+) -> list[DecodedRow]:
+    """Decode every row of a batch with a KV cache: greedy or sampled per row, each with its own budget and stops.
+
+    forward(input_ids [rows, seq], attention_mask [rows, past + seq], position_ids [rows, seq],
+    past_key_values, use_cache, logits_to_keep, adapter_names) is the (peft) model call; its
+    ``.logits`` are [rows, kept positions, vocab] (all positions of the prompt pass when a row asks for
+    prompt_logprobs, else the last). prompts: token ids per row (any lengths; left-padded here).
+    params: one SamplingParams per row. adapter_names (one per row) is passed to forward when given,
+    so one forward pass can serve rows of different adapters. Rows that finish leave the batch and
+    the cache. Returns one DecodedRow per prompt, in order. Raises ConfigError for an empty prompt.
+    """
+    if not prompts:
+        return []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_token_ids), 0)
+    state = DecodeState(tokenizer, stop_token_ids, pad_id, device)
+    state.add(forward, list(range(len(prompts))), prompts, params, adapter_names)
+    results: list[DecodedRow | None] = [None] * len(prompts)
+    while len(state):
+        for row, _, done in state.step(forward):
+            if done is not None:
+                results[row] = done
+    return results  # type: ignore[return-value]
 
 
 class DecodeState:

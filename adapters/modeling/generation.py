@@ -1,9 +1,5 @@
-"""Batched text generation with per-row settings, and the prompt formats adapters were trained with.
-
-One decoding loop serves a whole batch whose rows may use different adapters (peft's
-``adapter_names``), different sampling settings, budgets and stop strings. Rows are
-left-padded with position ids that skip the padding, so a row decodes to the same tokens in
-a batch as alone. Finished rows leave the batch (and the KV cache) at once.
+"""What a generated row is: its settings (SamplingParams), its result (DecodedRow, TokenLogprobs), the
+prompt formats adapters were trained with, and the tokens that end it. adapters.modeling.decoding decodes.
 
 Log-probabilities (``SamplingParams.logprobs`` / ``prompt_logprobs``) are the model's: log-softmax of
 the logits at temperature 1 over the whole vocabulary, whatever the row's sampling settings, so they
@@ -13,9 +9,7 @@ equal a teacher-forced forward pass over prompt + output.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -192,7 +186,7 @@ def _apply_chat_template(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-# ------------------------------------------------------------------ decoding
+# ------------------------------------------------------------------ end of sequence
 def eos_ids(model, tokenizer) -> set[int]:
     """Token ids that end generation: the generation config's eos_token_id(s) and the tokenizer's."""
     ids: set[int] = set()
@@ -203,166 +197,3 @@ def eos_ids(model, tokenizer) -> set[int]:
         elif isinstance(value, (list, tuple)):
             ids.update(int(v) for v in value)
     return ids
-
-
-def _pick_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits [vocab] of one row -> the next token id: argmax, or a sample at the temperature within top_p."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
-        keep[0] = True  # the top token, even for a top_p below float32's smallest value
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-class _Row:
-    """One row's decoding state: its settings and generator, the tokens it emitted and their log-probabilities."""
-
-    def __init__(self, params: SamplingParams):
-        self.params = params
-        self.generator = _row_generator(params)
-        self.tokens: list[int] = []
-        self.logprob_sum = 0.0
-        self.logprobs = TokenLogprobs() if params.logprobs is not None else None
-        self.prompt_logprobs: TokenLogprobs | None = None
-
-    def step(
-        self, logits: torch.Tensor, logprobs: torch.Tensor, stop_token_ids: set[int], tokenizer
-    ) -> int | DecodedRow:
-        """Choose the next token from logits [vocab] (logprobs [vocab]: their log-softmax): the token to feed
-        back, or the finished row."""
-        p = self.params
-        if len(self.tokens) >= p.max_new_tokens:  # a budget of 0: nothing to emit
-            return self._done(tokenizer, FINISH_LENGTH)
-        token = _pick_next(logits, p, self.generator)
-        if token in stop_token_ids and not p.ignore_eos:
-            return self._done(tokenizer, FINISH_STOP)
-        self.tokens.append(token)
-        if self.logprobs is not None:
-            self.logprob_sum += self.logprobs.add(token, logprobs, p.logprobs)
-        else:
-            self.logprob_sum += float(logprobs[token])
-        if p.stop:
-            text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-            cut = min((text.find(s) for s in p.stop if s in text), default=-1)
-            if cut >= 0:
-                return self._done(tokenizer, FINISH_STOP, text[:cut])
-        if len(self.tokens) >= p.max_new_tokens:
-            return self._done(tokenizer, FINISH_LENGTH)
-        return token
-
-    def _done(self, tokenizer, finish_reason: str, text: str | None = None) -> DecodedRow:
-        if text is None:
-            text = tokenizer.decode(self.tokens, skip_special_tokens=True)
-        confidence = mean_token_confidence(self.logprob_sum, len(self.tokens))
-        return DecodedRow(self.tokens, text, finish_reason, confidence, self.logprobs, self.prompt_logprobs)
-
-
-@torch.inference_mode()
-def decode_batch(
-    forward: Callable[..., Any],
-    tokenizer,
-    prompts: list[list[int]],
-    params: list[SamplingParams],
-    stop_token_ids: set[int],
-    adapter_names: list[str] | None = None,
-    device: torch.device | str = "cpu",
-) -> list[DecodedRow]:
-    """Decode every row of a batch with a KV cache: greedy or sampled per row, each with its own budget and stops.
-
-    forward(input_ids [rows, seq], attention_mask [rows, past + seq], position_ids [rows, seq],
-    past_key_values, use_cache, logits_to_keep, adapter_names) is the (peft) model call; its
-    ``.logits`` are [rows, kept positions, vocab] (all positions of the prompt pass when a row asks for
-    prompt_logprobs, else the last). prompts: token ids per row (any lengths; left-padded here).
-    params: one SamplingParams per row. adapter_names (one per row) is passed to forward when given,
-    so one forward pass can serve rows of different adapters. Rows that finish leave the batch and
-    the cache. Returns one DecodedRow per prompt, in order. Raises ConfigError for an empty prompt.
-    """
-    n = len(prompts)
-    if n == 0:
-        return []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_token_ids), 0)
-    input_ids, mask = _left_pad(prompts, pad_id)
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [n, width]: padding does not advance the position
-    rows = [_Row(p) for p in params]
-    scored = [i for i, p in enumerate(params) if p.prompt_logprobs is not None]
-
-    results: list[DecodedRow | None] = [None] * n
-    live = list(range(n))  # original row index of each row still in the batch
-    names = list(adapter_names) if adapter_names is not None else None
-    extra = {"adapter_names": names} if names is not None else {}
-    out = forward(  # every position's logits only when a prompt is scored (0 keeps all)
-        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-        logits_to_keep=0 if scored else 1, **extra,
-    )
-    for i in scored:  # row i's prompt is the last len(prompts[i]) positions (left padding)
-        rows[i].prompt_logprobs = score_prompt(out.logits[i, -len(prompts[i]) :], prompts[i], params[i].prompt_logprobs)
-    cache = out.past_key_values
-    logits = out.logits[:, -1, :]  # [live rows, vocab]
-    next_pos = positions[:, -1:] + 1  # [live rows, 1]
-
-    while True:
-        next_tokens = []
-        still = []
-        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [live rows, vocab]
-        for b, row in enumerate(live):
-            step = rows[row].step(logits[b], logprobs[b], stop_token_ids, tokenizer)
-            if isinstance(step, DecodedRow):
-                results[row] = step
-                continue
-            still.append(b)
-            next_tokens.append(step)
-        if not still:
-            break
-        if len(still) < len(live):  # drop finished rows from the batch and the cache
-            keep = torch.tensor(still, dtype=torch.long, device=mask.device)
-            cache.batch_select_indices(keep)
-            mask = mask[keep]
-            next_pos = next_pos[keep]
-            live = [live[b] for b in still]
-            if names is not None:
-                names = [names[b] for b in still]
-                extra = {"adapter_names": names}
-        step_ids = torch.tensor(next_tokens, dtype=torch.long, device=mask.device).unsqueeze(1)
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        out = forward(
-            input_ids=step_ids,
-            attention_mask=mask,
-            position_ids=next_pos,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **extra,
-        )
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]
-        next_pos = next_pos + 1
-    return [r for r in results]  # type: ignore[misc]
-
-
-def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids per row -> input_ids [rows, width] left-padded with pad_id, attention_mask [rows, width]."""
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ConfigError("empty prompt: nothing to continue from")
-        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return input_ids, mask
-
-
-def _row_generator(params: SamplingParams) -> torch.Generator | None:
-    """A CPU generator seeded with the row's seed (a random one without), or None for greedy rows."""
-    if params.temperature == 0:
-        return None
-    g = torch.Generator(device="cpu")
-    g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,))))
-    return g

@@ -9,12 +9,13 @@ a config.json whose ``auto_map`` names it. Then, without adapterkit installed::
     AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True)
     pipeline("text-classification", model=folder, trust_remote_code=True)
 
-load it. The file is self-contained on purpose (torch and transformers only): it is copied
-verbatim. Weights keep transformers' standard names: the encoder under its own
+load it. The file is self-contained on purpose (torch and transformers; peft for an adapter): it is
+copied verbatim. Weights keep transformers' standard names: the encoder under its own
 ``base_model_prefix`` (``bert.``, as in BertForSequenceClassification) and the head as
 ``classifier.``. A folder holding an adapter (adapter_config.json) and no model weights is an
 adapter folder: the encoder's weights come from the adapter's ``base_model_name_or_path`` and
-transformers' peft integration then loads the adapter on top.
+peft loads the adapter on top (``PeftModel.from_pretrained``: the model returned is then a
+PeftModelForSequenceClassification, which pipeline takes).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class MeanPoolingForSequenceClassification(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """transformers' from_pretrained; for an adapter folder (adapter_config.json and no model weights)
-        the encoder comes from the adapter's ``base_model_name_or_path`` and the adapter is loaded on top
-        (labels from the folder's config.json)."""
+        the encoder comes from the adapter's ``base_model_name_or_path`` and peft loads the adapter on top
+        (labels from the folder's config.json): a PeftModelForSequenceClassification is returned."""
         folder = os.fspath(pretrained_model_name_or_path)
         if kwargs.get("config") is None:  # the encoder's own config class (this class serves any architecture)
             kwargs["config"] = AutoConfig.from_pretrained(folder)
@@ -79,9 +80,13 @@ class MeanPoolingForSequenceClassification(PreTrainedModel):
             base = json.load(fh).get("base_model_name_or_path")
         if not base:
             raise OSError(f"{adapter_config} names no base_model_name_or_path: the encoder's weights cannot be found")
-        adapter_kwargs = dict(kwargs.pop("adapter_kwargs", None) or {})
-        adapter_kwargs["_adapter_model_path"] = folder  # transformers loads the adapter after the weights
-        return super().from_pretrained(base, *model_args, adapter_kwargs=adapter_kwargs, **kwargs)
+        # peft is needed for adapter folders only (a merged model loads without it). peft itself loads the
+        # adapter, not transformers' peft integration: that one cannot load prompt-learning adapters.
+        from peft import PeftModel
+
+        kwargs.pop("adapter_kwargs", None)
+        model = super().from_pretrained(base, *model_args, **kwargs)
+        return PeftModel.from_pretrained(model, folder)
 
     def _init_weights(self, module):
         """Only the head is this class's own; the encoder initialises itself (a loaded one is left alone)."""

@@ -36,14 +36,8 @@ from adapters.constants import PEFT_BASE, TASKS
 from adapters.errors import ConfigError
 from adapters.methods.targets import head_module_names
 from adapters.modeling.backbone import allow_cpu_4bit_packing, load_backbone, load_tokenizer
-from adapters.modeling.generation import (
-    DecodedRow,
-    SamplingParams,
-    TokenLogprobs,
-    decode_batch,
-    encode_prompt,
-    eos_ids,
-)
+from adapters.modeling.decoding import decode_batch
+from adapters.modeling.generation import DecodedRow, SamplingParams, TokenLogprobs, encode_prompt, eos_ids
 from adapters.modeling.mean_pooling import MeanPoolingForSequenceClassification
 from adapters.paths import atomic_path
 from adapters.serving.passes import classify_logits, generate_prompt_learning

@@ -135,11 +135,11 @@ def adapter_base(manifest: dict, base: str | None = None) -> Path:
 
 def export_gguf(
     ref_or_folder: str | os.PathLike, out_dir: str | os.PathLike, *, store: Any = None, base: str | None = None
-) -> dict:
+) -> Path:
     """Write the GGUF files of an adapter (store reference or folder) or of a merged export folder to out_dir.
 
     See the module docstring for what is written. base: the adapter's base (default: its manifest's).
-    Returns the report also written as adapterkit_gguf.json, plus "output": out_dir. Raises ConfigError
+    Returns out_dir; adapterkit_gguf.json there says what was written ("kind", "files"). Raises ConfigError
     (out_dir exists, not a causal LM, not mergeable, converter failed), StoreError (unknown reference,
     failed checksums) and BaseMismatchError (base is another model).
     """
@@ -161,7 +161,7 @@ def export_gguf(
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    return {"output": str(out), **info}
+    return out
 
 
 def _convert_merged(folder: Path, staged: Path) -> dict:
@@ -268,65 +268,34 @@ def apply_gguf_lora(model: torch.nn.Module, lora_path: str | os.PathLike, arch: 
     return len(targets)
 
 
-def load_gguf_export(folder: str | os.PathLike) -> torch.nn.Module:
-    """The float32 transformers model an export_gguf folder describes: model.gguf, or base.gguf with
-    adapter.gguf applied (apply_gguf_lora). ~45 s for SmolLM2-135M on 2 cores, mostly transformers
-    dequantizing the GGUF. Raises ConfigError for a folder without adapterkit_gguf.json."""
-    folder = Path(folder)
-    try:
-        files = json.loads((folder / GGUF_INFO).read_text())["files"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"{folder} is not a GGUF export (adapterkit_gguf.json: {err})") from None
-    model_file = files.get("model") or files["base"]
-    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=model_file, dtype=torch.float32)
-    if files.get("adapter"):
-        arch = _field(gguf.GGUFReader(str(folder / model_file)), "general.architecture")
-        apply_gguf_lora(model, folder / files["adapter"], arch)
+def load_gguf_model(gguf_base: str | os.PathLike, gguf_lora: str | os.PathLike | None = None) -> torch.nn.Module:
+    """The float32 transformers model of a model GGUF (a base, or a merged model.gguf), with a LoRA GGUF
+    applied (apply_gguf_lora) when given. ~45 s for SmolLM2-135M on 2 cores, mostly transformers
+    dequantizing the GGUF."""
+    path = Path(gguf_base)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    if gguf_lora is not None:
+        apply_gguf_lora(model, gguf_lora, _field(gguf.GGUFReader(str(path)), "general.architecture"))
     return model.eval()
 
 
-def gguf_stop_ids(model: torch.nn.Module) -> set[int]:
-    """The ids that end generation for a GGUF-loaded model: its generation config's and config's eos ids."""
-    ids: set[int] = set()
-    for value in (model.generation_config.eos_token_id, model.config.eos_token_id):
-        ids.update([value] if isinstance(value, int) else list(value or []))
-    return ids
-
-
 def gguf_logprobs(
-    *,
-    folder: str | os.PathLike,
-    base: str | None,
-    prompts: Sequence[Sequence[int]],
+    gguf_base: str | os.PathLike,
+    gguf_lora: str | os.PathLike | None,
+    prompts_token_ids: Sequence[Sequence[int]],
     top_k: int,
-    max_new_tokens: int = 8,
-) -> list[dict]:
-    """GGUF's answers (adapters.serving.parity's external runtime): per prompt {"top_logprobs": {token id:
-    logprob} at the first generated position, "tokens": greedy ids up to the first EOS}.
+) -> list[dict[int, float]]:
+    """Top-k next-token logprobs at the first generated position of a GGUF model (plus a LoRA GGUF), one
+    {token id: logprob} per prompt (adapters.serving.parity's GGUF runtime).
 
-    folder: an export_gguf folder, or an adapter / merged export folder, exported to a temporary folder
-    first (base: its base model, default the manifest's). Each prompt (token ids) runs alone, no padding.
-    Raises ConfigError as export_gguf and apply_gguf_lora.
+    gguf_base: a model GGUF (export_gguf's base.gguf or model.gguf); gguf_lora: its adapter.gguf, or None.
+    Each prompt (token ids) runs alone: no padding. Raises ConfigError as apply_gguf_lora.
     """
-    with tempfile.TemporaryDirectory(prefix="adapterkit-gguf-") as tmp:
-        if not (Path(folder) / GGUF_INFO).is_file():
-            folder = export_gguf(folder, Path(tmp) / "gguf", base=base)["output"]
-        model = load_gguf_export(folder)
-    stops = gguf_stop_ids(model)
+    model = load_gguf_model(gguf_base, gguf_lora)
     out = []
     with torch.no_grad():
-        for ids in prompts:
-            prompt = torch.tensor([list(ids)], dtype=torch.long)  # (1, prompt length)
-            logprobs = model(prompt).logits[0, -1].float().log_softmax(-1)  # (vocab,)
-            values, indices = logprobs.topk(top_k)
-            generated = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=min(stops, default=0),
-            )
-            tokens = generated[0, prompt.shape[1] :].tolist()
-            cut = next((i for i, t in enumerate(tokens) if t in stops), len(tokens))
-            out.append({"top_logprobs": dict(zip(indices.tolist(), values.tolist())), "tokens": tokens[:cut]})
+        for ids in prompts_token_ids:
+            logits = model(torch.tensor([list(ids)], dtype=torch.long)).logits[0, -1]  # (vocab,)
+            values, indices = logits.float().log_softmax(-1).topk(top_k)
+            out.append(dict(zip(indices.tolist(), values.tolist())))
     return out

@@ -1,4 +1,4 @@
-"""The model calls of one prepared pass that adapters.modeling.generation.decode_batch does not cover:
+"""The model calls of one prepared pass that adapters.modeling.decoding.decode_batch does not cover:
 class logits of a batch of texts, and generation through a prompt-learning adapter. Call under the
 engine's lock, after planner.prepare_pass."""
 

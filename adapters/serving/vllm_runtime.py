@@ -171,14 +171,14 @@ def server_command(
     return argv + list(extra_args)
 
 
-def server_env(store_root: str | os.PathLike | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def server_env(store_root: str | os.PathLike | None = None) -> dict[str, str]:
     """The environment for vLLM's server: our resolver plugin only, runtime LoRA loading on (the resolver
     needs it), 1 GiB of KV cache (vLLM's CPU default is 4 GiB; ``VLLM_CPU_KVCACHE_SPACE`` wins when set).
 
-    store_root: exported as ``ADAPTERKIT_STORE`` for the resolver (default: the inherited one).
-    base: the environment to extend (default os.environ).
+    store_root: exported as ``ADAPTERKIT_STORE`` for the resolver (default: the inherited one). The rest of
+    the environment is this process's.
     """
-    env = dict(os.environ if base is None else base)
+    env = dict(os.environ)
     env["VLLM_PLUGINS"] = PLUGIN_NAME
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -275,81 +275,64 @@ class VLLMServer:
             return "(no log)"
 
 
-def completion_answers(
-    url: str,
-    model: str,
-    prompts: Sequence[str | Sequence[int]],
-    top_k: int,
-    max_new_tokens: int = 1,
-    api_key: str | None = None,
-) -> list[dict]:
-    """Per prompt, vLLM's greedy answer: {"top_logprobs": {token id: logprob} at the first generated
-    position (top_k of them), "tokens": the greedy token ids, without the EOS that ended them}.
+def completion_logprobs(
+    url: str, model: str, prompts: Sequence[str | Sequence[int]], top_k: int
+) -> list[dict[int, float]]:
+    """Top-k next-token logprobs at the first generated position, one {token id: logprob} per prompt.
 
     url: a vLLM OpenAI server; model: the base's served name or an adapter's; prompts: text or token
     ids (ids avoid a second tokenizer). vLLM's logprobs are the raw model's log-softmax (its default
     logprobs_mode), before temperature. Raises ConfigError when the server answers an error.
     """
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     out = []
     for prompt in prompts:
         body = {
             "model": model,
             "prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt],
-            "max_tokens": max_new_tokens,
+            "max_tokens": 1,
             "temperature": 0,
             "logprobs": top_k,
             "return_tokens_as_token_ids": True,  # "token_id:<id>" keys, not decoded strings
         }
         # 300 s: the first request on a LoRA compiles vLLM's CPU kernels (~20 s on 2 idle cores).
-        response = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=300)
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=300)
         if response.status_code != 200:
             raise ConfigError(f"vLLM answered {response.status_code} for model {model!r}: {response.text[:500]}")
-        choice = response.json()["choices"][0]
-        tokens = [int(t.removeprefix("token_id:")) for t in choice["logprobs"]["tokens"]]
-        if choice["finish_reason"] == "stop" and choice.get("stop_reason") is None and tokens:
-            tokens = tokens[:-1]  # ended by EOS, which vLLM returns as the last token
-        top = choice["logprobs"]["top_logprobs"][0]
-        out.append(
-            {
-                "top_logprobs": {int(key.removeprefix("token_id:")): float(value) for key, value in top.items()},
-                "tokens": tokens,
-            }
-        )
+        top = response.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+        out.append({int(key.removeprefix("token_id:")): float(value) for key, value in top.items()})
     return out
 
 
 def vllm_logprobs(
-    *,
-    folder: str | os.PathLike | None,
-    base: str,
+    base_folder: str | os.PathLike,
+    adapter_folder: str | os.PathLike | None,
     prompts: Sequence[str | Sequence[int]],
     top_k: int,
-    max_new_tokens: int = 8,
+    *,
     log_path: str | os.PathLike | None = None,
-) -> list[dict]:
-    """vLLM's answers for base + adapter (adapters.serving.parity's external runtime): per prompt
-    {"top_logprobs": {token id: logprob}, "tokens": greedy ids}, as completion_answers.
+) -> list[dict[int, float]]:
+    """Top-k next-token logprobs of base + adapter under vLLM, one {token id: logprob} per prompt
+    (adapters.serving.parity's vLLM runtime).
 
-    folder: a LoRA adapter folder, loaded at start (None: the bare base); base: a built-in model name or
-    folder. Starts vLLM's server, asks, stops it: about a minute on 2 idle cores, mostly vLLM's start.
-    Raises ConfigError (no vLLM virtualenv, not a LoRA, vLLM failed).
+    base_folder: the base model's HF folder; adapter_folder: a LoRA adapter folder, loaded at start (None:
+    the bare base). Starts vLLM's server, asks, stops it: about a minute on 2 idle cores, mostly vLLM's
+    start. Raises ConfigError (no vLLM virtualenv, not a LoRA, vLLM failed).
     """
-    base_folder = Path(resolve_model(base)).resolve()
+    base_folder = Path(base_folder).resolve()
     modules, rank = {}, 8
     longest = max((len(p) for p in prompts if not isinstance(p, str)), default=0)
-    if folder is not None:
-        rank = adapter_rank(lora_config(folder))
-        modules = {"adapter": Path(folder).resolve()}
+    if adapter_folder is not None:
+        rank = adapter_rank(lora_config(adapter_folder))
+        modules = {"adapter": Path(adapter_folder).resolve()}
     with VLLMServer.for_model(
         base_folder,
         lora_modules=modules,
         lora_rank=max_lora_rank([rank]),
         max_logprobs=max(20, top_k),
-        max_model_len=max(512, longest + max_new_tokens),
+        max_model_len=max(512, longest + 1),
         log_path=log_path,
     ) as url:
-        return completion_answers(url, "adapter" if modules else str(base_folder), prompts, top_k, max_new_tokens)
+        return completion_logprobs(url, "adapter" if modules else str(base_folder), prompts, top_k)
 
 
 def serve_with_vllm(

@@ -119,17 +119,18 @@ def finalize(
     )
 
 
-def finished_result(run_dir: Path) -> TrainResult | None:
-    """The TrainResult of the finished run in `run_dir` (run_record.finished_summary), read back from its
-    summary.json and metrics.jsonl; None when the run there has not finished."""
-    summary = finished_summary(run_dir)
+def finished_result(cfg: RunConfig) -> TrainResult | None:
+    """The TrainResult of the run in output.run_dir if it finished with this config (run_record.
+    finished_summary), read back from its summary.json and metrics.jsonl; None otherwise."""
+    summary = finished_summary(cfg)
     if summary is None:
         return None
-    log = Path(run_dir) / "metrics.jsonl"
+    run_dir = Path(cfg.output.run_dir)  # where the run is now, should the folder have moved since
+    log = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     history = [{"step": r["step"], "loss": r["loss"]} for r in rows if "loss" in r]
     return TrainResult(
-        Path(summary["run_dir"]), Path(summary["adapter_dir"]), summary["metrics"], summary["steps"],
+        run_dir, run_dir / "adapter", summary["metrics"], summary["steps"],
         summary["trainable_params"], summary["total_params"], summary["train_seconds"], summary["tokens_per_second"],
         summary.get("adapter_ref"), history, summary.get("tokens_seen", 0), summary.get("samples_seen", 0),
         summary.get("eval_seconds", 0.0),

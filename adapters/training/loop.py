@@ -50,14 +50,14 @@ def train(
     Raises ConfigError for configs that cannot run (see setup_run), CheckpointError for a
     checkpoint that cannot be resumed from (see resume_from_checkpoint).
     """
-    if resume and cfg.output.run_dir:
-        done = finished_result(Path(cfg.output.run_dir))
+    if resume:
+        done = finished_result(cfg)
         if done is not None:
             PartialState().print(f"--resume: {done.run_dir} holds a finished run; nothing left to train")
             return done
     run = setup_run(cfg, command=command, fold=fold, on_model_ready=on_model_ready)
     accelerator, model, train_cfg = run.accelerator, run.model, cfg.train
-    run.run_id = run_identity(run.run_dir, accelerator, resume)
+    run.run_id = run_identity(cfg, run.run_dir, accelerator, resume)
     state, stopper = TrainState(), default_stopper(cfg)  # train.early_stopping, or the objective's metric
     if resume:
         resume_from_checkpoint(run, resume, state, stopper)

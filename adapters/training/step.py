@@ -10,11 +10,11 @@ of the W processes. Its loss is the cross-entropy summed over every target of th
 
 so every target weighs the same whatever the micro-batch size, accumulation or process count. This
 is transformers' fix of late 2024 (Trainer's ``num_items_in_batch``, v4.46; "Fixing Gradient
-Accumulation", huggingface.co/blog/gradient_accumulation): the loop counts the window's targets before its first
-forward pass (``global_target_count``, a sum over processes), and each micro-batch back-propagates
-its summed loss / N_targets, multiplied back by what the launcher divides by: the gradient average
-over the W processes (DDP, DeepSpeed) and accelerate's division by the accumulation steps
-(``backward_factor``). Non-final micro-batches run under ``accelerator.no_sync``; the optimizer and
+Accumulation", huggingface.co/blog/gradient_accumulation): the loop counts the window's targets
+before its first forward pass (``global_target_count``, a sum over processes), and each micro-batch
+back-propagates its summed loss / N_targets, multiplied back by what the launcher divides by: the
+gradient average over the W processes (DDP, DeepSpeed) and accelerate's division by the
+accumulation steps (``backward_factor``). Non-final micro-batches run under ``accelerator.no_sync``; the optimizer and
 the schedule step after the window's last one.
 """
 
@@ -113,10 +113,10 @@ def train_step(
     `global_count` targets (global_target_count); gradients add up over the window.
 
     On the `last` micro-batch of the window, gradients are reduced across processes, the global
-    gradient norm is measured and clipped to train.max_grad_norm (when set), the optimizer steps and (unless the step was
-    skipped, e.g. an fp16 overflow) the LR schedule, and gradients are zeroed; before it, no_sync
-    keeps DDP from reducing and accelerate (DeepSpeed) from stepping. A window without targets
-    (global_count 0) gives zero gradients.
+    gradient norm is measured and clipped to train.max_grad_norm (when set), the optimizer steps and
+    (unless the step was skipped, e.g. an fp16 overflow) the LR schedule, and gradients are zeroed;
+    before it, no_sync keeps DDP from reducing and accelerate (DeepSpeed) from stepping. A window
+    without targets (global_count 0) gives zero gradients.
     """
     accelerator.sync_gradients = last  # DeepSpeed reduces and steps at this boundary only
     factor, backward_kwargs = backward_factor(accelerator)

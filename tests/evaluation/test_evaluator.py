@@ -7,8 +7,9 @@ import torch
 
 from adapters.config import ModelConfig
 from adapters.evaluation.evaluator import first_line_answer, generate_scored_answers
-from adapters.modeling.generation import SamplingParams, decode_batch, eos_ids
 from adapters.modeling.backbone import load_backbone, load_tokenizer
+from adapters.modeling.decoding import decode_batch
+from adapters.modeling.generation import SamplingParams, eos_ids
 
 
 def test_scored_answers_equal_the_servers_decoding(tiny_llama_dir, one_torch_thread):

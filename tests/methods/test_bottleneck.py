@@ -104,12 +104,12 @@ def test_where_the_adapters_go(folders):
     assert adapted("llama-lm", "pfeiffer") == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     # BERT: the dense projections that feed BertSelfOutput / BertOutput's residual + LayerNorm.
     assert adapted("bert-cls", "bottleneck", variant="houlsby", layers=[1]) == [
-        "backbone.encoder.layer.1.attention.output.dense",
-        "backbone.encoder.layer.1.output.dense",
+        "bert.encoder.layer.1.attention.output.dense",
+        "bert.encoder.layer.1.output.dense",
     ]
     assert adapted("bert-cls", "pfeiffer") == [
-        "backbone.encoder.layer.0.output.dense",
-        "backbone.encoder.layer.1.output.dense",
+        "bert.encoder.layer.0.output.dense",
+        "bert.encoder.layer.1.output.dense",
     ]
 
 

@@ -33,7 +33,7 @@ MATRIX = [
     ("head-only", {}, "bert-cls", _head("classifier")),
     ("head-only", {}, "llama-cls", _head("score")),
     ("partial", {"blocks": 1}, "llama-lm", _top_llama_block("model")),
-    ("partial", {"blocks": 1}, "bert-cls", lambda n: n.startswith(("backbone.encoder.layer.1.", "classifier."))),
+    ("partial", {"blocks": 1}, "bert-cls", lambda n: n.startswith(("bert.encoder.layer.1.", "classifier."))),
     ("partial", {"blocks": 1}, "llama-cls", lambda n: _top_llama_block("model")(n) or n.startswith("score.")),
     ("full", {}, "llama-lm", lambda n: True),
     ("full", {}, "bert-cls", lambda n: True),

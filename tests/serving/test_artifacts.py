@@ -19,10 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters.config import load_config
+from adapters.config import ModelConfig, load_config
 from adapters.errors import BaseMismatchError, ConfigError
+from adapters.methods import get_method
 from adapters.modeling import mean_pooling
-from adapters.modeling.portable import MODELING_FILE, loading_of
+from adapters.modeling.backbone import load_backbone, load_tokenizer
+from adapters.modeling.portable import MODELING_FILE, loading_of, write_portable_files
 from adapters.serving.engine import ClassificationRequest, GenerationRequest, InferenceEngine
 from adapters.serving.export import export_peft
 from adapters.serving.merge import merge_and_export
@@ -139,6 +141,25 @@ def test_mean_pooling_classifier_loads_with_its_remote_code_class(cls_lora, tiny
         theirs = {row["label"]: row["score"] for row in classify([text])[0]}
         assert max(abs(theirs[k] - p) for k, p in ours.probabilities.items()) < 1e-4
     assert_parity(run_parity(str(cls_lora), "transformers", store=store, artifact=str(merged)))
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_a_standard_head_classifier_loads_in_plain_peft_with_its_labels(kind, tiny_bert_dir, tiny_llama_dir, store,
+                                                                        tmp_path):
+    base = tiny_bert_dir if kind == "bert" else tiny_llama_dir  # BERT's CLS head, Llama's last-token head
+    labels = ["neg", "neu", "pos"]
+    adapter = make_adapter(base, tmp_path / "cls", task="sequence-classification", labels=labels, seed=5)
+    model_cfg = ModelConfig(name=str(base))
+    model = get_method("lora").load(load_backbone(model_cfg, "sequence-classification", {"neg": 0, "neu": 1, "pos": 2}),
+                                    adapter)
+    write_portable_files(adapter, model, load_tokenizer(model_cfg))  # what training's finalize writes
+    write_manifest(adapter, read_manifest(adapter))
+    loading = loading_of(adapter)
+    assert loading.auto_class == "AutoPeftModelForSequenceClassification" and not (adapter / "config.json").exists()
+    assert loading.kwargs["id2label"] == {0: "neg", 1: "neu", 2: "pos"}
+    assert "id2label={0: 'neg', 1: 'neu', 2: 'pos'}" in (adapter / "README.md").read_text()
+    assert_parity(run_parity(str(adapter), "peft", store=store, texts=TEXTS), rows=len(TEXTS))
+    assert_parity(run_parity(str(adapter), "transformers", store=store, texts=TEXTS), rows=len(TEXTS))
 
 
 def test_bottleneck_adapter_loads_in_a_fresh_process_and_in_plain_peft(lm_bottleneck, tiny_llama_dir, store, tmp_path):

@@ -26,7 +26,7 @@ from adapters.serving.gguf import (
     MODEL_GGUF,
     converters_dir,
     export_gguf,
-    load_gguf_export,
+    load_gguf_model,
     lora_gguf_problems,
 )
 from adapters.store.store import AdapterStore
@@ -57,12 +57,12 @@ def test_lora_gguf_applies_exactly_as_peft_merges(tmp_path, tiny_llama_dir, conv
     src = make_adapter(tiny_llama_dir, tmp_path / "tiny-lora", std=0.2)
     store.publish(src, "tiny", tags=["prod"])
 
-    report = export_gguf("tiny@prod", tmp_path / "gguf", store=store)
-    out = tmp_path / "gguf"
-    assert report["kind"] == "lora" and report["adapter"] == "tiny@1"
+    out = export_gguf("tiny@prod", tmp_path / "gguf", store=store)
+    info = json.loads((out / GGUF_INFO).read_text())
+    assert info["kind"] == "lora" and info["adapter"] == "tiny@1"
     assert sorted(p.name for p in out.iterdir()) == sorted([ADAPTER_GGUF, BASE_GGUF, GGUF_INFO])
 
-    from_gguf = load_gguf_export(out)
+    from_gguf = load_gguf_model(out / BASE_GGUF, out / ADAPTER_GGUF)
     reference = _peft_merged(tiny_llama_dir, src)
     assert _max_weight_diff(from_gguf, reference) < 1e-6
     # The check has teeth: the base GGUF alone is far from the merge.
@@ -75,9 +75,10 @@ def test_what_llama_cpp_lora_cannot_hold_is_exported_merged(tmp_path, tiny_llama
     config = json.loads((src / "adapter_config.json").read_text())
     assert lora_gguf_problems(config, {}) == ["rsLoRA's alpha / sqrt(r) scale (use_rslora)"]
 
-    report = export_gguf(src, tmp_path / "gguf")
-    assert report["kind"] == "merged" and report["files"] == {"model": MODEL_GGUF}
-    assert _max_weight_diff(load_gguf_export(tmp_path / "gguf"), _peft_merged(tiny_llama_dir, src)) < 1e-6
+    out = export_gguf(src, tmp_path / "gguf")
+    info = json.loads((out / GGUF_INFO).read_text())
+    assert info["kind"] == "merged" and info["files"] == {"model": MODEL_GGUF}
+    assert _max_weight_diff(load_gguf_model(out / MODEL_GGUF), _peft_merged(tiny_llama_dir, src)) < 1e-6
 
 
 def test_export_refuses_an_existing_folder_and_a_classifier_export(tmp_path, converters):
@@ -105,7 +106,8 @@ def test_export_and_parity_cli_on_a_smollm2_lora(tmp_path, smollm2_dir, converte
     capsys.readouterr()
     args = ["smol@prod", "--runtime", "gguf", "--artifact", str(out), "--store", str(store.root)]
     code = parity_main([*args, "--prompts", str(prompts), "--max-new-tokens", "4"])
-    table = capsys.readouterr().out
-    assert code == 0, table
+    captured = capsys.readouterr()
+    table = captured.out
+    assert code == 0, table + captured.err
     assert "PASS: 3/3" in table
     shutil.rmtree(out)  # 270 MB

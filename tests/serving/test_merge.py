@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from adapters.errors import ConfigError
-from adapters.modeling.generation import SamplingParams, decode_batch, encode_prompt
+from adapters.modeling.decoding import decode_batch
+from adapters.modeling.generation import SamplingParams, encode_prompt
 from adapters.serving.engine import ClassificationRequest, GenerationRequest, InferenceEngine
 from adapters.serving.merge import load_exported, merge_and_export
 from tests.helpers.serving import make_adapter

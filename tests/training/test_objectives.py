@@ -294,6 +294,12 @@ def _train_pair_accuracy(cfg, adapter_dir=None):
 
 
 def test_dpo_trains_a_lora_and_training_pairs_rank_better(tiny_llama_dir, tmp_path, store_root):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapters.data.prompts import PromptFormat, build_prompt_ids
+    from adapters.modeling.generation import SamplingParams
+    from adapters.serving.engine import GenerationRequest, InferenceEngine
     from adapters.store.store import AdapterStore
     from adapters.training.loop import train
 
@@ -313,6 +319,16 @@ def test_dpo_trains_a_lora_and_training_pairs_rank_better(tiny_llama_dir, tmp_pa
     assert manifest["training"]["train"]["objective"] == "dpo"
     store = AdapterStore(store_root)
     assert store.versions("tiny-dpo") == [1] and store.verify("tiny-dpo@1") == {"tiny-dpo@1": []}
+    # The server takes it like any adapter, and answers what the trained model answers greedily.
+    engine = InferenceEngine(str(tiny_llama_dir), store=store)
+    served = engine.generate([GenerationRequest(adapter="tiny-dpo@1", prompt="Where is Paris ?",
+                                                params=SamplingParams(max_new_tokens=3))])[0]
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)),
+                                           str(result.adapter_dir)).eval()
+    prompt = build_prompt_ids(tok, "Where is Paris ?", PromptFormat.from_data_config(cfg.data))
+    greedy = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=3, do_sample=False)
+    assert served.token_ids == greedy[0, len(prompt):].tolist()[:len(served.token_ids)]
 
 
 @pytest.mark.parametrize("objective", ["orpo", "simpo", "kto"])

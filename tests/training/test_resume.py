@@ -184,14 +184,26 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_adapter(point, refer
     assert checkpoints == {f"step-{s}" for s in range(SAVE_EVERY, STEPS + 1, SAVE_EVERY)}  # no leftovers
 
 
-def test_resuming_a_finished_run_neither_trains_nor_publishes_again(reference, capsys):
-    log_before = (reference["run"] / "metrics.jsonl").read_bytes()
-    result = train_fresh(reference["raw"], resume=True)
+def test_resuming_a_finished_run_neither_trains_nor_publishes_again(reference, tiny_bert_dir, tmp_path, capsys):
+    shutil.copytree(reference["run"], tmp_path / "run")  # moved since: the run is where its folder is now
+    shutil.copytree(reference["store"], tmp_path / "store")
+    published = tmp_path / "run" / "published.json"
+    published.write_text(json.dumps({**json.loads(published.read_text()), "store": str(tmp_path / "store")}))
+    raw = run_config(tiny_bert_dir, tmp_path / "run", tmp_path / "store")
+    log_before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    result = train_fresh(raw, resume=True)
     assert "holds a finished run" in capsys.readouterr().out
-    assert (reference["run"] / "metrics.jsonl").read_bytes() == log_before
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == log_before
     assert result.adapter_ref == "resumed@1" and result.steps == STEPS
-    assert result.metrics == reference["summary"]["metrics"]
-    assert AdapterStore(reference["store"]).versions("resumed") == [1]
+    assert result.adapter_dir == tmp_path / "run" / "adapter" and result.metrics == reference["summary"]["metrics"]
+    assert AdapterStore(tmp_path / "store").versions("resumed") == [1]
+
+    # With a changed config (3 more steps) the run continues from its last checkpoint as a new run.
+    raw["train"]["max_steps"] = STEPS + 3
+    result = train_fresh(raw, resume=True)
+    assert result.steps == STEPS + 3 and result.adapter_ref == "resumed@2"
+    assert [step for step, _ in logged(tmp_path / "run")] == list(range(1, STEPS + 4))
 
 
 def test_a_resumed_run_keeps_the_best_weights_it_had_before_the_interruption(tiny_bert_dir, tmp_path):
