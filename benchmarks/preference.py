@@ -38,18 +38,19 @@ def base_config(run_dir: Path, **train) -> dict:
         "task": "causal-lm",
         "model": {"name": "smollm2-135m-instruct", "dtype": "float32"},
         "data": {"name": "trec-preference", "system_prompt": SYSTEM, "max_length": 64, "max_train_samples": 2000,
-                 "max_eval_samples": 100, "max_test_samples": 200,
+                 "max_eval_samples": 50, "max_test_samples": 200,
                  "split": {"kind": "stratified", "validation": 0.1, "test": 0.2}},
         "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all", "top_layers": 10},
         "train": {"lr": 1e-3, "batch_size": 16, "scheduler": "cosine", "warmup_ratio": 0.05, "log_every": 10,
                   "eval_batch_size": 64, "seed": 42, **train},
-        "eval": {"max_new_tokens": 3, "baseline": True},
+        "eval": {"max_new_tokens": 3, "baseline": False},  # DPO: the base's preference accuracy is scored below
         "output": {"run_dir": str(run_dir), "name": run_dir.name},
     }
 
 
-def test_preference_accuracy(cfg, adapter_dir: Path) -> dict:
-    """Preference metrics of an adapter on the test pairs of `cfg` (a preference objective's split)."""
+def test_preference_accuracy(cfg, adapters: dict[str, Path | None]) -> dict[str, dict]:
+    """Preference metrics on the test pairs of `cfg` (a preference objective's split) of the base (None)
+    and of each adapter folder, by name; each with the number of pairs."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -59,11 +60,15 @@ def test_preference_accuracy(cfg, adapter_dir: Path) -> dict:
     from adapters.modeling.builtins import resolve_model
 
     tokenizer = load_tokenizer(cfg.model)
-    tokenized = tokenize_splits(prepare_splits(cfg), cfg, tokenizer)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.name)),
-                                      str(adapter_dir))
-    metrics = evaluate_preference(model, tokenized["test"], tokenizer, SimpleNamespace(device="cpu"), 64)
-    return {**metrics, "pairs": len(tokenized["test"])}
+    test = tokenize_splits(prepare_splits(cfg), cfg, tokenizer)["test"]
+    out = {}
+    for name, folder in adapters.items():
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model.name))
+        if folder is not None:
+            model = PeftModel.from_pretrained(model, str(folder))
+        metrics = evaluate_preference(model, test, tokenizer, SimpleNamespace(device="cpu"), 64)
+        out[name] = {**metrics, "pairs": len(test)}
+    return out
 
 
 def run_dpo(work: Path, sft_steps: int, dpo_steps: int, beta: float) -> dict:
@@ -84,21 +89,18 @@ def run_dpo(work: Path, sft_steps: int, dpo_steps: int, beta: float) -> dict:
     started = time.perf_counter()
     dpo = train(dpo_cfg)
     dpo_seconds = time.perf_counter() - started
-    sft_pref = test_preference_accuracy(dpo_cfg, sft.adapter_dir)
-    return {
-        "sft": {"steps": sft.steps, "seconds": round(sft_seconds, 1),
-                "test_exact_match": sft.metrics["adapted"]["exact_match"],
-                "test_preference_accuracy": sft_pref["preference_accuracy"],
-                "test_logp_margin": sft_pref["logp_margin"]},
-        "dpo_after_sft": {"steps": dpo.steps, "seconds": round(dpo_seconds, 1), "beta": beta,
-                          "test_exact_match": dpo.metrics["adapted"]["exact_match"],
-                          "test_preference_accuracy": dpo.metrics["adapted"]["preference_accuracy"],
-                          "test_logp_margin": dpo.metrics["adapted"]["logp_margin"]},
-        "base": {"test_exact_match": dpo.metrics["base"]["exact_match"],
-                 "test_preference_accuracy": dpo.metrics["base"]["preference_accuracy"],
-                 "test_logp_margin": dpo.metrics["base"]["logp_margin"]},
-        "test_pairs": sft_pref["pairs"],
-    }
+    pref = test_preference_accuracy(dpo_cfg, {"base": None, "sft": sft.adapter_dir, "dpo": dpo.adapter_dir})
+    base = {"test_preference_accuracy": pref["base"]["preference_accuracy"],
+            "test_logp_margin": pref["base"]["logp_margin"]}
+    out = {"test_pairs": pref["base"]["pairs"], "base": base}
+    for name, result, seconds in (("sft", sft, sft_seconds), ("dpo_after_sft", dpo, dpo_seconds)):
+        key = "sft" if name == "sft" else "dpo"
+        out[name] = {"steps": result.steps, "seconds": round(seconds, 1),
+                     "test_exact_match": result.metrics["adapted"]["exact_match"],
+                     "test_preference_accuracy": pref[key]["preference_accuracy"],
+                     "test_logp_margin": pref[key]["logp_margin"]}
+    out["dpo_after_sft"]["beta"] = beta
+    return out
 
 
 def run_grpo(work: Path, steps: int, generations: int) -> dict:
@@ -109,6 +111,7 @@ def run_grpo(work: Path, steps: int, generations: int) -> dict:
                       grpo={"num_generations": generations, "max_new_tokens": 4, "temperature": 1.0,
                             "rewards": [{"name": "exact_match"}]})
     raw["data"]["name"] = "trec"
+    raw["eval"]["baseline"] = True  # exact match of the base, adapter disabled
     started = time.perf_counter()
     result = train(load_config(raw=raw))
     seconds = time.perf_counter() - started
@@ -139,7 +142,7 @@ def markdown(result: dict) -> str:
                   "| model | steps | seconds | preference accuracy | mean log-prob margin (nats) | exact match |",
                   "|---|---|---|---|---|---|",
                   f"| base | - | - | {d['base']['test_preference_accuracy']:.3f} | "
-                  f"{d['base']['test_logp_margin']:.2f} | {d['base']['test_exact_match']:.3f} |",
+                  f"{d['base']['test_logp_margin']:.2f} | - |",
                   f"| SFT | {d['sft']['steps']} | {d['sft']['seconds']} | {d['sft']['test_preference_accuracy']:.3f} | "
                   f"{d['sft']['test_logp_margin']:.2f} | {d['sft']['test_exact_match']:.3f} |",
                   f"| SFT + DPO | +{d['dpo_after_sft']['steps']} | {d['dpo_after_sft']['seconds']} | "

@@ -86,7 +86,9 @@ def cell(adapter: Path, runtime: str, store: Path, method: str) -> dict:
         note = "" if report.passed else f"FAIL (max |dp| {report.max_diff:.1e})"
         if report.greedy_only:
             note = (note + " " if note else "") + "greedy tokens only"
-        out = {"ok": report.passed, "max_diff": report.max_diff, "note": note}
+        if report.effect is not None:  # how far the adapter moves the base: what the 1e-4 is measured against
+            note = (note + ", " if note else "") + f"adapter effect {report.effect:.0e}"
+        out = {"ok": report.passed, "max_diff": report.max_diff, "effect": report.effect, "note": note}
     except AdapterkitError as err:  # the refusal, short: without the folder, the method's name and the advice
         note = str(err).splitlines()[0].replace(f"{adapter} ", "").split(";")[0]
         out = {"ok": False, "max_diff": None, "note": note.removeprefix(f"method {method!r} ")}

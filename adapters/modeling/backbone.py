@@ -248,9 +248,9 @@ class MeanPoolingClassifier(MeanPoolingForSequenceClassification):
     """adapterkit's mean-pooling classifier (adapters.modeling.mean_pooling), built around a loaded encoder
     with a fresh head for `label2id` (class name -> id; `id2label` its inverse).
 
-    Adapters saved before issue 15 named the encoder ``backbone.``; peft maps those keys to the
-    encoder's standard name on load through ``_checkpoint_conversion_mapping``. ``backbone`` stays
-    readable as an alias of the encoder.
+    Older adapterkit versions named the encoder ``backbone``, so their adapters' keys say ``backbone.``;
+    peft maps those to the encoder's standard name on load through ``_checkpoint_conversion_mapping``
+    (load_delta does the same for full/partial/head-only). ``backbone`` stays readable as an alias.
     """
 
     adapterkit_head_names = ("classifier",)
@@ -265,7 +265,7 @@ class MeanPoolingClassifier(MeanPoolingForSequenceClassification):
 
     @property
     def backbone(self) -> nn.Module:
-        """The wrapped encoder (its name before issue 15)."""
+        """The wrapped encoder (its attribute name in older versions)."""
         return self.base_model
 
 

@@ -103,7 +103,7 @@ def loading_of(folder: Path, model_config=None) -> Loading:
     """Which plain runtime loads ``folder`` and how, read from its files.
 
     model_config: the trained model's config (for a standard classification head: its labels and
-    pad token); without it they are read from the folder's config.json or manifest.json.
+    pad token); without it the labels are read from the folder's manifest.json.
     """
     folder = Path(folder)
     config = _json(folder / "config.json")
@@ -121,7 +121,7 @@ def loading_of(folder: Path, model_config=None) -> Loading:
     method = adapter.get("adapterkit_method") or peft_type.lower()
     if adapter.get("task_type") == "CAUSAL_LM":
         return Loading("peft", "causal-lm", "AutoPeftModelForCausalLM", imports=imports, method=method)
-    if remote:  # mean pooling: transformers' peft integration loads the adapter onto the remote-code class
+    if remote:  # mean pooling: the remote-code class loads the encoder, then peft the adapter
         return Loading("transformers", "sequence-classification", "AutoModelForSequenceClassification",
                        {"trust_remote_code": True}, imports, method)
     return Loading("peft", "sequence-classification", "AutoPeftModelForSequenceClassification",

@@ -71,6 +71,7 @@ class ParityReport:
     tol: float
     rows: list[ParityRow] = field(default_factory=list)
     greedy_only: bool = False  # no probabilities to compare (adapterkit's prompt-learning generation)
+    effect: float | None = None  # adapter_effect: how far the adapter moves the base (causal LM)
 
     @property
     def passed(self) -> bool:
@@ -91,6 +92,8 @@ class ParityReport:
                      f"(max |dp| {self.max_diff:.2e}) and with equal answers"
                      + (" (greedy tokens only: adapterkit gives no logprobs for prompt learning)"
                         if self.greedy_only else ""))
+        if self.effect is not None:
+            lines.append(f"adapter effect: it moves the base's top-k probabilities by up to {self.effect:.2e}")
         return "\n".join(lines)
 
 
@@ -287,6 +290,7 @@ def run_parity(ref: str, runtime: str, base: str | None = None, store: Any = Non
     texts = list(texts) if texts is not None else golden_texts(manifest, limit)
     engine = engine_for(ref, manifest, base, store)
     ours = engine_answers(engine, ref, texts, top_k, max_new_tokens)
+    effect = adapter_effect(engine, ours, top_k)
     base_name, tokenizer, task = engine.base_name, engine.tokenizer, engine.task
     del engine  # one model in memory at a time
     with tempfile.TemporaryDirectory(prefix="adapterkit-parity-") as tmp:
@@ -303,7 +307,21 @@ def run_parity(ref: str, runtime: str, base: str | None = None, store: Any = Non
             model, plain_tokenizer = load_plain(where)
             theirs = plain_answers(model, plain_tokenizer, texts, task, manifest, top_k, max_new_tokens)
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if task == "causal-lm" else None
-    return compare(str(ref), runtime, task, texts, ours, theirs, tol, decode)
+    report = compare(str(ref), runtime, task, texts, ours, theirs, tol, decode)
+    report.effect = effect
+    return report
+
+
+def adapter_effect(engine: InferenceEngine, ours: list[dict], top_k: int = 5) -> float | None:
+    """Causal LM: the largest difference the adapter makes to the bare base's top-k at the first generated
+    position of the same prompt ids (engine_answers' ``ours``). A parity within tol says little about an
+    adapter whose effect is below tol. None where it is not measured: a classifier (the base has no head),
+    a standalone model, a prompt-learning adapter (no logprobs)."""
+    if engine.task != "causal-lm" or isinstance(engine, StandaloneEngine) or not all(a["top_logprobs"] for a in ours):
+        return None
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, logprobs=top_k)
+    bare = engine.generate([GenerationRequest(prompt_ids=list(a["prompt_ids"]), params=params) for a in ours])
+    return max(_top_k_diff(a["top_logprobs"], dict(r.logprobs.top[0])) for a, r in zip(ours, bare))
 
 
 def _external(runtime: str, ref: str, folder: Path, artifact: str | None, base: str, store: AdapterStore,
@@ -336,4 +354,5 @@ def report_json(report: ParityReport) -> str:
     """The report as JSON (rows, passed, max_diff), e.g. for benchmarks/runtime_table.py."""
     return json.dumps({"ref": report.ref, "runtime": report.runtime, "task": report.task, "tol": report.tol,
                        "passed": report.passed, "max_diff": report.max_diff, "greedy_only": report.greedy_only,
+                       "effect": report.effect,
                        "rows": [r.__dict__ for r in report.rows]}, indent=2, default=str)

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 
 from adapters.constants import MANIFEST
 from adapters.distributed import gathered
-from adapters.errors import AdapterkitError, StoreError
+from adapters.errors import AdapterkitError
 from adapters.paths import fsync_dir
 from adapters.store.fingerprint import sha256_file
 from adapters.store.manifest import file_checksums, safe_relative, write_json_atomic
@@ -316,6 +316,6 @@ def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> C
         elif best == "current":
             best_state = load_file(str(folder / WEIGHTS_FILE))
         rng = _read_rng(folder / f"rng-{accelerator.process_index}.safetensors")
-    except (KeyError, ValueError, RuntimeError, OSError, SafetensorError, StoreError) as err:
+    except (KeyError, ValueError, RuntimeError, OSError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {folder} does not fit this run ({type(err).__name__}: {err})") from err
     return Checkpoint(state, best_state, rng)

@@ -287,10 +287,10 @@ def test_resume_picks_only_complete_checkpoints_and_says_which_it_skipped(interr
     (root / "step-9" / "manifest.json").write_text("{")  # the manifest itself damaged
     found, notes = resume_point(run)
     assert found == root / "step-6"
-    assert notes == ["checkpoint step-10 is damaged (no manifest.json (written incompletely, or before checkpoints "
-                     "were checksummed)); skipping it",
-                     "checkpoint step-9 is damaged (unreadable manifest.json (Expecting property name enclosed in "
-                     "double quotes: line 1 column 2 (char 1))); skipping it"]
+    assert len(notes) == 2, notes
+    assert notes[0] == ("checkpoint step-10 is damaged (no manifest.json (written incompletely, or before "
+                        "checkpoints were checksummed)); skipping it")
+    assert notes[1].startswith("checkpoint step-9 is damaged (unreadable manifest.json (") and "\n" not in notes[1]
     assert not (root / "step-12.tmp").exists(), "leftovers of interrupted writes are removed"
     (root / "step-6" / "rng-0.safetensors").unlink()
     assert checkpoint_problems(root / "step-6") == ["rng-0.safetensors: missing"]
