@@ -93,7 +93,6 @@ def main() -> None:
     tokens = n * args.new_tokens
     results["modes"] = {k: {"seconds_median": statistics.median(v), "seconds_min": min(v), "seconds": v,
                             "tokens_per_s": tokens / statistics.median(v), "tokens_per_s_best": tokens / min(v)} for k, v in modes.items()}
-    tps = {k: v["tokens_per_s"] for k, v in results["modes"].items()}
     results["same_tokens"] = {
         "mixed_vs_peft_loop": [r.token_ids for r in outputs["mixed"]] == [r.token_ids for r in outputs["mixed_peft_loop"]],
         "mixed_vs_one_by_one": [r.token_ids for r in outputs["mixed"]] == [r.token_ids for r in outputs["one_by_one"]],

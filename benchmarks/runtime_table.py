@@ -5,7 +5,8 @@ For every registered method and task it supports, a tiny adapter is trained for 
 mean-pooled, for classification: the architectures of the built-ins, at a size that trains in
 seconds), then ``adapterkit parity`` runs against each runtime: ``peft`` (the adapter folder, as
 its model card says) and ``transformers`` (a merged export). A cell is "yes" when every golden row
-is within 1e-4 with equal answers, else the reason it is not (the refusal's message, or FAIL).
+is within 1e-4 (log-probabilities of a causal LM, class probabilities) with equal answers, else the
+reason it is not (the refusal's message, or FAIL).
 
     .venv/bin/python benchmarks/runtime_table.py [--methods lora ia3] [--runtimes peft transformers]
 
@@ -83,7 +84,7 @@ def cell(adapter: Path, runtime: str, store: Path, method: str) -> dict:
     t0 = time.perf_counter()
     try:
         report = run_parity(str(adapter), runtime, store=store, texts=TEXTS)
-        note = "" if report.passed else f"FAIL (max |dp| {report.max_diff:.1e})"
+        note = "" if report.passed else f"FAIL (max difference {report.max_diff:.1e})"
         if report.greedy_only:
             note = (note + " " if note else "") + "greedy tokens only"
         if report.effect is not None:  # how far the adapter moves the base: what the 1e-4 is measured against

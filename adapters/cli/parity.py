@@ -6,7 +6,7 @@
     adapterkit parity smol@prod --runtime vllm | gguf                # adapters.serving.vllm_runtime / .gguf
 
 The golden set is the first --limit rows of the run's test split (the manifest records the data
-config), or the lines of --prompts. Causal LMs: top-k probabilities at each prompt's first generated
+config), or the lines of --prompts. Causal LMs: top-k log-probabilities at each prompt's first generated
 position and the greedy tokens; classifiers: every class probability. Prints a table.
 Exit status: 0 every row within --tol with equal answers, 1 a row is not, 2 refused or not available.
 """
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="adapter store root")
     p.add_argument("--prompts", help="a text file of golden inputs, one per line (default: the run's test split)")
     p.add_argument("--limit", type=int, default=8, help="golden rows taken from the test split")
-    p.add_argument("--tol", type=float, default=1e-4, help="largest allowed probability difference")
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="largest allowed difference of log-probabilities (causal LM) or probabilities (classifier)")
     p.add_argument("--top-k", type=int, default=5, help="causal LM: tokens compared at the first generated position")
     p.add_argument("--max-new-tokens", type=int, default=8, help="causal LM: greedy tokens compared")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON here")

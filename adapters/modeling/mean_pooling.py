@@ -100,9 +100,11 @@ class MeanPoolingForSequenceClassification(PreTrainedModel):
         return self.config.num_labels
 
     def get_input_embeddings(self):
+        """The encoder's token embeddings (peft's prompt learning and resizing use them)."""
         return self.base_model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
+        """Replace the encoder's token embeddings."""
         self.base_model.set_input_embeddings(value)
 
     def forward(

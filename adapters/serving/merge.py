@@ -78,6 +78,7 @@ class _Source:
 
     @property
     def label2id(self) -> dict[str, int] | None:
+        """Class name -> head row, or None for a causal LM."""
         return {label: i for i, label in enumerate(self.labels)} if self.labels else None
 
 

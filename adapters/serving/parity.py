@@ -3,9 +3,11 @@
 The golden set is the adapter's own held-out data: the test split of its training run, rebuilt from
 the run config its manifest records (adapters.data.loading.prepare_splits), or texts given. For a
 causal LM each prompt (in the adapter's training format) is compared at its first generated
-position (the top-k token probabilities) and by its greedy tokens; for a classifier, by every class
-probability. A row passes when no probability differs by more than ``tol`` and the greedy tokens
-(or predicted labels) are equal.
+position (the top-k token log-probabilities) and by its greedy tokens; for a classifier, by every
+class probability. A row passes when no log-probability (causal LM) or probability (classifier)
+differs by more than ``tol`` and the greedy tokens (or predicted labels) are equal. Log-probabilities,
+not probabilities, for a causal LM: over a large vocabulary the top-k probabilities may all be small,
+and a probability tolerance would then pass any adapter.
 
 Runtimes: ``peft`` loads the adapter folder as its model card says (adapters.modeling.portable:
 AutoPeftModel*, or transformers with trust_remote_code for a mean-pooling classifier);
@@ -75,25 +77,28 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
+        """Every row passed (and there was at least one)."""
         return bool(self.rows) and all(r.passed for r in self.rows)
 
     @property
     def max_diff(self) -> float:
+        """The largest difference over all rows."""
         return max((r.max_diff for r in self.rows), default=0.0)
 
     def table(self) -> str:
         """The rows as a fixed-width text table, with a verdict line."""
-        lines = [f"{'#':>3}  {'input':32}  {'adapterkit':20}  {self.runtime:20}  {'max|dp|':>9}  ok"]
+        unit = "|dlogp|" if self.task == "causal-lm" else "|dp|"
+        lines = [f"{'#':>3}  {'input':32}  {'adapterkit':20}  {self.runtime:20}  {'max' + unit:>12}  ok"]
         for i, r in enumerate(self.rows):
             lines.append(f"{i:>3}  {_cut(r.text, 32):32}  {_cut(r.engine, 20):20}  {_cut(r.runtime, 20):20}  "
-                         f"{r.max_diff:9.2e}  {'yes' if r.passed else 'NO'}")
+                         f"{r.max_diff:12.2e}  {'yes' if r.passed else 'NO'}")
         verdict = "PASS" if self.passed else "FAIL"
         lines.append(f"{verdict}: {sum(r.passed for r in self.rows)}/{len(self.rows)} rows within {self.tol:g} "
-                     f"(max |dp| {self.max_diff:.2e}) and with equal answers"
+                     f"(max {unit} {self.max_diff:.2e}) and with equal answers"
                      + (" (greedy tokens only: adapterkit gives no logprobs for prompt learning)"
                         if self.greedy_only else ""))
         if self.effect is not None:
-            lines.append(f"adapter effect: it moves the base's top-k probabilities by up to {self.effect:.2e}")
+            lines.append(f"adapter effect: it moves the base's top-k log-probabilities by up to {self.effect:.2e}")
         return "\n".join(lines)
 
 
@@ -218,9 +223,10 @@ def _stop_ids(model, tokenizer) -> set[int]:
 # ------------------------------------------------------------------ comparing
 def compare(ref: str, runtime: str, task: str, texts: list[str], ours: list[dict], theirs: list[dict],
             tol: float, decode=None) -> ParityReport:
-    """Row by row: the largest probability difference (causal-lm: over both sides' top-k at the first
-    generated position; a token in one side's top-k only counts as differing from the other side's
-    k-th probability at least) and whether greedy tokens / labels agree. decode: token ids -> text."""
+    """Row by row: the largest difference (causal-lm: of log-probabilities, over both sides' top-k at the
+    first generated position, a token in one side's top-k only counting as differing from the other side's
+    k-th at least; classifier: of class probabilities) and whether greedy tokens / labels agree.
+    decode: token ids -> text."""
     report = ParityReport(ref, runtime, task, tol)
     for text, a, b in zip(texts, ours, theirs):
         if task == "sequence-classification":
@@ -253,11 +259,11 @@ def _tokens(answer: dict) -> list[int]:
 
 
 def _top_k_diff(a: dict, b: dict) -> float:
-    """Largest |p_a - p_b| over the tokens of both top-k dicts ({token id: logprob})."""
+    """Largest |logp_a - logp_b| over the tokens of both top-k dicts ({token id: logprob})."""
     if not a or not b:
         return math.inf
-    pa = {int(k): math.exp(v) for k, v in a.items()}
-    pb = {int(k): math.exp(v) for k, v in b.items()}
+    pa = {int(k): float(v) for k, v in a.items()}
+    pb = {int(k): float(v) for k, v in b.items()}
     floor_a, floor_b = min(pa.values()), min(pb.values())
     diffs = []
     for token in set(pa) | set(pb):
@@ -313,8 +319,8 @@ def run_parity(ref: str, runtime: str, base: str | None = None, store: Any = Non
 
 
 def adapter_effect(engine: InferenceEngine, ours: list[dict], top_k: int = 5) -> float | None:
-    """Causal LM: the largest difference the adapter makes to the bare base's top-k at the first generated
-    position of the same prompt ids (engine_answers' ``ours``). A parity within tol says little about an
+    """Causal LM: the largest difference the adapter makes to the bare base's top-k log-probabilities at the
+    first generated position of the same prompt ids (engine_answers' ``ours``). A parity within tol says little about an
     adapter whose effect is below tol. None where it is not measured: a classifier (the base has no head),
     a standalone model, a prompt-learning adapter (no logprobs)."""
     if engine.task != "causal-lm" or isinstance(engine, StandaloneEngine) or not all(a["top_logprobs"] for a in ours):
