@@ -63,7 +63,7 @@ test: setup runtimes
 	ADAPTERKIT_REQUIRE_RUNTIMES=1 $(BIN)/python -m pytest -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not real_model and not multiprocess"
+	$(BIN)/python -m pytest -q -m "not real_model and not multiprocess and not runtime"
 
 # Style and architecture: ruff (pyflakes, pycodestyle at 120 columns, import order, bugbear) and the
 # layer/size check (imports flow downward; no function over 120 lines, no class over 300).

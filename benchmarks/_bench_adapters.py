@@ -54,7 +54,9 @@ def publish_random_loras(store_root: Path, n: int, r: int = 8, prefix: str = "be
             folder = Path(tmp) / f"{prefix}{i}"
             method.save(model, folder)
             manifest = build_manifest(
-                name=f"{prefix}{i}", task="causal-lm", method={"name": "lora", "options": options.model_dump()},
+                name=f"{prefix}{i}",
+                task="causal-lm",
+                method={"name": "lora", "options": options.model_dump()},
                 base_model={"name": BASE, "path": base_path, "fingerprint": fingerprint_model(base_path)},
                 training={"model": model_cfg.model_dump(mode="json")},
             )
@@ -66,8 +68,17 @@ def publish_random_loras(store_root: Path, n: int, r: int = 8, prefix: str = "be
 def machine() -> dict:
     cpu = cpu_name()
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
     except OSError:
         sha = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "git": sha, "load_avg": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git": sha,
+        "load_avg": os.getloadavg(),
+    }

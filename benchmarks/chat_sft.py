@@ -37,8 +37,22 @@ def main() -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     overrides = [x for item in [*args.set, f"output.run_dir={run_dir}"] for x in ("--set", item)]
-    cmd = [accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "scripts/train.py", "--config", args.config, *overrides]
+    cmd = [
+        accelerate,
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "scripts/train.py",
+        "--config",
+        args.config,
+        *overrides,
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -96,8 +110,10 @@ def markdown(r: dict) -> str:
     ]
     if r.get("packing"):
         p = r["packing"]
-        lines.append(f"Packing: {p['rows']} rows in {p['packed_rows']} packed rows, padding share "
-                     f"{p['padding_share']:.1%} (unpacked {p['padding_share_unpacked']:.1%}).")
+        lines.append(
+            f"Packing: {p['rows']} rows in {p['packed_rows']} packed rows, padding share "
+            f"{p['padding_share']:.1%} (unpacked {p['padding_share_unpacked']:.1%})."
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -40,10 +40,23 @@ def suite_path(name: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", default="quick", help="built-in suite (quick, full) or a suite YAML file")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a suite key, e.g. budget.steps=20")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a suite key, e.g. budget.steps=20",
+    )
     parser.add_argument("--out", help="results folder (default benchmarks/results/compare-<suite>)")
     parser.add_argument("--work-dir", help="run folders (default runs/compare-<suite>)")
-    parser.add_argument("--only", action="append", default=[], metavar="TEXT", help="run only cells whose key (task/arm/seed=N) contains TEXT")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only cells whose key (task/arm/seed=N) contains TEXT",
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--check", action="store_true", help="validate the suite, list its cells and exit")
@@ -66,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir or ROOT / "runs" / f"compare-{suite.name}")
     command = shlex.join([".venv/bin/python", "benchmarks/compare.py", *(argv if argv is not None else sys.argv[1:])])
     result = run_suite(suite, out, work, command=command, progress=not args.no_progress, only=only)
-    print(f"{len(result.ran)} cells run, {len(result.skipped)} already done, {len(result.failed)} failed; table: {out / 'table.md'}")
+    print(
+        f"{len(result.ran)} cells run, {len(result.skipped)} already done, {len(result.failed)} failed; table: {out / 'table.md'}"
+    )
     return 1 if result.failed else 0
 
 

@@ -60,9 +60,9 @@ def main() -> None:
     brute = {}
     for a, b in (("train", "validation"), ("train", "test")):
         ia, ib = names.index(a), names.index(b)
-        exact_train = set(all_texts[offsets[ia]:offsets[ia + 1]])
+        exact_train = set(all_texts[offsets[ia] : offsets[ia + 1]])
         q = [i for i in range(offsets[ib], offsets[ib + 1]) if all_texts[i] not in exact_train]
-        dense = (sim.full[q] @ sim.full[offsets[ia]:offsets[ia + 1]].T).tocsr()
+        dense = (sim.full[q] @ sim.full[offsets[ia] : offsets[ia + 1]].T).tocsr()
         brute[f"{a}/{b}"] = int((np.asarray(dense.max(axis=1).todense()).ravel() >= args.threshold - 1e-6).sum())
     brute_seconds = time.perf_counter() - start
 

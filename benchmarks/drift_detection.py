@@ -53,8 +53,14 @@ def main() -> None:
     order = np.random.default_rng(0).permutation(len(texts))
     ref_idx, hold = order[:1500], order[1500:]
     t0 = time.perf_counter()
-    ref = build_reference([texts[i] for i in ref_idx], [labels[i] for i in ref_idx], tokenizer=embed.tokenizer,
-                          predictions=[labels[i] for i in ref_idx], confidences=rng.beta(5, 1, 1500), embed_fn=embed)
+    ref = build_reference(
+        [texts[i] for i in ref_idx],
+        [labels[i] for i in ref_idx],
+        tokenizer=embed.tokenizer,
+        predictions=[labels[i] for i in ref_idx],
+        confidences=rng.beta(5, 1, 1500),
+        embed_fn=embed,
+    )
     reference_seconds = time.perf_counter() - t0
     sms = BUILTIN_DATASETS["sms-spam"].load()["text"]
     lengths = np.array([len(texts[i]) for i in hold])
@@ -67,6 +73,7 @@ def main() -> None:
     report_seconds = []
     for seed in range(args.seeds):
         r = np.random.default_rng(1000 + seed)
+
         def pick(pool):
             idx = r.choice(pool, n, replace=False)
             return [texts[i] for i in idx], [labels[i] for i in idx], r.beta(5, 1, n)
@@ -75,10 +82,17 @@ def main() -> None:
             "same": pick(hold),
             "label_mix": pick(hum_loc),
             "longer": pick(long_idx),
-            "domain": ([sms[i] for i in r.choice(len(sms), n, replace=False)], r.choice(["ENTY", "HUM", "DESC"], n).tolist(), r.beta(2, 2, n)),
+            "domain": (
+                [sms[i] for i in r.choice(len(sms), n, replace=False)],
+                r.choice(["ENTY", "HUM", "DESC"], n).tolist(),
+                r.beta(2, 2, n),
+            ),
         }
         for name, (ws, ls, cs) in windows.items():
-            records = [logger.reduce({"adapter": "a", "text": t, "label": l, "confidence": float(c)}) for t, l, c in zip(ws, ls, cs)]
+            records = [
+                logger.reduce({"adapter": "a", "text": t, "label": l, "confidence": float(c)})
+                for t, l, c in zip(ws, ls, cs)
+            ]
             emb = embed(ws[:200])
             for rec, e in zip(records, emb):
                 rec["embedding"] = e.tolist()

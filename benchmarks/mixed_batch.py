@@ -22,14 +22,30 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_adapters import BASE, machine, publish_random_loras  # noqa: E402
 import torch  # noqa: E402
+from _bench_adapters import BASE, machine, publish_random_loras  # noqa: E402
 
 from adapters.modeling.generation import SamplingParams  # noqa: E402
 from adapters.serving.engine import GenerationRequest, InferenceEngine  # noqa: E402
 
-TOPICS = ["the sea", "a forest", "the moon", "coffee", "rain", "a library", "trains", "winter", "music", "a garden",
-          "the desert", "bicycles", "bread", "mountains", "a lighthouse", "autumn"]
+TOPICS = [
+    "the sea",
+    "a forest",
+    "the moon",
+    "coffee",
+    "rain",
+    "a library",
+    "trains",
+    "winter",
+    "music",
+    "a garden",
+    "the desert",
+    "bicycles",
+    "bread",
+    "mountains",
+    "a lighthouse",
+    "autumn",
+]
 
 
 def main() -> None:
@@ -37,7 +53,9 @@ def main() -> None:
     p.add_argument("--adapters", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=6, help="rounds of the single and mixed batches")
-    p.add_argument("--slow-rounds", type=int, default=2, help="of which also run the slow modes (peft loop, one by one)")
+    p.add_argument(
+        "--slow-rounds", type=int, default=2, help="of which also run the slow modes (peft loop, one by one)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; see load_avg)")
     p.add_argument("--out", default="benchmarks/results/mixed_batch")
     args = p.parse_args()
@@ -46,8 +64,16 @@ def main() -> None:
 
     n = args.adapters
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    messages = [[{"role": "user", "content": f"Write two sentences about {TOPICS[i % len(TOPICS)]}."}] for i in range(n)]
-    results: dict = {"command": "python " + " ".join(sys.argv), "machine": machine(), "base": BASE, "rows": n, "new_tokens": args.new_tokens}
+    messages = [
+        [{"role": "user", "content": f"Write two sentences about {TOPICS[i % len(TOPICS)]}."}] for i in range(n)
+    ]
+    results: dict = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": machine(),
+        "base": BASE,
+        "rows": n,
+        "new_tokens": args.new_tokens,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         refs = publish_random_loras(Path(tmp) / "store", n)
         engine = InferenceEngine(BASE, capacity=n, store=Path(tmp) / "store")
@@ -71,7 +97,9 @@ def main() -> None:
             return time.perf_counter() - t0, out
 
         run_batch([refs[0]] * n)  # warm-up
-        modes: dict[str, list[float]] = {k: [] for k in ("single", "mixed", "mixed_peft_loop", "one_by_one_resident", "one_by_one_loads")}
+        modes: dict[str, list[float]] = {
+            k: [] for k in ("single", "mixed", "mixed_peft_loop", "one_by_one_resident", "one_by_one_loads")
+        }
         outputs = {}
         one_slot = InferenceEngine(BASE, capacity=1, store=Path(tmp) / "store")
         one_slot.load(refs[-1])
@@ -91,12 +119,22 @@ def main() -> None:
                 modes["one_by_one_loads"].append(run_one_by_one(one_slot, refs)[0])
 
     tokens = n * args.new_tokens
-    results["modes"] = {k: {"seconds_median": statistics.median(v), "seconds_min": min(v), "seconds": v,
-                            "tokens_per_s": tokens / statistics.median(v), "tokens_per_s_best": tokens / min(v)} for k, v in modes.items()}
+    results["modes"] = {
+        k: {
+            "seconds_median": statistics.median(v),
+            "seconds_min": min(v),
+            "seconds": v,
+            "tokens_per_s": tokens / statistics.median(v),
+            "tokens_per_s_best": tokens / min(v),
+        }
+        for k, v in modes.items()
+    }
     results["same_tokens"] = {
-        "mixed_vs_peft_loop": [r.token_ids for r in outputs["mixed"]] == [r.token_ids for r in outputs["mixed_peft_loop"]],
+        "mixed_vs_peft_loop": [r.token_ids for r in outputs["mixed"]]
+        == [r.token_ids for r in outputs["mixed_peft_loop"]],
         "mixed_vs_one_by_one": [r.token_ids for r in outputs["mixed"]] == [r.token_ids for r in outputs["one_by_one"]],
     }
+
     def paired(a: str, b: str) -> float:
         """Median over rounds of throughput(a) / throughput(b) measured in the same round."""
         return statistics.median(tb / ta for ta, tb in zip(modes[a], modes[b]))
@@ -138,13 +176,24 @@ def render_md(r: dict) -> str:
         "| how the requests are served | runs | seconds (median) | tokens/s (median) | tokens/s (best run) | mixed is (paired) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    ratio_key = {"single": "mixed_over_single", "mixed_peft_loop": "mixed_over_peft_loop",
-                 "one_by_one_resident": "mixed_over_one_by_one_resident", "one_by_one_loads": "mixed_over_one_by_one_loads"}
+    ratio_key = {
+        "single": "mixed_over_single",
+        "mixed_peft_loop": "mixed_over_peft_loop",
+        "one_by_one_resident": "mixed_over_one_by_one_resident",
+        "one_by_one_loads": "mixed_over_one_by_one_loads",
+    }
     for k, label in labels.items():
         v = r["modes"][k]
         ratio = f"{r['ratios'][ratio_key[k]]:.2f}x" if k in ratio_key else "1.00x"
-        lines.append(f"| {label} | {len(v['seconds'])} | {v['seconds_median']:.2f} | {v['tokens_per_s']:.1f} | {v['tokens_per_s_best']:.1f} | {ratio} |")
-    lines += ["", f"Same tokens: {r['same_tokens']}  ", "Targets: " + ", ".join(f"{k}: {v}" for k, v in r["targets"].items()), ""]
+        lines.append(
+            f"| {label} | {len(v['seconds'])} | {v['seconds_median']:.2f} | {v['tokens_per_s']:.1f} | {v['tokens_per_s_best']:.1f} | {ratio} |"
+        )
+    lines += [
+        "",
+        f"Same tokens: {r['same_tokens']}  ",
+        "Targets: " + ", ".join(f"{k}: {v}" for k, v in r["targets"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 

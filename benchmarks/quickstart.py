@@ -39,8 +39,23 @@ def main() -> int:
         cache = Path(tempfile.mkdtemp(prefix="adapterkit-cache-"))
         env["ADAPTERKIT_CACHE"] = str(cache)
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "scripts/train.py", "--config", args.config, "--set", f"output.run_dir={run_dir}"]
+    cmd = [
+        accelerate,
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "scripts/train.py",
+        "--config",
+        args.config,
+        "--set",
+        f"output.run_dir={run_dir}",
+    ]
     load_before = os.getloadavg()
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -65,8 +80,12 @@ def main() -> int:
         "test_base": summary["metrics"]["base"],
         "test_adapted": summary["metrics"]["adapted"],
         "printed": proc.stdout.strip().splitlines()[-8:],
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_before": load_before,
-                    "loadavg_after": os.getloadavg()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
     out = REPO / args.out

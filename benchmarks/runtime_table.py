@@ -47,8 +47,12 @@ from tests.conftest import _save_tiny_llama  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results" / "runtime_table"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "runtimes.md"
 START, END = "<!-- runtime-table:start -->", "<!-- runtime-table:end -->"
-TEXTS = ["Who wrote Hamlet?", "Where is the Eiffel Tower?", "How many legs does a spider have?",
-         "What is the boiling point of water?"]
+TEXTS = [
+    "Who wrote Hamlet?",
+    "Where is the Eiffel Tower?",
+    "How many legs does a spider have?",
+    "What is the boiling point of water?",
+]
 TASK_LABEL = {"causal-lm": "causal LM", "sequence-classification": "classifier"}
 
 
@@ -58,8 +62,16 @@ def tiny_bases(root: Path) -> dict[str, Path]:
     bert = root / "tiny-bert"
     tok = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=128)).save_pretrained(str(bert))
+    BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+        )
+    ).save_pretrained(str(bert))
     tok.save_pretrained(str(bert))
     return {"causal-lm": llama, "sequence-classification": bert}
 
@@ -69,8 +81,13 @@ def train_tiny(base: Path, run_dir: Path, task: str, method: str) -> Path:
     raw = {
         "task": task,
         "model": {"name": str(base), "pooling": "mean" if task == "sequence-classification" else "auto"},
-        "data": {"name": "trec", "max_length": 48, "max_train_samples": 64, "max_eval_samples": 16,
-                 "max_test_samples": 16},
+        "data": {
+            "name": "trec",
+            "max_length": 48,
+            "max_train_samples": 64,
+            "max_eval_samples": 16,
+            "max_test_samples": 16,
+        },
         "method": {"name": method},
         "train": {"lr": 5e-3, "batch_size": 8, "max_steps": 4, "log_every": 2, "seed": 1, "eval_batch_size": 16},
         "eval": {"max_new_tokens": 3, "baseline": False},
@@ -98,8 +115,12 @@ def cell(adapter: Path, runtime: str, store: Path, method: str) -> dict:
 
 def markdown(results: dict) -> str:
     """The table: one row per method, a column per (runtime, task) that has any result."""
-    columns = [(rt, task) for rt in RUNTIMES for task in TASK_LABEL
-               if any(rt in by_task.get(task, {}) for by_task in results["methods"].values())]
+    columns = [
+        (rt, task)
+        for rt in RUNTIMES
+        for task in TASK_LABEL
+        if any(rt in by_task.get(task, {}) for by_task in results["methods"].values())
+    ]
     head = "| method | " + " | ".join(f"{rt} ({TASK_LABEL[task]})" for rt, task in columns) + " |"
     lines = [head, "| --- |" + " --- |" * len(columns)]
     for method in sorted(results["methods"]):
@@ -112,8 +133,11 @@ def markdown(results: dict) -> str:
             elif entry is None:
                 cells.append("")
             else:
-                cells.append(("yes" + (f" ({entry['note']})" if entry["note"] else "")) if entry["ok"]
-                             else f"no: {entry['note']}")
+                cells.append(
+                    ("yes" + (f" ({entry['note']})" if entry["note"] else ""))
+                    if entry["ok"]
+                    else f"no: {entry['note']}"
+                )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -150,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.with_suffix(".md").write_text(f"<!-- made by: {results['command']} -->\n{table}")
     if DOC.is_file() and START in DOC.read_text():
         text = DOC.read_text()
-        DOC.write_text(text[: text.index(START) + len(START)] + "\n" + table + text[text.index(END):])
+        DOC.write_text(text[: text.index(START) + len(START)] + "\n" + table + text[text.index(END) :])
     return 0
 
 

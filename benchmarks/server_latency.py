@@ -37,8 +37,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_workload(engine, args, name: str, adapters: list[str], mix: bool, batching: str,
-                 lengths: list[int] | None = None) -> dict:
+def run_workload(
+    engine, args, name: str, adapters: list[str], mix: bool, batching: str, lengths: list[int] | None = None
+) -> dict:
     """Serve ``engine`` with one batching mode and drive it with ``args.clients`` streaming clients; client i
     uses ``adapters[i]`` and asks for ``lengths[i]`` new tokens (default: ``args.max_tokens``)."""
     lengths = lengths or [args.max_tokens] * args.clients
@@ -47,8 +48,14 @@ def run_workload(engine, args, name: str, adapters: list[str], mix: bool, batchi
     from adapters.serving.http.app import BackgroundServer, create_app
     from adapters.serving.http.settings import ServerSettings
 
-    settings = ServerSettings(batch_window_ms=args.window_ms, max_batch_size=args.clients, mix_adapters=mix,
-                              max_tokens=max(lengths), batching=batching, join_every_steps=args.join_every_steps)
+    settings = ServerSettings(
+        batch_window_ms=args.window_ms,
+        max_batch_size=args.clients,
+        mix_adapters=mix,
+        max_tokens=max(lengths),
+        batching=batching,
+        join_every_steps=args.join_every_steps,
+    )
     latencies: list[float] = []
     tokens: list[int] = []
     first_tokens: list[float] = []
@@ -58,16 +65,22 @@ def run_workload(engine, args, name: str, adapters: list[str], mix: bool, batchi
         def client(i: int) -> None:
             with httpx.Client(base_url=server.url, timeout=600) as http:
                 for k in range(args.requests):
-                    body = {"model": adapters[i], "prompt": f"Client {i} request {k}: write about the weather.",
-                            "max_tokens": lengths[i], "temperature": 0, "ignore_eos": True, "stream": True,
-                            "stream_options": {"include_usage": True}}
+                    body = {
+                        "model": adapters[i],
+                        "prompt": f"Client {i} request {k}: write about the weather.",
+                        "max_tokens": lengths[i],
+                        "temperature": 0,
+                        "ignore_eos": True,
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    }
                     t0 = time.perf_counter()
                     first, usage = None, None
                     with http.stream("POST", "/v1/completions", json=body) as r:
                         for line in r.iter_lines():
                             if not line.startswith("data: {"):
                                 continue
-                            chunk = json.loads(line[len("data: "):])
+                            chunk = json.loads(line[len("data: ") :])
                             if first is None and any(c.get("text") for c in chunk["choices"]):
                                 first = time.perf_counter() - t0
                             usage = chunk.get("usage") or usage
@@ -91,10 +104,17 @@ def run_workload(engine, args, name: str, adapters: list[str], mix: bool, batchi
     batches = float(next(line.split()[-1] for line in lines if line.startswith("adapterkit_batch_rows_count")))
     rows = float(next(line.split()[-1] for line in lines if line.startswith("adapterkit_batch_rows_sum")))
     return {
-        "workload": name, "batching": batching, "requests": len(latencies), "failures": len(failures),
-        "wall_seconds": wall, "p50_ms": statistics.median(latencies) * 1e3, "p99_ms": percentile(latencies, 0.99) * 1e3,
-        "ttft_p50_ms": statistics.median(first_tokens) * 1e3, "ttft_p99_ms": percentile(first_tokens, 0.99) * 1e3,
-        "requests_per_s": len(latencies) / wall, "tokens_per_s": sum(tokens) / wall,
+        "workload": name,
+        "batching": batching,
+        "requests": len(latencies),
+        "failures": len(failures),
+        "wall_seconds": wall,
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "p99_ms": percentile(latencies, 0.99) * 1e3,
+        "ttft_p50_ms": statistics.median(first_tokens) * 1e3,
+        "ttft_p99_ms": percentile(first_tokens, 0.99) * 1e3,
+        "requests_per_s": len(latencies) / wall,
+        "tokens_per_s": sum(tokens) / wall,
         # window: rows per engine batch; continuous: rows per decode step (prefills of joining rows not counted)
         "mean_batch_rows": rows / batches if batches else None,
     }
@@ -106,8 +126,12 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3, help="requests per client")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--window-ms", type=float, default=10.0)
-    p.add_argument("--join-every-steps", type=int, default=4, help="continuous: waiting requests join together "
-                   "at most every this many decode steps (one prefill pass)")
+    p.add_argument(
+        "--join-every-steps",
+        type=int,
+        default=4,
+        help="continuous: waiting requests join together at most every this many decode steps (one prefill pass)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; see load_avg)")
     p.add_argument("--out", default="benchmarks/results/server_latency")
     args = p.parse_args()
@@ -116,9 +140,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from adapters.serving.engine import InferenceEngine
 
-    results: dict = {"command": "python " + " ".join(sys.argv), "machine": machine(), "base": BASE,
-                     "clients": args.clients, "requests_per_client": args.requests, "max_tokens": args.max_tokens,
-                     "batch_window_ms": args.window_ms, "join_every_steps": args.join_every_steps}
+    results: dict = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": machine(),
+        "base": BASE,
+        "clients": args.clients,
+        "requests_per_client": args.requests,
+        "max_tokens": args.max_tokens,
+        "batch_window_ms": args.window_ms,
+        "join_every_steps": args.join_every_steps,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         refs = publish_random_loras(Path(tmp) / "store", args.clients)
         engine = InferenceEngine(BASE, capacity=args.clients + 1, store=Path(tmp) / "store")
@@ -128,16 +159,23 @@ def main() -> None:
         mixed = f"{args.clients} adapters, mixed batches"
         spread = [args.max_tokens * f // 4 for f in (1, 2, 4, 8)] * args.clients  # 1/4 to 2x max_tokens
         results["lengths_spread"] = sorted(set(spread))
-        results["workloads"] = [
-            run_workload(engine, args, "one adapter", one, True, batching)
-            for batching in ("continuous", "window")
-        ] + [
-            run_workload(engine, args, mixed, many, True, batching) for batching in ("continuous", "window")
-        ] + [
-            run_workload(engine, args, mixed + ", lengths " + "/".join(map(str, sorted(set(spread)))), many, True,
-                         batching, spread[: args.clients])
-            for batching in ("continuous", "window")
-        ] + [run_workload(engine, args, f"{args.clients} adapters, one batch per adapter", many, False, "window")]
+        results["workloads"] = (
+            [run_workload(engine, args, "one adapter", one, True, batching) for batching in ("continuous", "window")]
+            + [run_workload(engine, args, mixed, many, True, batching) for batching in ("continuous", "window")]
+            + [
+                run_workload(
+                    engine,
+                    args,
+                    mixed + ", lengths " + "/".join(map(str, sorted(set(spread)))),
+                    many,
+                    True,
+                    batching,
+                    spread[: args.clients],
+                )
+                for batching in ("continuous", "window")
+            ]
+            + [run_workload(engine, args, f"{args.clients} adapters, one batch per adapter", many, False, "window")]
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_adapters import BASE, machine, publish_random_loras  # noqa: E402
 import torch  # noqa: E402
+from _bench_adapters import BASE, machine, publish_random_loras  # noqa: E402
 
 import adapters.store.verified as verified  # noqa: E402
 from adapters.config import ModelConfig  # noqa: E402
@@ -53,17 +53,27 @@ def summary(seconds: list[float]) -> dict:
     def rank(q: float) -> float:  # nearest-rank percentile
         return s[max(0, math.ceil(q * len(s)) - 1)] * 1e3
 
-    return {"n": len(s), "median_ms": statistics.median(s) * 1e3, "p90_ms": rank(0.9), "p99_ms": rank(0.99), "min_ms": s[0] * 1e3}
+    return {
+        "n": len(s),
+        "median_ms": statistics.median(s) * 1e3,
+        "p90_ms": rank(0.9),
+        "p99_ms": rank(0.99),
+        "min_ms": s[0] * 1e3,
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--adapters", type=int, default=64)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; see the results' load_avg)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: the machine is shared; see the results' load_avg)"
+    )
     p.add_argument("--out", default="benchmarks/results/switch_latency")
     args = p.parse_args()
     if args.adapters < 56:
-        p.error("--adapters: at least 56 (8 fill the cache, 16 verified, 16 never verified, 8 resolve-only, 8 first requests)")
+        p.error(
+            "--adapters: at least 56 (8 fill the cache, 16 verified, 16 never verified, 8 resolve-only, 8 first requests)"
+        )
 
     torch.set_num_threads(args.threads)
 
@@ -112,7 +122,9 @@ def main() -> None:
         results["resolve_and_verify_first_use"] = summary(resolve_only)
         # A loaded store version's pages fault in on first use: what the first request after a
         # load costs over the same request again (one prompt, one new token).
-        request = lambda r: engine.generate([GenerationRequest(adapter=r, prompt="Hello", params=SamplingParams(max_new_tokens=1))])  # noqa: E731
+        request = lambda r: engine.generate(
+            [GenerationRequest(adapter=r, prompt="Hello", params=SamplingParams(max_new_tokens=1))]
+        )  # noqa: E731
         first_request, warm_request = [], []
         for r in refs[48:56]:
             engine.load(r)
@@ -184,26 +196,45 @@ def render_md(r: dict) -> str:
         "| --- | ---: | ---: | ---: |",
         f"| reload the base model (warm page cache) | {base:.0f} ms | {r['base_reload']['p90_ms']:.0f} ms | 1x |",
     ]
-    for key, label in (("load_first_adapter", "first adapter load (peft wraps the model)"),
-                       ("load_into_new_layers", "load into new layers (peft load_adapter)"),
-                       ("load_from_store_first_use", "**load from the store, full cache: evict LRU, reuse its layers; first use in this process of a version verified on this machine**"),
-                       ("load_from_store_never_verified", "same, a version never verified on this machine (sha256 of every file)"),
-                       ("resolve_and_verify_first_use", "resolve alone (sha256 of every file + base check), no load"),
-                       ("load_from_store_reload", "**load from the store, full cache, a version loaded once before in this process**")):
+    for key, label in (
+        ("load_first_adapter", "first adapter load (peft wraps the model)"),
+        ("load_into_new_layers", "load into new layers (peft load_adapter)"),
+        (
+            "load_from_store_first_use",
+            "**load from the store, full cache: evict LRU, reuse its layers; first use in this process of a version verified on this machine**",
+        ),
+        ("load_from_store_never_verified", "same, a version never verified on this machine (sha256 of every file)"),
+        ("resolve_and_verify_first_use", "resolve alone (sha256 of every file + base check), no load"),
+        ("load_from_store_reload", "**load from the store, full cache, a version loaded once before in this process**"),
+    ):
         v = r[key]
         lines.append(f"| {label} | {v['median_ms']:.1f} ms | {v['p90_ms']:.1f} ms | {_versus(base / v['median_ms'])} |")
     fr, wr = r["first_request_after_load"]["median_ms"], r["warm_request"]["median_ms"]
-    lines += ["", f"A store version is mapped, not copied, into the slot: its pages fault in on first use. The first request "
-              f"after a load (one prompt, one new token) took {fr:.1f} ms, the same request again {wr:.1f} ms "
-              f"(+{fr - wr:.1f} ms, medians of {r['warm_request']['n']})."]
-    lines += ["", "Resident switch (activate an adapter that is already loaded):", "",
-              "| resident adapters | activate median | p99 | vs base reload | peft set_adapter median |", "| ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        f"A store version is mapped, not copied, into the slot: its pages fault in on first use. The first request "
+        f"after a load (one prompt, one new token) took {fr:.1f} ms, the same request again {wr:.1f} ms "
+        f"(+{fr - wr:.1f} ms, medians of {r['warm_request']['n']}).",
+    ]
+    lines += [
+        "",
+        "Resident switch (activate an adapter that is already loaded):",
+        "",
+        "| resident adapters | activate median | p99 | vs base reload | peft set_adapter median |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
     for n, v in r["resident_switch"].items():
         a = v["activate"]
-        lines.append(f"| {n} | {a['median_ms'] * 1e3:.0f} µs | {a['p99_ms'] * 1e3:.0f} µs | {base / a['median_ms']:.0f}x faster | "
-                     f"{v['peft_set_adapter']['median_ms']:.2f} ms |")
+        lines.append(
+            f"| {n} | {a['median_ms'] * 1e3:.0f} µs | {a['p99_ms'] * 1e3:.0f} µs | {base / a['median_ms']:.0f}x faster | "
+            f"{v['peft_set_adapter']['median_ms']:.2f} ms |"
+        )
     t = r["targets"]
-    lines += ["", "Targets: " + ", ".join(f"{k}: {v if not isinstance(v, float) else round(v, 2)}" for k, v in t.items()), ""]
+    lines += [
+        "",
+        "Targets: " + ", ".join(f"{k}: {v if not isinstance(v, float) else round(v, 2)}" for k, v in t.items()),
+        "",
+    ]
     return "\n".join(lines)
 
 

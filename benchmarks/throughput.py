@@ -39,7 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig, TaskType, get_peft_model  # noqa: E402
-from torch.profiler import ProfilerActivity, profile as torch_profile  # noqa: E402
+from torch.profiler import ProfilerActivity  # noqa: E402
+from torch.profiler import profile as torch_profile  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     DataCollatorWithPadding,
@@ -57,16 +58,30 @@ from adapters.training.loop import train  # noqa: E402
 
 
 def run_config(args, run_dir: str):
-    return load_config(raw={
-        "task": "sequence-classification",
-        "model": {"name": "minilm-l6"},
-        "data": {"name": "trec", "max_length": args.max_length},
-        "method": {"name": "lora", "options": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]}},
-        "train": {"batch_size": args.batch_size, "max_steps": args.steps, "lr": args.lr, "scheduler": "linear",
-                  "warmup_ratio": 0.0, "weight_decay": 0.0, "max_grad_norm": 1.0, "seed": args.seed, "log_every": args.steps},
-        "eval": {"baseline": False},
-        "output": {"run_dir": run_dir, "name": "throughput-ours"},
-    })
+    return load_config(
+        raw={
+            "task": "sequence-classification",
+            "model": {"name": "minilm-l6"},
+            "data": {"name": "trec", "max_length": args.max_length},
+            "method": {
+                "name": "lora",
+                "options": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["query", "value"]},
+            },
+            "train": {
+                "batch_size": args.batch_size,
+                "max_steps": args.steps,
+                "lr": args.lr,
+                "scheduler": "linear",
+                "warmup_ratio": 0.0,
+                "weight_decay": 0.0,
+                "max_grad_norm": 1.0,
+                "seed": args.seed,
+                "log_every": args.steps,
+            },
+            "eval": {"baseline": False},
+            "output": {"run_dir": run_dir, "name": "throughput-ours"},
+        }
+    )
 
 
 def padded_tokens_ours(cfg) -> int:
@@ -74,7 +89,9 @@ def padded_tokens_ours(cfg) -> int:
     prepared = prepare_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
     tokenized = tokenize_splits(prepared, cfg, tokenizer)
-    dl = train_dataloader(tokenized["train"], cfg.task, tokenizer, cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length)
+    dl = train_dataloader(
+        tokenized["train"], cfg.task, tokenizer, cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length
+    )
     total = 0
     for i, batch in enumerate(dl):
         if i >= cfg.train.max_steps:
@@ -166,7 +183,10 @@ def plain_data(args):
         enc["labels"] = [label2id[str(l)] for l in batch["label"]]
         return enc
 
-    splits = {name: split.map(encode, batched=True, remove_columns=split.column_names) for name, split in prepared.splits.items()}
+    splits = {
+        name: split.map(encode, batched=True, remove_columns=split.column_names)
+        for name, split in prepared.splits.items()
+    }
     return cfg, tokenizer, label2id, splits
 
 
@@ -174,9 +194,17 @@ def train_plain(args, data, profile: bool = False) -> dict:
     """transformers Trainer + peft LoRA, as the peft/transformers docs show it."""
     cfg, tokenizer, label2id, splits = data
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model("minilm-l6"), num_labels=len(label2id), label2id=label2id, id2label={i: l for l, i in label2id.items()}
+        resolve_model("minilm-l6"),
+        num_labels=len(label2id),
+        label2id=label2id,
+        id2label={i: l for l, i in label2id.items()},
     )
-    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"]))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["query", "value"]
+        ),
+    )
     collator = _CountingCollator(tokenizer)
 
     class Clock(TrainerCallback):
@@ -189,19 +217,36 @@ def train_plain(args, data, profile: bool = False) -> dict:
     clock = Clock()
     with tempfile.TemporaryDirectory(prefix="throughput-plain-") as tmp:
         targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64, max_steps=args.steps,
-            learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            seed=args.seed, use_cpu=True, eval_strategy="no", save_strategy="no", report_to=[], logging_steps=args.steps,
-            disable_tqdm=True, dataloader_num_workers=0,
+            output_dir=tmp,
+            per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=64,
+            max_steps=args.steps,
+            learning_rate=args.lr,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            seed=args.seed,
+            use_cpu=True,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            logging_steps=args.steps,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
         )
-        trainer = Trainer(model=model, args=targs, train_dataset=splits["train"], data_collator=collator, callbacks=[clock])
+        trainer = Trainer(
+            model=model, args=targs, train_dataset=splits["train"], data_collator=collator, callbacks=[clock]
+        )
         if profile:
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 trainer.train()
             return {"profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)}
         trainer.train()
         real, padded, samples = collator.real, collator.padded, collator.samples
-        optimizer = type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__
+        optimizer = type(
+            trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+        ).__name__
         fused = bool(trainer.optimizer.param_groups[0].get("fused"))
         preds = trainer.predict(splits["test"])
         accuracy = float((np.argmax(preds.predictions, -1) == preds.label_ids).mean())
@@ -243,7 +288,8 @@ def markdown(report: dict) -> str:
         f"{100 * o['padding_share']:.1f}% | {o['train_seconds']:.1f} s | {o['test_accuracy']:.4f} |",
         "",
         f"**Ratio (ours / plain, real tokens/s): {report['ratio']:.2f}x** (target ≥ 1.5x). Per-repeat ratios: "
-        + ", ".join(f"{r:.2f}" for r in report["ratios_per_repeat"]) + ".",
+        + ", ".join(f"{r:.2f}" for r in report["ratios_per_repeat"])
+        + ".",
         "",
         f"- machine: {report['environment']['cpu']} ({report['environment']['cpu_count']} cores, {report['environment']['torch_threads']} torch threads), "
         f"torch {report['environment']['versions'].get('torch')}, transformers {report['environment']['versions'].get('transformers')}, peft {report['environment']['versions'].get('peft')}",
@@ -256,7 +302,14 @@ def markdown(report: dict) -> str:
         lines += ["", *[f"- {n}" for n in report["notes"]]]
     if report.get("profiles"):
         for name, table in report["profiles"].items():
-            lines += ["", f"## Profile: {name} (torch.profiler, top operators by self CPU time)", "", "```", table.strip(), "```"]
+            lines += [
+                "",
+                f"## Profile: {name} (torch.profiler, top operators by self CPU time)",
+                "",
+                "```",
+                table.strip(),
+                "```",
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -272,12 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also profile a short run of each (--profile-steps)")
     parser.add_argument("--profile-steps", type=int, default=10)
     parser.add_argument("--profile-rows", type=int, default=15)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "throughput"), help="writes OUT.json and OUT.md")
+    parser.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "throughput"), help="writes OUT.json and OUT.md"
+    )
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = shlex.join([".venv/bin/python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(
+        [".venv/bin/python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     load_start = list(os.getloadavg())
     data = plain_data(args)
     our_padded = padded_tokens_ours(run_config(args, tempfile.gettempdir()))
@@ -298,26 +355,42 @@ def main(argv: list[str] | None = None) -> int:
     ours["real_tokens_per_second_median"] = statistics.median(r["real_tokens_per_second"] for r in ours_runs)
     plain["real_tokens_per_second_median"] = statistics.median(r["real_tokens_per_second"] for r in plain_runs)
     report = {
-        "settings": {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "lr": args.lr,
-                     "seed": args.seed, "repeats": args.repeats, "model": "minilm-l6", "data": "trec",
-                     "method": "lora r=8 alpha=16 dropout=0.05 on query,value"},
-        "ours": ours, "plain": plain,
-        "ours_runs": ours_runs, "plain_runs": plain_runs,
+        "settings": {
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "max_length": args.max_length,
+            "lr": args.lr,
+            "seed": args.seed,
+            "repeats": args.repeats,
+            "model": "minilm-l6",
+            "data": "trec",
+            "method": "lora r=8 alpha=16 dropout=0.05 on query,value",
+        },
+        "ours": ours,
+        "plain": plain,
+        "ours_runs": ours_runs,
+        "plain_runs": plain_runs,
         "ratio": ours["real_tokens_per_second_median"] / plain["real_tokens_per_second_median"],
-        "ratios_per_repeat": [o["real_tokens_per_second"] / p["real_tokens_per_second"] for o, p in zip(ours_runs, plain_runs)],
+        "ratios_per_repeat": [
+            o["real_tokens_per_second"] / p["real_tokens_per_second"] for o, p in zip(ours_runs, plain_runs)
+        ],
         "environment": environment(),
         "load_average_start": load_start,
         "load_average_end": list(os.getloadavg()),
         "command": command,
     }
     if max(load_start[0], report["load_average_end"][0]) > 2.5:
-        report["notes"] = [f"measured on a shared, busy machine (1-minute load average up to {max(load_start[0], report['load_average_end'][0]):.1f} on "
-                           f"{os.cpu_count()} cores): absolute numbers are low and noisy; the ratio of alternating runs is the comparable figure"]
+        report["notes"] = [
+            f"measured on a shared, busy machine (1-minute load average up to {max(load_start[0], report['load_average_end'][0]):.1f} on "
+            f"{os.cpu_count()} cores): absolute numbers are low and noisy; the ratio of alternating runs is the comparable figure"
+        ]
     if args.profile:
         short = argparse.Namespace(**{**vars(args), "steps": args.profile_steps})
         report["profiles"] = {
             f"plain, {args.profile_steps} steps (Trainer.train)": train_plain(short, data, profile=True)["profile"],
-            f"ours, {args.profile_steps} steps (the training loop of train())": train_ours(short, profile=True)["profile"],
+            f"ours, {args.profile_steps} steps (the training loop of train())": train_ours(short, profile=True)[
+                "profile"
+            ],
         }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -122,8 +122,12 @@ def make_adapter_folder(tmp_path):
         (folder / "adapter_config.json").write_text(json.dumps(config))
         rng = np.random.default_rng(n)
         weights = {
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal((2, 32)).astype("float32"),
-            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": rng.standard_normal((32, 2)).astype("float32"),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": rng.standard_normal((2, 32)).astype(
+                "float32"
+            ),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": rng.standard_normal((32, 2)).astype(
+                "float32"
+            ),
         }
         save_file(weights, str(folder / "adapter_model.safetensors"))
         fields = {

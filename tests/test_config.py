@@ -126,12 +126,16 @@ def test_config_file_errors(tmp_path):
 @pytest.mark.parametrize(
     "overrides,pattern",
     [
-        (["train.early_stopping.metric=eval_acc"],
-         r"train\.early_stopping\.metric: 'eval_acc' is not a validation metric of causal-lm; "
-         r"valid: eval_loss, eval_perplexity, eval_exact_match$"),
-        (["task=sequence-classification", "train.early_stopping.metric=eval_exact_match"],
-         r"train\.early_stopping\.metric: 'eval_exact_match'.*valid: eval_loss, eval_accuracy, eval_f1_macro, "
-         r"eval_f1_micro, eval_precision_macro, eval_recall_macro, eval_mcc$"),
+        (
+            ["train.early_stopping.metric=eval_acc"],
+            r"train\.early_stopping\.metric: 'eval_acc' is not a validation metric of causal-lm; "
+            r"valid: eval_loss, eval_perplexity, eval_exact_match$",
+        ),
+        (
+            ["task=sequence-classification", "train.early_stopping.metric=eval_exact_match"],
+            r"train\.early_stopping\.metric: 'eval_exact_match'.*valid: eval_loss, eval_accuracy, eval_f1_macro, "
+            r"eval_f1_micro, eval_precision_macro, eval_recall_macro, eval_mcc$",
+        ),
         (["train.lr=.nan"], r"config key 'train\.lr': Input should be a finite number \(got nan\)"),
         (["train.weight_decay=.inf"], r"config key 'train\.weight_decay': Input should be a finite number"),
         (["train.max_grad_norm=.inf"], r"config key 'train\.max_grad_norm': Input should be a finite number"),
@@ -166,10 +170,17 @@ def test_train_script_refuses_a_misspelled_metric_with_exit_2_and_one_line(tmp_p
     from pathlib import Path
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("task: sequence-classification\nmodel: {name: x}\ndata: {name: trec}\n"
-                   "train: {early_stopping: {metric: eval_acc, mode: max}}\n")
-    proc = subprocess.run([sys.executable, "scripts/train.py", "--config", str(cfg)],
-                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    cfg.write_text(
+        "task: sequence-classification\nmodel: {name: x}\ndata: {name: trec}\n"
+        "train: {early_stopping: {metric: eval_acc, mode: max}}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", str(cfg)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: train.early_stopping.metric: 'eval_acc' is not a validation metric of sequence-classification; "

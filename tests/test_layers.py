@@ -131,7 +131,9 @@ def test_layer_check_catches_upward_imports(tmp_path):
         "adapters.serving.engine",
         "adapters.cli.main",
     ]
-    assert layer_of("adapters.serving.http.app") > layer_of("adapters.monitoring.reference") > layer_of("adapters.serving")
+    assert (
+        layer_of("adapters.serving.http.app") > layer_of("adapters.monitoring.reference") > layer_of("adapters.serving")
+    )
 
 
 def oversized(paths) -> list[str]:
@@ -157,7 +159,9 @@ if __name__ == "__main__":  # `python tests/test_layers.py`: print the largest f
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 kind = "class" if isinstance(node, ast.ClassDef) else "function"
-                sizes.append((node.end_lineno - node.lineno + 1, kind, f"{path.relative_to(PACKAGE.parent)}:{node.name}"))
+                sizes.append(
+                    (node.end_lineno - node.lineno + 1, kind, f"{path.relative_to(PACKAGE.parent)}:{node.name}")
+                )
     for kind, limit in (("function", MAX_FUNCTION_LINES), ("class", MAX_CLASS_LINES)):
         top = sorted((s for s in sizes if s[1] == kind), reverse=True)[:5]
         print(f"largest {kind}s (limit {limit}): " + ", ".join(f"{name} {n}" for n, _, name in top))

@@ -73,23 +73,29 @@ def summarize(records: list[dict]) -> list[ArmSummary]:
         metrics = [r["metric"] for r in recs if isinstance(r.get("metric"), (int, float))]
         reached = [r["seconds_to_target"] for r in recs if r.get("seconds_to_target") is not None]
         curves = [r["loss_curve"] for r in recs if r.get("loss_curve")]
-        summaries.append(ArmSummary(
-            task=task, task_type=recs[0].get("task_type", ""), arm=arm, kind=recs[0]["kind"],
-            metric_name=recs[0]["metric_name"],
-            seeds=[r["seed"] for r in recs],
-            metric_mean=_mean(metrics),
-            metric_std=statistics.stdev(metrics) if len(metrics) > 1 else (0.0 if metrics else None),
-            trainable_params=_mean(r.get("trainable_params") for r in recs),
-            adapter_bytes=_mean(r.get("adapter_bytes") for r in recs),
-            adapter_weights_bytes=_mean(r.get("adapter_weights_bytes") for r in recs),
-            tokens_per_second=_mean(r.get("tokens_per_second") for r in recs),
-            samples_per_second=_mean(r.get("samples_per_second") for r in recs),
-            peak_memory_bytes=_mean(r.get("peak_memory_bytes") for r in recs),
-            train_seconds=_mean(r.get("train_seconds") for r in recs),
-            wall_seconds=_mean(r.get("wall_seconds") for r in recs),
-            seconds_to_target=_mean(reached), reached_target=len(reached),
-            loss_curve=_mean_curve(curves) if curves else [],
-        ))
+        summaries.append(
+            ArmSummary(
+                task=task,
+                task_type=recs[0].get("task_type", ""),
+                arm=arm,
+                kind=recs[0]["kind"],
+                metric_name=recs[0]["metric_name"],
+                seeds=[r["seed"] for r in recs],
+                metric_mean=_mean(metrics),
+                metric_std=statistics.stdev(metrics) if len(metrics) > 1 else (0.0 if metrics else None),
+                trainable_params=_mean(r.get("trainable_params") for r in recs),
+                adapter_bytes=_mean(r.get("adapter_bytes") for r in recs),
+                adapter_weights_bytes=_mean(r.get("adapter_weights_bytes") for r in recs),
+                tokens_per_second=_mean(r.get("tokens_per_second") for r in recs),
+                samples_per_second=_mean(r.get("samples_per_second") for r in recs),
+                peak_memory_bytes=_mean(r.get("peak_memory_bytes") for r in recs),
+                train_seconds=_mean(r.get("train_seconds") for r in recs),
+                wall_seconds=_mean(r.get("wall_seconds") for r in recs),
+                seconds_to_target=_mean(reached),
+                reached_target=len(reached),
+                loss_curve=_mean_curve(curves) if curves else [],
+            )
+        )
     flag_negative_transfer(summaries)
     return summaries
 
@@ -160,13 +166,16 @@ def markdown_table(records: list[dict], header: dict | None = None) -> str:
     for key in ("description", "budget", "seeds", "environment", "load", "wall time", "command"):
         if header.get(key):
             lines.append(f"- {key}: {header[key]}")
-    lines += ["", "Held-out test metric: mean ± std over seeds (n). Throughput counts real (non-padding) tokens "
-              "during training, evaluation excluded. Adapter weights: the saved safetensors; the folder adds config, "
-              "manifest and the drift reference. Peak memory: " + _memory_kind(records)
-              + ". Time to target: training time "
-              "until the validation metric first reached the target (mean over the seeds that reached it). "
-              "**Negative transfer**: an arm on the pretrained model scoring below the from-scratch or the classic "
-              "baseline.", ""]
+    lines += [
+        "",
+        "Held-out test metric: mean ± std over seeds (n). Throughput counts real (non-padding) tokens "
+        "during training, evaluation excluded. Adapter weights: the saved safetensors; the folder adds config, "
+        "manifest and the drift reference. Peak memory: " + _memory_kind(records) + ". Time to target: training time "
+        "until the validation metric first reached the target (mean over the seeds that reached it). "
+        "**Negative transfer**: an arm on the pretrained model scoring below the from-scratch or the classic "
+        "baseline.",
+        "",
+    ]
     targets = {r["task"]: r.get("target") for r in records if r.get("status") == "ok"}
     budgets = {r["task"]: r.get("budget") for r in records if r.get("status") == "ok"}
     for task in dict.fromkeys(s.task for s in summaries):
@@ -176,10 +185,13 @@ def markdown_table(records: list[dict], header: dict | None = None) -> str:
         if target:
             target_col = f"time to {target['metric']} {'≥' if target['mode'] == 'max' else '≤'} {target['value']:g}"
         budget = f", budget {budgets[task]} per run" if budgets.get(task) else ""
-        lines += [f"## {task} ({arms[0].task_type}, test {arms[0].metric_name}{budget})", "",
-                  f"| arm | {arms[0].metric_name} | trainable params | adapter weights (folder) | train tokens/s "
-                  f"| train samples/s | peak memory | train time | wall time | {target_col} | negative transfer |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {task} ({arms[0].task_type}, test {arms[0].metric_name}{budget})",
+            "",
+            f"| arm | {arms[0].metric_name} | trainable params | adapter weights (folder) | train tokens/s "
+            f"| train samples/s | peak memory | train time | wall time | {target_col} | negative transfer |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         lines += [_table_row(s, target) for s in arms]
         lines.append("")
     failed = [r for r in records if r.get("status") == "failed"]
@@ -201,9 +213,11 @@ def _table_row(s: ArmSummary, target: dict | None) -> str:
     else:
         flag = "" if s.arm in REFERENCE_BASELINES else "no"
     train_time = _num(s.train_seconds, 1, " s") if s.kind != "zero-shot" else "–"
-    return (f"| {arm_title(s)} | {metric} | {_params(s.trainable_params)} | {_adapter_size(s)} | "
-            f"{_num(s.tokens_per_second)} | {_num(s.samples_per_second, 1)} | {_bytes(s.peak_memory_bytes)} | "
-            f"{train_time} | {_num(s.wall_seconds, 1, ' s')} | {ttt} | {flag} |")
+    return (
+        f"| {arm_title(s)} | {metric} | {_params(s.trainable_params)} | {_adapter_size(s)} | "
+        f"{_num(s.tokens_per_second)} | {_num(s.samples_per_second, 1)} | {_bytes(s.peak_memory_bytes)} | "
+        f"{train_time} | {_num(s.wall_seconds, 1, ' s')} | {ttt} | {flag} |"
+    )
 
 
 def _memory_kind(records: list[dict]) -> str:
@@ -214,10 +228,23 @@ def _memory_kind(records: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------- plots
-_PALETTE = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
-            "tab:gray"]
-_SHORT_TITLES = {"zero-shot": "base (zero-shot)", "base": "base (head-only)", "scratch": "from scratch",
-                 "classic": "TF-IDF + LR"}
+_PALETTE = [
+    "tab:blue",
+    "tab:green",
+    "tab:orange",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+    "tab:gray",
+]
+_SHORT_TITLES = {
+    "zero-shot": "base (zero-shot)",
+    "base": "base (head-only)",
+    "scratch": "from scratch",
+    "classic": "TF-IDF + LR",
+}
 
 
 def short_title(s: ArmSummary) -> str:
@@ -241,8 +268,10 @@ def write_plots(records: list[dict], out_dir: Path) -> dict[str, Path]:
         return {}
     out_dir = Path(out_dir)
     paths = {}
-    for name, xfield, xlabel in (("metric_vs_params", "trainable_params", "trainable parameters (log)"),
-                                 ("metric_vs_time", "train_seconds", "training time, s (log)")):
+    for name, xfield, xlabel in (
+        ("metric_vs_params", "trainable_params", "trainable parameters (log)"),
+        ("metric_vs_time", "train_seconds", "training time, s (log)"),
+    ):
         fig = Figure(figsize=(5.5 * len(tasks), 4.2))
         axes = fig.subplots(1, len(tasks), squeeze=False)
         for ax, task in zip(axes[0], tasks):
@@ -251,8 +280,14 @@ def write_plots(records: list[dict], out_dir: Path) -> dict[str, Path]:
                 x = getattr(s, xfield)
                 if not x:  # nothing trained (zero-shot): a reference line
                     ax.axhline(s.metric_mean, linestyle="--", color="gray", linewidth=1)
-                    ax.annotate(short_title(s), (0.01, s.metric_mean), xycoords=("axes fraction", "data"), fontsize=7,
-                                color="gray", va="bottom")
+                    ax.annotate(
+                        short_title(s),
+                        (0.01, s.metric_mean),
+                        xycoords=("axes fraction", "data"),
+                        fontsize=7,
+                        color="gray",
+                        va="bottom",
+                    )
                     continue
                 marker = "x" if s.arm in REFERENCE_BASELINES or s.kind == "base" else "o"
                 color = "tab:red" if s.negative_transfer else _PALETTE[i % len(_PALETTE)]

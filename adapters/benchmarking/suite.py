@@ -33,10 +33,11 @@ import statistics
 import threading
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import psutil
 import torch
@@ -76,7 +77,7 @@ class BudgetSpec(_Strict):
     max_steps: int = Field(100_000, ge=1, description="With `seconds`: the schedule's length and a step cap.")
 
     @model_validator(mode="after")
-    def _one_budget(self) -> "BudgetSpec":
+    def _one_budget(self) -> BudgetSpec:
         if (self.steps is None) == (self.seconds is None):
             raise ValueError("set exactly one of budget.steps or budget.seconds")
         return self
@@ -174,7 +175,7 @@ class SuiteConfig(_Strict):
     baselines: BaselinesSpec = Field(default_factory=BaselinesSpec)
 
     @model_validator(mode="after")
-    def _names_unique_and_known(self) -> "SuiteConfig":
+    def _names_unique_and_known(self) -> SuiteConfig:
         arms = [m.arm for m in self.methods]
         for seen in (arms, [t.name for t in self.tasks]):
             dupes = sorted({a for a in seen if seen.count(a) > 1})
@@ -241,14 +242,20 @@ class Cell:
 
     @property
     def key(self) -> str:
-        """"task/arm/seed=N", unique in a suite."""
+        """ "task/arm/seed=N", unique in a suite."""
         return f"{self.task.name}/{self.arm}/seed={self.seed}"
 
     @property
     def spec_hash(self) -> str:
         """16 hex digits of the SHA-256 of everything that defines the cell (a changed spec reruns it)."""
-        spec = {"task": self.task.name, "arm": self.arm, "kind": self.kind, "seed": self.seed,
-                "run": self.run_config, "extra": self.extra}
+        spec = {
+            "task": self.task.name,
+            "arm": self.arm,
+            "kind": self.kind,
+            "seed": self.seed,
+            "run": self.run_config,
+            "extra": self.extra,
+        }
         return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def config(self) -> RunConfig:
@@ -339,7 +346,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.before = torch.cuda.memory_allocated()
@@ -448,17 +455,27 @@ def run_cell(cell: Cell, work_dir: Path) -> dict:
     wall = time.perf_counter() - started
     gc.collect()
     record = {
-        "suite": cell.suite, "key": cell.key, "spec_hash": cell.spec_hash, "status": "ok",
-        "task": cell.task.name, "task_type": cell.task.task, "arm": cell.arm, "kind": cell.kind, "seed": cell.seed,
+        "suite": cell.suite,
+        "key": cell.key,
+        "spec_hash": cell.spec_hash,
+        "status": "ok",
+        "task": cell.task.name,
+        "task_type": cell.task.task,
+        "arm": cell.arm,
+        "kind": cell.kind,
+        "seed": cell.seed,
         "method": (cell.run_config or {}).get("method") if cell.kind not in ("classic", "zero-shot") else None,
         "metric_name": HEADLINE[cell.task.task],
         "wall_seconds": wall,
-        "peak_memory_bytes": memory.peak, "memory_before_bytes": memory.before, "memory_kind": memory.kind,
+        "peak_memory_bytes": memory.peak,
+        "memory_before_bytes": memory.before,
+        "memory_kind": memory.kind,
         "target": cell.task.target.model_dump() if cell.task.target else None,
         "budget": cell.budget,
         **measured,
         # the fully resolved run config (every default filled in), as train() saw it
-        "config": dump_config(cell.config()) if cell.kind != "classic"
+        "config": dump_config(cell.config())
+        if cell.kind != "classic"
         else {"data": cell.run_config["data"], "classic": cell.extra, "seed": cell.seed},
         "environment": {**env_before, "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -492,7 +509,9 @@ def _run_training(cell: Cell, run_dir: Path) -> dict:
         "tokens_per_second": result.tokens_seen / train_only,
         "samples_per_second": result.samples_seen / train_only,
         "loss_curve": loss_curve(rows),
-        "eval_curve": None, "steps_to_target": None, "seconds_to_target": None,
+        "eval_curve": None,
+        "steps_to_target": None,
+        "seconds_to_target": None,
     }
     target = cell.task.target
     if target is not None:
@@ -528,8 +547,15 @@ def _run_zero_shot(cell: Cell) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     test = tokenized["test"] if len(tokenized.get("test", [])) else tokenized["validation"]
-    metrics = evaluate_causal_lm(model, test, tokenizer, types.SimpleNamespace(device=device),
-                                 cfg.train.eval_batch_size, cfg.eval.max_new_tokens, generate=True)
+    metrics = evaluate_causal_lm(
+        model,
+        test,
+        tokenizer,
+        types.SimpleNamespace(device=device),
+        cfg.train.eval_batch_size,
+        cfg.eval.max_new_tokens,
+        generate=True,
+    )
     total = sum(p.numel() for p in model.parameters())
     del model
     test_metrics = _numbers(metrics)
@@ -546,22 +572,45 @@ def _run_classic(cell: Cell) -> dict:
     test = prepared.splits["test"] if has_test else prepared.splits["validation"]
     opts = cell.extra
     fitted = tfidf_logistic_regression(
-        train_split[text], train_split[label], test[text], test[label], prepared.labels, cfg.train.seed,
-        ngram_max=opts["ngram_max"], max_features=opts["max_features"], C=opts["C"],
+        train_split[text],
+        train_split[label],
+        test[text],
+        test[label],
+        prepared.labels,
+        cfg.train.seed,
+        ngram_max=opts["ngram_max"],
+        max_features=opts["max_features"],
+        C=opts["C"],
     )
     out = _untrained(fitted.metrics["accuracy"], fitted.metrics, total_params=fitted.params)
-    out.update(trainable_params=fitted.params, train_seconds=fitted.fit_seconds, samples=len(train_split),
-               samples_per_second=len(train_split) / max(fitted.fit_seconds, 1e-9))
+    out.update(
+        trainable_params=fitted.params,
+        train_seconds=fitted.fit_seconds,
+        samples=len(train_split),
+        samples_per_second=len(train_split) / max(fitted.fit_seconds, 1e-9),
+    )
     return out
 
 
 def _untrained(metric, test_metrics: dict, total_params: int) -> dict:
     return {
-        "metric": metric, "test_metrics": test_metrics, "trainable_params": 0, "total_params": total_params,
-        "adapter_bytes": 0, "adapter_weights_bytes": 0, "steps": 0, "train_seconds": 0.0, "eval_seconds_in_loop": 0.0,
-        "tokens": 0, "samples": 0,
-        "tokens_per_second": None, "samples_per_second": None, "loss_curve": [], "eval_curve": None,
-        "steps_to_target": None, "seconds_to_target": None,
+        "metric": metric,
+        "test_metrics": test_metrics,
+        "trainable_params": 0,
+        "total_params": total_params,
+        "adapter_bytes": 0,
+        "adapter_weights_bytes": 0,
+        "steps": 0,
+        "train_seconds": 0.0,
+        "eval_seconds_in_loop": 0.0,
+        "tokens": 0,
+        "samples": 0,
+        "tokens_per_second": None,
+        "samples_per_second": None,
+        "loss_curve": [],
+        "eval_curve": None,
+        "steps_to_target": None,
+        "seconds_to_target": None,
     }
 
 
@@ -611,8 +660,14 @@ class MatrixRun:
     failed: list[str]
 
 
-def run_matrix(suite: SuiteConfig, out_dir: str | Path, work_dir: str | Path, progress: bool = True,
-               only: Callable[[Cell], bool] | None = None, keep_going: bool = True) -> MatrixRun:
+def run_matrix(
+    suite: SuiteConfig,
+    out_dir: str | Path,
+    work_dir: str | Path,
+    progress: bool = True,
+    only: Callable[[Cell], bool] | None = None,
+    keep_going: bool = True,
+) -> MatrixRun:
     """Run every unfinished cell, appending its line to results.jsonl as it finishes.
 
     only: a filter on the planned cells; keep_going=False re-raises a cell's error instead of
@@ -625,8 +680,15 @@ def run_matrix(suite: SuiteConfig, out_dir: str | Path, work_dir: str | Path, pr
     todo = [c for c in cells if c.key not in done]
     skipped = [c.key for c in cells if c.key in done]
     ran, failed = [], []
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"{suite.name} matrix", unit="cell",
-               position=0, dynamic_ncols=True, disable=not progress)
+    bar = tqdm(
+        total=len(cells),
+        initial=len(cells) - len(todo),
+        desc=f"{suite.name} matrix",
+        unit="cell",
+        position=0,
+        dynamic_ncols=True,
+        disable=not progress,
+    )
     for cell in todo:
         bar.set_postfix_str(cell.key)
         try:
@@ -635,10 +697,18 @@ def run_matrix(suite: SuiteConfig, out_dir: str | Path, work_dir: str | Path, pr
             if not keep_going:
                 raise
             log.exception("cell %s failed", cell.key)
-            record = {"suite": suite.name, "key": cell.key, "spec_hash": cell.spec_hash, "status": "failed",
-                      "task": cell.task.name, "arm": cell.arm, "kind": cell.kind, "seed": cell.seed,
-                      "error": f"{type(err).__name__}: {err}",
-                      "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            record = {
+                "suite": suite.name,
+                "key": cell.key,
+                "spec_hash": cell.spec_hash,
+                "status": "failed",
+                "task": cell.task.name,
+                "arm": cell.arm,
+                "kind": cell.kind,
+                "seed": cell.seed,
+                "error": f"{type(err).__name__}: {err}",
+                "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
             failed.append(cell.key)
         else:
             done[cell.key] = record
@@ -661,27 +731,46 @@ def report_header(suite: SuiteConfig, records: list[dict], command: str | None =
     budget = suite.budget.describe() + " per run, the same for every arm of a task"
     if any(t.budget for t in suite.tasks):
         budget += " (" + ", ".join(f"{t.name}: {t.budget.describe()}" for t in suite.tasks if t.budget) + ")"
-    header = {"suite": suite.name, "description": suite.description, "budget": budget,
-              "seeds": ", ".join(map(str, suite.seeds)), "command": f"`{command}`" if command else None}
+    header = {
+        "suite": suite.name,
+        "description": suite.description,
+        "budget": budget,
+        "seeds": ", ".join(map(str, suite.seeds)),
+        "command": f"`{command}`" if command else None,
+    }
     if envs:
         env = envs[-1]
         v = env.get("versions", {})
-        header["environment"] = (f"{env.get('device')} / {env.get('cpu')} ({env.get('cpu_count')} cores, "
-                                 f"{env.get('torch_threads')} torch threads), "
-                                 f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
-                                 f"code {str(env.get('code_revision'))[:10]}")
-        loads = [x for e in envs for x in (e.get("load_average", [None])[0], e.get("load_average_after", [None])[0])
-                 if x is not None]
+        header["environment"] = (
+            f"{env.get('device')} / {env.get('cpu')} ({env.get('cpu_count')} cores, "
+            f"{env.get('torch_threads')} torch threads), "
+            f"torch {v.get('torch')}, transformers {v.get('transformers')}, peft {v.get('peft')}, "
+            f"code {str(env.get('code_revision'))[:10]}"
+        )
+        loads = [
+            x
+            for e in envs
+            for x in (e.get("load_average", [None])[0], e.get("load_average_after", [None])[0])
+            if x is not None
+        ]
         total = sum(r.get("wall_seconds") or 0 for r in records)
         header["wall time"] = f"{total / 60:.1f} min summed over the {len(records)} cells (process start-up excluded)"
         if loads:
-            header["load"] = (f"1-minute load average during the cells: {min(loads):.2f} to {max(loads):.2f} "
-                              f"(median {statistics.median(loads):.2f})")
+            header["load"] = (
+                f"1-minute load average during the cells: {min(loads):.2f} to {max(loads):.2f} "
+                f"(median {statistics.median(loads):.2f})"
+            )
     return header
 
 
-def run_suite(suite: SuiteConfig, out_dir: str | Path, work_dir: str | Path, command: str | None = None,
-              progress: bool = True, only: Callable[[Cell], bool] | None = None) -> MatrixRun:
+def run_suite(
+    suite: SuiteConfig,
+    out_dir: str | Path,
+    work_dir: str | Path,
+    command: str | None = None,
+    progress: bool = True,
+    only: Callable[[Cell], bool] | None = None,
+) -> MatrixRun:
     """run_matrix, then command.txt, table.md and the plots from every current record."""
     out_dir = Path(out_dir)
     result = run_matrix(suite, out_dir, work_dir, progress=progress, only=only)

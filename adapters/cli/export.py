@@ -24,8 +24,9 @@ TARGETS = ("peft", "merged", "gguf", "vllm")
 
 def build_parser() -> argparse.ArgumentParser:
     """The `export` command's options (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="adapterkit export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="adapterkit export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("ref", help="adapter reference (name, name@3, name@prod) or folder")
     p.add_argument("out_dir", help="the folder to write (must not exist)")
     p.add_argument("--to", required=True, choices=TARGETS, help="the runtime the folder is for")
@@ -44,12 +45,24 @@ def export(args: argparse.Namespace) -> dict:
     from adapters.store.store import AdapterStore
 
     if args.to in ("peft", "vllm"):
-        return export_peft(args.ref, args.out_dir, base=args.base, store=args.store,
-                           allow_base_mismatch=args.allow_base_mismatch, for_vllm=args.to == "vllm")
+        return export_peft(
+            args.ref,
+            args.out_dir,
+            base=args.base,
+            store=args.store,
+            allow_base_mismatch=args.allow_base_mismatch,
+            for_vllm=args.to == "vllm",
+        )
     base = args.base or _recorded_base(AdapterStore(args.store), args.ref)
     if args.to == "merged":
-        return merge_and_export(base, args.ref, args.out_dir, requantize=args.requantize, store=args.store,
-                                allow_base_mismatch=args.allow_base_mismatch)
+        return merge_and_export(
+            base,
+            args.ref,
+            args.out_dir,
+            requantize=args.requantize,
+            store=args.store,
+            allow_base_mismatch=args.allow_base_mismatch,
+        )
     try:  # GGUF: llama.cpp's converters, wrapped by adapters.serving.gguf
         export_gguf = importlib.import_module("adapters.serving.gguf").export_gguf
     except (ImportError, AttributeError) as err:

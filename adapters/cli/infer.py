@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--export", metavar="DIR", help="merge the adapter into the base and save a standalone model here")
-    p.add_argument("--requantize", action="store_true",
-                   help="with --export on a 4-bit base: save the merged model in 4 bits")
+    p.add_argument(
+        "--requantize", action="store_true", help="with --export on a 4-bit base: save the merged model in 4 bits"
+    )
     return p
 
 
@@ -83,20 +84,33 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.export:
-            report = merge_and_export(args.base, args.adapter, args.export, task=args.task,
-                                      quantization=args.quantization, requantize=args.requantize, store=args.store)
+            report = merge_and_export(
+                args.base,
+                args.adapter,
+                args.export,
+                task=args.task,
+                quantization=args.quantization,
+                requantize=args.requantize,
+                store=args.store,
+            )
             print(json.dumps(report, indent=2))
             return 0 if report["check"]["passed"] else 1
         if not args.input and args.prompt is None:
             parser.error("give --prompt, --input or --export")
         records = _records(args)
         if needs_own_model(args.adapter, args.store):  # full/partial/head-only: base + artifact is one model
-            engine = StandaloneEngine(args.base, args.adapter, task=args.task, quantization=args.quantization,
-                                      capacity=4, store=args.store)
+            engine = StandaloneEngine(
+                args.base, args.adapter, task=args.task, quantization=args.quantization, capacity=4, store=args.store
+            )
         else:
             engine = InferenceEngine(_base(args), task=args.task, capacity=4, store=args.store)
-        defaults = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                    "seed": args.seed, "stop": args.stop}
+        defaults = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "stop": args.stop,
+        }
         outputs = infer_records(engine, records, adapter=args.adapter, defaults=defaults, batch_size=args.batch_size)
     except AdapterkitError as err:
         print(f"error: {err}", file=sys.stderr)

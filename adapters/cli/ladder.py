@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     on stderr for a config or data problem (AdapterkitError)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML ladder config (a run config plus a `ladder:` section)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     parser.add_argument("--check", action="store_true", help="validate the config and every stage, then exit")
     args = parser.parse_args(argv)
     try:

@@ -23,8 +23,9 @@ from adapters.errors import AdapterkitError
 def build_parser() -> argparse.ArgumentParser:
     """The `monitor` command's options (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", required=True,
-                        help="store reference (name, name@3, name@prod) or an adapter folder")
+    parser.add_argument(
+        "--adapter", required=True, help="store reference (name, name@3, name@prod) or an adapter folder"
+    )
     parser.add_argument("--traffic", required=True, help="traffic log written by the server (.jsonl or SQLite)")
     parser.add_argument("--out", required=True, help="report folder")
     parser.add_argument("--store", help="store root (default: $ADAPTERKIT_STORE or the cache)")
@@ -32,12 +33,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--since", help="window start: epoch seconds, ISO-8601, or a duration ago (24h, 7d)")
     parser.add_argument("--until", help="window end (same forms)")
     parser.add_argument("--limit", type=int, help="use only the most recent N records")
-    parser.add_argument("--thresholds",
-                        help="YAML/JSON file of thresholds (see adapters.monitoring.drift.DriftThresholds)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a threshold, e.g. psi_alarm=0.3")
-    parser.add_argument("--fail-on", choices=["alarm", "warn"], default="alarm",
-                        help="lowest status that exits 1 (default alarm)")
+    parser.add_argument(
+        "--thresholds", help="YAML/JSON file of thresholds (see adapters.monitoring.drift.DriftThresholds)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a threshold, e.g. psi_alarm=0.3",
+    )
+    parser.add_argument(
+        "--fail-on", choices=["alarm", "warn"], default="alarm", help="lowest status that exits 1 (default alarm)"
+    )
     parser.add_argument("--no-embed", action="store_true", help="skip embedding logged texts with the base model")
     parser.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     parser.add_argument("--json", action="store_true", help="print report.json instead of the summary")
@@ -86,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report.to_dict(with_data=False), indent=2))
     else:
-        print(f"{report.adapter}: {report.status.upper()} over {report.n_records} records "
-              f"-> {Path(args.out) / 'report.md'}")
+        print(
+            f"{report.adapter}: {report.status.upper()} over {report.n_records} records "
+            f"-> {Path(args.out) / 'report.md'}"
+        )
         for c in report.checks:
             print(f"  {c.name:<15} {c.status:<8} {c.detail}")
     return report.exit_code

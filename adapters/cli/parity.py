@@ -23,18 +23,26 @@ from adapters.errors import AdapterkitError
 
 def build_parser() -> argparse.ArgumentParser:
     """The `parity` command's options (see the module docstring)."""
-    p = argparse.ArgumentParser(prog="adapterkit parity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="adapterkit parity", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("ref", help="adapter reference (name, name@3, name@prod) or folder")
     p.add_argument("--runtime", required=True, choices=RUNTIMES)
-    p.add_argument("--artifact", help="the folder the runtime loads (an `adapterkit export` output); "
-                   "default: the adapter folder, or for transformers a merged export made now")
+    p.add_argument(
+        "--artifact",
+        help="the folder the runtime loads (an `adapterkit export` output); "
+        "default: the adapter folder, or for transformers a merged export made now",
+    )
     p.add_argument("--base", help="base model; default: the one the manifest records")
     p.add_argument("--store", help="adapter store root")
     p.add_argument("--prompts", help="a text file of golden inputs, one per line (default: the run's test split)")
     p.add_argument("--limit", type=int, default=8, help="golden rows taken from the test split")
-    p.add_argument("--tol", type=float, default=1e-4,
-                   help="largest allowed difference of log-probabilities (causal LM) or probabilities (classifier)")
+    p.add_argument(
+        "--tol",
+        type=float,
+        default=1e-4,
+        help="largest allowed difference of log-probabilities (causal LM) or probabilities (classifier)",
+    )
     p.add_argument("--top-k", type=int, default=5, help="causal LM: tokens compared at the first generated position")
     p.add_argument("--max-new-tokens", type=int, default=8, help="causal LM: greedy tokens compared")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON here")
@@ -51,9 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts:
         texts = [line for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
     try:
-        report = run_parity(args.ref, args.runtime, base=args.base, store=args.store, artifact=args.artifact,
-                            texts=texts, limit=args.limit, tol=args.tol, top_k=args.top_k,
-                            max_new_tokens=args.max_new_tokens)
+        report = run_parity(
+            args.ref,
+            args.runtime,
+            base=args.base,
+            store=args.store,
+            artifact=args.artifact,
+            texts=texts,
+            limit=args.limit,
+            tol=args.tol,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+        )
     except AdapterkitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

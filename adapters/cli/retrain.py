@@ -23,23 +23,33 @@ from adapters.errors import AdapterkitError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", required=True, help="current adapter in the store: name@prod, name@3, name")
-    parser.add_argument("--data", required=True,
-                        help="labeled window: jsonl/csv/json/parquet with the parent's text and label columns")
+    parser.add_argument(
+        "--data", required=True, help="labeled window: jsonl/csv/json/parquet with the parent's text and label columns"
+    )
     parser.add_argument("--out", required=True, help="folder for the run, the split data and the report")
     parser.add_argument("--store", help="store root (default: $ADAPTERKIT_STORE or the cache)")
-    parser.add_argument("--holdout", type=float, default=0.2,
-                        help="fraction of --data held out for the comparison (default 0.2)")
+    parser.add_argument(
+        "--holdout", type=float, default=0.2, help="fraction of --data held out for the comparison (default 0.2)"
+    )
     parser.add_argument("--holdout-file", help="score on this labeled file instead (all of --data trains)")
-    parser.add_argument("--metric",
-                        help="deciding metric (default accuracy for classifiers, exact_match for causal LMs)")
-    parser.add_argument("--margin", type=float, default=0.0,
-                        help="how much worse the new version may be and still be promoted")
+    parser.add_argument(
+        "--metric", help="deciding metric (default accuracy for classifiers, exact_match for causal LMs)"
+    )
+    parser.add_argument(
+        "--margin", type=float, default=0.0, help="how much worse the new version may be and still be promoted"
+    )
     parser.add_argument("--tag", default="prod", help="tag to move to the new version (default prod)")
     parser.add_argument("--no-promote", action="store_true", help="compare only; leave the tag where it is")
     parser.add_argument("--replay", type=int, default=0, help="mix in N rows of the parent's own training split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the holdout split and the replay sample")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override the parent's training config, e.g. train.epochs=2")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the parent's training config, e.g. train.epochs=2",
+    )
     return parser
 
 

@@ -35,30 +35,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", type=int, choices=[4, 8], help="load the base in 4 or 8 bits (bitsandbytes)")
     p.add_argument("--capacity", type=int, default=16, help="adapters resident at once (LRU beyond)")
     p.add_argument("--store", help="adapter store root (default $ADAPTERKIT_STORE or the cache's store)")
-    p.add_argument("--preload", action="append", default=[], metavar="REF",
-                   help="load an adapter at start (repeatable)")
-    p.add_argument("--model", metavar="REF",
-                   help="serve this one artifact as a standalone model (base + its weights; full, partial and "
-                   "head-only runs need it); requests name REF")
+    p.add_argument(
+        "--preload", action="append", default=[], metavar="REF", help="load an adapter at start (repeatable)"
+    )
+    p.add_argument(
+        "--model",
+        metavar="REF",
+        help="serve this one artifact as a standalone model (base + its weights; full, partial and "
+        "head-only runs need it); requests name REF",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-token", help="require this bearer token (default: $ADAPTERKIT_API_TOKEN)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--max-body-bytes", type=int, default=1_000_000)
-    p.add_argument("--batching", choices=["continuous", "window"], default="continuous",
-                   help="continuous: requests join and leave the running decode batch between steps; "
-                   "window: requests gathered for --batch-window-ms run as one batch to its end")
+    p.add_argument(
+        "--batching",
+        choices=["continuous", "window"],
+        default="continuous",
+        help="continuous: requests join and leave the running decode batch between steps; "
+        "window: requests gathered for --batch-window-ms run as one batch to its end",
+    )
     p.add_argument("--batch-window-ms", type=float, default=5.0)
     p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--allow-path-refs", action="store_true",
-                   help="let clients name adapter folders on this machine (default: store references only)")
-    p.add_argument("--traffic-log",
-                   help="sample requests into this JSONL/SQLite file (adapters.monitoring.traffic_log)")
+    p.add_argument(
+        "--allow-path-refs",
+        action="store_true",
+        help="let clients name adapter folders on this machine (default: store references only)",
+    )
+    p.add_argument(
+        "--traffic-log", help="sample requests into this JSONL/SQLite file (adapters.monitoring.traffic_log)"
+    )
     p.add_argument("--traffic-include-text", action="store_true", help="store raw text in the traffic log")
-    p.add_argument("--engine", choices=["adapterkit", "vllm"], default="adapterkit",
-                   help="vllm: vLLM's OpenAI server (its own virtualenv, `make runtimes`), LoRA adapters resolved "
-                   "from the store by our plugin (docs/serving.md)")
+    p.add_argument(
+        "--engine",
+        choices=["adapterkit", "vllm"],
+        default="adapterkit",
+        help="vllm: vLLM's OpenAI server (its own virtualenv, `make runtimes`), LoRA adapters resolved "
+        "from the store by our plugin (docs/serving.md)",
+    )
     p.add_argument("--max-lora-rank", type=int, default=16, help="vllm: the largest LoRA rank it accepts")
     p.add_argument("--vllm-args", default="", help="vllm: more arguments for vLLM's server, one shell-quoted string")
     return p
@@ -67,16 +83,26 @@ def build_parser() -> argparse.ArgumentParser:
 def serve_vllm(args: argparse.Namespace) -> None:
     """Exec vLLM's server for these options; raises ConfigError for an option it does not have."""
     unsupported = {
-        "--task sequence-classification": args.task != "causal-lm", "--quantization": args.quantization,
-        "--model": args.model, "--traffic-log": args.traffic_log, "--allow-path-refs": args.allow_path_refs,
+        "--task sequence-classification": args.task != "causal-lm",
+        "--quantization": args.quantization,
+        "--model": args.model,
+        "--traffic-log": args.traffic_log,
+        "--allow-path-refs": args.allow_path_refs,
     }
     named = [option for option, given in unsupported.items() if given]
     if named:
         raise ConfigError(f"--engine vllm serves causal-lm LoRA adapters only; drop {', '.join(named)}")
     serve_with_vllm(
-        args.base, store=args.store, preload=args.preload, lora_rank=args.max_lora_rank, host=args.host,
-        port=args.port, max_loras=args.capacity, max_model_len=args.max_prompt_tokens + args.max_tokens,
-        api_key=args.api_token or os.environ.get("ADAPTERKIT_API_TOKEN"), extra_args=shlex.split(args.vllm_args),
+        args.base,
+        store=args.store,
+        preload=args.preload,
+        lora_rank=args.max_lora_rank,
+        host=args.host,
+        port=args.port,
+        max_loras=args.capacity,
+        max_model_len=args.max_prompt_tokens + args.max_tokens,
+        api_key=args.api_token or os.environ.get("ADAPTERKIT_API_TOKEN"),
+        extra_args=shlex.split(args.vllm_args),
     )
 
 
@@ -92,20 +118,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.engine == "vllm":
             serve_vllm(args)  # does not return: vLLM's server replaces this process
         if args.model:
-            engine = StandaloneEngine(args.base, args.model, task=args.task, quantization=args.quantization,
-                                      capacity=args.capacity, store=args.store)
+            engine = StandaloneEngine(
+                args.base,
+                args.model,
+                task=args.task,
+                quantization=args.quantization,
+                capacity=args.capacity,
+                store=args.store,
+            )
         else:
-            engine = InferenceEngine(args.base, task=args.task, quantization=args.quantization,
-                                     capacity=args.capacity, store=args.store)
+            engine = InferenceEngine(
+                args.base, task=args.task, quantization=args.quantization, capacity=args.capacity, store=args.store
+            )
         for ref in args.preload:
             engine.load(ref)
         on_request = None
         if args.traffic_log:
             on_request = TrafficLogger(args.traffic_log, log_text=args.traffic_include_text, tokenizer=engine.tokenizer)
         settings = ServerSettings(
-            api_token=args.api_token, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
-            max_body_bytes=args.max_body_bytes, batching=args.batching, batch_window_ms=args.batch_window_ms,
-            max_batch_size=args.max_batch_size, on_request=on_request, traffic_include_text=args.traffic_include_text,
+            api_token=args.api_token,
+            max_tokens=args.max_tokens,
+            max_prompt_tokens=args.max_prompt_tokens,
+            max_body_bytes=args.max_body_bytes,
+            batching=args.batching,
+            batch_window_ms=args.batch_window_ms,
+            max_batch_size=args.max_batch_size,
+            on_request=on_request,
+            traffic_include_text=args.traffic_include_text,
             allow_path_refs=args.allow_path_refs,
         )
         app = create_app(engine, settings)

@@ -21,12 +21,17 @@ def build_parser() -> argparse.ArgumentParser:
     # Shared options are accepted before or after the subcommand; SUPPRESS keeps a subcommand's
     # unset copy from overwriting the value given before it.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", metavar="DIR", default=argparse.SUPPRESS,
-                        help="store root (default: $ADAPTERKIT_STORE or <cache>/store)")
+    common.add_argument(
+        "--store",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="store root (default: $ADAPTERKIT_STORE or <cache>/store)",
+    )
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
 
     parser = argparse.ArgumentParser(
-        prog="adapterkit store", parents=[common],
+        prog="adapterkit store",
+        parents=[common],
         description="Manage the versioned adapter store. References: name, name@3, name@prod, or a folder path.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -102,10 +107,18 @@ def _list(store: AdapterStore, args) -> tuple[Any, str, int]:
     rows = store.list(args.name)
     table = [["NAME", "VERSION", "TAGS", "CREATED", "TASK", "METHOD", "BASE", "METRICS"]]
     for r in rows:
-        table.append([
-            r["name"], str(r["version"]), ",".join(r["tags"]) or "-", r["created_at"] or "-", r["task"] or "-",
-            r["method"] or "-", r["base"] or "-", _metrics_line(r["metrics"]) or "-",
-        ])
+        table.append(
+            [
+                r["name"],
+                str(r["version"]),
+                ",".join(r["tags"]) or "-",
+                r["created_at"] or "-",
+                r["task"] or "-",
+                r["method"] or "-",
+                r["base"] or "-",
+                _metrics_line(r["metrics"]) or "-",
+            ]
+        )
     return rows, (_table(table) if rows else f"(no adapters in {store.root})"), 0
 
 
@@ -209,9 +222,19 @@ def _gc(store, args):
 
 
 COMMANDS = {
-    "list": _list, "show": _show, "diff": _diff, "publish": _publish, "tag": _tag, "untag": _untag,
-    "promote": _promote, "rollback": _rollback, "rm": _rm, "verify": _verify, "export": _export,
-    "import": _import, "gc": _gc,
+    "list": _list,
+    "show": _show,
+    "diff": _diff,
+    "publish": _publish,
+    "tag": _tag,
+    "untag": _untag,
+    "promote": _promote,
+    "rollback": _rollback,
+    "rm": _rm,
+    "verify": _verify,
+    "export": _export,
+    "import": _import,
+    "gc": _gc,
 }
 
 
@@ -234,4 +257,3 @@ def _short(value: Any, width: int = 60) -> str:
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
-

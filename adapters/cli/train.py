@@ -19,10 +19,21 @@ def main(argv: list[str] | None = None) -> int:
     on stderr for a config or data problem (AdapterkitError)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML run config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. train.lr=2e-4")
-    parser.add_argument("--resume", nargs="?", const=True, default=False,
-                        help="resume from the latest checkpoint of output.run_dir (or the given checkpoint folder)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. train.lr=2e-4",
+    )
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        help="resume from the latest checkpoint of output.run_dir (or the given checkpoint folder)",
+    )
     parser.add_argument("--list-methods", action="store_true", help="print every adaptation method and its options")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     args = parser.parse_args(argv)
@@ -44,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if cfg.data.split.folds:
             cv = cross_validate(cfg, command=sys.argv)
-            print(f"{cfg.data.split.folds}-fold cross-validation (test):\n{format_folds(cv.test)}\n"
-                  f"report: {cv.run_dir / 'crossval.md'}")
+            print(
+                f"{cfg.data.split.folds}-fold cross-validation (test):\n{format_folds(cv.test)}\n"
+                f"report: {cv.run_dir / 'crossval.md'}"
+            )
             return 0
         result = train(cfg, resume=args.resume, command=sys.argv)
         print_result(result, cfg)

@@ -46,7 +46,11 @@ def _dataset(rows: dict[str, list]):
 # train_4000 and train_5500 (5,452 rows) concatenated: 15,452 lines, each release a prefix of
 # the next, so every question appears up to 5 times. The TREC_10 test questions are not in it.
 TREC_RELEASES = (
-    ("train_1000", 1000), ("train_2000", 2000), ("train_3000", 3000), ("train_4000", 4000), ("train_5500", 5452)
+    ("train_1000", 1000),
+    ("train_2000", 2000),
+    ("train_3000", 3000),
+    ("train_4000", 4000),
+    ("train_5500", 5452),
 )
 
 
@@ -179,16 +183,19 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         BuiltinDataset("trec", "TREC question types, 6 coarse classes (deduplicated)", _trec(False), TREC_WORDS),
         BuiltinDataset("trec-fine", "TREC question types, 50 fine classes", _trec(True)),
         BuiltinDataset(
-            "trec-preference", "TREC as constructed preference pairs: prompt, chosen = the right type word, "
-            "rejected = another", _trec_preference,
+            "trec-preference",
+            "TREC as constructed preference pairs: prompt, chosen = the right type word, rejected = another",
+            _trec_preference,
         ),
         BuiltinDataset("sms-spam", "SMS spam vs ham (merged messages dropped)", _sms_spam),
         BuiltinDataset(
             "sentiment", "VADER sentiment snippets (tweets, movies, Amazon, NYT), positive/negative", _sentiment
         ),
         BuiltinDataset(
-            "chatterbot", "chatterbot-corpus English conversations, 21 topics, multi-turn chat (messages)",
-            _chatterbot, split={"kind": "group", "group_column": "opening"},
+            "chatterbot",
+            "chatterbot-corpus English conversations, 21 topics, multi-turn chat (messages)",
+            _chatterbot,
+            split={"kind": "group", "group_column": "opening"},
         ),
     ]
 }

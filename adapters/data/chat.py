@@ -97,7 +97,9 @@ def render_conversation(tokenizer, messages: list[dict[str, str]]) -> RenderedCh
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if has_generation_markers(tokenizer):
         rendered, indices = render_jinja_template(
-            conversations=[messages], chat_template=chat_template(tokenizer), return_assistant_tokens_mask=True,
+            conversations=[messages],
+            chat_template=chat_template(tokenizer),
+            return_assistant_tokens_mask=True,
             **tokenizer.special_tokens_map,
         )
         spans = indices[0]
@@ -157,8 +159,9 @@ def encode_conversation(tokenizer, messages: list[dict[str, str]], trained: list
             labels += [-100] * len(piece)
     starts[len(rendered.text)] = len(ids)
     response_end = max((k + 1 for k, t in enumerate(labels) if t != -100), default=starts[final_start])
-    return EncodedChat(ids, labels, (starts[cut[0]], starts[cut[1]]), (starts[final_start], response_end),
-                       starts[final_start])
+    return EncodedChat(
+        ids, labels, (starts[cut[0]], starts[cut[1]]), (starts[final_start], response_end), starts[final_start]
+    )
 
 
 def _last_user_text(rendered: RenderedChat, messages: list[dict[str, str]], final: int, final_start: int):
@@ -208,7 +211,7 @@ def fit_conversation(
     text = slice(c1 - keep_text, c1) if side == "left" else slice(c0, c0 + keep_text)
 
     def fit(seq: list[int]) -> list[int]:
-        return seq[:c0] + seq[text] + seq[c1:r0 + keep_response] + seq[r1:]
+        return seq[:c0] + seq[text] + seq[c1 : r0 + keep_response] + seq[r1:]
 
     prompt_end = encoded.prompt_end - (c1 - c0 - keep_text)
     ids = fit(ids)
@@ -257,8 +260,19 @@ def chat_encoder(tokenizer, data: DataConfig):
     target = data.response_field or data.label_field
 
     def encode(batch):
-        out = {key: [] for key in ("input_ids", "attention_mask", "labels", "length", "prompt_ids", "target",
-                                   "input_truncated", "response_truncated")}
+        out = {
+            key: []
+            for key in (
+                "input_ids",
+                "attention_mask",
+                "labels",
+                "length",
+                "prompt_ids",
+                "target",
+                "input_truncated",
+                "response_truncated",
+            )
+        }
         for messages, context, answer in zip(batch["messages"], batch["context_turns"], batch[target]):
             fitted = fit_conversation(tokenizer, messages, context, data.max_length, side, drop)
             if fitted is None:

@@ -40,8 +40,14 @@ from adapters.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 MESSAGES, CONTEXT_TURNS = "messages", "context_turns"
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 # (format, the columns that identify it) in detection order: the most specific first.
@@ -178,15 +184,24 @@ def normalize_rows(rows, data: DataConfig, task: str) -> NormalizedRows:
     if conversational:
         kept = out.filter(lambda r: r[_KEEP]).remove_columns(_KEEP)
         if len(kept) < len(out):
-            log.warning("data: %d of %d %s row(s) have no assistant turn to train and were left out",
-                        len(out) - len(kept), len(out), fmt)
+            log.warning(
+                "data: %d of %d %s row(s) have no assistant turn to train and were left out",
+                len(out) - len(kept),
+                len(out),
+                fmt,
+            )
         out = kept
     return NormalizedRows(out, fmt, conversational, data)
 
 
 def _read_columns(fmt: str) -> tuple[str, ...]:
-    return {"messages": ("messages",), "sharegpt": ("conversations",), "alpaca": ("instruction", "input", "output"),
-            "prompt-completion": ("prompt", "completion"), "preference": PREFERENCE_COLUMNS}[fmt]
+    return {
+        "messages": ("messages",),
+        "sharegpt": ("conversations",),
+        "alpaca": ("instruction", "input", "output"),
+        "prompt-completion": ("prompt", "completion"),
+        "preference": PREFERENCE_COLUMNS,
+    }[fmt]
 
 
 def _is_conversational(rows, fmt: str) -> bool:
@@ -230,9 +245,7 @@ def _from_sharegpt(row: dict, index: int, conversational: bool, data: DataConfig
     for j, turn in enumerate(turns):
         speaker = str((turn or {}).get("from", "")).strip().lower()
         if speaker not in SHAREGPT_ROLES:
-            raise ConfigError(
-                f"{where}[{j}] is from {speaker!r}; accepted: {', '.join(SHAREGPT_ROLES)}"
-            )
+            raise ConfigError(f"{where}[{j}] is from {speaker!r}; accepted: {', '.join(SHAREGPT_ROLES)}")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": _content(turn.get("value"), f"{where}[{j}]")})
     return _conversation(messages, 0, data)
 
@@ -240,14 +253,18 @@ def _from_sharegpt(row: dict, index: int, conversational: bool, data: DataConfig
 def _from_alpaca(row: dict, index: int, conversational: bool, data: DataConfig) -> dict[str, Any]:
     instruction = _content(row["instruction"], f"row {index}: instruction")
     extra = _content(row.get("input"), f"row {index}: input")
-    return {data.text_field: f"{instruction}\n\n{extra}" if extra else instruction,
-            target_column(data): _content(row["output"], f"row {index}: output")}
+    return {
+        data.text_field: f"{instruction}\n\n{extra}" if extra else instruction,
+        target_column(data): _content(row["output"], f"row {index}: output"),
+    }
 
 
 def _from_prompt_completion(row: dict, index: int, conversational: bool, data: DataConfig) -> dict[str, Any]:
     if not conversational:
-        return {data.text_field: _content(row["prompt"], f"row {index}: prompt"),
-                target_column(data): _content(row["completion"], f"row {index}: completion")}
+        return {
+            data.text_field: _content(row["prompt"], f"row {index}: prompt"),
+            target_column(data): _content(row["completion"], f"row {index}: completion"),
+        }
     prompt = to_messages(row["prompt"], f"row {index}: prompt")
     completion = to_messages(row["completion"], f"row {index}: completion")
     return _conversation(prompt + completion, len(prompt), data)
@@ -257,12 +274,19 @@ def _from_preference(row: dict, index: int, conversational: bool, data: DataConf
     pair = preference_example(row, f"row {index}")
     if conversational:
         return _conversation(pair.prompt + pair.chosen, len(pair.prompt), data)
-    return {data.text_field: pair.prompt[-1]["content"] if pair.prompt else "",
-            target_column(data): pair.chosen[-1]["content"]}
+    return {
+        data.text_field: pair.prompt[-1]["content"] if pair.prompt else "",
+        target_column(data): pair.chosen[-1]["content"],
+    }
 
 
-_CONVERTERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
-               "prompt-completion": _from_prompt_completion, "preference": _from_preference}
+_CONVERTERS = {
+    "messages": _from_messages,
+    "sharegpt": _from_sharegpt,
+    "alpaca": _from_alpaca,
+    "prompt-completion": _from_prompt_completion,
+    "preference": _from_preference,
+}
 
 
 # ---------------------------------------------------------------- messages

@@ -130,8 +130,9 @@ def prepare_splits(cfg: RunConfig, fold: int | None = None) -> PreparedData:
             )
     report = build_data_report(splits, data.text_field, target_field)
     enforce(report, strict=data.strict)
-    return PreparedData(splits=splits, labels=labels, report=report, format=normalized.format,
-                        conversational=normalized.conversational)
+    return PreparedData(
+        splits=splits, labels=labels, report=report, format=normalized.format, conversational=normalized.conversational
+    )
 
 
 def _drop_exact_duplicates(rows: Dataset, text_field: str) -> Dataset:
@@ -259,8 +260,13 @@ def tokenize_splits(prepared: PreparedData, cfg: RunConfig, tokenizer) -> Datase
                 f"data.max_length={cfg.data.max_length} allows; raise data.max_length or use 'truncate'"
             )
         out[name] = encoded.remove_columns([flag for flag in _FLAGS if flag in encoded.column_names])
-    line = record_truncation(prepared.report, counts, cfg.data.max_length, cfg.data.truncation.side(cfg.task),
-                             cfg.data.truncation.long_response)
+    line = record_truncation(
+        prepared.report,
+        counts,
+        cfg.data.max_length,
+        cfg.data.truncation.side(cfg.task),
+        cfg.data.truncation.long_response,
+    )
     if line:
         log.warning("data: %s", line)
     return DatasetDict(out)

@@ -104,14 +104,15 @@ def padding_share(lengths: list[int], order: list[int], batch_size: int) -> floa
     each batch padded to its longest row (0.0 for no rows)."""
     real = padded = 0
     for start in range(0, len(order), batch_size):
-        batch = [lengths[i] for i in order[start:start + batch_size]]
+        batch = [lengths[i] for i in order[start : start + batch_size]]
         real += sum(batch)
         padded += max(batch) * len(batch)
     return 1 - real / padded if padded else 0.0
 
 
-def packing_stats(unpacked: Dataset, packed: Dataset, tokenizer, batch_size: int, seed: int,
-                  group_by_length: bool, max_length: int) -> dict[str, Any]:
+def packing_stats(
+    unpacked: Dataset, packed: Dataset, tokenizer, batch_size: int, seed: int, group_by_length: bool, max_length: int
+) -> dict[str, Any]:
     """What packing did to the training split, for the data report: rows before and after, and the
     padding share of the first epoch's batches both ways (same sampler kind, seed and batch size)."""
     shares = {}
@@ -119,6 +120,11 @@ def packing_stats(unpacked: Dataset, packed: Dataset, tokenizer, batch_size: int
         lengths = list(ds["length"][:])
         order = list(iter(train_dataloader(ds, "causal-lm", tokenizer, batch_size, seed, group_by_length).sampler))
         shares[name] = round(padding_share(lengths, order, batch_size), 4)
-    return {"max_length": max_length, "rows": len(unpacked), "packed_rows": len(packed),
-            "tokens": int(sum(packed["length"][:])), "padding_share": shares["packed"],
-            "padding_share_unpacked": shares["unpacked"]}
+    return {
+        "max_length": max_length,
+        "rows": len(unpacked),
+        "packed_rows": len(packed),
+        "tokens": int(sum(packed["length"][:])),
+        "padding_share": shares["packed"],
+        "padding_share_unpacked": shares["unpacked"],
+    }

@@ -69,8 +69,17 @@ def preference_encoder(tokenizer, data: DataConfig, max_new_tokens: int, words: 
         return text, tokenizer(text, add_special_tokens=False)["input_ids"] + suffix
 
     def encode(batch):
-        keys = ("input_ids", "attention_mask", "labels", "length", "prompt_ids", "target", *PAIR_COLUMNS,
-                "input_truncated", "response_truncated")
+        keys = (
+            "input_ids",
+            "attention_mask",
+            "labels",
+            "length",
+            "prompt_ids",
+            "target",
+            *PAIR_COLUMNS,
+            "input_truncated",
+            "response_truncated",
+        )
         out = {key: [] for key in keys}
         columns = (batch[data.text_field], batch[chosen_field], batch[rejected_field])
         for text, chosen_value, rejected_value in zip(*columns):
@@ -114,9 +123,9 @@ def pad_rows(rows: list[list[int]], value: int, side: str) -> torch.Tensor:
     for i, row in enumerate(rows):
         if row:
             if side == "left":
-                out[i, width - len(row):] = torch.tensor(row)
+                out[i, width - len(row) :] = torch.tensor(row)
             else:
-                out[i, :len(row)] = torch.tensor(row)
+                out[i, : len(row)] = torch.tensor(row)
     return out
 
 
@@ -160,8 +169,12 @@ def pair_collator(tokenizer, kto: bool = False):
         if kto:
             split = [_split_row(s, lab) for s, lab in zip(sequences, labels)]
             shifted = [split[i - 1][1] for i in range(len(split))]  # row i gets the completion of row i - 1
-            kl = rows_batch([p + c for (p, _), c in zip(split, shifted)],
-                            [[-100] * len(p) + c for (p, _), c in zip(split, shifted)], pad, side)
+            kl = rows_batch(
+                [p + c for (p, _), c in zip(split, shifted)],
+                [[-100] * len(p) + c for (p, _), c in zip(split, shifted)],
+                pad,
+                side,
+            )
             batch.update({f"kl_{k}": v for k, v in kl.items()})
         return batch
 

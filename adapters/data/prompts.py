@@ -44,13 +44,21 @@ class PromptFormat:
     def from_spec(cls, spec: dict[str, Any]) -> PromptFormat:
         """The format recorded in an adapter's manifest (``prompt``). Manifests written before
         truncation was recorded have no max_length: their prompts are never cut."""
-        return cls(spec.get("system_prompt"), spec.get("instruction"), spec.get("max_length"),
-                   spec.get("prompt_side") or "left")
+        return cls(
+            spec.get("system_prompt"),
+            spec.get("instruction"),
+            spec.get("max_length"),
+            spec.get("prompt_side") or "left",
+        )
 
     def spec(self) -> dict[str, Any]:
         """The manifest's ``prompt`` entries for this format (from_spec reads them back)."""
-        return {"system_prompt": self.system_prompt, "instruction": self.instruction,
-                "max_length": self.max_length, "prompt_side": self.prompt_side}
+        return {
+            "system_prompt": self.system_prompt,
+            "instruction": self.instruction,
+            "max_length": self.max_length,
+            "prompt_side": self.prompt_side,
+        }
 
 
 def prompt_budget(max_length: int, max_new_tokens: int | None) -> int:
@@ -93,8 +101,8 @@ def prompt_parts(tokenizer, text: str, fmt) -> tuple[list[int], list[int], list[
     )
     core = before + body + after
     for k in range(len(ids) - len(core) + 1):  # the special tokens the tokenizer adds go around the core
-        if ids[k:k + len(core)] == core:
-            return ids[:k] + before, body, after + ids[k + len(core):]
+        if ids[k : k + len(core)] == core:
+            return ids[:k] + before, body, after + ids[k + len(core) :]
     return [], ids, []  # the pieces tokenize differently from the whole: no clean edge
 
 
@@ -120,7 +128,7 @@ def cut_prompt(parts: tuple[list[int], list[int], list[int]], max_tokens: int, s
     before, body, after = parts
     room = max(0, max_tokens - len(before) - len(after))
     if len(body) > room:
-        body = body[len(body) - room:] if side == "left" else body[:room]
+        body = body[len(body) - room :] if side == "left" else body[:room]
     return before + body + after
 
 
@@ -160,6 +168,6 @@ def _text_start(tokenizer, text: str, fmt, rendered: str) -> int | None:
         return None
     slotted, _ = _render(tokenizer, _SLOT, fmt)
     start = slotted.find(_SLOT)
-    if start < 0 or slotted[:start] + text + slotted[start + 1:] != rendered:
+    if start < 0 or slotted[:start] + text + slotted[start + 1 :] != rendered:
         return None
     return start

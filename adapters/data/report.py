@@ -95,7 +95,7 @@ class TextSimilarity:
         weak_corpus_full = corpus_rows[weak_corpus].T.tocsr()
         found: list[tuple[int, int, float]] = []
         for start in range(0, len(queries), chunk):
-            rows = queries[start:start + chunk]
+            rows = queries[start : start + chunk]
             q_full, q_rare = self.full[rows], self.rare[rows]
             weak = np.diff(q_rare.indptr) < self.MIN_RARE_NGRAMS
             pairs_q, pairs_c = [], []
@@ -244,15 +244,26 @@ class DataReport:
                 near = self.near_duplicates.get(pair, {}).get("count", 0)
                 lines.append(f"| {pair} | {self.exact_duplicates[pair]['count']} | {near} |")
         if self.truncation:
-            lines += ["", f"## Truncation (data.max_length={self.max_length})", "",
-                      "| split | rows | input cut | response cut | dropped |", "|---|---|---|---|---|"]
-            lines += [f"| {split} | {c['rows']} | {c['input_truncated']} | {c['response_truncated']} | {c['dropped']} |"
-                      for split, c in self.truncation.items()]
+            lines += [
+                "",
+                f"## Truncation (data.max_length={self.max_length})",
+                "",
+                "| split | rows | input cut | response cut | dropped |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {split} | {c['rows']} | {c['input_truncated']} | {c['response_truncated']} | {c['dropped']} |"
+                for split, c in self.truncation.items()
+            ]
         if self.packing:
             p = self.packing
-            lines += ["", f"## Packing (train.packing, {p['max_length']} tokens per row)", "",
-                      f"{p['rows']} training rows in {p['packed_rows']} packed rows; padding share "
-                      f"{p['padding_share']:.1%} (unpacked: {p['padding_share_unpacked']:.1%})"]
+            lines += [
+                "",
+                f"## Packing (train.packing, {p['max_length']} tokens per row)",
+                "",
+                f"{p['rows']} training rows in {p['packed_rows']} packed rows; padding share "
+                f"{p['padding_share']:.1%} (unpacked: {p['padding_share_unpacked']:.1%})",
+            ]
         for title, items in (("Problems", self.problems()), ("Warnings", self.warnings)):
             lines += ["", f"## {title}", ""] + ([f"- {w}" for w in items] if items else ["none"])
         return "\n".join(lines) + "\n"
@@ -457,7 +468,8 @@ def enforce(report: DataReport, strict: bool) -> list[str]:
     problems = report.problems()
     if strict and problems:
         raise ConfigError(
-            "data.strict: the data report found problems:\n- " + "\n- ".join(problems)
+            "data.strict: the data report found problems:\n- "
+            + "\n- ".join(problems)
             + "\nremove leaked rows with data.dedupe: true (exact duplicates), fix the data, or set data.strict: false"
         )
     for line in problems + report.warnings:
@@ -489,8 +501,14 @@ def dedupe_across_splits(
             matches = near_duplicate_matches([rows[i] for i in candidates], [t for t in earlier if t], threshold)
             drop |= {candidates[q] for q, _, _ in matches}
         if drop:
-            log.info("dedupe: dropped %d %s row(s) also in %s (%d exact, %d near)",
-                     len(drop), later, "/".join(earlier_names), n_exact, len(drop) - n_exact)
+            log.info(
+                "dedupe: dropped %d %s row(s) also in %s (%d exact, %d near)",
+                len(drop),
+                later,
+                "/".join(earlier_names),
+                n_exact,
+                len(drop) - n_exact,
+            )
             out[later] = out[later].select([i for i in range(len(rows)) if i not in drop])
         if later == "validation" and not len(out[later]):
             raise ConfigError(

@@ -29,9 +29,14 @@ SPLIT_NAMES = ("train", "validation", "test")
 PREDEFINED_COLUMN = "split"
 # Spellings of the held-out split names that data sets in the wild use.
 _PREDEFINED_ALIASES = {
-    "train": "train", "training": "train",
-    "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
-    "test": "test", "testing": "test",
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
 }
 
 
@@ -80,7 +85,7 @@ def _assemble(ds: Dataset, train: Sequence[int], val: Sequence[int], test: Seque
 
 def _random(n: int, n_val: int, n_test: int, seed: int):
     order = np.random.default_rng(seed).permutation(n)
-    return order[n_val + n_test:], order[:n_val], order[n_val:n_val + n_test]
+    return order[n_val + n_test :], order[:n_val], order[n_val : n_val + n_test]
 
 
 def _stratified(labels: list, n_val: int, n_test: int, seed: int):

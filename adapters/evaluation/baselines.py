@@ -48,8 +48,15 @@ class ClassicResult:
 
 
 def tfidf_logistic_regression(
-    train_texts: Sequence[str], train_labels: Sequence[str], test_texts: Sequence[str], test_labels: Sequence[str],
-    labels: Sequence[str], seed: int, ngram_max: int = 2, max_features: int | None = 50_000, C: float = 10.0,
+    train_texts: Sequence[str],
+    train_labels: Sequence[str],
+    test_texts: Sequence[str],
+    test_labels: Sequence[str],
+    labels: Sequence[str],
+    seed: int,
+    ngram_max: int = 2,
+    max_features: int | None = 50_000,
+    C: float = 10.0,
 ) -> ClassicResult:
     """TF-IDF word n-grams (1..ngram_max, sublinear tf, at most max_features) + logistic regression
     (scikit-learn, inverse regularisation C, `seed` for its solver), fitted on the training rows and

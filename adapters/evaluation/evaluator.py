@@ -40,7 +40,13 @@ def evaluate_classification(model, dataloader, accelerator, labels: list[str], o
 
 @torch.no_grad()
 def evaluate_causal_lm(
-    model, dataset, tokenizer, accelerator, batch_size: int, max_new_tokens: int, generate: bool = True,
+    model,
+    dataset,
+    tokenizer,
+    accelerator,
+    batch_size: int,
+    max_new_tokens: int,
+    generate: bool = True,
     collect: dict | None = None,
 ) -> dict:
     """Mean response-token loss (and perplexity), and exact match of greedy generations.
@@ -68,9 +74,7 @@ def evaluate_causal_lm(
         if collect is not None:
             collect.update(predictions=predictions, confidences=confidences)
         metrics["exact_match"] = exact_match(predictions, list(dataset["target"]))
-        metrics["examples"] = [
-            {"target": t, "prediction": p} for t, p in list(zip(dataset["target"], predictions))[:5]
-        ]
+        metrics["examples"] = [{"target": t, "prediction": p} for t, p in list(zip(dataset["target"], predictions))[:5]]
     model.train()
     return metrics
 

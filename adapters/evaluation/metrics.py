@@ -38,8 +38,12 @@ def _averaged(score: Callable[..., Any]) -> Callable[..., float | list[float]]:
     average None gives one score per label, in ``labels`` order.
     """
 
-    def compute(predictions: Sequence[int], references: Sequence[int], labels: Sequence[int] | None = None,
-                average: str | None = "macro") -> float | list[float]:
+    def compute(
+        predictions: Sequence[int],
+        references: Sequence[int],
+        labels: Sequence[int] | None = None,
+        average: str | None = "macro",
+    ) -> float | list[float]:
         value = score(references, predictions, labels=labels, average=average, zero_division=0.0)
         return value.tolist() if average is None else float(value)
 
@@ -54,8 +58,9 @@ def _matthews_correlation(predictions: Sequence[int], references: Sequence[int])
     return float(skm.matthews_corrcoef(references, predictions))
 
 
-def _confusion_matrix(predictions: Sequence[int], references: Sequence[int],
-                      labels: Sequence[int] | None = None) -> list[list[int]]:
+def _confusion_matrix(
+    predictions: Sequence[int], references: Sequence[int], labels: Sequence[int] | None = None
+) -> list[list[int]]:
     return skm.confusion_matrix(references, predictions, labels=labels).tolist()
 
 
@@ -216,8 +221,15 @@ def _plot_confusion_matrix(cm: dict[str, Any]) -> Figure:
     if len(cols) <= 20:
         for i in range(len(rows)):
             for j in range(len(cols)):
-                ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center",
-                        color="white" if shares[i, j] > 0.5 else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    f"{int(matrix[i, j])}",
+                    ha="center",
+                    va="center",
+                    color="white" if shares[i, j] > 0.5 else "black",
+                    fontsize=8,
+                )
     ax.set_title(f"confusion matrix ({int(matrix.sum())} rows)")
     fig.tight_layout()
     return fig

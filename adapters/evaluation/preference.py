@@ -23,7 +23,7 @@ def evaluate_preference(model, dataset, tokenizer, accelerator, batch_size: int)
     order = sorted(range(len(lengths)), key=lengths.__getitem__)  # batches of similar length pad little
     right, margin_sum = 0, 0.0
     for start in range(0, len(order), batch_size):
-        batch = collate([dataset[i] for i in order[start:start + batch_size]])
+        batch = collate([dataset[i] for i in order[start : start + batch_size]])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         logps = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0].sum(1)
         pairs = logps.shape[0] // 2

@@ -76,7 +76,7 @@ class BottleneckMethod(PeftMethod):
     supports_quantized = True  # the adapter only reads the wrapped layer's output: a 4/8-bit base is fine
 
     def variant(self, options) -> str:
-        """"houlsby" or "pfeiffer": fixed by the houlsby/pfeiffer methods, else from the options."""
+        """ "houlsby" or "pfeiffer": fixed by the houlsby/pfeiffer methods, else from the options."""
         return self.fixed_variant or options.variant
 
     def check_model(self, options, info: ModelInfo, task: str) -> None:

@@ -79,11 +79,13 @@ def load_peft_adapter(model, folder: Path, adapter_name: str = "default", is_tra
     mapping = None if prompt_learning else getattr(base, "_checkpoint_conversion_mapping", None) or None
     try:
         if isinstance(model, PeftModel):
-            model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=is_trainable, key_mapping=mapping,
-                               **kwargs)
+            model.load_adapter(
+                str(folder), adapter_name=adapter_name, is_trainable=is_trainable, key_mapping=mapping, **kwargs
+            )
         else:
-            model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable,
-                                              key_mapping=mapping, **kwargs)
+            model = PeftModel.from_pretrained(
+                model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable, key_mapping=mapping, **kwargs
+            )
     except (ValueError, RuntimeError) as err:  # peft: target modules not found, size mismatches
         raise BaseMismatchError(
             f"adapter {folder} does not fit this base model ({type(base).__name__}, "

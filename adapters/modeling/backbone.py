@@ -50,7 +50,16 @@ def model_info(model_cfg: ModelConfig) -> ModelInfo:
 
 
 _ENCODER_TYPES = {
-    "bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "albert", "mpnet", "modernbert"
+    "bert",
+    "roberta",
+    "distilbert",
+    "deberta",
+    "deberta-v2",
+    "electra",
+    "xlm-roberta",
+    "albert",
+    "mpnet",
+    "modernbert",
 }
 
 
@@ -65,7 +74,7 @@ def load_tokenizer(model_cfg: ModelConfig):
 
 
 def resolve_pooling(model_cfg: ModelConfig, path: str) -> str:
-    """"cls" | "mean" | "last" as configured; for "auto": the built-in's pooling, "mean" for a
+    """ "cls" | "mean" | "last" as configured; for "auto": the built-in's pooling, "mean" for a
     sentence-transformers folder that mean-pools, else "auto" (the architecture's own head)."""
     if model_cfg.pooling != "auto":
         return model_cfg.pooling
@@ -167,7 +176,10 @@ def load_backbone(model_cfg: ModelConfig, task: str, label2id: dict[str, int] | 
                 model = MeanPoolingClassifier(backbone, label2id, id2label)
             else:
                 model = _load_weights(
-                    AutoModelForSequenceClassification, path, model_cfg, kwargs,
+                    AutoModelForSequenceClassification,
+                    path,
+                    model_cfg,
+                    kwargs,
                     config_kwargs={"num_labels": len(label2id), "label2id": label2id, "id2label": id2label},
                 )
                 if model.config.pad_token_id is None:
@@ -225,8 +237,16 @@ def _load_weights(auto_cls, path: str, model_cfg: ModelConfig, kwargs: dict, con
 
 # The names architectures use for their dropout probabilities (BERT, Llama, GPT-2, DistilBERT, ...).
 _DROPOUT_KEYS = (
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout", "hidden_dropout",
-    "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "classifier_dropout", "seq_classif_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "attention_dropout",
+    "hidden_dropout",
+    "dropout",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "classifier_dropout",
+    "seq_classif_dropout",
 )
 
 

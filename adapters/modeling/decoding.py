@@ -102,8 +102,8 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     for i, p in enumerate(prompts):
         if not p:
             raise ConfigError("empty prompt: nothing to continue from")
-        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     return input_ids, mask
 
 
@@ -209,12 +209,16 @@ class DecodeState:
         scored = [i for i, p in enumerate(params) if p.prompt_logprobs is not None]
         self._feed(forward)
         out = forward(  # every position's logits only when a prompt is scored (0 keeps all)
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-            logits_to_keep=0 if scored else 1, **_names_kwarg(names),
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=0 if scored else 1,
+            **_names_kwarg(names),
         )
         for i in scored:  # row i's prompt is the last len(prompts[i]) positions (left padding)
             rows[i].prompt_logprobs = score_prompt(
-                out.logits[i, -len(prompts[i]):], prompts[i], params[i].prompt_logprobs
+                out.logits[i, -len(prompts[i]) :], prompts[i], params[i].prompt_logprobs
             )
         logits = out.logits[:, -1, :]  # [new rows, vocab]
         if self.keys:
@@ -275,8 +279,13 @@ class DecodeState:
         step_ids = torch.tensor(self._pending, dtype=torch.long, device=self._mask.device).unsqueeze(1)  # [rows, 1]
         self._mask = torch.cat([self._mask, self._mask.new_ones((self._mask.shape[0], 1))], dim=1)
         out = forward(
-            input_ids=step_ids, attention_mask=self._mask, position_ids=self._next_pos, past_key_values=self._cache,
-            use_cache=True, logits_to_keep=1, **_names_kwarg(self.names),
+            input_ids=step_ids,
+            attention_mask=self._mask,
+            position_ids=self._next_pos,
+            past_key_values=self._cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **_names_kwarg(self.names),
         )
         self._cache, self._logits, self._pending = out.past_key_values, out.logits[:, -1, :], None
         self._next_pos = self._next_pos + 1

@@ -143,7 +143,10 @@ def format_prompt(
 
 
 def encode_prompt(
-    tokenizer, text: str | None = None, messages: list[dict] | None = None, prompt_spec: dict | None = None,
+    tokenizer,
+    text: str | None = None,
+    messages: list[dict] | None = None,
+    prompt_spec: dict | None = None,
     max_new_tokens: int | None = None,
 ) -> list[int]:
     """Token ids of the prompt (see ``format_prompt``).

@@ -37,7 +37,7 @@ def completion_logps(
         order = torch.argsort((attention_mask == 0).int(), dim=1, stable=True)  # [rows, seq]
         input_ids, attention_mask, labels = (torch.gather(t, 1, order) for t in (input_ids, attention_mask, labels))
         out = model(input_ids=input_ids, attention_mask=attention_mask)
-        logits = out.logits[:, prepended_virtual_tokens(model):][:, :-1]  # [rows, seq - 1, vocab]
+        logits = out.logits[:, prepended_virtual_tokens(model) :][:, :-1]  # [rows, seq - 1, vocab]
         targets = labels[:, 1:]
     else:
         length = input_ids.shape[1]
@@ -47,7 +47,7 @@ def completion_logps(
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: count from the first token
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep)
         logits = out.logits[:, :-1]  # [rows, keep - 1, vocab]: position t predicts token t + 1
-        targets = labels[:, length - keep + 1:]  # [rows, keep - 1]
+        targets = labels[:, length - keep + 1 :]  # [rows, keep - 1]
     logits = logits.float() / temperature
     mask = targets != -100
     picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [rows, K]

@@ -82,8 +82,9 @@ def _prompt_learning_loss(model, batch: dict, reduction: str):
         )
     full = torch.cat([labels.new_full((labels.shape[0], virtual), -100), labels], dim=1)  # [batch, V + seq]
     logits = out.logits[:, :-1].float()  # [batch, V + seq - 1, vocab]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), full[:, 1:].reshape(-1), ignore_index=-100,
-                           reduction=reduction)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), full[:, 1:].reshape(-1), ignore_index=-100, reduction=reduction
+    )
     return loss, out
 
 
@@ -114,8 +115,9 @@ def causal_lm_response_loss(model, batch: dict, reduction: str = "mean"):
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep)
     logits = out.logits[:, :-1].float()  # [batch, keep - 1, vocab]: position t predicts token t + 1
     targets = labels[:, length - keep + 1 :]  # [batch, keep - 1]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                           reduction=reduction)
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction=reduction
+    )
     return loss, out
 
 

@@ -31,7 +31,10 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 # Files that hold a full model's weights; a folder with none of them and an adapter_config.json is an adapter.
 _MODEL_WEIGHTS = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
 )
 
 

@@ -35,12 +35,12 @@ def check_packing_support(model) -> None:
     ids = torch.tensor([first + second], device=device)
     positions = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
     keep = torch.zeros_like(ids, dtype=torch.bool)
-    keep[0, len(first):] = True
+    keep[0, len(first) :] = True
     was_training = model.training
     model.eval()
     try:
         packed = packed_forward(model, ids, positions, keep).logits.float()  # [len(second), vocab]
-        alone = model(input_ids=ids[:, len(first):], use_cache=False).logits[0].float()
+        alone = model(input_ids=ids[:, len(first) :], use_cache=False).logits[0].float()
     except (TypeError, ValueError, RuntimeError) as err:
         raise ConfigError(f"train.packing: {type(model).__name__} cannot run packed rows ({err})") from err
     finally:

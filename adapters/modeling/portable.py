@@ -110,8 +110,11 @@ def loading_of(folder: Path, model_config=None) -> Loading:
     remote = bool(config.get("auto_map"))
     adapter = _json(folder / ADAPTER_CONFIG)
     if not adapter:  # a standalone model (merged export)
-        task = "causal-lm" if any(a.endswith("ForCausalLM") for a in config.get("architectures") or []) else (
-            "sequence-classification")
+        task = (
+            "causal-lm"
+            if any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+            else ("sequence-classification")
+        )
         auto = "AutoModelForCausalLM" if task == "causal-lm" else "AutoModelForSequenceClassification"
         return Loading("transformers", task, auto, {"trust_remote_code": True} if remote else {})
     if adapter.get("adapterkit_method") and not adapter.get("peft_type"):
@@ -122,10 +125,22 @@ def loading_of(folder: Path, model_config=None) -> Loading:
     if adapter.get("task_type") == "CAUSAL_LM":
         return Loading("peft", "causal-lm", "AutoPeftModelForCausalLM", imports=imports, method=method)
     if remote:  # mean pooling: the remote-code class loads the encoder, then peft the adapter
-        return Loading("transformers", "sequence-classification", "AutoModelForSequenceClassification",
-                       {"trust_remote_code": True}, imports, method)
-    return Loading("peft", "sequence-classification", "AutoPeftModelForSequenceClassification",
-                   _label_kwargs(folder, model_config), imports, method)
+        return Loading(
+            "transformers",
+            "sequence-classification",
+            "AutoModelForSequenceClassification",
+            {"trust_remote_code": True},
+            imports,
+            method,
+        )
+    return Loading(
+        "peft",
+        "sequence-classification",
+        "AutoPeftModelForSequenceClassification",
+        _label_kwargs(folder, model_config),
+        imports,
+        method,
+    )
 
 
 def _label_kwargs(folder: Path, model_config) -> dict[str, Any]:
@@ -138,7 +153,9 @@ def _label_kwargs(folder: Path, model_config) -> dict[str, Any]:
         labels = _json(folder / "manifest.json").get("labels") or []
         id2label, pad = dict(enumerate(labels)), None
     kwargs: dict[str, Any] = {
-        "num_labels": len(id2label), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}
+        "num_labels": len(id2label),
+        "id2label": id2label,
+        "label2id": {v: k for k, v in id2label.items()},
     }
     if pad is not None:
         kwargs["pad_token_id"] = pad
@@ -174,16 +191,22 @@ def write_model_card(folder: Path, loading: Loading, title: str) -> None:
     """README.md: what the folder is and the code that loads it (replaces peft's template card)."""
     notes = []
     if loading.imports:
-        notes.append("The adapter uses a peft tuner of adapterkit's own: `pip install adapterkit` and import it "
-                     "first, as below, so that peft knows its type.")
+        notes.append(
+            "The adapter uses a peft tuner of adapterkit's own: `pip install adapterkit` and import it "
+            "first, as below, so that peft knows its type."
+        )
     if loading.kwargs.get("trust_remote_code"):
-        notes.append(f"No transformers class mean-pools: `{MODELING_FILE}` holds the model class (torch and "
-                     "transformers only); `trust_remote_code=True` runs it.")
+        notes.append(
+            f"No transformers class mean-pools: `{MODELING_FILE}` holds the model class (torch and "
+            "transformers only); `trust_remote_code=True` runs it."
+        )
     if loading.kind == "peft" and loading.task == "sequence-classification":
         notes.append("The base model's config has no labels: they are passed as shown.")
     if loading.task == "causal-lm" and loading.kind != "adapterkit":
-        notes.append("Format prompts as in training (manifest.json `prompt`: system prompt and instruction, "
-                     "applied with the tokenizer's chat template).")
+        notes.append(
+            "Format prompts as in training (manifest.json `prompt`: system prompt and instruction, "
+            "applied with the tokenizer's chat template)."
+        )
     card = (
         f"---\nlibrary_name: {'peft' if loading.kind == 'peft' else 'transformers'}\ntags:\n- adapterkit\n---\n\n"
         f"# {title}\n\nWritten by adapterkit. `adapterkit parity` checks that the runtime below gives "

@@ -63,7 +63,7 @@ class DriftThresholds(BaseModel):
     seed: int = Field(0, description="Seed of sampling and permutations (reproducible reports).")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "DriftThresholds":
+    def _ordered(self) -> DriftThresholds:
         if self.psi_alarm < self.psi_warn:
             raise ValueError(f"psi_alarm ({self.psi_alarm}) must be >= psi_warn ({self.psi_warn})")
         if self.oov_alarm_increase < self.oov_warn_increase:

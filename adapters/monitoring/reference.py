@@ -94,7 +94,7 @@ class Reference:
         return stats
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, stats: dict[str, Any] | None = None) -> "Reference":
+    def load(cls, folder: str | os.PathLike, stats: dict[str, Any] | None = None) -> Reference:
         """Read the reference of an adapter folder (stats from its manifest unless given).
 
         Raises ConfigError when the folder has no manifest or no reference, the format is
@@ -337,8 +337,9 @@ def _confidence_stats(confidences: Sequence[float], rng: np.random.Generator) ->
     return stats, _sample(conf_arr, MAX_SAMPLE, rng).astype(np.float32)
 
 
-def _embed_sample(texts: list[str], embed_fn: Callable[[list[str]], Any], max_embed: int,
-                  rng: np.random.Generator) -> np.ndarray:
+def _embed_sample(
+    texts: list[str], embed_fn: Callable[[list[str]], Any], max_embed: int, rng: np.random.Generator
+) -> np.ndarray:
     """(n, d) float32 embeddings of a random sample of n = min(max_embed, len(texts)) texts, in text order."""
     chosen = sorted(rng.choice(len(texts), min(max_embed, len(texts)), replace=False).tolist())
     embeddings = np.asarray(embed_fn([texts[i] for i in chosen]), dtype=np.float32)
@@ -439,7 +440,10 @@ def predict_classifier(model, tokenizer, texts: Sequence[str], batch_size: int =
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 batch = tokenizer(
-                    list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length,
+                    list(texts[start : start + batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
                     return_tensors="pt",
                 ).to(device)
                 probs = model(**batch).logits.float().softmax(-1)  # (batch, num_labels)
@@ -503,15 +507,19 @@ def build_training_reference(
         label_names = prepared.labels
         if heldout is not None:
             held_texts = [str(t) for t in heldout[data.text_field]][:max_heldout]
-            ids, confidences = predict_classifier(model, tokenizer, held_texts, cfg.train.eval_batch_size,
-                                                  data.max_length)
+            ids, confidences = predict_classifier(
+                model, tokenizer, held_texts, cfg.train.eval_batch_size, data.max_length
+            )
             predictions = [prepared.labels[i] for i in ids]
     else:
         targets, answers_are_labels = _answer_labels(data, train_split)
         labels = targets if answers_are_labels else None
         generated = generated or {}
-        scored = [(p, c) for p, c in zip(generated.get("predictions") or [], generated.get("confidences") or [])
-                  if c is not None][:max_heldout]
+        scored = [
+            (p, c)
+            for p, c in zip(generated.get("predictions") or [], generated.get("confidences") or [])
+            if c is not None
+        ][:max_heldout]
         if scored:
             confidences = [c for _, c in scored]
             predictions = [p for p, _ in scored] if answers_are_labels else None
@@ -519,8 +527,12 @@ def build_training_reference(
         return None
     embed_fn = None
     if max_embed > 0:
-        embed_fn = embedder(cfg.model.name, revision=cfg.model.revision, batch_size=cfg.train.eval_batch_size,
-                            max_length=data.max_length)
+        embed_fn = embedder(
+            cfg.model.name,
+            revision=cfg.model.revision,
+            batch_size=cfg.train.eval_batch_size,
+            max_length=data.max_length,
+        )
     ref = build_reference(
         texts,
         labels,
@@ -542,12 +554,18 @@ def _engine_predictions(engine: InferenceEngine, folder: Path, cfg, held_texts: 
     step = cfg.train.eval_batch_size
     chunks = [held_texts[start : start + step] for start in range(0, len(held_texts), step)]
     if cfg.task == "sequence-classification":
-        results = [r for chunk in chunks
-                   for r in engine.classify([ClassificationRequest(adapter=str(folder), text=t) for t in chunk])]
+        results = [
+            r
+            for chunk in chunks
+            for r in engine.classify([ClassificationRequest(adapter=str(folder), text=t) for t in chunk])
+        ]
         return [r.label for r in results], [r.confidence for r in results]
     params = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens)  # greedy, as the run's evaluation
-    results = [r for chunk in chunks for r in engine.generate(
-        [GenerationRequest(adapter=str(folder), prompt=t, params=params) for t in chunk])]
+    results = [
+        r
+        for chunk in chunks
+        for r in engine.generate([GenerationRequest(adapter=str(folder), prompt=t, params=params) for t in chunk])
+    ]
     scored = [(first_line_answer(r.text), r.confidence) for r in results if r.confidence is not None]
     return [a for a, _ in scored], [c for _, c in scored]
 
@@ -590,8 +608,16 @@ def attach_reference(adapter_dir: str | os.PathLike, max_heldout: int = 1000, ma
     if max_embed > 0:
         embed_fn = embedder(cfg.model.name, revision=cfg.model.revision, max_length=data.max_length)
     ref = build_reference(
-        texts, labels, tokenizer=tokenizer, predictions=predictions, confidences=confidences, embed_fn=embed_fn,
-        label_names=prepared.labels, max_embed=max_embed, seed=cfg.train.seed, embed_model=cfg.model.name,
+        texts,
+        labels,
+        tokenizer=tokenizer,
+        predictions=predictions,
+        confidences=confidences,
+        embed_fn=embed_fn,
+        label_names=prepared.labels,
+        max_embed=max_embed,
+        seed=cfg.train.seed,
+        embed_model=cfg.model.name,
     )
     stats = ref.save(folder)
     write_manifest(folder, {**manifest, "reference": stats})

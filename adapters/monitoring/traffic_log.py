@@ -255,7 +255,7 @@ class TrafficLogger:
             if self._db is not None:
                 self._db.close()
 
-    def __enter__(self) -> "TrafficLogger":
+    def __enter__(self) -> TrafficLogger:
         return self
 
     def __exit__(self, *exc) -> None:

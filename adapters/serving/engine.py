@@ -179,8 +179,14 @@ class InferenceEngine:
         max_positions = getattr(model.config, "max_position_embeddings", _DEFAULT_MAX_POSITIONS)
         self.max_input_tokens = max_input_tokens or int(max_positions or _DEFAULT_MAX_POSITIONS)
         self._stop_ids = eos_ids(model, self.tokenizer) if task == "causal-lm" else set()
-        self._resolver = AdapterResolver(store, task, self.base_name, head_module_names(model), allow_base_mismatch,
-                                         mean_pooling=isinstance(model, MeanPoolingForSequenceClassification))
+        self._resolver = AdapterResolver(
+            store,
+            task,
+            self.base_name,
+            head_module_names(model),
+            allow_base_mismatch,
+            mean_pooling=isinstance(model, MeanPoolingForSequenceClassification),
+        )
         self._layers = PeftLayers(model, fast_mixed_lora)
         self._pool = SlotPool(self._layers, capacity, self.stats)
         self.scheduler = DecodeScheduler(
@@ -412,8 +418,10 @@ def _encode_prompts(
         else:
             ids = encode_prompt(tokenizer, req.prompt, req.messages, spec, req.params.max_new_tokens)
         p = req.params
-        if a is not None and a.is_prompt_learning and (
-            p.logprobs is not None or p.prompt_logprobs is not None or p.max_new_tokens == 0
+        if (
+            a is not None
+            and a.is_prompt_learning
+            and (p.logprobs is not None or p.prompt_logprobs is not None or p.max_new_tokens == 0)
         ):
             raise ConfigError("logprobs and max_new_tokens 0 are not available for prompt-learning adapters")
         if len(ids) + req.params.max_new_tokens > max_input_tokens:

@@ -74,14 +74,19 @@ def export_peft(
     model_cfg = trained_model_config(base, manifest)
     if manifest:
         base_path = Path(resolve_model(base))
-        check_base(manifest, fingerprint_model(base_path) if base_path.is_dir() else None,
-                   allow_mismatch=allow_base_mismatch, base_name=base)
+        check_base(
+            manifest,
+            fingerprint_model(base_path) if base_path.is_dir() else None,
+            allow_mismatch=allow_base_mismatch,
+            base_name=base,
+        )
     elif not allow_base_mismatch:
         raise ConfigError(f"{folder} has no manifest.json: its base cannot be checked (pass allow_base_mismatch=True)")
     task = manifest.get("task") or json.loads((folder / ADAPTER_CONFIG).read_text()).get("task") or "causal-lm"
     labels = manifest.get("labels")
-    model = method.load(load_backbone(model_cfg, task, {lb: i for i, lb in enumerate(labels)} if labels else None),
-                        folder)  # refuses an adapter whose tensors do not all land
+    model = method.load(
+        load_backbone(model_cfg, task, {lb: i for i, lb in enumerate(labels)} if labels else None), folder
+    )  # refuses an adapter whose tensors do not all land
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.export-"))
@@ -95,15 +100,23 @@ def export_peft(
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    return {"output": str(out), "format": "vllm" if for_vllm else "peft", "adapter": str(ref), "base": base,
-            "method": method.name, "loading": loading.auto_class}
+    return {
+        "output": str(out),
+        "format": "vllm" if for_vllm else "peft",
+        "adapter": str(ref),
+        "base": base,
+        "method": method.name,
+        "loading": loading.auto_class,
+    }
 
 
 def _check_vllm(folder: Path, manifest: dict, ref: str) -> None:
     """ConfigError unless vLLM can serve the adapter: a LoRA (not DoRA) of a causal LM."""
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
     if str(cfg.get("peft_type", "")).upper() != "LORA" or cfg.get("use_dora"):
-        raise ConfigError(f"vLLM serves LoRA adapters only; {ref!r} is {cfg.get('peft_type')!r}"
-                          + (" with DoRA" if cfg.get("use_dora") else ""))
+        raise ConfigError(
+            f"vLLM serves LoRA adapters only; {ref!r} is {cfg.get('peft_type')!r}"
+            + (" with DoRA" if cfg.get("use_dora") else "")
+        )
     if (manifest.get("task") or "causal-lm") != "causal-lm":
         raise ConfigError(f"vLLM serves LoRA adapters of causal LMs; {ref!r} is a {manifest.get('task')}")

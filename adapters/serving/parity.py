@@ -90,13 +90,16 @@ class ParityReport:
         unit = "|dlogp|" if self.task == "causal-lm" else "|dp|"
         lines = [f"{'#':>3}  {'input':32}  {'adapterkit':20}  {self.runtime:20}  {'max' + unit:>12}  ok"]
         for i, r in enumerate(self.rows):
-            lines.append(f"{i:>3}  {_cut(r.text, 32):32}  {_cut(r.engine, 20):20}  {_cut(r.runtime, 20):20}  "
-                         f"{r.max_diff:12.2e}  {'yes' if r.passed else 'NO'}")
+            lines.append(
+                f"{i:>3}  {_cut(r.text, 32):32}  {_cut(r.engine, 20):20}  {_cut(r.runtime, 20):20}  "
+                f"{r.max_diff:12.2e}  {'yes' if r.passed else 'NO'}"
+            )
         verdict = "PASS" if self.passed else "FAIL"
-        lines.append(f"{verdict}: {sum(r.passed for r in self.rows)}/{len(self.rows)} rows within {self.tol:g} "
-                     f"(max {unit} {self.max_diff:.2e}) and with equal answers"
-                     + (" (greedy tokens only: adapterkit gives no logprobs for prompt learning)"
-                        if self.greedy_only else ""))
+        lines.append(
+            f"{verdict}: {sum(r.passed for r in self.rows)}/{len(self.rows)} rows within {self.tol:g} "
+            f"(max {unit} {self.max_diff:.2e}) and with equal answers"
+            + (" (greedy tokens only: adapterkit gives no logprobs for prompt learning)" if self.greedy_only else "")
+        )
         if self.effect is not None:
             lines.append(f"adapter effect: it moves the base's top-k log-probabilities by up to {self.effect:.2e}")
         return "\n".join(lines)
@@ -138,8 +141,9 @@ def engine_for(ref: str, manifest: dict, base: str | None = None, store: Any = N
     return InferenceEngine(trained_model_config(base, manifest), task=task, capacity=1, store=store)
 
 
-def engine_answers(engine: InferenceEngine, ref: str, texts: list[str], top_k: int = 5,
-                   max_new_tokens: int = 8) -> list[dict]:
+def engine_answers(
+    engine: InferenceEngine, ref: str, texts: list[str], top_k: int = 5, max_new_tokens: int = 8
+) -> list[dict]:
     """The engine's answer per text. causal-lm: {"prompt_ids", "top_logprobs": {id: logprob} of the first
     generated position ({} for a prompt-learning adapter), "tokens": greedy ids}; classification:
     {"probabilities": {label: p}, "label"}."""
@@ -168,8 +172,10 @@ def load_plain(folder: Path, loading: Loading | None = None):
 
     loading = loading or loading_of(folder)
     if loading.kind == "adapterkit":
-        raise ConfigError(f"{folder} holds {loading.method} weights, which no plain runtime loads; "
-                          "compare a merged export (--runtime transformers)")
+        raise ConfigError(
+            f"{folder} holds {loading.method} weights, which no plain runtime loads; "
+            "compare a merged export (--runtime transformers)"
+        )
     for module in loading.imports:
         importlib.import_module(module)
     auto_class = getattr(peft if loading.kind == "peft" else transformers, loading.auto_class)
@@ -181,8 +187,9 @@ def load_plain(folder: Path, loading: Loading | None = None):
 
 
 @torch.inference_mode()
-def plain_answers(model, tokenizer, texts: list[str], task: str, manifest: dict, top_k: int = 5,
-                  max_new_tokens: int = 8) -> list[dict]:
+def plain_answers(
+    model, tokenizer, texts: list[str], task: str, manifest: dict, top_k: int = 5, max_new_tokens: int = 8
+) -> list[dict]:
     """The plain runtime's answer per text, in engine_answers' shape. Inputs are built with the folder's own
     tokenizer: a causal LM's prompts in the adapter's training format, a classifier's texts cut at its
     training max_length."""
@@ -193,8 +200,12 @@ def plain_answers(model, tokenizer, texts: list[str], task: str, manifest: dict,
         for text in texts:
             enc = tokenizer(text, truncation=True, max_length=limit, return_tensors="pt")
             probs = torch.softmax(model(**enc).logits[0].float(), dim=-1)
-            answers.append({"probabilities": {id2label[i]: float(p) for i, p in enumerate(probs)},
-                            "label": id2label[int(torch.argmax(probs))]})
+            answers.append(
+                {
+                    "probabilities": {id2label[i]: float(p) for i, p in enumerate(probs)},
+                    "label": id2label[int(torch.argmax(probs))],
+                }
+            )
         return answers
     stops = _stop_ids(model, tokenizer)
     answers = []
@@ -203,12 +214,18 @@ def plain_answers(model, tokenizer, texts: list[str], task: str, manifest: dict,
         t = torch.tensor([ids])
         logprobs = torch.log_softmax(model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, -1].float(), -1)
         values, indices = torch.topk(logprobs, top_k)
-        out = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        tokens = [int(x) for x in out[0, len(ids):]]
+        out = model.generate(
+            input_ids=t,
+            attention_mask=torch.ones_like(t),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+        )
+        tokens = [int(x) for x in out[0, len(ids) :]]
         cut = next((i for i, x in enumerate(tokens) if x in stops), len(tokens))
-        answers.append({"prompt_ids": ids, "top_logprobs": dict(zip(indices.tolist(), values.tolist())),
-                        "tokens": tokens[:cut]})
+        answers.append(
+            {"prompt_ids": ids, "top_logprobs": dict(zip(indices.tolist(), values.tolist())), "tokens": tokens[:cut]}
+        )
     return answers
 
 
@@ -221,8 +238,9 @@ def _stop_ids(model, tokenizer) -> set[int]:
 
 
 # ------------------------------------------------------------------ comparing
-def compare(ref: str, runtime: str, task: str, texts: list[str], ours: list[dict], theirs: list[dict],
-            tol: float, decode=None) -> ParityReport:
+def compare(
+    ref: str, runtime: str, task: str, texts: list[str], ours: list[dict], theirs: list[dict], tol: float, decode=None
+) -> ParityReport:
     """Row by row: the largest difference (causal-lm: of log-probabilities, over both sides' top-k at the
     first generated position, a token in one side's top-k only counting as differing from the other side's
     k-th at least; classifier: of class probabilities) and whether greedy tokens / labels agree.
@@ -233,8 +251,10 @@ def compare(ref: str, runtime: str, task: str, texts: list[str], ours: list[dict
             labels = set(a["probabilities"]) | set(b["probabilities"])
             diff = max(abs(a["probabilities"].get(k, 0.0) - b["probabilities"].get(k, 0.0)) for k in labels)
             same = a["label"] == b["label"]
-            shown = (f"{a['label']} {a['probabilities'][a['label']]:.4f}", f"{b['label']} "
-                     f"{b['probabilities'].get(b['label'], 0.0):.4f}")
+            shown = (
+                f"{a['label']} {a['probabilities'][a['label']]:.4f}",
+                f"{b['label']} {b['probabilities'].get(b['label'], 0.0):.4f}",
+            )
         else:
             # adapterkit gives no logprobs for a prompt-learning adapter: its greedy tokens are compared only
             diff = _top_k_diff(a["top_logprobs"], b["top_logprobs"]) if a["top_logprobs"] else 0.0
@@ -277,9 +297,18 @@ def _top_k_diff(a: dict, b: dict) -> float:
 
 
 # ------------------------------------------------------------------ one parity run
-def run_parity(ref: str, runtime: str, base: str | None = None, store: Any = None, artifact: str | None = None,
-               texts: list[str] | None = None, limit: int = 8, tol: float = 1e-4, top_k: int = 5,
-               max_new_tokens: int = 8) -> ParityReport:
+def run_parity(
+    ref: str,
+    runtime: str,
+    base: str | None = None,
+    store: Any = None,
+    artifact: str | None = None,
+    texts: list[str] | None = None,
+    limit: int = 8,
+    tol: float = 1e-4,
+    top_k: int = 5,
+    max_new_tokens: int = 8,
+) -> ParityReport:
     """Compare adapterkit's engine with `runtime` (one of RUNTIMES) on the golden set of adapter `ref`.
 
     artifact: the folder the runtime loads (an ``adapterkit export`` output); default: the adapter's own
@@ -303,8 +332,17 @@ def run_parity(ref: str, runtime: str, base: str | None = None, store: Any = Non
         if runtime in EXTERNAL_RUNTIMES:
             if task != "causal-lm":
                 raise ConfigError(f"runtime {runtime!r} runs causal LMs only; {ref!r} is a {task} adapter")
-            theirs = _external(runtime, str(ref), Path(folder), artifact, base_name, store,
-                               [a["prompt_ids"] for a in ours], top_k, Path(tmp))
+            theirs = _external(
+                runtime,
+                str(ref),
+                Path(folder),
+                artifact,
+                base_name,
+                store,
+                [a["prompt_ids"] for a in ours],
+                top_k,
+                Path(tmp),
+            )
         else:
             where = Path(artifact) if artifact else Path(folder)
             if runtime == "transformers" and not artifact:
@@ -330,8 +368,17 @@ def adapter_effect(engine: InferenceEngine, ours: list[dict], top_k: int = 5) ->
     return max(_top_k_diff(a["top_logprobs"], dict(r.logprobs.top[0])) for a, r in zip(ours, bare))
 
 
-def _external(runtime: str, ref: str, folder: Path, artifact: str | None, base: str, store: AdapterStore,
-              prompts: list[list[int]], top_k: int, workdir: Path) -> list[dict]:
+def _external(
+    runtime: str,
+    ref: str,
+    folder: Path,
+    artifact: str | None,
+    base: str,
+    store: AdapterStore,
+    prompts: list[list[int]],
+    top_k: int,
+    workdir: Path,
+) -> list[dict]:
     """The vLLM/GGUF runtime's top-k at each prompt's first generated position (adapters.serving.vllm_runtime /
     .gguf): vLLM serves the adapter folder on the base; the GGUF runtime reads an export (``artifact``, else one
     written to ``workdir`` now). ConfigError when the runtime is not available here or fails."""
@@ -358,7 +405,18 @@ def _external(runtime: str, ref: str, folder: Path, artifact: str | None, base: 
 
 def report_json(report: ParityReport) -> str:
     """The report as JSON (rows, passed, max_diff), e.g. for benchmarks/runtime_table.py."""
-    return json.dumps({"ref": report.ref, "runtime": report.runtime, "task": report.task, "tol": report.tol,
-                       "passed": report.passed, "max_diff": report.max_diff, "greedy_only": report.greedy_only,
-                       "effect": report.effect,
-                       "rows": [r.__dict__ for r in report.rows]}, indent=2, default=str)
+    return json.dumps(
+        {
+            "ref": report.ref,
+            "runtime": report.runtime,
+            "task": report.task,
+            "tol": report.tol,
+            "passed": report.passed,
+            "max_diff": report.max_diff,
+            "greedy_only": report.greedy_only,
+            "effect": report.effect,
+            "rows": [r.__dict__ for r in report.rows],
+        },
+        indent=2,
+        default=str,
+    )

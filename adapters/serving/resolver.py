@@ -78,8 +78,15 @@ class AdapterResolver:
     trained with the other pooling is refused (its tensors would land, and answer wrongly).
     """
 
-    def __init__(self, store: Any, task: str, base_name: str, head_names: list[str], allow_base_mismatch: bool = False,
-                 mean_pooling: bool = False):
+    def __init__(
+        self,
+        store: Any,
+        task: str,
+        base_name: str,
+        head_names: list[str],
+        allow_base_mismatch: bool = False,
+        mean_pooling: bool = False,
+    ):
         self.store = store
         self.task = task
         self.base_name = base_name
@@ -195,9 +202,14 @@ class AdapterResolver:
             return  # nothing recorded
         recorded = manifest.get("base_model") or {}
         name = recorded.get("name") or self.base_name  # a built-in's name says its pooling
-        trained_mean = resolve_pooling(ModelConfig(name=name, pooling=trained.get("pooling") or "auto"),
-                                       recorded.get("path") or name) == "mean"
+        trained_mean = (
+            resolve_pooling(
+                ModelConfig(name=name, pooling=trained.get("pooling") or "auto"), recorded.get("path") or name
+            )
+            == "mean"
+        )
         if trained_mean != self.mean_pooling:
+
             def pooling(mean: bool) -> str:
                 return "mean pooling" if mean else "the architecture's own head"
 

@@ -63,8 +63,15 @@ class DecodeScheduler:
     ``stop_token_ids``: EOS ids; ``device``: where inputs go.
     """
 
-    def __init__(self, lock: threading.RLock, pool: SlotPool, layers: PeftLayers, tokenizer,
-                 stop_token_ids: set[int], device: torch.device):
+    def __init__(
+        self,
+        lock: threading.RLock,
+        pool: SlotPool,
+        layers: PeftLayers,
+        tokenizer,
+        stop_token_ids: set[int],
+        device: torch.device,
+    ):
         self._lock, self._pool, self._layers = lock, pool, layers
         self.tokenizer, self.stop_token_ids, self.device = tokenizer, stop_token_ids, device
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_token_ids), 0)
@@ -91,8 +98,14 @@ class DecodeScheduler:
         batches = {_batch_of(a, mix) for a in adapters}
         return all(b not in self._batches or self._batches[b].can_join() for b in batches)
 
-    def admit(self, refs: list[str], adapters: list[ResolvedAdapter | None], prompts: list[list[int]],
-              params: list[SamplingParams], mix: bool = True) -> list[LiveRow]:
+    def admit(
+        self,
+        refs: list[str],
+        adapters: list[ResolvedAdapter | None],
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        mix: bool = True,
+    ) -> list[LiveRow]:
         """Admit rows (a reference, its resolved adapter or None for the base, prompt token ids and settings
         each): make their adapters resident, pin them and prefill the rows into their running batch.
 
@@ -191,8 +204,13 @@ class DecodeScheduler:
 
     def _prefill(self, batch: str, rows: list[tuple[LiveRow, str]]) -> None:
         state = self._batches.get(batch) or DecodeState(self.tokenizer, self.stop_token_ids, self._pad_id, self.device)
-        state.add(self._forward, [r for r, _ in rows], [r.prompt_ids for r, _ in rows], [r.params for r, _ in rows],
-                  [slot for _, slot in rows])
+        state.add(
+            self._forward,
+            [r for r, _ in rows],
+            [r.prompt_ids for r, _ in rows],
+            [r.params for r, _ in rows],
+            [slot for _, slot in rows],
+        )
         self._batches[batch] = state
         self._rows.setdefault(batch, {}).update(rows)
 

@@ -59,7 +59,8 @@ def model_files(path: str | Path) -> list[Path]:
     if not path.is_dir():
         raise StoreError(f"cannot fingerprint model {str(path)!r}: not a local folder or file")
     files = [
-        p for p in sorted(path.iterdir())
+        p
+        for p in sorted(path.iterdir())
         if p.is_file() and (p.name == "config.json" or p.name.endswith(WEIGHT_SUFFIXES))
     ]
     if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in files):

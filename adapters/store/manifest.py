@@ -31,8 +31,24 @@ from adapters.store.fingerprint import (
 
 FORMAT = "adapterkit.manifest/1"
 MANIFEST_KEYS = (
-    "format", "name", "version", "created_at", "task", "method", "base_model", "labels", "prompt",
-    "training", "data", "metrics", "parent", "versions", "code_revision", "files", "reference", "objective",
+    "format",
+    "name",
+    "version",
+    "created_at",
+    "task",
+    "method",
+    "base_model",
+    "labels",
+    "prompt",
+    "training",
+    "data",
+    "metrics",
+    "parent",
+    "versions",
+    "code_revision",
+    "files",
+    "reference",
+    "objective",
 )
 #: Keys a manifest may lack: written by later versions than some stored adapters.
 OPTIONAL_KEYS = ("reference", "objective")
@@ -41,7 +57,14 @@ PROMPT_KEYS = ("system_prompt", "instruction", "label_names")
 DATA_KEYS = ("source", "fingerprint", "num_train", "num_validation", "num_test")
 # Distributions whose versions decide whether an adapter reloads the same way.
 TRACKED_LIBRARIES = (
-    "torch", "transformers", "peft", "safetensors", "accelerate", "datasets", "tokenizers", "bitsandbytes",
+    "torch",
+    "transformers",
+    "peft",
+    "safetensors",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "bitsandbytes",
 )
 _SETTABLE = tuple(k for k in MANIFEST_KEYS if k not in ("format", "files"))
 
@@ -305,7 +328,16 @@ def verify_folder(folder: str | Path) -> list[str]:
 
 # ---------------------------------------------------------------- comparing
 DIFF_SECTIONS = (
-    "task", "method", "base_model", "labels", "prompt", "training", "data", "metrics", "parent", "versions",
+    "task",
+    "method",
+    "base_model",
+    "labels",
+    "prompt",
+    "training",
+    "data",
+    "metrics",
+    "parent",
+    "versions",
     "objective",
 )
 

@@ -54,8 +54,12 @@ def head_only_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
     raw["method"] = {"name": "head-only", "options": {}}
     raw["eval"] = {**raw["eval"], "baseline": False}
     raw["train"] = {**raw["train"], "save_every": None, "unfreeze_every": None}
-    raw["output"] = {**raw["output"], "run_dir": str(run_dir / HEAD_ONLY_DIR), "publish": False,
-                     "name": f"{cfg.output.name}-head-only"}
+    raw["output"] = {
+        **raw["output"],
+        "run_dir": str(run_dir / HEAD_ONLY_DIR),
+        "publish": False,
+        "name": f"{cfg.output.name}-head-only",
+    }
     raw["init_from"] = None
     return load_config(raw=raw)
 
@@ -89,8 +93,12 @@ def classic_baseline(run: TrainingRun) -> dict[str, float]:
     test = splits["test"] if len(splits.get("test", [])) else splits["validation"]
     train_rows = splits["train"]
     fitted = tfidf_logistic_regression(
-        train_rows[data.text_field], train_rows[data.label_field], test[data.text_field], test[data.label_field],
-        run.prepared.labels, run.cfg.train.seed,
+        train_rows[data.text_field],
+        train_rows[data.label_field],
+        test[data.text_field],
+        test[data.label_field],
+        run.prepared.labels,
+        run.cfg.train.seed,
     )
     return fitted.metrics
 
@@ -100,8 +108,10 @@ def classification_baselines(run: TrainingRun, adapted: dict[str, Any]) -> dict[
     under DeepSpeed, classic None when scikit-learn cannot fit it), "negative_transfer": the reference
     baselines the `adapted` test metrics fall below on the headline metric}. Every process must call it."""
     if deepspeed_requested():  # a second DeepSpeed engine in the same processes fails under ZeRO-3
-        run.accelerator.print("baseline: the frozen backbone + head is not measured under DeepSpeed; "
-                              "train method head-only on its own to compare")
+        run.accelerator.print(
+            "baseline: the frozen backbone + head is not measured under DeepSpeed; "
+            "train method head-only on its own to compare"
+        )
         base = None
     else:
         base = head_only_baseline(run)

@@ -159,17 +159,34 @@ def save_run_checkpoint(run: TrainingRun, state: TrainState, stopper: EarlyStopp
     Every process must call it, at an optimizer-step boundary (no gradients pending).
     """
     accelerator = run.accelerator
-    trainer = {**state.checkpoint_state(stopper), "shuffle_seed": run.cfg.train.seed,
-               "log_bytes": run.metrics_log.path.stat().st_size if run.metrics_log.path.exists() else 0}
+    trainer = {
+        **state.checkpoint_state(stopper),
+        "shuffle_seed": run.cfg.train.seed,
+        "log_bytes": run.metrics_log.path.stat().st_size if run.metrics_log.path.exists() else 0,
+    }
     folder = run.run_dir / CHECKPOINTS / f"step-{state.step}"
-    save_checkpoint(folder, accelerator, run.model, run.optimizer, run.scheduler, trainer, stopper.best_state,
-                    best_is_current=stopper.best_step == state.step)
+    save_checkpoint(
+        folder,
+        accelerator,
+        run.model,
+        run.optimizer,
+        run.scheduler,
+        trainer,
+        stopper.best_state,
+        best_is_current=stopper.best_step == state.step,
+    )
     return folder
 
 
 def save_checkpoint(
-    folder: Path, accelerator, model, optimizer, scheduler, trainer: dict[str, Any],
-    best_state: dict[str, torch.Tensor] | None = None, best_is_current: bool = False,
+    folder: Path,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    trainer: dict[str, Any],
+    best_state: dict[str, torch.Tensor] | None = None,
+    best_is_current: bool = False,
 ) -> None:
     """Write a checkpoint into `folder` atomically: assembled in ``<folder>.tmp``, checksummed, renamed.
 
@@ -213,8 +230,9 @@ def _seal(tmp: Path, folder: Path) -> None:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
     step = _STEP_NAME.match(folder.name)
-    write_json_atomic(tmp / MANIFEST, {"format": FORMAT, "step": int(step.group(1)) if step else None,
-                                       "files": file_checksums(tmp)})
+    write_json_atomic(
+        tmp / MANIFEST, {"format": FORMAT, "step": int(step.group(1)) if step else None, "files": file_checksums(tmp)}
+    )
     replace_folder(tmp, folder)  # folder exists when a step is written again after resuming from an earlier one
 
 
@@ -276,8 +294,9 @@ def resume_point(run_dir: Path) -> tuple[Path | None, list[str]]:
     for leftover in root.glob("step-*"):
         if leftover.is_dir() and leftover.suffix in (".tmp", ".old"):
             shutil.rmtree(leftover, ignore_errors=True)
-    found = sorted((p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
-                   key=checkpoint_step, reverse=True)
+    found = sorted(
+        (p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) is not None), key=checkpoint_step, reverse=True
+    )
     notes = []
     for folder in found:
         problems = checkpoint_problems(folder)

@@ -86,8 +86,13 @@ def finalize(
     save_adapter(accelerator, run.model, run.method, staged)
     # Drift reference for monitoring after deployment; every rank runs it (a collective under ZeRO-3).
     reference = build_training_reference(
-        accelerator.unwrap_model(run.model), run.tokenizer, run.cfg, run.prepared, staged,
-        write=accelerator.is_main_process, generated=generated,
+        accelerator.unwrap_model(run.model),
+        run.tokenizer,
+        run.cfg,
+        run.prepared,
+        staged,
+        write=accelerator.is_main_process,
+        generated=generated,
     )
     if finished and run.cfg.eval.baseline and run.cfg.task == "sequence-classification":
         results.update(classification_baselines(run, results["adapted"]))  # every rank: a nested run
@@ -99,11 +104,20 @@ def finalize(
         if run.cfg.output.publish and finished:
             ref = publish_once(run, adapter_dir)
         summary = {
-            "run_dir": str(run.run_dir), "adapter_dir": str(adapter_dir), "adapter_ref": ref, "steps": state.step,
-            "trainable_params": run.trainable_params, "total_params": run.total_params, "train_seconds": train_seconds,
-            "tokens_per_second": tokens_per_second, "tokens_seen": state.tokens_seen * processes,
-            "samples_seen": state.samples_seen * processes, "eval_seconds": eval_seconds, "metrics": results,
-            "run_id": run.run_id, "finished": finished,
+            "run_dir": str(run.run_dir),
+            "adapter_dir": str(adapter_dir),
+            "adapter_ref": ref,
+            "steps": state.step,
+            "trainable_params": run.trainable_params,
+            "total_params": run.total_params,
+            "train_seconds": train_seconds,
+            "tokens_per_second": tokens_per_second,
+            "tokens_seen": state.tokens_seen * processes,
+            "samples_seen": state.samples_seen * processes,
+            "eval_seconds": eval_seconds,
+            "metrics": results,
+            "run_id": run.run_id,
+            "finished": finished,
         }
         with atomic_path(run.run_dir / SUMMARY_FILE, mode=0o644) as tmp:
             tmp.write_text(json.dumps(summary, indent=2, default=str))
@@ -113,8 +127,18 @@ def finalize(
     else:
         accelerator.end_training()
     return TrainResult(
-        run.run_dir, adapter_dir, results, state.step, run.trainable_params, run.total_params, train_seconds,
-        tokens_per_second, ref, state.history, state.tokens_seen * processes, state.samples_seen * processes,
+        run.run_dir,
+        adapter_dir,
+        results,
+        state.step,
+        run.trainable_params,
+        run.total_params,
+        train_seconds,
+        tokens_per_second,
+        ref,
+        state.history,
+        state.tokens_seen * processes,
+        state.samples_seen * processes,
         eval_seconds,
     )
 
@@ -130,9 +154,18 @@ def finished_result(cfg: RunConfig) -> TrainResult | None:
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     history = [{"step": r["step"], "loss": r["loss"]} for r in rows if "loss" in r]
     return TrainResult(
-        run_dir, run_dir / "adapter", summary["metrics"], summary["steps"],
-        summary["trainable_params"], summary["total_params"], summary["train_seconds"], summary["tokens_per_second"],
-        summary.get("adapter_ref"), history, summary.get("tokens_seen", 0), summary.get("samples_seen", 0),
+        run_dir,
+        run_dir / "adapter",
+        summary["metrics"],
+        summary["steps"],
+        summary["trainable_params"],
+        summary["total_params"],
+        summary["train_seconds"],
+        summary["tokens_per_second"],
+        summary.get("adapter_ref"),
+        history,
+        summary.get("tokens_seen", 0),
+        summary.get("samples_seen", 0),
         summary.get("eval_seconds", 0.0),
     )
 
@@ -148,7 +181,14 @@ def final_metrics(run: TrainingRun, validator: Validator, generated: dict) -> di
     cfg, accelerator = run.cfg, run.accelerator
     results = {"validation": validator()}
     results["adapted"] = evaluate_split(
-        run.model, run.test_split, run.tokenizer, accelerator, cfg, run.prepared, generate=True, out_dir=run.run_dir,
+        run.model,
+        run.test_split,
+        run.tokenizer,
+        accelerator,
+        cfg,
+        run.prepared,
+        generate=True,
+        out_dir=run.run_dir,
         collect=generated,
     )
     results["base"] = run.base_results
@@ -189,10 +229,13 @@ def run_manifest(run: TrainingRun, results: dict, reference: dict | None) -> dic
         prompt={**PromptFormat.from_data_config(cfg.data).spec(), "label_names": label_words(cfg.data)},
         training=dump_config(cfg),
         data=data_entry(cfg, run.prepared),
-        metrics={"test": scalars(results["adapted"]), "base": scalars(results["base"]) if results["base"] else None,
-                 "validation": scalars(results["validation"]),
-                 "classic": scalars(results["classic"]) if results.get("classic") else None,
-                 "negative_transfer": results.get("negative_transfer")},
+        metrics={
+            "test": scalars(results["adapted"]),
+            "base": scalars(results["base"]) if results["base"] else None,
+            "validation": scalars(results["validation"]),
+            "classic": scalars(results["classic"]) if results.get("classic") else None,
+            "negative_transfer": results.get("negative_transfer"),
+        },
         parent=run.parent,
         reference=reference,
         objective=objective_entry(run.objective),

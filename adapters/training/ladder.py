@@ -133,7 +133,7 @@ def canonical_name(name: str) -> str:
     """A parameter's name in the bare backbone: peft's `base_model.model.` prefix, adapter names
     and wrapper segments (modules_to_save, base_layer) removed."""
     while name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
+        name = name[len("base_model.model.") :]
     return ".".join(s for s in name.split(".") if s not in _WRAPPER_SEGMENTS)
 
 
@@ -216,9 +216,11 @@ class LadderResult:
     def to_markdown(self) -> str:
         """The Markdown report (ladder_report.md): one table row per stage."""
         lines = [
-            "# Ladder report", "",
+            "# Ladder report",
+            "",
             f"Stages ranked by validation `{self.metric}` ({'higher' if self.mode == 'max' else 'lower'} is better, "
-            f"min_delta {self.min_delta}).", "",
+            f"min_delta {self.min_delta}).",
+            "",
             f"| stage | method | trainable params | {self.metric} | test metrics | seconds | warm start | improved |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -284,20 +286,22 @@ def run_ladder(
             )
         value = validation[ladder.metric]
         improved = is_improvement(value, best_value, ladder.mode, ladder.min_delta)
-        result.stages.append(StageResult(
-            name=stage.name,
-            method={"name": stage_cfg.method.name, "options": stage_cfg.method.options},
-            run_dir=str(run.run_dir),
-            adapter_dir=str(run.adapter_dir),
-            metric=value,
-            validation=validation,
-            test=_scalars(run.metrics.get("adapted")),
-            trainable_params=int(run.trainable_params),
-            train_seconds=float(run.train_seconds),
-            warm_started_from=best.name if best is not None else None,
-            warm_started_tensors=len(loaded),
-            improved=improved,
-        ))
+        result.stages.append(
+            StageResult(
+                name=stage.name,
+                method={"name": stage_cfg.method.name, "options": stage_cfg.method.options},
+                run_dir=str(run.run_dir),
+                adapter_dir=str(run.adapter_dir),
+                metric=value,
+                validation=validation,
+                test=_scalars(run.metrics.get("adapted")),
+                trainable_params=int(run.trainable_params),
+                train_seconds=float(run.train_seconds),
+                warm_started_from=best.name if best is not None else None,
+                warm_started_tensors=len(loaded),
+                improved=improved,
+            )
+        )
         if improved:
             best_value, result.best = value, stage.name
             continue
@@ -305,7 +309,7 @@ def run_ladder(
             result.stopped_early = (
                 f"stage {stage.name!r} ({ladder.metric}={value:.4f}) did not beat stage {result.best!r} "
                 f"({best_value:.4f}) by more than {ladder.min_delta}; "
-                f"skipped {', '.join(s.name for s in ladder.stages[i + 1:])}"
+                f"skipped {', '.join(s.name for s in ladder.stages[i + 1 :])}"
             )
         break
 

@@ -36,8 +36,12 @@ from adapters.training.validation import Validator
 
 
 def train(
-    cfg: RunConfig, resume: bool | str | Path = False, command: list[str] | None = None, stop_after: int | None = None,
-    on_model_ready: Callable[[Any], None] | None = None, fold: int | None = None,
+    cfg: RunConfig,
+    resume: bool | str | Path = False,
+    command: list[str] | None = None,
+    stop_after: int | None = None,
+    on_model_ready: Callable[[Any], None] | None = None,
+    fold: int | None = None,
 ) -> TrainResult:
     """Run one training job and return its TrainResult (the adapter is in <run_dir>/adapter).
 
@@ -63,8 +67,13 @@ def train(
         resume_from_checkpoint(run, resume, state, stopper)
     validator = Validator(run, stopper.metric)
 
-    progress = tqdm(total=run.total_steps, initial=state.step, disable=not accelerator.is_local_main_process,
-                    desc="training", dynamic_ncols=True)
+    progress = tqdm(
+        total=run.total_steps,
+        initial=state.step,
+        disable=not accelerator.is_local_main_process,
+        desc="training",
+        dynamic_ncols=True,
+    )
     model.train()
     state.started = time.perf_counter()
     stop, interrupted = state.step >= run.total_steps, False
@@ -80,8 +89,10 @@ def train(
                 row = log_step(run, state)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_second']:.0f}")
             if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 and validator.check(state.step, stopper):
-                accelerator.print(f"early stopping at step {state.step}: {stopper.metric} did not improve "
-                                  f"for {stopper.bad_evals} evaluations")
+                accelerator.print(
+                    f"early stopping at step {state.step}: {stopper.metric} did not improve "
+                    f"for {stopper.bad_evals} evaluations"
+                )
                 stop = True
             if train_cfg.save_every and state.step % train_cfg.save_every == 0:
                 save_run_checkpoint(run, state, stopper)

@@ -97,7 +97,7 @@ class ParamRole:
 
     @property
     def label(self) -> str:
-        """"layer.<i>" for a block, else the role name."""
+        """ "layer.<i>" for a block, else the role name."""
         return f"layer.{self.index}" if self.role == "layer" else self.role
 
 

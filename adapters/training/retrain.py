@@ -147,8 +147,14 @@ def _replay_rows(parent_raw: dict, n: int, seed: int, exclude: set[str]) -> tupl
 
 # ---------------------------------------------------------------- evaluation
 def evaluate_on_holdout(
-    engine, refs: list[str], texts: list[str], labels: list[str], task: str, label_words: dict[str, str] | None = None,
-    max_new_tokens: int = 8, batch_size: int = 32,
+    engine,
+    refs: list[str],
+    texts: list[str],
+    labels: list[str],
+    task: str,
+    label_words: dict[str, str] | None = None,
+    max_new_tokens: int = 8,
+    batch_size: int = 32,
 ) -> dict[str, dict[str, float]]:
     """{ref: metrics} of each adapter on the same rows, through the serving engine.
 
@@ -204,16 +210,7 @@ def retrain(
     Writes retrain_report.json/.md into out_dir. Raises ConfigError (or StoreError) for a
     request that cannot run, before any training.
     """
-    if not 0.0 < holdout < 1.0:
-        raise ConfigError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
-    if margin < 0:
-        raise ConfigError(f"margin must be >= 0 (how much worse the candidate may be), got {margin!r}")
-    validate_name(tag, "tag")
-    if is_path_ref(current_ref):
-        raise ConfigError(
-            f"current adapter {current_ref!r} is a folder; retraining needs a store reference (name@prod, name@3) "
-            "so that the new version is published next to it and the tag can move"
-        )
+    _check_request(current_ref, holdout, margin, tag)
     store = AdapterStore(store_root)
     located = store.locate(current_ref)
     _, manifest = store.resolve(str(located))
@@ -249,8 +246,14 @@ def retrain(
     # ---- compare on the holdout, through the serving engine
     engine = InferenceEngine(ModelConfig.model_validate(parent_raw["model"]), task=task, store=store, capacity=2)
     metrics = evaluate_on_holdout(
-        engine, [parent, candidate], rows.held_texts, rows.held_labels, task, words or {},
-        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.train.eval_batch_size,
+        engine,
+        [parent, candidate],
+        rows.held_texts,
+        rows.held_labels,
+        task,
+        words or {},
+        max_new_tokens=cfg.eval.max_new_tokens,
+        batch_size=cfg.train.eval_batch_size,
     )
     current_m, cand_m = metrics[parent], metrics[candidate]
     if metric not in cand_m:
@@ -260,25 +263,54 @@ def retrain(
         f"{metric} {cand_m[metric]:.4f} (candidate {candidate}) vs {current_m[metric]:.4f} (current {parent}) "
         f"on {len(rows.held_texts)} holdout rows, margin {margin}"
     )
-    promoted = False
-    if not_worse and promote:
+    promoted = not_worse and promote
+    if promoted:
         store.tag(candidate, tag)
-        promoted = True
-        reason = f"promoted to {located.name}@{tag}: " + reason
-    elif not_worse:
-        reason = "not worse, not promoted (promote=False): " + reason
-    else:
-        reason = f"kept {parent} as {located.name}@{tag}: candidate is worse: " + reason
+    reason = _decision(reason, not_worse, promote, parent, f"{located.name}@{tag}")
     log.info(reason)
 
     res = RetrainResult(
-        current=parent, candidate=candidate, metric=metric, current_metrics=current_m, candidate_metrics=cand_m,
-        margin=margin, not_worse=not_worse, promoted=promoted, tag=tag, reason=reason,
-        num_train=len(rows.train_texts), num_holdout=len(rows.held_texts), num_replay=rows.num_replay,
-        run_dir=str(result.run_dir), out_dir=str(out),
+        current=parent,
+        candidate=candidate,
+        metric=metric,
+        current_metrics=current_m,
+        candidate_metrics=cand_m,
+        margin=margin,
+        not_worse=not_worse,
+        promoted=promoted,
+        tag=tag,
+        reason=reason,
+        num_train=len(rows.train_texts),
+        num_holdout=len(rows.held_texts),
+        num_replay=rows.num_replay,
+        run_dir=str(result.run_dir),
+        out_dir=str(out),
     )
     write_retrain_report(res, out)
     return res
+
+
+def _check_request(current_ref: str, holdout: float, margin: float, tag: str) -> None:
+    """Refuse a retraining request that cannot run, before anything is read or trained."""
+    if not 0.0 < holdout < 1.0:
+        raise ConfigError(f"holdout must be a fraction in (0, 1), got {holdout!r}")
+    if margin < 0:
+        raise ConfigError(f"margin must be >= 0 (how much worse the candidate may be), got {margin!r}")
+    validate_name(tag, "tag")
+    if is_path_ref(current_ref):
+        raise ConfigError(
+            f"current adapter {current_ref!r} is a folder; retraining needs a store reference (name@prod, name@3) "
+            "so that the new version is published next to it and the tag can move"
+        )
+
+
+def _decision(reason: str, not_worse: bool, promote: bool, parent: str, tagged: str) -> str:
+    """The one-line verdict: promoted, not worse but not promoted, or kept the parent."""
+    if not_worse and promote:
+        return f"promoted to {tagged}: " + reason
+    if not_worse:
+        return "not worse, not promoted (promote=False): " + reason
+    return f"kept {parent} as {tagged}: candidate is worse: " + reason
 
 
 @dataclass
@@ -299,8 +331,12 @@ def _key(text: str) -> str:
 
 
 def _window_rows(
-    parent_raw: dict, labeled: str | os.PathLike, holdout_file: str | os.PathLike | None, holdout: float,
-    replay: int, seed: int,
+    parent_raw: dict,
+    labeled: str | os.PathLike,
+    holdout_file: str | os.PathLike | None,
+    holdout: float,
+    replay: int,
+    seed: int,
 ) -> WindowRows:
     """Labeled window -> training rows + holdout (+ `replay` rows of the parent's training split)."""
     data_raw = parent_raw.get("data") or {}
@@ -313,15 +349,21 @@ def _window_rows(
         parts = split_dataset(window, SplitConfig(kind="stratified", validation=holdout, test=0.0), "label", seed)
         train_rows, held = parts["train"], parts["validation"]
     held_keys = {_key(t) for t in column_values(held, "text")}
-    kept = [(text, label) for text, label in zip(column_values(train_rows, "text"), column_values(train_rows, "label"))
-            if _key(text) not in held_keys]
+    kept = [
+        (text, label)
+        for text, label in zip(column_values(train_rows, "text"), column_values(train_rows, "label"))
+        if _key(text) not in held_keys
+    ]
     train_texts, train_labels = [text for text, _ in kept], [label for _, label in kept]
     replay_texts, replay_labels = ([], [])
     if replay > 0:
         replay_texts, replay_labels = _replay_rows(parent_raw, replay, seed, held_keys | {_key(t) for t in train_texts})
     return WindowRows(
-        train_texts + replay_texts, train_labels + replay_labels, [str(t) for t in column_values(held, "text")],
-        [str(label) for label in column_values(held, "label")], len(replay_texts),
+        train_texts + replay_texts,
+        train_labels + replay_labels,
+        [str(t) for t in column_values(held, "text")],
+        [str(label) for label in column_values(held, "label")],
+        len(replay_texts),
     )
 
 
@@ -346,7 +388,13 @@ def _check_classes(parent: str, parent_labels: list[str], train_labels: list[str
 
 
 def _candidate_config(
-    parent_raw: dict, task: str, words: dict | None, train_path: Path, parent: str, name: str, store: AdapterStore,
+    parent_raw: dict,
+    task: str,
+    words: dict | None,
+    train_path: Path,
+    parent: str,
+    name: str,
+    store: AdapterStore,
     out: Path,
 ) -> dict:
     """The parent's raw training config, on the new rows, continuing from the parent and publishing to its store."""
@@ -364,8 +412,11 @@ def _candidate_config(
         "max_eval_samples": None,
         "max_test_samples": None,
         # Our holdout is the test set; the loop only needs a validation split.
-        "split": {"kind": "stratified" if task == "sequence-classification" else "random",
-                  "validation": split.get("validation", 0.1), "test": 0.0},
+        "split": {
+            "kind": "stratified" if task == "sequence-classification" else "random",
+            "validation": split.get("validation", 0.1),
+            "test": 0.0,
+        },
     }
     raw["init_from"] = parent
     raw["output"] = {

@@ -59,8 +59,10 @@ def run_identity(cfg: RunConfig, run_dir: Path, accelerator, resume: bool | str 
         known = read_json(path) if resume else {}
         same = known.get("config") == fingerprint and known.get("run_id")
         if resume and known and not same:
-            accelerator.print("--resume: the config differs from the one this run started with; "
-                              "it continues from the checkpoint as a new run (and publishes as one)")
+            accelerator.print(
+                "--resume: the config differs from the one this run started with; "
+                "it continues from the checkpoint as a new run (and publishes as one)"
+            )
         chosen = [known["run_id"] if same else uuid.uuid4().hex]
         if not same:
             write_json_atomic(path, {"run_id": chosen[0], "config": fingerprint})

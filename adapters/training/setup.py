@@ -130,8 +130,34 @@ def held_out_split(tokenized: DatasetDict):
     return tokenized["test"] if len(tokenized.get("test", [])) else tokenized["validation"]
 
 
+def _train_loader(cfg: RunConfig, train_rows, tokenizer, collate):
+    """The training DataLoader: packed rows, or length-grouped/shuffled rows with the objective's collator."""
+    t = cfg.train
+    if t.packing:
+        return packed_train_dataloader(train_rows, tokenizer, t.batch_size, t.seed, t.group_by_length)
+    return train_dataloader(train_rows, cfg.task, tokenizer, t.batch_size, t.seed, t.group_by_length, collate=collate)
+
+
+def _log_setup(metrics_log, prepared, groups: list[dict]) -> None:
+    """Step-0 events in metrics.jsonl: packing statistics and the optimizer's parameter groups."""
+    if prepared.report.packing:
+        metrics_log.write(0, {"event": "packing", **prepared.report.packing})
+    rows = [
+        {
+            "name": g.get("name"),
+            "lr": g["lr"],
+            "weight_decay": g["weight_decay"],
+            "params": sum(p.numel() for p in g["params"]),
+        }
+        for g in groups
+    ]
+    metrics_log.write(0, {"event": "param_groups", "groups": rows})
+
+
 def setup_run(
-    cfg: RunConfig, command: list[str] | None = None, fold: int | None = None,
+    cfg: RunConfig,
+    command: list[str] | None = None,
+    fold: int | None = None,
     on_model_ready: Callable[[Any], None] | None = None,
 ) -> TrainingRun:
     """Build a run from its config (see the module doc for the order).
@@ -156,22 +182,21 @@ def setup_run(
     tokenized = tokenize_splits(prepared, cfg, tokenizer)  # adds the truncation counts to the data report
     if cfg.train.packing:
         packed = pack_dataset(tokenized["train"], cfg.data.max_length)
-        prepared.report.packing = packing_stats(tokenized["train"], packed, tokenizer, cfg.train.batch_size,
-                                                cfg.train.seed, cfg.train.group_by_length, cfg.data.max_length)
+        prepared.report.packing = packing_stats(
+            tokenized["train"],
+            packed,
+            tokenizer,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            cfg.train.group_by_length,
+            cfg.data.max_length,
+        )
         tokenized["train"] = packed
     if accelerator.is_main_process:
         (run_dir / "data_report.json").write_text(json.dumps(prepared.report.to_dict(), indent=2, default=str))
     check_batch_fits(cfg, len(tokenized["train"]), accelerator.num_processes)
     objective, collate = build_objective(cfg, tokenizer, method, accelerator)  # (None, None): sft
-    if cfg.train.packing:
-        train_dl = packed_train_dataloader(
-            tokenized["train"], tokenizer, cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length
-        )
-    else:
-        train_dl = train_dataloader(
-            tokenized["train"], cfg.task, tokenizer, cfg.train.batch_size, cfg.train.seed, cfg.train.group_by_length,
-            collate=collate,
-        )
+    train_dl = _train_loader(cfg, tokenized["train"], tokenizer, collate)
 
     model = load_backbone(cfg.model, cfg.task, prepared.label2id)
     base_results = None
@@ -216,16 +241,29 @@ def setup_run(
     metrics_log = MetricsLog(run_dir, accelerator)
     batch_trace = BatchTrace.from_env(accelerator.process_index)  # opt-in: which rows each rank saw
     if accelerator.is_main_process:
-        if prepared.report.packing:
-            metrics_log.write(0, {"event": "packing", **prepared.report.packing})
-        metrics_log.write(0, {"event": "param_groups", "groups": [
-            {"name": g.get("name"), "lr": g["lr"], "weight_decay": g["weight_decay"],
-             "params": sum(p.numel() for p in g["params"])}
-            for g in groups
-        ]})
+        _log_setup(metrics_log, prepared, groups)
     return TrainingRun(
-        cfg, accelerator, run_dir, method, options, prepared, tokenizer, tokenized, model, optimizer, scheduler,
-        train_dl, total_steps, unfreezer, metrics_log, batch_trace, trainable, total, base_results, parent, fold,
+        cfg,
+        accelerator,
+        run_dir,
+        method,
+        options,
+        prepared,
+        tokenizer,
+        tokenized,
+        model,
+        optimizer,
+        scheduler,
+        train_dl,
+        total_steps,
+        unfreezer,
+        metrics_log,
+        batch_trace,
+        trainable,
+        total,
+        base_results,
+        parent,
+        fold,
         objective=objective,
     )
 
@@ -258,8 +296,10 @@ def resume_from_checkpoint(
     stopper.restore(loaded.state, loaded.best_state)
     state.rng = loaded.rng
     if loaded.rng is None:
-        accelerator.print(f"--resume: {chosen.name} has no random states for process {accelerator.process_index}; "
-                          "dropout and other random draws will differ from the uninterrupted run")
+        accelerator.print(
+            f"--resume: {chosen.name} has no random states for process {accelerator.process_index}; "
+            "dropout and other random draws will differ from the uninterrupted run"
+        )
     if loaded.state.get("shuffle_seed", run.cfg.train.seed) != run.cfg.train.seed:
         accelerator.print(f"--resume: train.seed changed since {chosen.name}; the data order will differ")
     run.metrics_log.rewind(loaded.state.get("log_bytes"), state.step)

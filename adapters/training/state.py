@@ -123,9 +123,16 @@ class TrainState:
     def checkpoint_state(self, stopper: EarlyStopping) -> dict[str, Any]:
         """The JSON-able trainer state a checkpoint stores next to the weights."""
         return {
-            "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done, "best_value": stopper.best_value,
-            "best_step": stopper.best_step, "bad_evals": stopper.bad_evals, "history": self.history,
-            "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen, "running_loss": self.running_loss,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "best_value": stopper.best_value,
+            "best_step": stopper.best_step,
+            "bad_evals": stopper.bad_evals,
+            "history": self.history,
+            "tokens_seen": self.tokens_seen,
+            "samples_seen": self.samples_seen,
+            "running_loss": self.running_loss,
             "running_n": self.running_n,
         }
 

@@ -79,7 +79,10 @@ def target_count(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: Ru
 
 
 def global_target_count(
-    accelerator: Accelerator, model: torch.nn.Module, window: list[dict[str, torch.Tensor]], cfg: RunConfig,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    window: list[dict[str, torch.Tensor]],
+    cfg: RunConfig,
     objective=None,
 ) -> int:
     """The targets of one optimizer step's global batch: this process's window of micro-batches,
@@ -106,8 +109,15 @@ def backward_factor(accelerator: Accelerator) -> tuple[float, dict[str, Any]]:
 
 
 def train_step(
-    accelerator: Accelerator, model: torch.nn.Module, optimizer, scheduler, batch: dict[str, torch.Tensor],
-    cfg: RunConfig, global_count: int, last: bool, objective=None,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    batch: dict[str, torch.Tensor],
+    cfg: RunConfig,
+    global_count: int,
+    last: bool,
+    objective=None,
 ) -> StepOutput:
     """Forward and backward on one micro-batch of an optimizer step whose global batch has
     `global_count` targets (global_target_count); gradients add up over the window.
@@ -153,8 +163,9 @@ def train_window(run: TrainingRun, state: TrainState, window: list[dict[str, tor
         if run.batch_trace is not None:
             run.batch_trace.record(state.step + 1, batch)
         last = i == len(window) - 1
-        state.record(train_step(accelerator, run.model, run.optimizer, run.scheduler, batch, cfg, global_count, last,
-                                objective))
+        state.record(
+            train_step(accelerator, run.model, run.optimizer, run.scheduler, batch, cfg, global_count, last, objective)
+        )
     if objective is not None:
         run.metrics_log.write(state.step + 1, {"event": "objective", **objective.step_stats()})
 
@@ -205,8 +216,12 @@ def log_step(run: TrainingRun, state: TrainState) -> dict[str, float]:
     step_losses = state.running_loss  # this process's shares of the steps' losses, summed
     if accelerator.num_processes > 1:
         step_losses = accelerator.reduce(torch.tensor(step_losses, device=accelerator.device), reduction="sum").item()
-    row = {"loss": step_losses / state.running_n, "lr": run.scheduler.get_last_lr()[0], "epoch": state.epoch,
-           "tokens_per_second": state.tokens_seen * accelerator.num_processes / max(elapsed, 1e-9)}
+    row = {
+        "loss": step_losses / state.running_n,
+        "lr": run.scheduler.get_last_lr()[0],
+        "epoch": state.epoch,
+        "tokens_per_second": state.tokens_seen * accelerator.num_processes / max(elapsed, 1e-9),
+    }
     if state.grad_norm is not None:
         row["grad_norm"] = state.grad_norm
     run.metrics_log.write(state.step, row)

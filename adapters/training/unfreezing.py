@@ -147,8 +147,13 @@ class GradualUnfreezer:
     ) -> GradualUnfreezer:
         """LRs from train.lr / head_lr / layer_decay, weight decay from train.weight_decay."""
         return cls(
-            model, every, unit, base_lr=train_cfg.lr, decay=train_cfg.layer_decay or 1.0,
-            head_lr=train_cfg.head_lr, weight_decay=train_cfg.weight_decay,
+            model,
+            every,
+            unit,
+            base_lr=train_cfg.lr,
+            decay=train_cfg.layer_decay or 1.0,
+            head_lr=train_cfg.head_lr,
+            weight_decay=train_cfg.weight_decay,
         )
 
     def order(self) -> list[str]:
@@ -170,12 +175,14 @@ class GradualUnfreezer:
         for no_decay in (False, True):
             params = [p for n, p in self._params[stage] if is_no_decay_param(n, p) == no_decay]
             if params:
-                groups.append({
-                    "name": f"{stage}/{'no_decay' if no_decay else 'decay'}",
-                    "params": params,
-                    "lr": lr,
-                    "weight_decay": 0.0 if no_decay else self.weight_decay,
-                })
+                groups.append(
+                    {
+                        "name": f"{stage}/{'no_decay' if no_decay else 'decay'}",
+                        "params": params,
+                        "lr": lr,
+                        "weight_decay": 0.0 if no_decay else self.weight_decay,
+                    }
+                )
         return groups
 
     def initial_param_groups(self) -> list[dict[str, Any]]:

@@ -20,8 +20,15 @@ if TYPE_CHECKING:  # setup imports this module: a run-time import would be circu
 
 
 def evaluate_split(
-    model, dataset, tokenizer, accelerator, cfg: RunConfig, prepared: PreparedData, generate: bool,
-    out_dir=None, collect: dict | None = None,
+    model,
+    dataset,
+    tokenizer,
+    accelerator,
+    cfg: RunConfig,
+    prepared: PreparedData,
+    generate: bool,
+    out_dir=None,
+    collect: dict | None = None,
 ) -> dict[str, Any]:
     """Metrics of `model` on a tokenized split, gathered over all processes.
 
@@ -34,8 +41,14 @@ def evaluate_split(
         dl = eval_dataloader(dataset, cfg.task, tokenizer, cfg.train.eval_batch_size)
         return evaluate_classification(model, dl, accelerator, prepared.labels, out_dir=out_dir)
     metrics = evaluate_causal_lm(
-        model, dataset, tokenizer, accelerator, cfg.train.eval_batch_size, cfg.eval.max_new_tokens,
-        generate=generate, collect=collect,
+        model,
+        dataset,
+        tokenizer,
+        accelerator,
+        cfg.train.eval_batch_size,
+        cfg.eval.max_new_tokens,
+        generate=generate,
+        collect=collect,
     )
     if PAIR_COLUMNS[0] in dataset.column_names:
         metrics.update(evaluate_preference(model, dataset, tokenizer, accelerator, cfg.train.eval_batch_size))
@@ -61,7 +74,12 @@ class Validator:
         run = self.run
         started = time.perf_counter()
         metrics = evaluate_split(
-            run.model, run.tokenized["validation"], run.tokenizer, run.accelerator, run.cfg, run.prepared,
+            run.model,
+            run.tokenized["validation"],
+            run.tokenizer,
+            run.accelerator,
+            run.cfg,
+            run.prepared,
             generate=self.generate,
         )
         self.seconds += time.perf_counter() - started

@@ -36,8 +36,20 @@ def one_torch_thread():
 def question_csv(tmp_path_factory):
     """Two classes a bag of words separates: 'who ...' questions and 'how many ...' questions."""
     rng = random.Random(0)
-    nouns = ["river", "king", "planet", "song", "city", "painter", "bridge", "island", "war", "novel", "team",
-             "mountain"]
+    nouns = [
+        "river",
+        "king",
+        "planet",
+        "song",
+        "city",
+        "painter",
+        "bridge",
+        "island",
+        "war",
+        "novel",
+        "team",
+        "mountain",
+    ]
     rows = []
     for i in range(160):
         noun, other = rng.choice(nouns), rng.choice(nouns)
@@ -55,17 +67,28 @@ def suite_raw(model_dir, data_path, **extra) -> dict:
         "name": "tiny",
         "budget": {"steps": 6},
         "seeds": [0, 1],
-        "train": {"batch_size": 8, "eval_batch_size": 32, "log_every": 2, "eval_every": 3, "lr": 5e-3,
-                  "scheduler": "constant"},
+        "train": {
+            "batch_size": 8,
+            "eval_batch_size": 32,
+            "log_every": 2,
+            "eval_every": 3,
+            "lr": 5e-3,
+            "scheduler": "constant",
+        },
         "methods": [{"name": "lora", "options": {"r": 4}}, {"name": "ia3", "label": "ia3-default"}],
-        "tasks": [{
-            "name": "questions",
-            "task": "sequence-classification",
-            "model": {"name": str(model_dir), "pooling": "mean"},
-            "data": {"name": str(data_path), "max_length": 24,
-                     "split": {"kind": "stratified", "validation": 0.2, "test": 0.25}},
-            "target": {"metric": "eval_accuracy", "value": 0.0},
-        }],
+        "tasks": [
+            {
+                "name": "questions",
+                "task": "sequence-classification",
+                "model": {"name": str(model_dir), "pooling": "mean"},
+                "data": {
+                    "name": str(data_path),
+                    "max_length": 24,
+                    "split": {"kind": "stratified", "validation": 0.2, "test": 0.25},
+                },
+                "target": {"metric": "eval_accuracy", "value": 0.0},
+            }
+        ],
     }
     raw.update(extra)
     return raw
@@ -106,8 +129,9 @@ def test_matrix_runs_every_cell_with_measurements(matrix):
     assert scratch["config"]["model"]["init"] == "random" and scratch["method"]["name"] == "full"
     # the resolved config: defaults filled in
     assert lora["config"]["train"]["max_grad_norm"] == 1.0 and lora["config"]["train"]["max_steps"] == 6
-    assert (scratch["trainable_params"] == scratch["total_params"] > lora["trainable_params"]
-            > base["trainable_params"] > 0)
+    assert (
+        scratch["trainable_params"] == scratch["total_params"] > lora["trainable_params"] > base["trainable_params"] > 0
+    )
     assert scratch["adapter_weights_bytes"] > lora["adapter_weights_bytes"] > base["adapter_weights_bytes"]
     # fp32 weights: at least 4 bytes per trained parameter, and not much more
     assert 4 * lora["trainable_params"] <= lora["adapter_weights_bytes"] < 4 * lora["trainable_params"] + 100_000
@@ -124,8 +148,12 @@ def test_report_files_written(matrix):
     _, root, _ = matrix
     out = root / "out"
     table = (out / "table.md").read_text()
-    titles = ("base model (frozen, head-only)", "from scratch (random init, full)", "TF-IDF + logistic regression",
-              "| lora |")
+    titles = (
+        "base model (frozen, head-only)",
+        "from scratch (random init, full)",
+        "TF-IDF + logistic regression",
+        "| lora |",
+    )
     for title in titles:
         assert title in table
     assert "ia3" not in table
@@ -196,9 +224,18 @@ def test_suite_errors_name_the_key(tiny_bert_dir, question_csv):
 
 
 def _record(task, arm, kind, seed, metric):
-    return {"status": "ok", "task": task, "task_type": "sequence-classification", "arm": arm, "kind": kind,
-            "seed": seed, "metric_name": "accuracy", "metric": metric, "trainable_params": 10,
-            "loss_curve": [[1, 1.0], [2, 0.5]]}
+    return {
+        "status": "ok",
+        "task": task,
+        "task_type": "sequence-classification",
+        "arm": arm,
+        "kind": kind,
+        "seed": seed,
+        "metric_name": "accuracy",
+        "metric": metric,
+        "trainable_params": 10,
+        "loss_curve": [[1, 1.0], [2, 0.5]],
+    }
 
 
 def test_negative_transfer_flags_arms_below_scratch_or_classic():

@@ -14,8 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def adapterkit(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adapters.cli.main", *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "adapters.cli.main", *args], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
 
 
 def test_help_lists_every_command():

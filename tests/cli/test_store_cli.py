@@ -119,7 +119,11 @@ def test_script_wrapper_uses_the_environment_store(tmp_path, make_adapter_folder
     env = {**os.environ, "ADAPTERKIT_STORE": str(store_dir)}
     done = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "store.py"), "list", "--json"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert [(r["name"], r["version"]) for r in json.loads(done.stdout)] == [("viaenv", 1)]

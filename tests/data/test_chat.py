@@ -149,10 +149,13 @@ def test_a_tokenizer_without_chat_template_is_a_clear_error(tokenizer):
 
 
 def test_chatterbot_rows_tokenize_and_the_report_counts_truncation(tiny_llama_dir, tokenizer):
-    cfg = load_config(raw={
-        "task": "causal-lm", "model": {"name": str(tiny_llama_dir)},
-        "data": {"name": "chatterbot", "max_length": 48},
-    })
+    cfg = load_config(
+        raw={
+            "task": "causal-lm",
+            "model": {"name": str(tiny_llama_dir)},
+            "data": {"name": "chatterbot", "max_length": 48},
+        }
+    )
     prepared = prepare_splits(cfg)
     assert prepared.conversational and prepared.format == "messages"
     tokenized = tokenize_splits(prepared, cfg, tokenizer)

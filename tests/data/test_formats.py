@@ -37,18 +37,26 @@ def as_format(fmt: str, conversations: list[list[dict]]) -> list[dict]:
         first, reply = messages[0]["content"], messages[1]["content"]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         other = conversations[(k + 7) % len(conversations)][1]["content"]
-        rows.append({
-            "messages": {"messages": messages},
-            "sharegpt": {"conversations": [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
-                                           for m in messages]},
-            "alpaca": {"instruction": first, "input": "", "output": reply},
-            "prompt-completion": {"prompt": first, "completion": reply},
-            "prompt-completion-chat": {"prompt": messages[:last], "completion": [messages[last]]},
-            "preference": {"prompt": first, "chosen": reply, "rejected": other},
-            "preference-chat": {"prompt": messages[:1], "chosen": [messages[1]],
-                                "rejected": [{"role": "assistant", "content": other}]},
-            "text": {"text": first, "label": reply},
-        }[fmt])
+        rows.append(
+            {
+                "messages": {"messages": messages},
+                "sharegpt": {
+                    "conversations": [
+                        {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in messages
+                    ]
+                },
+                "alpaca": {"instruction": first, "input": "", "output": reply},
+                "prompt-completion": {"prompt": first, "completion": reply},
+                "prompt-completion-chat": {"prompt": messages[:last], "completion": [messages[last]]},
+                "preference": {"prompt": first, "chosen": reply, "rejected": other},
+                "preference-chat": {
+                    "prompt": messages[:1],
+                    "chosen": [messages[1]],
+                    "rejected": [{"role": "assistant", "content": other}],
+                },
+                "text": {"text": first, "label": reply},
+            }[fmt]
+        )
     return rows
 
 
@@ -62,11 +70,19 @@ def data_config(path, **data):
     return load_config(raw={"task": "causal-lm", "model": {"name": "unused"}, "data": {"name": str(path), **data}}).data
 
 
-@pytest.mark.parametrize("fmt, expected, conversational", [
-    ("messages", "messages", True), ("sharegpt", "sharegpt", True), ("alpaca", "alpaca", False),
-    ("prompt-completion", "prompt-completion", False), ("prompt-completion-chat", "prompt-completion", True),
-    ("preference", "preference", False), ("preference-chat", "preference", True), ("text", "text", False),
-])
+@pytest.mark.parametrize(
+    "fmt, expected, conversational",
+    [
+        ("messages", "messages", True),
+        ("sharegpt", "sharegpt", True),
+        ("alpaca", "alpaca", False),
+        ("prompt-completion", "prompt-completion", False),
+        ("prompt-completion-chat", "prompt-completion", True),
+        ("preference", "preference", False),
+        ("preference-chat", "preference", True),
+        ("text", "text", False),
+    ],
+)
 def test_each_format_is_found_from_its_columns_and_normalized(tmp_path, conversations, fmt, expected, conversational):
     from datasets import Dataset
 
@@ -129,11 +145,18 @@ def test_malformed_rows_name_the_row_and_what_is_wrong(tmp_path):
 def test_conversations_without_an_assistant_turn_are_left_out(tmp_path):
     from datasets import Dataset
 
-    rows = Dataset.from_list([
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                      {"role": "user", "content": "bye"}]},
-        {"messages": [{"role": "user", "content": "anyone?"}]},
-    ])
+    rows = Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"},
+                    {"role": "user", "content": "bye"},
+                ]
+            },
+            {"messages": [{"role": "user", "content": "anyone?"}]},
+        ]
+    )
     data = data_config(write_rows(tmp_path, []), system_prompt="Be kind.")
     out = normalize_rows(rows, data, "causal-lm").rows
     assert len(out) == 1
@@ -145,8 +168,12 @@ def test_preference_example_reads_plain_conversational_and_implicit_prompt_rows(
     assert plain.prompt == [{"role": "user", "content": "2+2?"}]
     assert plain.chosen == [{"role": "assistant", "content": "4"}] and plain.rejected[0]["content"] == "5"
     user = {"role": "user", "content": "2+2?"}
-    implicit = preference_example({"chosen": [user, {"role": "assistant", "content": "4"}],
-                                   "rejected": [user, {"role": "assistant", "content": "5"}]})
+    implicit = preference_example(
+        {
+            "chosen": [user, {"role": "assistant", "content": "4"}],
+            "rejected": [user, {"role": "assistant", "content": "5"}],
+        }
+    )
     assert implicit.prompt == [user] and implicit.chosen[0]["content"] == "4" and implicit.rejected[0]["content"] == "5"
     with pytest.raises(ConfigError, match="chosen holds no assistant turn"):
         preference_example({"prompt": "q", "chosen": [user], "rejected": "a"})
@@ -163,25 +190,40 @@ def test_chatterbot_splits_by_opening_line_without_leakage():
     assert prepared.report.exact_duplicates["train/test"]["count"] == 0
 
 
-@pytest.mark.parametrize("fmt", [
-    "messages", "sharegpt", "alpaca", "prompt-completion", "prompt-completion-chat", "preference",
-    "preference-chat", "text",
-])
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "messages",
+        "sharegpt",
+        "alpaca",
+        "prompt-completion",
+        "prompt-completion-chat",
+        "preference",
+        "preference-chat",
+        "text",
+    ],
+)
 def test_each_format_trains_on_a_tiny_model(tiny_llama_dir, tmp_path, conversations, fmt):
     from adapters.training.loop import train
 
     path = write_rows(tmp_path, as_format(fmt, conversations[:40]))
-    cfg = load_config(raw={
-        "task": "causal-lm", "model": {"name": str(tiny_llama_dir)},
-        "data": {"name": str(path), "max_length": 64, "split": {"kind": "random", "validation": 0.2, "test": 0.2}},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"lr": 2e-2, "batch_size": 8, "max_steps": 4, "log_every": 1, "seed": 1},
-        "eval": {"max_new_tokens": 2, "baseline": False},
-        "output": {"run_dir": str(tmp_path / "run")},
-    })
+    cfg = load_config(
+        raw={
+            "task": "causal-lm",
+            "model": {"name": str(tiny_llama_dir)},
+            "data": {"name": str(path), "max_length": 64, "split": {"kind": "random", "validation": 0.2, "test": 0.2}},
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"lr": 2e-2, "batch_size": 8, "max_steps": 4, "log_every": 1, "seed": 1},
+            "eval": {"max_new_tokens": 2, "baseline": False},
+            "output": {"run_dir": str(tmp_path / "run")},
+        }
+    )
     result = train(cfg)
-    losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
+    losses = [
+        json.loads(line)["loss"]
+        for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
     assert result.metrics["adapted"]["loss"] > 0

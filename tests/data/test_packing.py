@@ -55,8 +55,10 @@ def _lora_model(model_dir, attn: str):
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), attn_implementation=attn)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False))  # non-zero B: LoRA changes the outputs
+    model = get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )  # non-zero B: LoRA changes the outputs
     return model.train()
 
 
@@ -96,10 +98,11 @@ def test_no_token_attends_to_another_packed_row(tiny_llama_dir):
     with torch.no_grad():
         alone = model(input_ids=torch.tensor([b])).logits[0]
         # use_cache=False as the packed loss passes it: with a cache transformers ignores the restarts.
-        packed = model(input_ids=torch.tensor([a + b]), position_ids=positions, use_cache=False).logits[0, len(a):]
-        other = model(input_ids=torch.tensor([[40, 41, 42, 43, 44] + b]), position_ids=positions,
-                      use_cache=False).logits[0, len(a):]
-        leaky = model(input_ids=torch.tensor([a + b]), position_ids=positions).logits[0, len(a):]
+        packed = model(input_ids=torch.tensor([a + b]), position_ids=positions, use_cache=False).logits[0, len(a) :]
+        other = model(
+            input_ids=torch.tensor([[40, 41, 42, 43, 44] + b]), position_ids=positions, use_cache=False
+        ).logits[0, len(a) :]
+        leaky = model(input_ids=torch.tensor([a + b]), position_ids=positions).logits[0, len(a) :]
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(other, packed, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(leaky, alone, atol=1e-3), "with a cache the rows see each other (why use_cache=False)"
@@ -120,8 +123,14 @@ class _LeakyModel(torch.nn.Module):
 def test_packing_is_refused_where_it_cannot_hold(tiny_llama_dir, tiny_bert_dir):
     check_packing_support(_lora_model(tiny_llama_dir, "sdpa"))  # Llama keeps packed rows apart
     with pytest.raises(ConfigError, match="train.packing works with task causal-lm"):
-        load_config(raw={"task": "sequence-classification", "model": {"name": str(tiny_bert_dir)},
-                         "data": {"name": "trec"}, "train": {"packing": True}})
+        load_config(
+            raw={
+                "task": "sequence-classification",
+                "model": {"name": str(tiny_bert_dir)},
+                "data": {"name": "trec"},
+                "train": {"packing": True},
+            }
+        )
     with pytest.raises(ConfigError, match="attend to each other"):
         check_packing_support(_LeakyModel())
     with pytest.raises(ConfigError, match="does not fit"):
@@ -133,15 +142,23 @@ def test_packing_is_refused_where_it_cannot_hold(tiny_llama_dir, tiny_bert_dir):
 def test_training_with_packing_reports_the_padding_share(tiny_llama_dir, tmp_path):
     from adapters.training.loop import train
 
-    cfg = load_config(raw={
-        "task": "causal-lm", "model": {"name": str(tiny_llama_dir)},
-        "data": {"name": "chatterbot", "max_length": 96, "max_train_samples": 64, "max_eval_samples": 16,
-                 "max_test_samples": 16},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 4, "log_every": 1, "seed": 1, "packing": True},
-        "eval": {"max_new_tokens": 2, "baseline": False},
-        "output": {"run_dir": str(tmp_path / "run")},
-    })
+    cfg = load_config(
+        raw={
+            "task": "causal-lm",
+            "model": {"name": str(tiny_llama_dir)},
+            "data": {
+                "name": "chatterbot",
+                "max_length": 96,
+                "max_train_samples": 64,
+                "max_eval_samples": 16,
+                "max_test_samples": 16,
+            },
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 4, "log_every": 1, "seed": 1, "packing": True},
+            "eval": {"max_new_tokens": 2, "baseline": False},
+            "output": {"run_dir": str(tmp_path / "run")},
+        }
+    )
     result = train(cfg)
     report = json.loads((result.run_dir / "data_report.json").read_text())["packing"]
     assert report["rows"] == 64 and report["packed_rows"] < 64

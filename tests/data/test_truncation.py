@@ -38,12 +38,21 @@ def rows(n: int = 40, long_every: int = 2, long_response_every: int = 0) -> list
 def config(tmp_path: Path, model_dir: Path, data_rows: list[dict], **truncation):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in data_rows))
-    return load_config(raw={
-        "task": "causal-lm", "model": {"name": str(model_dir)},
-        "data": {"name": str(path), "max_length": 64, "system_prompt": SYSTEM, "instruction": INSTRUCTION,
-                 "split": {"kind": "random", "validation": 0.2, "test": 0.2}, "truncation": truncation},
-        "eval": {"max_new_tokens": 4},
-    })
+    return load_config(
+        raw={
+            "task": "causal-lm",
+            "model": {"name": str(model_dir)},
+            "data": {
+                "name": str(path),
+                "max_length": 64,
+                "system_prompt": SYSTEM,
+                "instruction": INSTRUCTION,
+                "split": {"kind": "random", "validation": 0.2, "test": 0.2},
+                "truncation": truncation,
+            },
+            "eval": {"max_new_tokens": 4},
+        }
+    )
 
 
 def tokenized(cfg):
@@ -69,10 +78,10 @@ def test_long_prompts_keep_the_assistant_header_and_the_full_response(smollm2_di
         before, body, after = prompt_parts(tok, text, fmt)
         assert len(row["input_ids"]) <= cfg.data.max_length
         assert response == answer_ids(tok, raw_row["label"]), "the response is kept whole, EOS included"
-        assert prompt[: len(before)] == before and prompt[len(prompt) - len(after):] == after
+        assert prompt[: len(before)] == before and prompt[len(prompt) - len(after) :] == after
         assert tok.decode(after).endswith("<|im_start|>assistant\n"), "the assistant header is kept"
-        kept = prompt[len(before): len(prompt) - len(after)]
-        assert kept == body[len(body) - len(kept):], "the text loses its start, keeps its end (prompt_side left)"
+        kept = prompt[len(before) : len(prompt) - len(after)]
+        assert kept == body[len(body) - len(kept) :], "the text loses its start, keeps its end (prompt_side left)"
         cut += len(kept) < len(body)
         if len(kept) < len(body):
             assert tok.decode(kept).endswith(f"What color is thing number {text.split()[-1]}")
@@ -104,8 +113,10 @@ def test_serving_builds_the_prompt_training_built_for_the_same_row(smollm2_dir, 
         request = GenerationRequest(adapter="a", prompt=raw_row["text"], params=params)
         adapter = SimpleNamespace(manifest={"prompt": spec}, is_prompt_learning=False)
         assert _encode_prompts(tok, 4096, [request], [adapter]) == [row["input_ids"][:prompt_len]]
-    assert any(len(p) < len(build_prompt_ids(tok, t, PromptFormat(SYSTEM, INSTRUCTION)))
-               for p, t in zip(splits["test"]["prompt_ids"], prepared.splits["test"]["text"])), "no test prompt was cut"
+    assert any(
+        len(p) < len(build_prompt_ids(tok, t, PromptFormat(SYSTEM, INSTRUCTION)))
+        for p, t in zip(splits["test"]["prompt_ids"], prepared.splits["test"]["text"])
+    ), "no test prompt was cut"
     # a manifest from before truncation was recorded: prompts are never cut
     old = {"system_prompt": SYSTEM, "instruction": INSTRUCTION}
     uncut = build_prompt_ids(tok, LONG * 3, PromptFormat(SYSTEM, INSTRUCTION))
@@ -120,9 +131,9 @@ def test_right_side_keeps_the_start_of_the_text(smollm2_dir, tmp_path):
     row, text = long_rows[0]
     before, body, after = prompt_parts(tok, text, fmt)
     prompt = row["input_ids"][: sum(1 for label in row["labels"] if label == -100)]
-    kept = prompt[len(before): len(prompt) - len(after)]
+    kept = prompt[len(before) : len(prompt) - len(after)]
     assert 0 < len(kept) < len(body) and kept == body[: len(kept)]
-    assert prompt[len(prompt) - len(after):] == after
+    assert prompt[len(prompt) - len(after) :] == after
 
 
 def test_long_responses_are_cut_at_their_end_or_dropped_and_counted(smollm2_dir, tmp_path):
@@ -185,16 +196,21 @@ def test_plain_and_slow_tokenizers_cut_inside_the_text_only(minilm_dir):
         assert before + body + after == full
         assert tok.decode(before).startswith("[CLS] be brief. classify") and tok.decode(after) == "answer : [SEP]"
         cut = build_prompt_ids(tok, text, fmt, max_tokens=20)
-        assert len(cut) == 20 and cut[:len(before)] == before and cut[-len(after):] == after
-        assert tok.decode(cut[len(before):-len(after)]).endswith("omega")
+        assert len(cut) == 20 and cut[: len(before)] == before and cut[-len(after) :] == after
+        assert tok.decode(cut[len(before) : -len(after)]).endswith("omega")
 
 
 def test_classification_counts_cut_inputs_and_keeps_their_start(minilm_dir, tmp_path):
     path = tmp_path / "rows.jsonl"
     data = [{"text": f"{LONG if i % 3 == 0 else ''}item {i}", "label": "a" if i % 2 else "b"} for i in range(30)]
     path.write_text("".join(json.dumps(r) + "\n" for r in data))
-    cfg = load_config(raw={"task": "sequence-classification", "model": {"name": str(minilm_dir)},
-                           "data": {"name": str(path), "max_length": 16}})
+    cfg = load_config(
+        raw={
+            "task": "sequence-classification",
+            "model": {"name": str(minilm_dir)},
+            "data": {"name": str(path), "max_length": 16},
+        }
+    )
     prepared, tok, splits = tokenized(cfg)
     counts = prepared.report.truncation
     assert sum(c["input_truncated"] for c in counts.values()) == 10

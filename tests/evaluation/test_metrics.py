@@ -66,7 +66,12 @@ def test_per_class_report_matches_sklearn(random_preds):
     report = per_class_report(preds, refs, LABELS)
     expected = skm.classification_report(refs, preds, labels=list(range(6)), target_names=LABELS, output_dict=True)
     for label in LABELS:
-        for key, sk_key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"), ("support", "support")):
+        for key, sk_key in (
+            ("precision", "precision"),
+            ("recall", "recall"),
+            ("f1", "f1-score"),
+            ("support", "support"),
+        ):
             assert report[label][key] == pytest.approx(expected[label][sk_key]), (label, key)
 
 

@@ -65,8 +65,13 @@ def adapter_dir(tmp_path_factory, trec, embed, tiny_bert_dir):
         version=1,
         task="sequence-classification",
         method="lora",
-        base_model={"name": str(tiny_bert_dir), "path": str(tiny_bert_dir), "revision": None, "fingerprint": None,
-                    "tokenizer_fingerprint": None},
+        base_model={
+            "name": str(tiny_bert_dir),
+            "path": str(tiny_bert_dir),
+            "revision": None,
+            "fingerprint": None,
+            "tokenizer_fingerprint": None,
+        },
         labels=sorted(set(labels)),
         reference=stats,
         code_revision=None,
@@ -87,7 +92,6 @@ def _window(trec, scenario: str, seed: int = 100):
         lengths = np.array([len(texts[i]) for i in hold])
         idx = rng.choice(hold[lengths > np.quantile(lengths, 0.7)], N_WINDOW, replace=False)
     elif scenario == "domain":
-
         sms = BUILTIN_DATASETS["sms-spam"].load()["text"]
         chosen = rng.choice(len(sms), N_WINDOW, replace=False)
         # The classifier still answers with its labels, less confidently, mostly "ENTY".
@@ -102,8 +106,9 @@ def _log(path: Path, window, **logger_kwargs) -> Path:
     texts, preds, confs = window
     with TrafficLogger(path, **logger_kwargs) as logger:
         for text, pred, conf in zip(texts, preds, confs):
-            logger.log({"adapter": "trec-clf@1", "text": text, "label": pred, "confidence": float(conf),
-                        "latency_ms": 3.0})
+            logger.log(
+                {"adapter": "trec-clf@1", "text": text, "label": pred, "confidence": float(conf), "latency_ms": 3.0}
+            )
     return path
 
 
@@ -151,7 +156,12 @@ def test_report_files_and_plots(tmp_path, trec, adapter_dir):
     data = json.loads((out / "report.json").read_text())
     assert data["status"] == "alarm" and data["exit_code"] == EXIT_DRIFT and data["n_records"] == N_WINDOW
     assert {c["name"] for c in data["checks"]} == {
-        "label_psi", "confidence_psi", "length_psi", "length_ks", "embedding_mmd", "oov_rate"
+        "label_psi",
+        "confidence_psi",
+        "length_psi",
+        "length_ks",
+        "embedding_mmd",
+        "oov_rate",
     }
     for name in ("labels.png", "confidence.png", "length.png", "embedding.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -189,12 +199,14 @@ def test_script_exit_codes(tmp_path, trec, adapter_dir, monitor_script, capsys):
     # Looser thresholds from a file: the same window no longer alarms on length.
     (tmp_path / "t.yaml").write_text("psi_alarm: 100\npsi_warn: 50\nks_min_statistic: 0.9\n")
     loose = ["--thresholds", str(tmp_path / "t.yaml")]
-    code = monitor_script.main(args + ["--traffic", str(longer), "--out", str(tmp_path / "c"), *loose,
-                                       "--set", "p_value=0.001"])
+    code = monitor_script.main(
+        args + ["--traffic", str(longer), "--out", str(tmp_path / "c"), *loose, "--set", "p_value=0.001"]
+    )
     assert code == EXIT_OK, capsys.readouterr().out
     # --fail-on warn turns the KS warning (significant, small effect) into a failure.
-    code = monitor_script.main(args + ["--traffic", str(longer), "--out", str(tmp_path / "d"), *loose,
-                                       "--fail-on", "warn"])
+    code = monitor_script.main(
+        args + ["--traffic", str(longer), "--out", str(tmp_path / "d"), *loose, "--fail-on", "warn"]
+    )
     assert code == EXIT_DRIFT
     capsys.readouterr()
     missing = ["--adapter", str(tmp_path / "nope"), "--traffic", str(same), "--out", str(tmp_path / "e")]

@@ -81,8 +81,15 @@ def test_gold_labels_are_the_fallback_distribution(bert_tokenizer):
 
 def test_save_load_round_trip_and_integrity(tmp_path, bert_tokenizer):
     fake_embed = lambda texts: np.arange(len(texts) * 4, dtype=np.float32).reshape(len(texts), 4)  # noqa: E731
-    ref = build_reference(TEXTS, LABELS, tokenizer=bert_tokenizer, confidences=np.full(8, 0.9), predictions=LABELS,
-                          embed_fn=fake_embed, max_embed=5)
+    ref = build_reference(
+        TEXTS,
+        LABELS,
+        tokenizer=bert_tokenizer,
+        confidences=np.full(8, 0.9),
+        predictions=LABELS,
+        embed_fn=fake_embed,
+        max_embed=5,
+    )
     stats = ref.save(tmp_path)
     assert stats["file"] == REFERENCE_FILE and len(stats["sha256"]) == 64
     assert stats["embedding"]["count"] == 5 and stats["embedding"]["dim"] == 4
@@ -171,12 +178,20 @@ def test_build_training_reference_from_a_run(tmp_path, task, tiny_bert_dir, tiny
     """What the training loop calls after training: held-out predictions (classifiers) or label
     words (causal LMs), written next to the manifest, loadable by the monitor."""
     model_dir = tiny_bert_dir if task == "sequence-classification" else tiny_llama_dir
-    cfg = load_config(raw={
-        "task": task, "model": {"name": str(model_dir)},
-        "data": {"name": "trec", "max_length": 32, "max_train_samples": 60, "max_eval_samples": 8,
-                 "max_test_samples": 24},
-        "train": {"eval_batch_size": 16, "seed": 5},
-    })
+    cfg = load_config(
+        raw={
+            "task": task,
+            "model": {"name": str(model_dir)},
+            "data": {
+                "name": "trec",
+                "max_length": 32,
+                "max_train_samples": 60,
+                "max_eval_samples": 8,
+                "max_test_samples": 24,
+            },
+            "train": {"eval_batch_size": 16, "seed": 5},
+        }
+    )
     prepared = prepare_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
     model = load_backbone(cfg.model, task, prepared.label2id)
@@ -196,13 +211,17 @@ def test_build_training_reference_from_a_run(tmp_path, task, tiny_bert_dir, tiny
         assert set(stats["labels"]["counts"]) <= label_words
         # with the run's test answers: they are the label mix the server will log, with their confidences
 
-        generated = {"predictions": ["location", "number", "nonsense", "location"],
-                     "confidences": [0.9, 0.5, None, 0.2]}
-        stats = build_training_reference(model, tokenizer, cfg, prepared, tmp_path / "gen", max_embed=0,
-                                         generated=generated)
+        generated = {
+            "predictions": ["location", "number", "nonsense", "location"],
+            "confidences": [0.9, 0.5, None, 0.2],
+        }
+        stats = build_training_reference(
+            model, tokenizer, cfg, prepared, tmp_path / "gen", max_embed=0, generated=generated
+        )
         assert stats["labels"]["source"] == "predictions" and stats["labels"]["counts"] == {"location": 2, "number": 1}
         assert stats["confidence"]["num"] == 3
         monkeypatch.setattr(reference, "MAX_ANSWER_LABELS", 3)  # free-text answers: no label mix, confidences still
-        stats = build_training_reference(model, tokenizer, cfg, prepared, tmp_path / "free", max_embed=0,
-                                         generated=generated)
+        stats = build_training_reference(
+            model, tokenizer, cfg, prepared, tmp_path / "free", max_embed=0, generated=generated
+        )
         assert "labels" not in stats and stats["confidence"]["num"] == 3

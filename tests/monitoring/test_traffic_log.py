@@ -63,8 +63,13 @@ def test_log_text_stores_text_and_ids_and_vocabulary_gives_oov(tmp_path, tokeniz
 def test_counts_given_by_the_server_are_used_without_a_tokenizer(tmp_path):
     with TrafficLogger(tmp_path / "t.jsonl") as logger:
         rec = logger.log(
-            {"adapter": "a@2", "inputs": ["hi there"], "prediction": {"label": "ham", "score": 0.7}, "num_tokens": 3,
-             "latency_s": 0.02}
+            {
+                "adapter": "a@2",
+                "inputs": ["hi there"],
+                "prediction": {"label": "ham", "score": 0.7},
+                "num_tokens": 3,
+                "latency_s": 0.02,
+            }
         )
     assert rec["input_tokens"] == 3 and rec["input_chars"] == len("hi there")
     assert rec["label"] == "ham" and rec["confidence"] == pytest.approx(0.7)
@@ -189,9 +194,19 @@ def test_server_shaped_record_is_counted_like_the_reference(tmp_path, tokenizer)
     """The server's hook passes ids with [CLS]/[SEP] and counts them; the logger recounts from text."""
     text = "Who wrote Hamlet ?"
     server_ids = tokenizer(text)["input_ids"]
-    row = {"request_id": "cls-1", "endpoint": "classify", "adapter": "clf@prod", "status": 200, "latency_s": 0.01,
-           "input_chars": len(text), "input_tokens": len(server_ids), "label": "HUM", "confidence": 0.8,
-           "text": text, "input_ids": server_ids}
+    row = {
+        "request_id": "cls-1",
+        "endpoint": "classify",
+        "adapter": "clf@prod",
+        "status": 200,
+        "latency_s": 0.01,
+        "input_chars": len(text),
+        "input_tokens": len(server_ids),
+        "label": "HUM",
+        "confidence": 0.8,
+        "text": text,
+        "input_ids": server_ids,
+    }
     with TrafficLogger(tmp_path / "t.jsonl", tokenizer=tokenizer) as logger:
         rec = logger.log(row)
         no_text = logger.log({k: v for k, v in row.items() if k != "text"})

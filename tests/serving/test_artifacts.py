@@ -46,8 +46,13 @@ def train_tiny(base_dir: Path, run_dir: Path, task: str, method: dict, pooling: 
     raw = {
         "task": task,
         "model": {"name": str(base_dir), "pooling": pooling},
-        "data": {"name": "trec", "max_length": 48, "max_train_samples": 64, "max_eval_samples": 16,
-                 "max_test_samples": 16},
+        "data": {
+            "name": "trec",
+            "max_length": 48,
+            "max_train_samples": 64,
+            "max_eval_samples": 16,
+            "max_test_samples": 16,
+        },
         "method": method,
         "train": {"lr": 2e-2, "batch_size": 8, "max_steps": 4, "log_every": 2, "seed": 1, "eval_batch_size": 16},
         "eval": {"max_new_tokens": 3, "baseline": False},
@@ -63,26 +68,44 @@ def store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lm_lora(tiny_llama_dir, tmp_path_factory) -> Path:
-    return train_tiny(tiny_llama_dir, tmp_path_factory.mktemp("runs") / "lm-lora", "causal-lm",
-                      {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0})
+    return train_tiny(
+        tiny_llama_dir,
+        tmp_path_factory.mktemp("runs") / "lm-lora",
+        "causal-lm",
+        {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+    )
 
 
 @pytest.fixture(scope="module")
 def cls_lora(tiny_bert_dir, tmp_path_factory) -> Path:
-    return train_tiny(tiny_bert_dir, tmp_path_factory.mktemp("runs") / "cls-lora", "sequence-classification",
-                      {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, pooling="mean")
+    return train_tiny(
+        tiny_bert_dir,
+        tmp_path_factory.mktemp("runs") / "cls-lora",
+        "sequence-classification",
+        {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        pooling="mean",
+    )
 
 
 @pytest.fixture(scope="module")
 def lm_bottleneck(tiny_llama_dir, tmp_path_factory) -> Path:
-    return train_tiny(tiny_llama_dir, tmp_path_factory.mktemp("runs") / "lm-bottleneck", "causal-lm",
-                      {"name": "bottleneck", "reduction_factor": 8})
+    return train_tiny(
+        tiny_llama_dir,
+        tmp_path_factory.mktemp("runs") / "lm-bottleneck",
+        "causal-lm",
+        {"name": "bottleneck", "reduction_factor": 8},
+    )
 
 
 @pytest.fixture(scope="module")
 def cls_full(tiny_bert_dir, tmp_path_factory) -> Path:
-    return train_tiny(tiny_bert_dir, tmp_path_factory.mktemp("runs") / "cls-full", "sequence-classification",
-                      {"name": "full"}, pooling="mean")
+    return train_tiny(
+        tiny_bert_dir,
+        tmp_path_factory.mktemp("runs") / "cls-full",
+        "sequence-classification",
+        {"name": "full"},
+        pooling="mean",
+    )
 
 
 def assert_parity(report, rows: int = 8) -> None:
@@ -152,14 +175,16 @@ def test_mean_pooling_classifier_loads_with_its_remote_code_class(cls_lora, tiny
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
-def test_a_standard_head_classifier_loads_in_plain_peft_with_its_labels(kind, tiny_bert_dir, tiny_llama_dir, store,
-                                                                        tmp_path):
+def test_a_standard_head_classifier_loads_in_plain_peft_with_its_labels(
+    kind, tiny_bert_dir, tiny_llama_dir, store, tmp_path
+):
     base = tiny_bert_dir if kind == "bert" else tiny_llama_dir  # BERT's CLS head, Llama's last-token head
     labels = ["neg", "neu", "pos"]
     adapter = make_adapter(base, tmp_path / "cls", task="sequence-classification", labels=labels, seed=5)
     model_cfg = ModelConfig(name=str(base))
-    model = get_method("lora").load(load_backbone(model_cfg, "sequence-classification", {"neg": 0, "neu": 1, "pos": 2}),
-                                    adapter)
+    model = get_method("lora").load(
+        load_backbone(model_cfg, "sequence-classification", {"neg": 0, "neu": 1, "pos": 2}), adapter
+    )
     write_portable_files(adapter, model, load_tokenizer(model_cfg))  # what training's finalize writes
     write_manifest(adapter, read_manifest(adapter))
     loading = loading_of(adapter)
@@ -174,9 +199,24 @@ def test_bottleneck_adapter_loads_in_a_fresh_process_and_in_plain_peft(lm_bottle
     assert "import adapters.methods.tuners.bottleneck" in (lm_bottleneck / "README.md").read_text()
     # a fresh process serving it: the engine registers the BOTTLENECK peft type itself
     run = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "infer.py"), "--base", str(tiny_llama_dir), "--adapter",
-         str(lm_bottleneck), "--prompt", "Who wrote Hamlet?", "--max-new-tokens", "3", "--store", str(store)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "infer.py"),
+            "--base",
+            str(tiny_llama_dir),
+            "--adapter",
+            str(lm_bottleneck),
+            "--prompt",
+            "Who wrote Hamlet?",
+            "--max-new-tokens",
+            "3",
+            "--store",
+            str(store),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert_parity(run_parity(str(lm_bottleneck), "peft", store=store))
@@ -184,8 +224,9 @@ def test_bottleneck_adapter_loads_in_a_fresh_process_and_in_plain_peft(lm_bottle
         merge_and_export(str(tiny_llama_dir), str(lm_bottleneck), tmp_path / "merged", store=store)
 
 
-def test_full_fine_tune_is_a_standalone_model_for_infer_export_and_server(cls_full, tiny_bert_dir, store, tmp_path,
-                                                                          capsys):
+def test_full_fine_tune_is_a_standalone_model_for_infer_export_and_server(
+    cls_full, tiny_bert_dir, store, tmp_path, capsys
+):
     from fastapi.testclient import TestClient
 
     from adapters.cli.infer import main as infer
@@ -194,8 +235,18 @@ def test_full_fine_tune_is_a_standalone_model_for_infer_export_and_server(cls_fu
 
     assert loading_of(cls_full).kind == "adapterkit"
     assert "export REF --to merged" in (cls_full / "README.md").read_text()
-    argv = ["--task", "sequence-classification", "--base", str(tiny_bert_dir), "--adapter", str(cls_full),
-            "--prompt", TEXTS[0], "--store", str(store)]
+    argv = [
+        "--task",
+        "sequence-classification",
+        "--base",
+        str(tiny_bert_dir),
+        "--adapter",
+        str(cls_full),
+        "--prompt",
+        TEXTS[0],
+        "--store",
+        str(store),
+    ]
     assert infer(argv) == 0
     answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     engine = StandaloneEngine(str(tiny_bert_dir), str(cls_full), task="sequence-classification", store=store)
@@ -225,8 +276,11 @@ def renamed_copy(adapter: Path, out: Path) -> Path:
     """The adapter with its tensors renamed (so they match no module) and its checksums fixed."""
     shutil.copytree(adapter, out)
     tensors = load_file(str(out / "adapter_model.safetensors"))
-    save_file({k.replace(".self_attn.", ".attention_renamed."): v for k, v in tensors.items()},
-              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k.replace(".self_attn.", ".attention_renamed."): v for k, v in tensors.items()},
+        str(out / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     write_manifest(out, read_manifest(out))
     return out
 
@@ -256,13 +310,11 @@ def test_an_adapter_whose_tensors_do_not_land_is_refused_everywhere(lm_lora, tin
 
 
 def test_a_wrong_architecture_adapter_is_refused_clearly(tiny_llama_dir, tiny_bert_dir, cls_lora, store, tmp_path):
-    llama_cls = make_adapter(tiny_llama_dir, tmp_path / "llama-cls", task="sequence-classification",
-                             labels=["a", "b"])
+    llama_cls = make_adapter(tiny_llama_dir, tmp_path / "llama-cls", task="sequence-classification", labels=["a", "b"])
     engine = InferenceEngine(str(tiny_bert_dir), task="sequence-classification", store=store)
     with pytest.raises(BaseMismatchError, match="trained on base"):
         engine.classify([ClassificationRequest(str(llama_cls), "hi")])
-    lenient = InferenceEngine(str(tiny_bert_dir), task="sequence-classification", store=store,
-                              allow_base_mismatch=True)
+    lenient = InferenceEngine(str(tiny_bert_dir), task="sequence-classification", store=store, allow_base_mismatch=True)
     with pytest.raises(BaseMismatchError, match=r"does not fit this base model \(BertForSequenceClassification"):
         lenient.classify([ClassificationRequest(str(llama_cls), "hi")])
     # a mean-pooling adapter on a base that pools otherwise would load and answer wrongly: refused
@@ -276,8 +328,9 @@ def prompts_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_parity_exits_zero_on_a_good_adapter_and_non_zero_on_a_tampered_one(cls_lora, lm_lora, tiny_bert_dir, store,
-                                                                            tmp_path, capsys, monkeypatch):
+def test_parity_exits_zero_on_a_good_adapter_and_non_zero_on_a_tampered_one(
+    cls_lora, lm_lora, tiny_bert_dir, store, tmp_path, capsys, monkeypatch
+):
     from adapters.cli.parity import main as parity
     from adapters.serving import parity as parity_module
 
@@ -314,15 +367,19 @@ def test_peft_export_and_old_backbone_named_adapters(cls_lora, tiny_bert_dir, st
     for extra in ("config.json", MODELING_FILE):
         (old / extra).unlink()
     tensors = load_file(str(old / "adapter_model.safetensors"))
-    save_file({k.replace("base_model.model.bert.", "base_model.model.backbone."): v for k, v in tensors.items()},
-              str(old / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k.replace("base_model.model.bert.", "base_model.model.backbone."): v for k, v in tensors.items()},
+        str(old / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     config = json.loads((old / "adapter_config.json").read_text())
     (old / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": None}))
     write_manifest(old, read_manifest(old))
 
     engine = InferenceEngine(str(tiny_bert_dir), task="sequence-classification", pooling="mean", store=store)
-    new, legacy = engine.classify([ClassificationRequest(str(cls_lora), TEXTS[0]),
-                                   ClassificationRequest(str(old), TEXTS[0])])
+    new, legacy = engine.classify(
+        [ClassificationRequest(str(cls_lora), TEXTS[0]), ClassificationRequest(str(old), TEXTS[0])]
+    )
     assert legacy.probabilities == pytest.approx(new.probabilities, abs=1e-6)  # adapterkit still loads it
 
     out = tmp_path / "exported"
@@ -352,8 +409,9 @@ def test_merged_exports_of_old_side_file_classifiers_still_load(tiny_bert_dir, t
 
     from adapters.modeling.backbone import MeanPoolingClassifier
 
-    model = MeanPoolingClassifier(AutoModel.from_pretrained(str(tiny_bert_dir), add_pooling_layer=False),
-                                  {"a": 0, "b": 1}, {0: "a", 1: "b"}).eval()
+    model = MeanPoolingClassifier(
+        AutoModel.from_pretrained(str(tiny_bert_dir), add_pooling_layer=False), {"a": 0, "b": 1}, {0: "a", 1: "b"}
+    ).eval()
     old = tmp_path / "old-export"
     model.backbone.save_pretrained(str(old))
     head = {k: v.contiguous() for k, v in model.classifier.state_dict().items()}
@@ -361,8 +419,9 @@ def test_merged_exports_of_old_side_file_classifiers_still_load(tiny_bert_dir, t
     (old / "adapterkit_classifier.json").write_text(json.dumps({"pooling": "mean", "id2label": {0: "a", 1: "b"}}))
     ids = torch.tensor([[101, 2040, 2626, 102]])
     with torch.no_grad():
-        torch.testing.assert_close(load_exported(old, task="sequence-classification")(input_ids=ids).logits,
-                                   model(input_ids=ids).logits)
+        torch.testing.assert_close(
+            load_exported(old, task="sequence-classification")(input_ids=ids).logits, model(input_ids=ids).logits
+        )
 
 
 def test_export_and_parity_are_adapterkit_commands(capsys):

@@ -130,8 +130,11 @@ def test_bad_rows_fail_alone(engine, adapters):
 
 
 def test_prompt_learning_rows_are_generated_at_admission(tiny_llama_dir, store_root, tmp_path):
-    pt = str(make_adapter(tiny_llama_dir, tmp_path / "pt", method="prompt-tuning", seed=71,
-                          options={"num_virtual_tokens": 4}))
+    pt = str(
+        make_adapter(
+            tiny_llama_dir, tmp_path / "pt", method="prompt-tuning", seed=71, options={"num_virtual_tokens": 4}
+        )
+    )
     engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store_root)
     rows = [request(pt, PROMPTS[0], 6), request("base", PROMPTS[1], 6)]
     got, _, _ = run(engine, {0: rows[:1], 1: rows[1:]})

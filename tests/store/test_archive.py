@@ -31,7 +31,9 @@ def test_export_import_round_trip(dest_name, store_root, make_adapter_folder, tm
     imported = read_manifest(ref.path)
     assert imported["files"] == original["files"]
     assert imported["metrics"] == {"accuracy": 0.9}
-    assert {k: v for k, v in imported.items() if k != "version"} == {k: v for k, v in original.items() if k != "version"}
+    assert {k: v for k, v in imported.items() if k != "version"} == {
+        k: v for k, v in original.items() if k != "version"
+    }
     assert other.verify() == {"clf@1": []}
     assert other.import_(dest, name="renamed", tags=("latest", "prod")).name == "renamed"
     assert other.tags("renamed") == {"latest": 1, "prod": 1}

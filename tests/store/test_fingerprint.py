@@ -98,7 +98,9 @@ def test_dataset_fingerprint_is_content_based():
     rows = [{"text": "hello", "label": 0}, {"text": "world", "label": 1}]
     ds = Dataset.from_list(rows)
     assert fp.fingerprint_dataset(ds) == fp.fingerprint_dataset(rows)
-    assert fp.fingerprint_dataset(ds.map(lambda r: r)) == fp.fingerprint_dataset(ds)  # _fingerprint changes, content not
+    assert fp.fingerprint_dataset(ds.map(lambda r: r)) == fp.fingerprint_dataset(
+        ds
+    )  # _fingerprint changes, content not
     assert fp.fingerprint_dataset(rows[::-1]) != fp.fingerprint_dataset(rows)
     assert fp.fingerprint_dataset([{"text": "hello", "label": 1}, rows[1]]) != fp.fingerprint_dataset(rows)
     assert fp.fingerprint_dataset(rows[:1]) != fp.fingerprint_dataset(rows)

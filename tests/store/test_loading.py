@@ -21,7 +21,9 @@ def real_lora(tiny_llama_dir, tmp_path_factory):
     from adapters.store.manifest import base_model_entry
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     torch.manual_seed(1)
     with torch.no_grad():  # LoRA starts as a no-op (B = 0); make it change the output
         for name, param in model.named_parameters():
@@ -111,7 +113,10 @@ def test_wrong_base_is_refused_and_the_override_loads(real_lora, store_root, tmp
 def test_check_base():
     manifest = {"name": "a", "version": 2, "base_model": {"name": "llama-x", "fingerprint": "sha256:aa"}}
     assert check_base(manifest, "sha256:aa") is True
-    with pytest.raises(BaseMismatchError, match=r"a@2 was trained on base llama-x \(sha256:aa\) but is being loaded on bert-y \(sha256:bb\)"):
+    with pytest.raises(
+        BaseMismatchError,
+        match=r"a@2 was trained on base llama-x \(sha256:aa\) but is being loaded on bert-y \(sha256:bb\)",
+    ):
         check_base(manifest, "sha256:bb", base_name="bert-y")
     assert check_base(manifest, "sha256:bb", allow_mismatch=True) is False
     with pytest.raises(BaseMismatchError, match="no fingerprint recorded"):

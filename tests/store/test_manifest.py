@@ -31,7 +31,9 @@ def test_build_manifest_fills_the_contract():
     class Train(BaseModel):
         lr: float = 1e-3
 
-    m = build_manifest(task="causal-lm", method="lora", base_model=BASE, training=Train(), metrics={"acc": 0.5}, labels=("a", "b"))
+    m = build_manifest(
+        task="causal-lm", method="lora", base_model=BASE, training=Train(), metrics={"acc": 0.5}, labels=("a", "b")
+    )
     assert set(MANIFEST_KEYS) - {"reference"} <= set(m)
     assert m["format"] == FORMAT
     assert m["method"] == {"name": "lora", "options": {}}

@@ -44,8 +44,9 @@ def test_versions_are_numbered_and_never_reused(store_root, make_adapter_folder)
         store.locate("clf@3")
 
 
-def test_publishing_the_same_run_again_returns_its_version_and_completes_its_tags(store_root, make_adapter_folder,
-                                                                                   monkeypatch):
+def test_publishing_the_same_run_again_returns_its_version_and_completes_its_tags(
+    store_root, make_adapter_folder, monkeypatch
+):
     import adapters.store.store as store_module
 
     store = AdapterStore(store_root)
@@ -125,7 +126,8 @@ def test_diff_reports_config_data_and_metric_changes(store_root, make_adapter_fo
     store = AdapterStore(store_root)
     store.publish(make_adapter_folder(metrics={"accuracy": 0.5}, training={"train": {"lr": 1e-4}}), "clf")
     store.publish(
-        make_adapter_folder(metrics={"accuracy": 0.75}, training={"train": {"lr": 3e-4}}, data={"source": "trec"}), "clf"
+        make_adapter_folder(metrics={"accuracy": 0.75}, training={"train": {"lr": 3e-4}}, data={"source": "trec"}),
+        "clf",
     )
     changes = store.diff("clf@1", "clf@2")
     assert changes["metrics"] == {"accuracy": [0.5, 0.75]}
@@ -306,7 +308,9 @@ def test_concurrent_publishers_get_distinct_versions(store_root, make_adapter_fo
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", CONCURRENT_PUBLISH, str(store_root), str(src), str(go)],
-            stdout=subprocess.PIPE, text=True, env=_subprocess_env(),
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_subprocess_env(),
         )
         for src in srcs
     ]

@@ -17,8 +17,15 @@ def test_negative_transfer_is_scoring_below_a_reference_that_never_saw_the_pretr
     assert negative_transfer(0.7, {"classic": 0.6, "scratch": 0.7}) == []  # equal is not below
     assert negative_transfer(0.1, {"base": 0.9, "classic": None}) == []  # base is no reference; None is no score
     assert negative_transfer(None, {"classic": 0.6}) == []
-    lines = baseline_lines({"adapted": {"accuracy": 0.5}, "base": {"accuracy": 0.55}, "classic": {"accuracy": 0.6},
-                            "negative_transfer": ["classic"]}, "sequence-classification")
+    lines = baseline_lines(
+        {
+            "adapted": {"accuracy": 0.5},
+            "base": {"accuracy": 0.55},
+            "classic": {"accuracy": 0.6},
+            "negative_transfer": ["classic"],
+        },
+        "sequence-classification",
+    )
     assert lines[-1].endswith("0.500   negative transfer: below TF-IDF + logreg")
     assert [line.split()[-1] for line in lines[:2]] == ["0.550", "0.600"]
 
@@ -37,15 +44,23 @@ def test_suite_report_flags_with_the_same_rule():
 def test_classification_run_scores_both_baselines_on_the_same_test_split(tiny_bert_dir, tmp_path, one_torch_thread):
     from adapters.training.loop import train
 
-    cfg = load_config(raw={
-        "task": "sequence-classification", "model": {"name": str(tiny_bert_dir)},
-        "data": {"name": "trec", "max_length": 32, "max_train_samples": 96, "max_eval_samples": 24,
-                 "max_test_samples": 24},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 6, "eval_every": 3, "log_every": 2, "seed": 1},
-        "eval": {"baseline": True},
-        "output": {"run_dir": str(tmp_path / "run"), "name": "tiny"},
-    })
+    cfg = load_config(
+        raw={
+            "task": "sequence-classification",
+            "model": {"name": str(tiny_bert_dir)},
+            "data": {
+                "name": "trec",
+                "max_length": 32,
+                "max_train_samples": 96,
+                "max_eval_samples": 24,
+                "max_test_samples": 24,
+            },
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "train": {"lr": 1e-2, "batch_size": 8, "max_steps": 6, "eval_every": 3, "log_every": 2, "seed": 1},
+            "eval": {"baseline": True},
+            "output": {"run_dir": str(tmp_path / "run"), "name": "tiny"},
+        }
+    )
     result = train(cfg)
     metrics = result.metrics
     assert set(metrics) == {"validation", "adapted", "base", "classic", "negative_transfer"}
@@ -87,13 +102,23 @@ def test_classification_run_scores_both_baselines_on_the_same_test_split(tiny_be
 def test_without_eval_baseline_a_classification_run_has_none(tiny_bert_dir, tmp_path, one_torch_thread):
     from adapters.training.loop import train
 
-    cfg = load_config(raw={
-        "task": "sequence-classification", "model": {"name": str(tiny_bert_dir)},
-        "data": {"name": "trec", "max_length": 32, "max_train_samples": 48, "max_eval_samples": 16,
-                 "max_test_samples": 16},
-        "method": {"name": "lora", "r": 4}, "train": {"batch_size": 8, "max_steps": 2},
-        "eval": {"baseline": False}, "output": {"run_dir": str(tmp_path / "run")},
-    })
+    cfg = load_config(
+        raw={
+            "task": "sequence-classification",
+            "model": {"name": str(tiny_bert_dir)},
+            "data": {
+                "name": "trec",
+                "max_length": 32,
+                "max_train_samples": 48,
+                "max_eval_samples": 16,
+                "max_test_samples": 16,
+            },
+            "method": {"name": "lora", "r": 4},
+            "train": {"batch_size": 8, "max_steps": 2},
+            "eval": {"baseline": False},
+            "output": {"run_dir": str(tmp_path / "run")},
+        }
+    )
     result = train(cfg)
     assert result.metrics["base"] is None and "classic" not in result.metrics
     assert not (result.run_dir / HEAD_ONLY_DIR).exists()
@@ -106,12 +131,24 @@ def test_causal_lm_validation_reports_what_early_stopping_may_watch(tiny_llama_d
     from adapters.modeling.backbone import load_backbone, load_tokenizer
 
     task = "causal-lm"
-    cfg = load_config(raw={"task": task, "model": {"name": str(tiny_llama_dir)},
-                           "data": {"name": "trec", "max_length": 48, "max_train_samples": 8, "max_eval_samples": 4,
-                                    "max_test_samples": 4}, "eval": {"max_new_tokens": 2}})
+    cfg = load_config(
+        raw={
+            "task": task,
+            "model": {"name": str(tiny_llama_dir)},
+            "data": {
+                "name": "trec",
+                "max_length": 48,
+                "max_train_samples": 8,
+                "max_eval_samples": 4,
+                "max_test_samples": 4,
+            },
+            "eval": {"max_new_tokens": 2},
+        }
+    )
     prepared = prepare_splits(cfg)
     tokenizer = load_tokenizer(cfg.model)
     split = tokenize_splits(prepared, cfg, tokenizer)["validation"]
-    metrics = evaluate_causal_lm(load_backbone(cfg.model, task), split, tokenizer, SimpleNamespace(device="cpu"),
-                                 4, 2, generate=True)
+    metrics = evaluate_causal_lm(
+        load_backbone(cfg.model, task), split, tokenizer, SimpleNamespace(device="cpu"), 4, 2, generate=True
+    )
     assert {f"eval_{k}" for k, v in metrics.items() if isinstance(v, float)} == set(validation_metrics(task))

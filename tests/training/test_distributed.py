@@ -37,14 +37,29 @@ def run_config(model_dir: Path, run_dir: Path, **extra) -> dict:
     raw = {
         "task": "sequence-classification",
         "model": {"name": str(model_dir)},
-        "data": {"name": "trec", "max_length": 48, "max_train_samples": 96, "max_eval_samples": 16, "max_test_samples": 16},
+        "data": {
+            "name": "trec",
+            "max_length": 48,
+            "max_train_samples": 96,
+            "max_eval_samples": 16,
+            "max_test_samples": 16,
+        },
         # No dropout anywhere, rows not regrouped by length: 2 x 4 rows is then exactly 1 x 8 rows.
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         # Evaluated every 2 steps, watching accuracy: the best step's weights (copied, under ZeRO-3
         # gathered from the shards) are restored at the end unless the last step is strictly better.
-        "train": {"lr": 5e-3, "batch_size": 4, "max_steps": STEPS, "log_every": 1, "seed": 1, "eval_batch_size": 16,
-                  "group_by_length": False, "save_every": STOP_AT, "eval_every": 2,
-                  "early_stopping": {"metric": "eval_accuracy", "mode": "max", "patience": 10}},
+        "train": {
+            "lr": 5e-3,
+            "batch_size": 4,
+            "max_steps": STEPS,
+            "log_every": 1,
+            "seed": 1,
+            "eval_batch_size": 16,
+            "group_by_length": False,
+            "save_every": STOP_AT,
+            "eval_every": 2,
+            "early_stopping": {"metric": "eval_accuracy", "mode": "max", "patience": 10},
+        },
         "eval": {"baseline": False},
         "output": {"name": "tiny-dist", "run_dir": str(run_dir)},
     }
@@ -64,15 +79,26 @@ def write_config(path: Path, raw: dict) -> Path:
 
 def launch(accelerate_yaml: str, script: str, config: Path, *args: str, trace: Path) -> None:
     env = dict(os.environ)
-    env.update({
-        "OMP_NUM_THREADS": "1",  # 2 ranks on 2 cores; DeepSpeed steps are ~30x slower without it
-        "DS_ACCELERATOR": "cpu",
-        "TOKENIZERS_PARALLELISM": "false",
-        "ADAPTERKIT_BATCH_TRACE": str(trace),
-    })
+    env.update(
+        {
+            "OMP_NUM_THREADS": "1",  # 2 ranks on 2 cores; DeepSpeed steps are ~30x slower without it
+            "DS_ACCELERATOR": "cpu",
+            "TOKENIZERS_PARALLELISM": "false",
+            "ADAPTERKIT_BATCH_TRACE": str(trace),
+        }
+    )
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "adapterkit" / "torch_extensions"))
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / accelerate_yaml),
-           script, "--config", str(config), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCELERATE_CONFIGS / accelerate_yaml),
+        script,
+        "--config",
+        str(config),
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd[3:])} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}")
@@ -106,7 +132,15 @@ def single(work, tiny_llama_dir) -> dict:
 def ddp(work, tiny_llama_dir) -> dict:
     run, trace = work / "ddp", work / "trace-ddp"
     config = write_config(work / "ddp.yaml", run_config(tiny_llama_dir, run))
-    launch("multi-cpu.yaml", "tests/helpers/distributed_train.py", config, "--stop-after", str(STOP_AT), "--resume", trace=trace)
+    launch(
+        "multi-cpu.yaml",
+        "tests/helpers/distributed_train.py",
+        config,
+        "--stop-after",
+        str(STOP_AT),
+        "--resume",
+        trace=trace,
+    )
     return {"run": run, "trace": trace}
 
 
@@ -123,10 +157,21 @@ def zero3(work, tiny_llama_dir) -> dict:
     """Interrupted at step 3; a second launch (the user's `scripts/train.py --resume`) finishes and publishes."""
     run, trace, store = work / "zero3", work / "trace-zero3", work / "store"
     config = write_config(work / "zero3.yaml", run_config(tiny_llama_dir, run))
-    launch("deepspeed-zero3.yaml", "tests/helpers/distributed_train.py", config, "--stop-after", str(STOP_AT), trace=trace)
+    launch(
+        "deepspeed-zero3.yaml", "tests/helpers/distributed_train.py", config, "--stop-after", str(STOP_AT), trace=trace
+    )
     checkpoint = sorted(p.name for p in (run / "checkpoints").iterdir())
-    launch("deepspeed-zero3.yaml", "scripts/train.py", config, "--resume",
-           "--set", "output.publish=true", "--set", f"output.store={store}", trace=trace)
+    launch(
+        "deepspeed-zero3.yaml",
+        "scripts/train.py",
+        config,
+        "--resume",
+        "--set",
+        "output.publish=true",
+        "--set",
+        f"output.store={store}",
+        trace=trace,
+    )
     return {"run": run, "trace": trace, "store": store, "checkpoints_after_interruption": checkpoint}
 
 
@@ -200,7 +245,9 @@ def assert_sharded_like(run_trace: Path, reference_trace: Path) -> None:
     assert sorted(ranks) == [0, 1], f"expected traces of 2 ranks, got {sorted(ranks)}"
     per_step = {r: {e["step"]: e["rows"] for e in entries} for r, entries in ranks.items()}
     for r, entries in ranks.items():
-        assert [e["step"] for e in entries] == list(range(1, STEPS + 1)), f"rank {r} steps {[e['step'] for e in entries]}"
+        assert [e["step"] for e in entries] == list(range(1, STEPS + 1)), (
+            f"rank {r} steps {[e['step'] for e in entries]}"
+        )
     for entry in reference[0]:
         step = entry["step"]
         a, b = per_step[0][step], per_step[1][step]
@@ -213,7 +260,12 @@ def assert_sharded_like(run_trace: Path, reference_trace: Path) -> None:
 def test_deepspeed_json_takes_batch_accumulation_and_precision_from_our_config():
     for name in ("zero2", "zero3", "zero3-offload"):
         cfg = json.loads((DEEPSPEED_CONFIGS / f"{name}.json").read_text())
-        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        for key in (
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "gradient_clipping",
+        ):
             assert cfg[key] == "auto", (name, key)
         assert cfg["bf16"]["enabled"] == "auto" and cfg["fp16"]["enabled"] == "auto", name
         assert cfg["zero_allow_untested_optimizer"] is True, name
@@ -227,8 +279,14 @@ def test_deepspeed_json_takes_batch_accumulation_and_precision_from_our_config()
 def test_accelerate_configs_load_and_point_at_existing_deepspeed_files():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    expected = {"single": "NO", "multi-cpu": "MULTI_GPU", "multi-gpu": "MULTI_GPU", "deepspeed-zero2": "DEEPSPEED",
-                "deepspeed-zero3": "DEEPSPEED", "deepspeed-zero3-offload": "DEEPSPEED"}
+    expected = {
+        "single": "NO",
+        "multi-cpu": "MULTI_GPU",
+        "multi-gpu": "MULTI_GPU",
+        "deepspeed-zero2": "DEEPSPEED",
+        "deepspeed-zero3": "DEEPSPEED",
+        "deepspeed-zero3-offload": "DEEPSPEED",
+    }
     assert sorted(p.stem for p in ACCELERATE_CONFIGS.glob("*.yaml")) == sorted(expected)
     for stem, kind in expected.items():
         path = ACCELERATE_CONFIGS / f"{stem}.yaml"

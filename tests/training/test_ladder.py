@@ -25,14 +25,30 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cfg(model_dir, run_dir, **train):
-    return load_config(raw={
-        "task": "sequence-classification",
-        "model": {"name": str(model_dir)},
-        "data": {"name": "trec", "max_length": 32, "max_train_samples": 64, "max_eval_samples": 32, "max_test_samples": 32},
-        "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
-        "train": {"lr": 5e-3, "batch_size": 8, "eval_batch_size": 32, "max_steps": 4, "log_every": 2, "seed": 1, **train},
-        "output": {"run_dir": str(run_dir), "name": "tiny-ladder"},
-    })
+    return load_config(
+        raw={
+            "task": "sequence-classification",
+            "model": {"name": str(model_dir)},
+            "data": {
+                "name": "trec",
+                "max_length": 32,
+                "max_train_samples": 64,
+                "max_eval_samples": 32,
+                "max_test_samples": 32,
+            },
+            "method": {"name": "lora", "r": 2, "alpha": 4, "dropout": 0.0},
+            "train": {
+                "lr": 5e-3,
+                "batch_size": 8,
+                "eval_batch_size": 32,
+                "max_steps": 4,
+                "log_every": 2,
+                "seed": 1,
+                **train,
+            },
+            "output": {"run_dir": str(run_dir), "name": "tiny-ladder"},
+        }
+    )
 
 
 class FakeTrain:
@@ -48,20 +64,32 @@ class FakeTrain:
         model.classifier = torch.nn.Linear(2, 2)
         if on_model_ready is not None:
             on_model_ready(model)
-        self.calls.append((cfg.method.name, dict(cfg.method.options), cfg.train.lr, model.classifier.weight.detach().clone()))
+        self.calls.append(
+            (cfg.method.name, dict(cfg.method.options), cfg.train.lr, model.classifier.weight.detach().clone())
+        )
         adapter = Path(cfg.output.run_dir) / "adapter"
         adapter.mkdir(parents=True)
         with torch.no_grad():
             model.classifier.weight.fill_(float(len(self.calls)))  # "training" changes the head
-        save_file({"classifier.weight": model.classifier.weight.detach().clone()}, str(adapter / "adapter_model.safetensors"))
+        save_file(
+            {"classifier.weight": model.classifier.weight.detach().clone()}, str(adapter / "adapter_model.safetensors")
+        )
         loss = self.losses[len(self.calls) - 1]
-        return SimpleNamespace(run_dir=adapter.parent, adapter_dir=adapter, trainable_params=6, train_seconds=0.1,
-                               metrics={"validation": {"eval_loss": loss, "eval_accuracy": 1 - loss}, "adapted": {"accuracy": 1 - loss}})
+        return SimpleNamespace(
+            run_dir=adapter.parent,
+            adapter_dir=adapter,
+            trainable_params=6,
+            train_seconds=0.1,
+            metrics={"validation": {"eval_loss": loss, "eval_accuracy": 1 - loss}, "adapted": {"accuracy": 1 - loss}},
+        )
 
 
 def test_canonical_names_strip_peft_wrappers():
     assert canonical_name("base_model.model.classifier.modules_to_save.default.weight") == "classifier.weight"
-    assert canonical_name("base_model.model.bert.encoder.layer.1.attention.self.query.base_layer.weight") == "bert.encoder.layer.1.attention.self.query.weight"
+    assert (
+        canonical_name("base_model.model.bert.encoder.layer.1.attention.self.query.base_layer.weight")
+        == "bert.encoder.layer.1.attention.self.query.weight"
+    )
     assert canonical_name("bert.encoder.layer.1.output.dense.bias") == "bert.encoder.layer.1.output.dense.bias"
 
 
@@ -73,7 +101,9 @@ def test_apply_init_state_sets_only_matching_trainable_params():
     state = {"classifier.weight": torch.ones(3, 2), "body.weight": torch.ones(2, 2), "classifier.bias": torch.ones(7)}
     loaded = apply_init_state(model, state)
     assert loaded == ["classifier.weight"]  # frozen body untouched, wrong-shaped bias skipped
-    assert torch.equal(model.classifier.weight, torch.ones(3, 2)) and not torch.equal(model.body.weight, torch.ones(2, 2))
+    assert torch.equal(model.classifier.weight, torch.ones(3, 2)) and not torch.equal(
+        model.body.weight, torch.ones(2, 2)
+    )
 
 
 def test_ladder_runs_every_stage_while_each_improves(tmp_path, tiny_bert_dir):
@@ -103,14 +133,20 @@ def test_ladder_stops_when_a_stage_does_not_beat_the_previous(tmp_path, tiny_ber
 
 def test_ladder_max_mode_and_unknown_metric(tmp_path, tiny_bert_dir):
     fake = FakeTrain(tmp_path, [0.9, 0.5])
-    ladder = LadderConfig(metric="eval_accuracy", mode="max", stages=[
-        LadderStageConfig(name="head", method="head-only", train={"lr": 1e-2}),
-        LadderStageConfig(name="top", method={"name": "partial", "blocks": 1}),
-    ])
+    ladder = LadderConfig(
+        metric="eval_accuracy",
+        mode="max",
+        stages=[
+            LadderStageConfig(name="head", method="head-only", train={"lr": 1e-2}),
+            LadderStageConfig(name="top", method={"name": "partial", "blocks": 1}),
+        ],
+    )
     result = run_ladder(run_cfg(tiny_bert_dir, tmp_path / "a"), ladder, train_fn=fake)
     assert result.best == "top" and fake.calls[0][2] == 1e-2 and fake.calls[1][2] == 5e-3
     with pytest.raises(ConfigError, match="ladder.metric 'eval_f1'.*eval_accuracy, eval_loss"):
-        run_ladder(run_cfg(tiny_bert_dir, tmp_path / "b"), LadderConfig(metric="eval_f1"), train_fn=FakeTrain(tmp_path, [0.5]))
+        run_ladder(
+            run_cfg(tiny_bert_dir, tmp_path / "b"), LadderConfig(metric="eval_f1"), train_fn=FakeTrain(tmp_path, [0.5])
+        )
 
 
 def test_stage_configs_validate_before_training(tiny_bert_dir, tmp_path):
@@ -139,11 +175,16 @@ def test_ladder_with_the_real_training_loop(tmp_path, tiny_bert_dir):
     """head-only -> partial on a tiny BERT: partial starts from head-only's trained head."""
     from safetensors.torch import load_file
 
-    ladder = LadderConfig(metric="eval_loss", mode="min", min_delta=0.0, stages=[
-        LadderStageConfig(name="head-only", method="head-only", train={"lr": 5e-2}),
-        # An LR too small to move anything: the saved head is (nearly) the warm-start head.
-        LadderStageConfig(name="partial", method={"name": "partial", "blocks": 1}, train={"lr": 1e-9}),
-    ])
+    ladder = LadderConfig(
+        metric="eval_loss",
+        mode="min",
+        min_delta=0.0,
+        stages=[
+            LadderStageConfig(name="head-only", method="head-only", train={"lr": 5e-2}),
+            # An LR too small to move anything: the saved head is (nearly) the warm-start head.
+            LadderStageConfig(name="partial", method={"name": "partial", "blocks": 1}, train={"lr": 1e-9}),
+        ],
+    )
     result = run_ladder(run_cfg(tiny_bert_dir, tmp_path / "ladder"), ladder)
     assert [s.name for s in result.stages] == ["head-only", "partial"]
     assert result.stages[1].warm_started_from == "head-only" and result.stages[1].warm_started_tensors == 2

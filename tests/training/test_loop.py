@@ -54,13 +54,13 @@ def test_train_serve_log_detect_retrain_compare_promote(tmp_path, tiny_bert_dir,
     from fastapi.testclient import TestClient
 
     from adapters.config import load_config
-    from adapters.serving.engine import ClassificationRequest, InferenceEngine
     from adapters.monitoring.monitor import EXIT_DRIFT, monitor
     from adapters.monitoring.reference import attach_reference
-    from adapters.training.retrain import retrain
+    from adapters.monitoring.traffic_log import TrafficLogger, read_window
+    from adapters.serving.engine import ClassificationRequest, InferenceEngine
     from adapters.serving.http.app import ServerSettings, create_app
     from adapters.store.store import AdapterStore
-    from adapters.monitoring.traffic_log import TrafficLogger, read_window
+    from adapters.training.retrain import retrain
 
     short, drifted = questions
     store = AdapterStore(tmp_path / "store")
@@ -68,15 +68,22 @@ def test_train_serve_log_detect_retrain_compare_promote(tmp_path, tiny_bert_dir,
     # ---- train v1 on short questions, record its drift reference, publish, tag prod
     from adapters.training.loop import train
 
-    cfg = load_config(raw={
-        "task": "sequence-classification",
-        "model": {"name": str(tiny_bert_dir)},
-        "data": {"name": str(_jsonl(tmp_path / "v1.jsonl", short)), "max_length": 48, "max_train_samples": 400,
-                 "max_eval_samples": 64, "max_test_samples": 96},
-        "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "train": LOOP_TRAIN,
-        "output": {"run_dir": str(tmp_path / "run-v1"), "name": "loop"},
-    })
+    cfg = load_config(
+        raw={
+            "task": "sequence-classification",
+            "model": {"name": str(tiny_bert_dir)},
+            "data": {
+                "name": str(_jsonl(tmp_path / "v1.jsonl", short)),
+                "max_length": 48,
+                "max_train_samples": 400,
+                "max_eval_samples": 64,
+                "max_test_samples": 96,
+            },
+            "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "train": LOOP_TRAIN,
+            "output": {"run_dir": str(tmp_path / "run-v1"), "name": "loop"},
+        }
+    )
     v1 = train(cfg)
     reference = attach_reference(v1.adapter_dir)
     assert reference["labels"]["source"] == "predictions" and reference["embedding"]["count"] == 200

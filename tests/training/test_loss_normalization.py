@@ -21,14 +21,21 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SPLITS = ((8, 1), (4, 2), (2, 4))  # (batch_size, grad_accum): the same 8 rows per optimizer step
 STEPS = 3
-LONG_ANSWER = ("the answer is a long and careful explanation that keeps going for many words so that "
-               "this response holds about twenty five words in all")
+LONG_ANSWER = (
+    "the answer is a long and careful explanation that keeps going for many words so that "
+    "this response holds about twenty five words in all"
+)
 
 
 def qa_rows(n: int = 48) -> list[dict]:
     """Distinct questions; every third answer is one word, the others about 25 words."""
-    return [{"text": f"Question {i}: what colour is item number {i} in the list?",
-             "label": "green" if i % 3 == 0 else f"{LONG_ANSWER} for item {i}"} for i in range(n)]
+    return [
+        {
+            "text": f"Question {i}: what colour is item number {i} in the list?",
+            "label": "green" if i % 3 == 0 else f"{LONG_ANSWER} for item {i}",
+        }
+        for i in range(n)
+    ]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -40,11 +47,24 @@ def causal_lm_config(model_dir: Path, data: Path, run_dir: Path, batch: int, acc
     return {
         "task": "causal-lm",
         "model": {"name": str(model_dir)},
-        "data": {"name": str(data), "max_length": 128, "max_train_samples": 8 * STEPS, "max_eval_samples": 4,
-                 "max_test_samples": 4},
+        "data": {
+            "name": str(data),
+            "max_length": 128,
+            "max_train_samples": 8 * STEPS,
+            "max_eval_samples": 4,
+            "max_test_samples": 4,
+        },
         "method": method,
-        "train": {"lr": 5e-3, "batch_size": batch, "grad_accum": accum, "max_steps": STEPS, "log_every": 1, "seed": 1,
-                  "eval_batch_size": 8, "group_by_length": False},
+        "train": {
+            "lr": 5e-3,
+            "batch_size": batch,
+            "grad_accum": accum,
+            "max_steps": STEPS,
+            "log_every": 1,
+            "seed": 1,
+            "eval_batch_size": 8,
+            "group_by_length": False,
+        },
         "eval": {"baseline": False, "max_new_tokens": 2},
         "output": {"run_dir": str(run_dir), "name": "norm"},
     }
@@ -55,11 +75,25 @@ def classification_config(model_dir: Path, run_dir: Path, batch: int, accum: int
     return {
         "task": "sequence-classification",
         "model": {"name": str(model_dir), "dropout": 0.0},  # BERT's own dropout would draw per batch shape
-        "data": {"name": "trec", "max_length": 48, "max_train_samples": 22, "max_eval_samples": 8,
-                 "max_test_samples": 8},
+        "data": {
+            "name": "trec",
+            "max_length": 48,
+            "max_train_samples": 22,
+            "max_eval_samples": 8,
+            "max_test_samples": 8,
+        },
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"lr": 5e-3, "batch_size": batch, "grad_accum": accum, "max_steps": STEPS, "log_every": 1, "seed": 1,
-                  "eval_batch_size": 16, "group_by_length": False, "label_smoothing": 0.1},
+        "train": {
+            "lr": 5e-3,
+            "batch_size": batch,
+            "grad_accum": accum,
+            "max_steps": STEPS,
+            "log_every": 1,
+            "seed": 1,
+            "eval_batch_size": 16,
+            "group_by_length": False,
+            "label_smoothing": 0.1,
+        },
         "eval": {"baseline": False},
         "output": {"run_dir": str(run_dir), "name": "norm-cls"},
     }
@@ -170,21 +204,26 @@ def test_prompt_tuning_summed_loss_counts_the_first_label_after_the_virtual_toke
     from adapters.modeling.losses import causal_lm_response_loss, response_target_count
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)),
-                           PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3)).eval()
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)),
+        PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3),
+    ).eval()
     ids = torch.randint(5, 500, (2, 6))
     labels = ids.clone()
     labels[1, :4] = -100
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
-        summed, _ = causal_lm_response_loss(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                                    "labels": labels}, reduction="sum")
+        summed, _ = causal_lm_response_loss(
+            model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}, reduction="sum"
+        )
         # Row 1 alone, then behind 3 columns of left padding in a batch with a longer row.
         row = {"input_ids": ids[1:], "attention_mask": torch.ones_like(ids[1:]), "labels": labels[1:]}
         alone = causal_lm_response_loss(model, row, reduction="sum")[0]
-        padded = {"input_ids": torch.cat([torch.zeros(1, 3, dtype=ids.dtype), ids[1:]], 1),
-                  "attention_mask": torch.cat([torch.zeros(1, 3, dtype=ids.dtype), torch.ones_like(ids[1:])], 1),
-                  "labels": torch.cat([torch.full((1, 3), -100), labels[1:]], 1)}
+        padded = {
+            "input_ids": torch.cat([torch.zeros(1, 3, dtype=ids.dtype), ids[1:]], 1),
+            "attention_mask": torch.cat([torch.zeros(1, 3, dtype=ids.dtype), torch.ones_like(ids[1:])], 1),
+            "labels": torch.cat([torch.full((1, 3), -100), labels[1:]], 1),
+        }
         in_padding = causal_lm_response_loss(model, padded, reduction="sum")[0]
     assert response_target_count(model, labels) == 6 + 2  # not (6 - 1) + 2: column 0 is predicted too
     assert summed.item() == pytest.approx(out.loss.item() * 8, rel=1e-5)  # peft's own mean, times the count

@@ -59,15 +59,19 @@ def make_raw(work, tiny_llama_dir, tiny_bert_dir):
 
 @pytest.fixture(scope="module")
 def references(work, make_raw) -> dict[str, Path]:
-    return {objective: train_run(make_raw(objective, work / f"single-{objective}", 8, 1))
-            for objective in ("lora", "pt", "cls")}
+    return {
+        objective: train_run(make_raw(objective, work / f"single-{objective}", 8, 1))
+        for objective in ("lora", "pt", "cls")
+    }
 
 
 def launch_all(work: Path, make_raw, launcher: str, accelerate_yaml: str) -> dict[str, Path]:
     """All RUNS in one launch; returns their run folders."""
     runs = {name: work / launcher / name for name in RUNS}
-    configs = [write_config(work / f"{launcher}-{name}.yaml", make_raw(objective, runs[name], batch, accum))
-               for name, (objective, batch, accum) in RUNS.items()]
+    configs = [
+        write_config(work / f"{launcher}-{name}.yaml", make_raw(objective, runs[name], batch, accum))
+        for name, (objective, batch, accum) in RUNS.items()
+    ]
     more = [arg for config in configs[1:] for arg in ("--config", str(config))]
     launch(accelerate_yaml, "tests/helpers/distributed_runs.py", configs[0], *more, trace=work / f"trace-{launcher}")
     return runs

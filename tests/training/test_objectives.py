@@ -40,9 +40,16 @@ def _trainer_stub(**attrs) -> SimpleNamespace:
     from accelerate import Accelerator
 
     metrics = collections.defaultdict(lambda: collections.defaultdict(list))
-    return SimpleNamespace(accelerator=Accelerator(cpu=True), aux_loss_enabled=False, precompute_ref_logps=False,
-                           args=SimpleNamespace(gradient_checkpointing_kwargs=None), _metrics=metrics,
-                           _total_train_tokens=0, _tp_size=1, **attrs)
+    return SimpleNamespace(
+        accelerator=Accelerator(cpu=True),
+        aux_loss_enabled=False,
+        precompute_ref_logps=False,
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None),
+        _metrics=metrics,
+        _total_train_tokens=0,
+        _tp_size=1,
+        **attrs,
+    )
 
 
 def _pair_batch(pairs=3, length=9, seed=0):
@@ -50,11 +57,14 @@ def _pair_batch(pairs=3, length=9, seed=0):
     gen = torch.Generator().manual_seed(seed)
     completion_mask = torch.zeros(2 * pairs, length, dtype=torch.long)
     for row in range(2 * pairs):
-        completion_mask[row, 3 + row % 4:] = 1
+        completion_mask[row, 3 + row % 4 :] = 1
     policy = -torch.rand(2 * pairs, length - 1, generator=gen) * 3
     reference = -torch.rand(2 * pairs, length - 1, generator=gen) * 3
-    inputs = {"input_ids": torch.randint(0, 50, (2 * pairs, length), generator=gen),
-              "attention_mask": torch.ones(2 * pairs, length, dtype=torch.long), "completion_mask": completion_mask}
+    inputs = {
+        "input_ids": torch.randint(0, 50, (2 * pairs, length), generator=gen),
+        "attention_mask": torch.ones(2 * pairs, length, dtype=torch.long),
+        "completion_mask": completion_mask,
+    }
     mask = completion_mask[:, 1:].bool()
     return inputs, policy * mask, reference * mask, mask
 
@@ -66,9 +76,17 @@ def test_dpo_loss_equals_trls_on_a_fixed_batch(loss_type):
     from adapters.training.objectives.pairwise import dpo_loss
 
     inputs, policy, reference, mask = _pair_batch()
-    stub = _trainer_stub(model=_FixedLogps(policy), ref_model=_FixedLogps(reference), ld_alpha=None,
-                         f_divergence_type="reverse_kl", loss_types=[loss_type], loss_weights=[1.0], beta=0.1,
-                         use_weighting=False, label_smoothing=0.0)
+    stub = _trainer_stub(
+        model=_FixedLogps(policy),
+        ref_model=_FixedLogps(reference),
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=0.1,
+        use_weighting=False,
+        label_smoothing=0.0,
+    )
     trl_loss = DPOTrainer._compute_loss(stub, stub.model, inputs, False)
     sums, ref_sums, tokens = policy.sum(1), reference.sum(1), inputs["completion_mask"].sum(1).float()
     ours = dpo_loss(sums[:3], sums[3:], ref_sums[:3], ref_sums[3:], 0.1, loss_type, tokens[:3], tokens[3:]).mean()
@@ -82,17 +100,33 @@ def test_kto_loss_equals_trls_on_a_fixed_batch():
 
     inputs, policy, reference, _ = _pair_batch(pairs=2, seed=1)
     kl_inputs, kl_policy, kl_reference, _ = _pair_batch(pairs=2, seed=2)
-    inputs.update({"KL_input_ids": kl_inputs["input_ids"], "KL_attention_mask": kl_inputs["attention_mask"],
-                   "KL_completion_mask": kl_inputs["completion_mask"], "label": torch.tensor([1, 1, 0, 0])})
+    inputs.update(
+        {
+            "KL_input_ids": kl_inputs["input_ids"],
+            "KL_attention_mask": kl_inputs["attention_mask"],
+            "KL_completion_mask": kl_inputs["completion_mask"],
+            "label": torch.tensor([1, 1, 0, 0]),
+        }
+    )
     policy_model = _FixedLogps(torch.cat([kl_policy, policy]))  # TRL asks for the KL rows first
-    stub = _trainer_stub(model=policy_model, ref_model=_FixedLogps(torch.cat([kl_reference, reference])),
-                         calculate_KL=True, loss_type="kto", beta=0.1, desirable_weight=1.3, undesirable_weight=0.7)
+    stub = _trainer_stub(
+        model=policy_model,
+        ref_model=_FixedLogps(torch.cat([kl_reference, reference])),
+        calculate_KL=True,
+        loss_type="kto",
+        beta=0.1,
+        desirable_weight=1.3,
+        undesirable_weight=0.7,
+    )
     stub._compute_kl_logps = lambda model, batch: KTOTrainer._compute_kl_logps(stub, model, batch)
     # The KL rows and the completion rows have the same shape: tell the fake model which ones it sees.
     calls = iter([kl_policy, policy, kl_reference, reference])
     stub.model.forward = stub.ref_model.forward = lambda input_ids=None, labels=None, **_: SimpleNamespace(
-        log_probs=next(calls) * (labels[:, 1:] != -100), entropy=torch.zeros_like(policy),
-        mean_logits=torch.zeros_like(policy), is_top1=torch.zeros_like(policy).bool())
+        log_probs=next(calls) * (labels[:, 1:] != -100),
+        entropy=torch.zeros_like(policy),
+        mean_logits=torch.zeros_like(policy),
+        is_top1=torch.zeros_like(policy).bool(),
+    )
     trl_loss = KTOTrainer._compute_loss(stub, stub.model, inputs, False)
     kl = (kl_policy.sum(1) - kl_reference.sum(1)).mean().clamp(min=0)
     ratios = policy.sum(1) - reference.sum(1)
@@ -112,8 +146,9 @@ def test_orpo_and_simpo_losses_equal_trls_functions():
     orpo = SimpleNamespace(beta=0.25, accelerator=device)
     odds_term = ORPOTrainer.odds_ratio_loss(orpo, chosen, rejected)[0]  # beta * log sigma(log odds)
     torch.testing.assert_close(orpo_loss(chosen, rejected, 0.25), -chosen - odds_term)
-    simpo = SimpleNamespace(beta=2.0, simpo_gamma=0.7, alpha=0.0, loss_type="simpo", label_smoothing=0.0,
-                            accelerator=device)
+    simpo = SimpleNamespace(
+        beta=2.0, simpo_gamma=0.7, alpha=0.0, loss_type="simpo", label_smoothing=0.0, accelerator=device
+    )
     torch.testing.assert_close(simpo_loss(chosen, rejected, 2.0, 0.7), CPOTrainer.cpo_loss(simpo, chosen, rejected)[0])
 
 
@@ -138,16 +173,29 @@ def test_grpo_advantages_and_loss_equal_trls():
     logps = (-torch.rand(12, 6, generator=gen) * 2).requires_grad_()
     ref = -torch.rand(12, 6, generator=gen) * 2
     for beta in (0.0, 0.04):
-        stub = _trainer_stub(top_entropy_quantile=1.0, off_policy_mask_threshold=None,
-                             importance_sampling_level="token",
-                             beta=beta, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.2, use_vllm=False,
-                             model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1,
-                             _entropy_bonus_enabled=False)
+        stub = _trainer_stub(
+            top_entropy_quantile=1.0,
+            off_policy_mask_threshold=None,
+            importance_sampling_level="token",
+            beta=beta,
+            loss_type="grpo",
+            epsilon_low=0.2,
+            epsilon_high=0.2,
+            use_vllm=False,
+            model=SimpleNamespace(training=True),
+            current_gradient_accumulation_steps=1,
+            _entropy_bonus_enabled=False,
+        )
         stub.args.delta, stub.args.use_bias_correction_kl = None, False
         stub._get_per_token_logps_and_entropies = lambda *a, **k: (logps, torch.zeros_like(ref), None)
-        inputs = {"prompt_ids": torch.zeros(12, 2, dtype=torch.long), "prompt_mask": torch.ones(12, 2),
-                  "completion_ids": torch.zeros(12, 6, dtype=torch.long), "completion_mask": mask,
-                  "advantages": advantages, "ref_per_token_logps": ref}
+        inputs = {
+            "prompt_ids": torch.zeros(12, 2, dtype=torch.long),
+            "prompt_mask": torch.ones(12, 2),
+            "completion_ids": torch.zeros(12, 6, dtype=torch.long),
+            "completion_mask": mask,
+            "advantages": advantages,
+            "ref_per_token_logps": ref,
+        }
         trl_loss = GRPOTrainer._compute_loss(stub, None, inputs)
         (trl_grad,) = torch.autograd.grad(trl_loss, logps)
         ours = grpo_sequence_losses(logps, mask.bool(), advantages, ref, beta).mean()
@@ -204,8 +252,13 @@ def test_preference_rows_share_the_prompt_and_batch_chosen_then_rejected(tiny_ll
 
     tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
     data = DataConfig(name="x", text_field="prompt", response_field="chosen", max_length=40)
-    rows = Dataset.from_dict({"prompt": ["Where is Paris ?", "Who wrote Hamlet ?"], "chosen": ["location", "human"],
-                              "rejected": ["number", "entity"]})
+    rows = Dataset.from_dict(
+        {
+            "prompt": ["Where is Paris ?", "Who wrote Hamlet ?"],
+            "chosen": ["location", "human"],
+            "rejected": ["number", "entity"],
+        }
+    )
     encoded = rows.map(preference_encoder(tok, data, 4, {}), batched=True, remove_columns=rows.column_names)
     for row in encoded:
         start = row["labels"].index(next(x for x in row["labels"] if x != -100))
@@ -235,11 +288,21 @@ def test_rewards_by_name_and_by_callable():
     from adapters.config import RewardConfig
     from adapters.training.objectives.rewards import load_reward, score_completions
 
-    specs = [RewardConfig(name="exact_match"), RewardConfig(name="regex", pattern=r"^\w+$"),
-             RewardConfig(name="length_penalty"), RewardConfig(name="tests.training.test_objectives:_shouting")]
+    specs = [
+        RewardConfig(name="exact_match"),
+        RewardConfig(name="regex", pattern=r"^\w+$"),
+        RewardConfig(name="length_penalty"),
+        RewardConfig(name="tests.training.test_objectives:_shouting"),
+    ]
     functions = [load_reward(s, max_new_tokens=4) for s in specs]
-    scores = score_completions(functions, [s.name for s in specs], ["q1", "q2"], ["Location.\nmore", "a number"],
-                               [[5, 6, 2], [7]], ["location", "number"])
+    scores = score_completions(
+        functions,
+        [s.name for s in specs],
+        ["q1", "q2"],
+        ["Location.\nmore", "a number"],
+        [[5, 6, 2], [7]],
+        ["location", "number"],
+    )
     assert scores.tolist() == [[1.0, 0.0, -0.75, 1.0], [0.0, 0.0, -0.25, 0.0]]
     with pytest.raises(ConfigError, match="cannot import 'no_such_module:f'"):
         load_reward(RewardConfig(name="no_such_module:f"), 4)
@@ -255,11 +318,24 @@ def pref_cfg(model_dir, run_dir, objective="dpo", **overrides):
     raw = {
         "task": "causal-lm",
         "model": {"name": str(model_dir)},
-        "data": {"name": "trec-preference", "max_length": 48, "max_train_samples": 48, "max_eval_samples": 16,
-                 "max_test_samples": 16},
+        "data": {
+            "name": "trec-preference",
+            "max_length": 48,
+            "max_train_samples": 48,
+            "max_eval_samples": 16,
+            "max_test_samples": 16,
+        },
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-        "train": {"objective": objective, "lr": 2e-2, "batch_size": 8, "max_steps": 10, "log_every": 2, "seed": 1,
-                  "eval_batch_size": 16, "scheduler": "constant"},
+        "train": {
+            "objective": objective,
+            "lr": 2e-2,
+            "batch_size": 8,
+            "max_steps": 10,
+            "log_every": 2,
+            "seed": 1,
+            "eval_batch_size": 16,
+            "scheduler": "constant",
+        },
         "eval": {"max_new_tokens": 3, "baseline": False},
         "output": {"run_dir": str(run_dir), "name": f"tiny-{objective}"},
     }
@@ -303,8 +379,14 @@ def test_dpo_trains_a_lora_and_training_pairs_rank_better(tiny_llama_dir, tmp_pa
     from adapters.store.store import AdapterStore
     from adapters.training.loop import train
 
-    cfg = pref_cfg(tiny_llama_dir, tmp_path / "run", output__publish=True, output__store=str(store_root),
-                   train__lr=5e-2, train__preference={"beta": 0.5})
+    cfg = pref_cfg(
+        tiny_llama_dir,
+        tmp_path / "run",
+        output__publish=True,
+        output__store=str(store_root),
+        train__lr=5e-2,
+        train__preference={"beta": 0.5},
+    )
     before = _train_pair_accuracy(cfg)
     result = train(cfg)
     after = _train_pair_accuracy(cfg, result.adapter_dir)
@@ -313,22 +395,28 @@ def test_dpo_trains_a_lora_and_training_pairs_rank_better(tiny_llama_dir, tmp_pa
     steps = _events(result.run_dir, "objective")
     assert len(steps) == 10 and {"train_preference_accuracy", "train_logp_margin"} <= set(steps[0])
     manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
-    assert manifest["objective"] == {"name": "dpo", "beta": 0.5, "reference": "base with adapter disabled",
-                                     "loss_type": "sigmoid"}
+    assert manifest["objective"] == {
+        "name": "dpo",
+        "beta": 0.5,
+        "reference": "base with adapter disabled",
+        "loss_type": "sigmoid",
+    }
     assert {"preference_accuracy", "logp_margin", "exact_match"} <= set(manifest["metrics"]["test"])
     assert manifest["training"]["train"]["objective"] == "dpo"
     store = AdapterStore(store_root)
     assert store.versions("tiny-dpo") == [1] and store.verify("tiny-dpo@1") == {"tiny-dpo@1": []}
     # The server takes it like any adapter, and answers what the trained model answers greedily.
     engine = InferenceEngine(str(tiny_llama_dir), store=store)
-    served = engine.generate([GenerationRequest(adapter="tiny-dpo@1", prompt="Where is Paris ?",
-                                                params=SamplingParams(max_new_tokens=3))])[0]
+    served = engine.generate(
+        [GenerationRequest(adapter="tiny-dpo@1", prompt="Where is Paris ?", params=SamplingParams(max_new_tokens=3))]
+    )[0]
     tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)),
-                                           str(result.adapter_dir)).eval()
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir)), str(result.adapter_dir)
+    ).eval()
     prompt = build_prompt_ids(tok, "Where is Paris ?", PromptFormat.from_data_config(cfg.data))
     greedy = peft_model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=3, do_sample=False)
-    assert served.token_ids == greedy[0, len(prompt):].tolist()[:len(served.token_ids)]
+    assert served.token_ids == greedy[0, len(prompt) :].tolist()[: len(served.token_ids)]
 
 
 @pytest.mark.parametrize("objective", ["orpo", "simpo", "kto"])
@@ -364,9 +452,15 @@ def test_grpo_runs_with_an_exact_match_reward_and_records_it(tiny_llama_dir, tmp
     from adapters.training.loop import train
 
     rewards = [{"name": "exact_match"}, {"name": "regex", "pattern": "e"}, {"name": "length_penalty", "weight": 0.1}]
-    cfg = pref_cfg(tiny_llama_dir, tmp_path / "grpo", "grpo", data__name="trec", train__max_steps=3,
-                   train__batch_size=4, train__grpo={"num_generations": 3, "max_new_tokens": 3, "beta": 0.05,
-                                                     "rewards": rewards})
+    cfg = pref_cfg(
+        tiny_llama_dir,
+        tmp_path / "grpo",
+        "grpo",
+        data__name="trec",
+        train__max_steps=3,
+        train__batch_size=4,
+        train__grpo={"num_generations": 3, "max_new_tokens": 3, "beta": 0.05, "rewards": rewards},
+    )
     result = train(cfg)
     steps = _events(result.run_dir, "objective")
     assert len(steps) == 3
@@ -379,9 +473,11 @@ def test_grpo_runs_with_an_exact_match_reward_and_records_it(tiny_llama_dir, tmp
     manifest = json.loads((result.adapter_dir / "manifest.json").read_text())
     objective = manifest["objective"]
     assert objective["name"] == "grpo" and objective["reference"] == "base with adapter disabled"
-    assert objective["rewards"] == [{"name": "exact_match", "weight": 1.0},
-                                    {"name": "regex", "weight": 1.0, "pattern": "e"},
-                                    {"name": "length_penalty", "weight": 0.1}]
+    assert objective["rewards"] == [
+        {"name": "exact_match", "weight": 1.0},
+        {"name": "regex", "weight": 1.0, "pattern": "e"},
+        {"name": "length_penalty", "weight": 0.1},
+    ]
     assert "exact_match" in manifest["metrics"]["test"]
 
 

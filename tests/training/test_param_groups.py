@@ -79,7 +79,11 @@ def test_bert_biases_and_layernorms_get_no_decay(bert_cls):
         assert where["group"].endswith("/no_decay") == no_decay, name
     assert got["classifier.weight"]["lr"] == 1e-3  # head_lr defaults to lr
     assert got["bert.encoder.layer.0.attention.self.query.weight"]["lr"] == pytest.approx(1e-3 * 0.8)
-    assert got["bert.embeddings.LayerNorm.weight"] == {"group": "embeddings/no_decay", "lr": pytest.approx(1e-3 * 0.64), "wd": 0.0}
+    assert got["bert.embeddings.LayerNorm.weight"] == {
+        "group": "embeddings/no_decay",
+        "lr": pytest.approx(1e-3 * 0.64),
+        "wd": 0.0,
+    }
     assert got["bert.pooler.dense.weight"]["group"] == "top/decay"
     # Groups come bottom-up: embeddings first, head last; each name is unique.
     names = [g["name"] for g in groups]
@@ -126,7 +130,9 @@ def test_peft_lora_groups(tiny_llama_dir):
     assert got[head] == {"group": "head/decay", "lr": 1e-2, "wd": 0.1}
     assert got["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"]["lr"] == 1e-3
     assert got["base_model.model.model.layers.0.self_attn.v_proj.lora_B.default.weight"] == {
-        "group": "layer.0/decay", "lr": 5e-4, "wd": 0.1,
+        "group": "layer.0/decay",
+        "lr": 5e-4,
+        "wd": 0.1,
     }
     # The frozen original of the head copy is not optimized at all.
     assert "base_model.model.score.original_module.weight" not in got
@@ -138,9 +144,15 @@ def test_peft_prompt_encoder_trains_at_base_lr(tiny_bert_dir):
 
     base = BertForSequenceClassification.from_pretrained(str(tiny_bert_dir), num_labels=2)
     model = get_peft_model(base, PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4))
-    got = by_param(model, build_param_groups(model, TrainConfig(lr=3e-2, head_lr=1e-3, layer_decay=0.5, weight_decay=0.1)))
+    got = by_param(
+        model, build_param_groups(model, TrainConfig(lr=3e-2, head_lr=1e-3, layer_decay=0.5, weight_decay=0.1))
+    )
     assert got["prompt_encoder.default.embedding.weight"] == {"group": "prompt/decay", "lr": 3e-2, "wd": 0.1}
-    assert got["base_model.classifier.modules_to_save.default.bias"] == {"group": "head/no_decay", "lr": 1e-3, "wd": 0.0}
+    assert got["base_model.classifier.modules_to_save.default.bias"] == {
+        "group": "head/no_decay",
+        "lr": 1e-3,
+        "wd": 0.0,
+    }
 
 
 def test_mean_pooling_classifier_and_dora_magnitudes(tiny_bert_dir):
@@ -150,11 +162,16 @@ def test_mean_pooling_classifier_and_dora_magnitudes(tiny_bert_dir):
     from adapters.modeling.backbone import MeanPoolingClassifier
 
     model = MeanPoolingClassifier(AutoModel.from_pretrained(str(tiny_bert_dir)), {"a": 0, "b": 1}, {0: "a", 1: "b"})
-    model = get_peft_model(model, LoraConfig(r=2, target_modules=["query", "value"], use_dora=True, modules_to_save=["classifier"]))
+    model = get_peft_model(
+        model, LoraConfig(r=2, target_modules=["query", "value"], use_dora=True, modules_to_save=["classifier"])
+    )
     got = by_param(model, build_param_groups(model, TrainConfig(lr=1e-3, layer_decay=0.5, weight_decay=0.1)))
     magnitudes = [n for n in got if "lora_magnitude_vector" in n]
     assert magnitudes and all(got[n]["wd"] == 0.0 for n in magnitudes)  # 1-D: never decayed
-    assert param_role("base_model.model.backbone.encoder.layer.1.attention.self.query.lora_A.default.weight").label == "layer.1"
+    assert (
+        param_role("base_model.model.backbone.encoder.layer.1.attention.self.query.lora_A.default.weight").label
+        == "layer.1"
+    )
     assert got["base_model.model.classifier.modules_to_save.default.weight"]["group"] == "head/decay"
 
 

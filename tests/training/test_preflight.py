@@ -11,14 +11,22 @@ from adapters.training.preflight import adapted_layer_dims, check_batch_fits, ch
 
 
 def cfg_for(model_dir, run_dir=None, method=None, **train):
-    return load_config(raw={
-        "task": "causal-lm", "model": {"name": str(model_dir)},
-        "data": {"name": "trec", "max_length": 48, "max_train_samples": 40, "max_eval_samples": 8,
-                 "max_test_samples": 8},
-        "method": method or {"name": "lora", "r": 4},
-        "train": {"max_steps": 2, **train},
-        "output": {"run_dir": str(run_dir) if run_dir else None},
-    })
+    return load_config(
+        raw={
+            "task": "causal-lm",
+            "model": {"name": str(model_dir)},
+            "data": {
+                "name": "trec",
+                "max_length": 48,
+                "max_train_samples": 40,
+                "max_eval_samples": 8,
+                "max_test_samples": 8,
+            },
+            "method": method or {"name": "lora", "r": 4},
+            "train": {"max_steps": 2, **train},
+            "output": {"run_dir": str(run_dir) if run_dir else None},
+        }
+    )
 
 
 @pytest.mark.parametrize(
@@ -47,7 +55,9 @@ def test_ranks_that_fit_pass_and_the_targets_are_peft_s(tiny_llama_dir):
     assert dims["model.layers.0.self_attn.k_proj"] == (16, 32)
     mlp = cfg_for(tiny_llama_dir, method={"name": "lora", "r": 32, "target_modules": "mlp", "top_layers": 1})
     assert sorted(adapted_layer_dims(mlp, lora, mlp.method_options())) == [
-        "model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"
+        "model.layers.1.mlp.down_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.1.mlp.up_proj",
     ]
     everything = cfg_for(tiny_llama_dir, method={"name": "lora", "r": 8, "target_modules": "all-linear"})
     assert len(adapted_layer_dims(everything, lora, everything.method_options())) == 14  # 7 per block, no lm_head
@@ -59,8 +69,14 @@ def test_ranks_that_fit_pass_and_the_targets_are_peft_s(tiny_llama_dir):
 
 
 def test_bert_mlp_group_leaves_the_attention_output_out(tiny_bert_dir):
-    cfg = load_config(raw={"task": "sequence-classification", "model": {"name": str(tiny_bert_dir)},
-                           "data": {"name": "trec"}, "method": {"name": "lora", "r": 32, "target_modules": "mlp"}})
+    cfg = load_config(
+        raw={
+            "task": "sequence-classification",
+            "model": {"name": str(tiny_bert_dir)},
+            "data": {"name": "trec"},
+            "method": {"name": "lora", "r": 32, "target_modules": "mlp"},
+        }
+    )
     dims = adapted_layer_dims(cfg, get_method("lora"), cfg.method_options())
     mlp = ("intermediate.dense", "output.dense")
     assert sorted(dims) == sorted(f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in mlp)
@@ -68,12 +84,21 @@ def test_bert_mlp_group_leaves_the_attention_output_out(tiny_bert_dir):
 
 
 def test_a_global_batch_larger_than_the_training_rows_is_refused():
-    cfg = load_config(raw={"task": "causal-lm", "model": {"name": "x"}, "data": {"name": "trec"},
-                           "train": {"batch_size": 8, "grad_accum": 2}})
+    cfg = load_config(
+        raw={
+            "task": "causal-lm",
+            "model": {"name": "x"},
+            "data": {"name": "trec"},
+            "train": {"batch_size": 8, "grad_accum": 2},
+        }
+    )
     check_batch_fits(cfg, 16, 1)
-    with pytest.raises(ConfigError, match=r"train\.batch_size: 8 x train\.grad_accum 2 x 2 process\(es\) = 32 "
-                                          r"rows per optimizer step, but the training split has 20 rows; "
-                                          r"use train\.batch_size <= 5"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.batch_size: 8 x train\.grad_accum 2 x 2 process\(es\) = 32 "
+        r"rows per optimizer step, but the training split has 20 rows; "
+        r"use train\.batch_size <= 5",
+    ):
         check_batch_fits(cfg, 20, 2)
 
 

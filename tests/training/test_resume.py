@@ -43,11 +43,26 @@ def run_config(model_dir: Path, run_dir: Path, store: Path, **train) -> dict:
     return {
         "task": "sequence-classification",
         "model": {"name": str(model_dir), "dropout": 0.1},
-        "data": {"name": "trec", "max_length": 32, "max_train_samples": 96, "max_eval_samples": 24,
-                 "max_test_samples": 24},
+        "data": {
+            "name": "trec",
+            "max_length": 32,
+            "max_train_samples": 96,
+            "max_eval_samples": 24,
+            "max_test_samples": 24,
+        },
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
-        "train": {"lr": 5e-2, "batch_size": 8, "grad_accum": 2, "max_steps": STEPS, "log_every": 1, "seed": 1,
-                  "eval_batch_size": 24, "save_every": SAVE_EVERY, "eval_every": 3, **train},
+        "train": {
+            "lr": 5e-2,
+            "batch_size": 8,
+            "grad_accum": 2,
+            "max_steps": STEPS,
+            "log_every": 1,
+            "seed": 1,
+            "eval_batch_size": 24,
+            "save_every": SAVE_EVERY,
+            "eval_every": 3,
+            **train,
+        },
         "eval": {"baseline": False},
         "output": {"run_dir": str(run_dir), "name": "resumed", "publish": True, "store": str(store)},
     }
@@ -106,8 +121,12 @@ def reference(tiny_bert_dir, tmp_path_factory) -> dict:
     train_fresh(raw)
     evals = logged(work / "run", "eval_loss")
     assert min(evals, key=lambda e: e[1])[0] == STEPS, evals
-    return {"run": work / "run", "store": work / "store", "raw": raw,
-            "summary": json.loads((work / "run" / "summary.json").read_text())}
+    return {
+        "run": work / "run",
+        "store": work / "store",
+        "raw": raw,
+        "summary": json.loads((work / "run" / "summary.json").read_text()),
+    }
 
 
 def kill_between_micro_batches(step: int):
@@ -170,8 +189,9 @@ def arm(point: str, monkeypatch) -> dict:
 @pytest.mark.parametrize(
     "point", ["mid-step", "mid-checkpoint-write", "after-last-step", "during-adapter-write", "during-publish"]
 )
-def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_adapter(point, reference, tiny_bert_dir, tmp_path,
-                                                                    monkeypatch):
+def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_adapter(
+    point, reference, tiny_bert_dir, tmp_path, monkeypatch
+):
     raw = run_config(tiny_bert_dir, tmp_path / "run", tmp_path / "store")
     with monkeypatch.context() as patched:
         extra = arm(point, patched)
@@ -261,8 +281,9 @@ def _copy_run(interrupted: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_checkpoint_is_named_and_skipped_for_the_previous_one(damage, interrupted, reference,
-                                                                       tiny_bert_dir, tmp_path, capsys):
+def test_a_damaged_checkpoint_is_named_and_skipped_for_the_previous_one(
+    damage, interrupted, reference, tiny_bert_dir, tmp_path, capsys
+):
     run = _copy_run(interrupted, tmp_path)
     name, spoil = DAMAGE[damage]
     spoil(run / "checkpoints" / f"step-{SAVE_EVERY * 3}" / name)
@@ -288,16 +309,19 @@ def test_resume_picks_only_complete_checkpoints_and_says_which_it_skipped(interr
     found, notes = resume_point(run)
     assert found == root / "step-6"
     assert len(notes) == 2, notes
-    assert notes[0] == ("checkpoint step-10 is damaged (no manifest.json (written incompletely, or before "
-                        "checkpoints were checksummed)); skipping it")
+    assert notes[0] == (
+        "checkpoint step-10 is damaged (no manifest.json (written incompletely, or before "
+        "checkpoints were checksummed)); skipping it"
+    )
     assert notes[1].startswith("checkpoint step-9 is damaged (unreadable manifest.json (") and "\n" not in notes[1]
     assert not (root / "step-12.tmp").exists(), "leftovers of interrupted writes are removed"
     (root / "step-6" / "rng-0.safetensors").unlink()
     assert checkpoint_problems(root / "step-6") == ["rng-0.safetensors: missing"]
 
 
-def test_a_damaged_checkpoint_given_explicitly_is_an_error_and_none_intact_starts_over(interrupted, reference,
-                                                                                      tiny_bert_dir, tmp_path, capsys):
+def test_a_damaged_checkpoint_given_explicitly_is_an_error_and_none_intact_starts_over(
+    interrupted, reference, tiny_bert_dir, tmp_path, capsys
+):
     from adapters.training.checkpoint import CheckpointError
 
     run = _copy_run(interrupted, tmp_path)

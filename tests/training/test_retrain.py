@@ -26,7 +26,13 @@ def store_with_v1(tmp_path_factory, tiny_bert_dir, one_torch_thread):
     raw = {
         "task": "sequence-classification",
         "model": {"name": str(tiny_bert_dir)},
-        "data": {"name": "trec", "max_length": 48, "max_train_samples": 200, "max_eval_samples": 32, "max_test_samples": 32},
+        "data": {
+            "name": "trec",
+            "max_length": 48,
+            "max_train_samples": 200,
+            "max_eval_samples": 32,
+            "max_test_samples": 32,
+        },
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "train": TINY_TRAIN,
         "output": {"run_dir": str(root / "run-v1"), "name": "trec-clf", "publish": True, "store": str(root / "store")},
@@ -42,7 +48,9 @@ def _window(path: Path, labels_wanted=None, n=240) -> Path:
     from adapters.data.builtins import BUILTIN_DATASETS
 
     ds = BUILTIN_DATASETS["trec"].load()
-    rows = [(t, l) for t, l in zip(ds["text"][-1500:], ds["label"][-1500:]) if labels_wanted is None or l in labels_wanted]
+    rows = [
+        (t, l) for t, l in zip(ds["text"][-1500:], ds["label"][-1500:]) if labels_wanted is None or l in labels_wanted
+    ]
     with open(path, "w") as fh:
         for t, l in rows[:n]:
             fh.write(json.dumps({"text": t, "label": l}) + "\n")
@@ -55,7 +63,12 @@ def test_retrain_continues_from_prod_records_parent_and_promotes(tmp_path, store
     store = store_with_v1
     window = _window(tmp_path / "window.jsonl", {"HUM", "LOC", "NUM"})  # drifted: three classes only
     result = retrain(
-        "trec-clf@prod", window, tmp_path / "out", store_root=store.root, replay=60, margin=1.0,
+        "trec-clf@prod",
+        window,
+        tmp_path / "out",
+        store_root=store.root,
+        replay=60,
+        margin=1.0,
         overrides=["train.max_steps=6"],
     )
     assert result.current == "trec-clf@1" and result.candidate == "trec-clf@2"
@@ -97,14 +110,31 @@ def test_script_keeps_prod_when_the_candidate_is_worse(tmp_path, store_with_v1, 
     store = store_with_v1
     before = store.tags("trec-clf")["prod"]
     window = _window(tmp_path / "w.jsonl", n=120)
-    args = ["--adapter", "trec-clf@prod", "--data", str(window), "--out", str(tmp_path / "o"), "--store", str(store.root),
-            "--margin", "0.01", "--set", "train.max_steps=2", "--replay", "30"]
+    args = [
+        "--adapter",
+        "trec-clf@prod",
+        "--data",
+        str(window),
+        "--out",
+        str(tmp_path / "o"),
+        "--store",
+        str(store.root),
+        "--margin",
+        "0.01",
+        "--set",
+        "train.max_steps=2",
+        "--replay",
+        "30",
+    ]
     assert script.main(args) == 1
     out = capsys.readouterr().out
     assert "kept trec-clf@1 as trec-clf@prod: candidate is worse: accuracy 0.7800" in out
     assert store.tags("trec-clf")["prod"] == before  # the tag did not move
     new_version = max(store.versions("trec-clf"))
-    assert json.loads((store.locate(f"trec-clf@{new_version}").path / "manifest.json").read_text())["parent"] == "trec-clf@1"
+    assert (
+        json.loads((store.locate(f"trec-clf@{new_version}").path / "manifest.json").read_text())["parent"]
+        == "trec-clf@1"
+    )
 
 
 def test_bad_requests_fail_before_training(tmp_path, store_with_v1):

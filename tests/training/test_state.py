@@ -53,11 +53,30 @@ def test_checkpoint_state_round_trips_counters_and_early_stopping():
     stopper = EarlyStopping(patience=3)
     stopper.update({"eval_loss": 1.5}, 4, dict)
     stopper.update({"eval_loss": 1.7}, 8, dict)
-    state = TrainState(step=8, epoch=1, batches_done=5, history=[{"step": 8, "loss": 1.2}], tokens_seen=900,
-                       samples_seen=40, running_loss=2.5, running_n=2)
+    state = TrainState(
+        step=8,
+        epoch=1,
+        batches_done=5,
+        history=[{"step": 8, "loss": 1.2}],
+        tokens_seen=900,
+        samples_seen=40,
+        running_loss=2.5,
+        running_n=2,
+    )
     saved = json.loads(json.dumps(state.checkpoint_state(stopper)))  # as a checkpoint stores it
-    assert list(saved) == ["step", "epoch", "batches_done", "best_value", "best_step", "bad_evals", "history",
-                           "tokens_seen", "samples_seen", "running_loss", "running_n"]
+    assert list(saved) == [
+        "step",
+        "epoch",
+        "batches_done",
+        "best_value",
+        "best_step",
+        "bad_evals",
+        "history",
+        "tokens_seen",
+        "samples_seen",
+        "running_loss",
+        "running_n",
+    ]
     state2, stopper2 = TrainState(), EarlyStopping(patience=3)
     state2.restore(saved)
     stopper2.restore(saved, best_state={"w": 1})

@@ -11,9 +11,16 @@ import types
 import pytest
 import yaml
 
-from adapters.training import tracking
 from adapters.errors import ConfigError
-from adapters.training.tracking import collect_run, flatten_metrics, flatten_params, log_run_folder, require_mlflow, sanitize_key
+from adapters.training import tracking
+from adapters.training.tracking import (
+    collect_run,
+    flatten_metrics,
+    flatten_params,
+    log_run_folder,
+    require_mlflow,
+    sanitize_key,
+)
 
 
 def test_missing_mlflow_gives_install_instructions(monkeypatch, tmp_path):
@@ -27,8 +34,13 @@ def test_missing_mlflow_gives_install_instructions(monkeypatch, tmp_path):
 
 
 def test_flatten_params():
-    cfg = {"train": {"lr": 2e-4, "early_stopping": None, "tags": ["a", "b"]}, "method": {"name": "lora", "options": {}},
-           "data": {"label_names": {"LOC": "location"}}, "note": "x" * 7000, "weird key!": 1}
+    cfg = {
+        "train": {"lr": 2e-4, "early_stopping": None, "tags": ["a", "b"]},
+        "method": {"name": "lora", "options": {}},
+        "data": {"label_names": {"LOC": "location"}},
+        "note": "x" * 7000,
+        "weird key!": 1,
+    }
     flat = flatten_params(cfg)
     assert flat["train.lr"] == "0.0002" and flat["train.early_stopping"] == "None"
     assert flat["train.tags"] == '["a", "b"]' and flat["method.options"] == "{}"
@@ -38,8 +50,12 @@ def test_flatten_params():
 
 
 def test_flatten_metrics_keeps_finite_numbers_only():
-    metrics = {"test": {"accuracy": 0.9, "f1": 1, "examples": [{"a": 1}], "nan": float("nan"), "ok": True},
-               "base": None, "loss": 0.5, "name": "x"}
+    metrics = {
+        "test": {"accuracy": 0.9, "f1": 1, "examples": [{"a": 1}], "nan": float("nan"), "ok": True},
+        "base": None,
+        "loss": 0.5,
+        "name": "x",
+    }
     assert flatten_metrics(metrics) == {"test.accuracy": 0.9, "test.f1": 1.0, "loss": 0.5}
     assert sanitize_key("eval/acc@1 (top)") == "eval/acc_1 _top_"
     assert len(sanitize_key("k" * 400)) == 250
@@ -47,17 +63,33 @@ def test_flatten_metrics_keeps_finite_numbers_only():
 
 def _write_run(run_dir):
     (run_dir / "adapter").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"task": "sequence-classification", "train": {"lr": 0.001, "seed": 3}}))
-    (run_dir / "run_info.json").write_text(json.dumps({
-        "command": ["scripts/train.py", "--config", "c.yaml"], "device": "cpu", "num_processes": 1,
-        "code_revision": "abc123", "versions": {"torch": "2.13.0", "peft": "0.21.2"},
-    }))
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump({"task": "sequence-classification", "train": {"lr": 0.001, "seed": 3}})
+    )
+    (run_dir / "run_info.json").write_text(
+        json.dumps(
+            {
+                "command": ["scripts/train.py", "--config", "c.yaml"],
+                "device": "cpu",
+                "num_processes": 1,
+                "code_revision": "abc123",
+                "versions": {"torch": "2.13.0", "peft": "0.21.2"},
+            }
+        )
+    )
     rows = [{"step": 0, "time": 1.0, "event": "param_groups", "groups": [{"lr": 0.1}]}]
     rows += [{"step": s, "time": 1.0 + s, "loss": 1.0 / s, "lr": 0.001} for s in range(1, 151)]
     rows += [{"step": 150, "time": 200.0, "eval_loss": 0.2, "eval_accuracy": 0.8}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run_dir / "summary.json").write_text(json.dumps({
-        "steps": 150, "train_seconds": 12.5, "metrics": {"adapted": {"accuracy": 0.8, "examples": []}, "base": None}}))
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "steps": 150,
+                "train_seconds": 12.5,
+                "metrics": {"adapted": {"accuracy": 0.8, "examples": []}, "base": None},
+            }
+        )
+    )
     (run_dir / "adapter" / "manifest.json").write_text("{}")
 
 
@@ -117,7 +149,9 @@ class _RecordingClient:
 def fake_mlflow(monkeypatch):
     entities = types.ModuleType("mlflow.entities")
     entities.Param = lambda key, value: types.SimpleNamespace(key=key, value=value)
-    entities.Metric = lambda key, value, timestamp, step: types.SimpleNamespace(key=key, value=value, timestamp=timestamp, step=step)
+    entities.Metric = lambda key, value, timestamp, step: types.SimpleNamespace(
+        key=key, value=value, timestamp=timestamp, step=step
+    )
     entities.RunTag = lambda key, value: types.SimpleNamespace(key=key, value=value)
     client_mod = types.ModuleType("mlflow.tracking")
     client_mod.MlflowClient = _RecordingClient

@@ -20,7 +20,13 @@ def tiny_cfg(model_dir, run_dir, task="causal-lm", **overrides):
     raw = {
         "task": task,
         "model": {"name": str(model_dir)},
-        "data": {"name": "trec", "max_length": 48, "max_train_samples": 96, "max_eval_samples": 24, "max_test_samples": 24},
+        "data": {
+            "name": "trec",
+            "max_length": 48,
+            "max_train_samples": 96,
+            "max_eval_samples": 24,
+            "max_test_samples": 24,
+        },
         "method": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
         "train": {"lr": 5e-3, "batch_size": 8, "max_steps": 12, "log_every": 2, "seed": 1, "eval_batch_size": 16},
         "eval": {"max_new_tokens": 3},
@@ -81,8 +87,12 @@ def test_classification_with_early_stopping_restores_best(tiny_bert_dir, tmp_pat
     from adapters.training.loop import train
 
     cfg = tiny_cfg(
-        tiny_bert_dir, tmp_path / "run", task="sequence-classification",
-        train__max_steps=30, train__eval_every=3, train__lr=2e-2,
+        tiny_bert_dir,
+        tmp_path / "run",
+        task="sequence-classification",
+        train__max_steps=30,
+        train__eval_every=3,
+        train__lr=2e-2,
         train__early_stopping={"metric": "eval_loss", "mode": "min", "patience": 2},
     )
     result = train(cfg)
@@ -100,7 +110,9 @@ def test_classification_with_early_stopping_restores_best(tiny_bert_dir, tmp_pat
 def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(tiny_llama_dir, tmp_path):
     from adapters.training.loop import train
 
-    full = train(tiny_cfg(tiny_llama_dir, tmp_path / "full", train__max_steps=8, train__save_every=4, eval__baseline=False))
+    full = train(
+        tiny_cfg(tiny_llama_dir, tmp_path / "full", train__max_steps=8, train__save_every=4, eval__baseline=False)
+    )
     # Same run, "crashing" after step 4: train to 4, then resume to 8 from the checkpoint.
     part = tiny_cfg(tiny_llama_dir, tmp_path / "part", train__max_steps=8, train__save_every=4, eval__baseline=False)
     train(part, stop_after=4)
@@ -124,7 +136,10 @@ def test_config_errors_name_the_key_and_choices(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown method 'lorra'; valid methods: .*lora"):
         load_config(raw={"task": "causal-lm", "model": {"name": "x"}, "data": {"name": "trec"}, "method": "lorra"})
     with pytest.raises(ConfigError, match=r"train\.batch_size"):
-        load_config(raw={"task": "causal-lm", "model": {"name": "x"}, "data": {"name": "trec"}}, overrides=["train.batch_size=many"])
+        load_config(
+            raw={"task": "causal-lm", "model": {"name": "x"}, "data": {"name": "trec"}},
+            overrides=["train.batch_size=many"],
+        )
     with pytest.raises(ConfigError, match=r"task"):
         load_config(raw={"task": "translation", "model": {"name": "x"}, "data": {"name": "trec"}})
 
@@ -134,7 +149,10 @@ def test_train_script_reports_config_errors_before_loading_a_model(tmp_path):
     cfg.write_text("task: causal-lm\nmodel: {name: x}\ndata: {name: trec}\n")
     proc = subprocess.run(
         [sys.executable, "scripts/train.py", "--config", str(cfg), "--set", "method.rank=8"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "method.rank" in proc.stderr and "valid options" in proc.stderr
@@ -144,8 +162,14 @@ def test_gradual_unfreezing_opens_blocks_from_the_top_during_training(tiny_bert_
     from adapters.training.loop import train
 
     cfg = tiny_cfg(
-        tiny_bert_dir, tmp_path / "run", task="sequence-classification", method="full",
-        train__max_steps=9, train__unfreeze_every=3, train__unfreeze_unit="step", train__lr=1e-3,
+        tiny_bert_dir,
+        tmp_path / "run",
+        task="sequence-classification",
+        method="full",
+        train__max_steps=9,
+        train__unfreeze_every=3,
+        train__unfreeze_unit="step",
+        train__lr=1e-3,
         train__layer_decay=0.5,
     )
     result = train(cfg)
@@ -160,8 +184,13 @@ def test_gradual_unfreezing_opens_blocks_from_the_top_during_training(tiny_bert_
 def test_kfold_cross_validation_reports_mean_and_std_with_a_fixed_test_split(tiny_bert_dir, tmp_path):
     from adapters.training.crossval import cross_validate
 
-    cfg = tiny_cfg(tiny_bert_dir, tmp_path / "cv", task="sequence-classification", train__max_steps=3,
-                   data__split={"kind": "stratified", "validation": 0.1, "test": 0.2, "folds": 3})
+    cfg = tiny_cfg(
+        tiny_bert_dir,
+        tmp_path / "cv",
+        task="sequence-classification",
+        train__max_steps=3,
+        data__split={"kind": "stratified", "validation": 0.1, "test": 0.2, "folds": 3},
+    )
     cv = cross_validate(cfg)
     assert len(cv.folds) == 3
     acc = cv.test["accuracy"]
@@ -182,8 +211,13 @@ def test_train_script_with_same_config_and_seed_reproduces_metrics(tiny_llama_di
         cfg = tiny_cfg(tiny_llama_dir, tmp_path / name, train__max_steps=6, eval__baseline=False)
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-        proc = subprocess.run([sys.executable, "scripts/train.py", "--config", str(path)], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "scripts/train.py", "--config", str(path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         runs.append(json.loads((tmp_path / name / "summary.json").read_text()))
     a, b = runs

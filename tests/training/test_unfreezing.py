@@ -20,7 +20,11 @@ def bert_cls(tiny_bert_dir):
 
 def batch(vocab: int = 1000):
     torch.manual_seed(1)
-    return {"input_ids": torch.randint(5, vocab, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long), "labels": torch.tensor([0, 1, 2, 1])}
+    return {
+        "input_ids": torch.randint(5, vocab, (4, 12)),
+        "attention_mask": torch.ones(4, 12, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 2, 1]),
+    }
 
 
 def test_transformer_blocks_llama_bert_wrapper_and_peft(tiny_llama_dir, tiny_bert_dir):
@@ -55,7 +59,9 @@ def test_order_is_head_then_top_block_down_then_embeddings(bert_cls):
 
 
 def test_each_epoch_opens_the_next_block_at_its_own_lr(bert_cls):
-    unfreezer = GradualUnfreezer(bert_cls, every=1, unit="epoch", base_lr=1e-3, decay=0.5, head_lr=1e-2, weight_decay=0.1)
+    unfreezer = GradualUnfreezer(
+        bert_cls, every=1, unit="epoch", base_lr=1e-3, decay=0.5, head_lr=1e-2, weight_decay=0.1
+    )
     opt = torch.optim.AdamW(unfreezer.initial_param_groups())
     assert [g["name"] for g in opt.param_groups] == ["head/decay", "head/no_decay"]
     assert opt.param_groups[0]["lr"] == 1e-2 and opt.param_groups[1]["weight_decay"] == 0.0

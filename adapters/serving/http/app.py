@@ -44,12 +44,18 @@ def create_app(engine: InferenceEngine, settings: ServerSettings | None = None) 
     metrics = ServerMetrics(engine)
     if settings.batching == "continuous":
         batcher = ContinuousBatcher(
-            engine, settings.max_batch_size, on_batch=metrics.observe_batch, mix_adapters=settings.mix_adapters,
+            engine,
+            settings.max_batch_size,
+            on_batch=metrics.observe_batch,
+            mix_adapters=settings.mix_adapters,
             join_every_steps=settings.join_every_steps,
         )
     else:
         batcher = Batcher(
-            engine, settings.batch_window_ms / 1000.0, settings.max_batch_size, on_batch=metrics.observe_batch,
+            engine,
+            settings.batch_window_ms / 1000.0,
+            settings.max_batch_size,
+            on_batch=metrics.observe_batch,
             mix_adapters=settings.mix_adapters,
         )
     app = FastAPI(

@@ -57,8 +57,14 @@ class Batcher:
     batch fails, each of its jobs is run alone, so only the bad one fails.
     """
 
-    def __init__(self, engine: InferenceEngine, window_s: float, max_rows: int,
-                 on_batch: Callable[[int, int], None] | None = None, mix_adapters: bool = True):
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        window_s: float,
+        max_rows: int,
+        on_batch: Callable[[int, int], None] | None = None,
+        mix_adapters: bool = True,
+    ):
         self.engine, self.window_s, self.max_rows, self.on_batch = engine, window_s, max_rows, on_batch
         self.mix_adapters = mix_adapters
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -172,8 +178,14 @@ class ContinuousBatcher:
     forward pass of its batch) gets the exception; the others go on.
     """
 
-    def __init__(self, engine: InferenceEngine, max_rows: int, on_batch: Callable[[int, int], None] | None = None,
-                 mix_adapters: bool = True, join_every_steps: int = 1):
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        max_rows: int,
+        on_batch: Callable[[int, int], None] | None = None,
+        mix_adapters: bool = True,
+        join_every_steps: int = 1,
+    ):
         self.engine, self.max_rows, self.on_batch, self.mix_adapters = engine, max_rows, on_batch, mix_adapters
         self.join_every_steps = join_every_steps
         self._steps_since_join = 0

@@ -47,11 +47,16 @@ class ServerMetrics:
     def __init__(self, engine: InferenceEngine):
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "adapterkit_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"],
+            "adapterkit_requests",
+            "HTTP requests by endpoint and status.",
+            ["endpoint", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "adapterkit_request_latency_seconds", "Request latency by endpoint.", ["endpoint"], registry=self.registry,
+            "adapterkit_request_latency_seconds",
+            "Request latency by endpoint.",
+            ["endpoint"],
+            registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.tokens = Counter(
@@ -64,7 +69,9 @@ class ServerMetrics:
             "adapterkit_batch_rows", "Rows per engine batch.", registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64)
         )
         self.batch_adapters = Histogram(
-            "adapterkit_batch_adapters", "Distinct adapters per engine batch.", registry=self.registry,
+            "adapterkit_batch_adapters",
+            "Distinct adapters per engine batch.",
+            registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32),
         )
         self.registry.register(EngineCollector(engine))

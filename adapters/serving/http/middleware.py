@@ -81,8 +81,9 @@ async def handle_validation_error(request: Request, err: RequestValidationError)
         if text not in problems:
             problems.append(text)
         params.append(loc[0] if loc else None)
-    return error_response(400, "invalid request: " + "; ".join(problems), "invalid_request_error",
-                          next((p for p in params if p), None))
+    return error_response(
+        400, "invalid request: " + "; ".join(problems), "invalid_request_error", next((p for p in params if p), None)
+    )
 
 
 async def handle_http_error(request: Request, err: HTTPException) -> JSONResponse:

@@ -35,25 +35,42 @@ def _or(default: Any) -> AfterValidator:
     return AfterValidator(lambda v: default if v is None else v)
 
 
-_Model = Annotated[str, Field(min_length=1, pattern=r"\S", description='"base" or an adapter reference: name, '
-                                                                       "name@3, name@prod.")]
-_Temperature = Annotated[Annotated[float, Field(ge=0, le=2)] | None, _or(1.0),
-                         Field(description="0 = greedy (so is anything below 1e-5). null: 1.")]
+_Model = Annotated[
+    str, Field(min_length=1, pattern=r"\S", description='"base" or an adapter reference: name, name@3, name@prod.')
+]
+_Temperature = Annotated[
+    Annotated[float, Field(ge=0, le=2)] | None,
+    _or(1.0),
+    Field(description="0 = greedy (so is anything below 1e-5). null: 1."),
+]
 _TopP = Annotated[Annotated[float, Field(gt=0, le=1)] | None, _or(1.0), Field(description="Nucleus sampling. null: 1.")]
 # lt, not le: the OpenAPI document holds bounds as floats, and 2**64 is exact in one (2**64 - 1 is not)
-_Seed = Annotated[int | None, Field(ge=SEED_RANGE[0], lt=SEED_RANGE[1] + 1, description=(
-    "Makes sampling reproducible. Sample i of n uses (seed + i) mod 2**64."))]
+_Seed = Annotated[
+    int | None,
+    Field(
+        ge=SEED_RANGE[0],
+        lt=SEED_RANGE[1] + 1,
+        description=("Makes sampling reproducible. Sample i of n uses (seed + i) mod 2**64."),
+    ),
+]
 _Stop = Annotated[str | list[str] | None, Field(description="Stop strings (not included in the text).")]
-_N = Annotated[Annotated[int, Field(ge=1)] | None, _or(1), Field(
-    description="Independent samples per prompt (choices prompt 0 sample 0..n-1, then prompt 1...). null: 1.")]
+_N = Annotated[
+    Annotated[int, Field(ge=1)] | None,
+    _or(1),
+    Field(description="Independent samples per prompt (choices prompt 0 sample 0..n-1, then prompt 1...). null: 1."),
+]
 _NoPenalty = Annotated[float | None, Field(ge=0, le=0, description="Not implemented: only 0 or null.")]
 _NoLogitBias = Annotated[dict[str, float] | None, Field(max_length=0, description="Not implemented: only {} or null.")]
 _TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 _Prompt = Annotated[
-    Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
-    | _TokenIds | Annotated[list[_TokenIds], Field(min_length=1)],
-    Field(description="A prompt, a list of prompts, a prompt as token ids or a list of them (one choice each). "
-                      "Token-id prompts are used as given: no prompt format, no special tokens added."),
+    Annotated[str, Field(min_length=1)]
+    | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    | _TokenIds
+    | Annotated[list[_TokenIds], Field(min_length=1)],
+    Field(
+        description="A prompt, a list of prompts, a prompt as token ids or a list of them (one choice each). "
+        "Token-id prompts are used as given: no prompt format, no special tokens added."
+    ),
 ]
 
 
@@ -83,16 +100,27 @@ class CompletionBody(_Body):
     stop: _Stop = None
     n: _N = 1
     best_of: int | None = Field(None, ge=1, description="Only equal to n (or null): no candidates are ranked.")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
-        "Return each token's log-probability and the top `logprobs` alternatives (log-softmax of the logits at "
-        "temperature 1 over the whole vocabulary)."))
-    echo: Annotated[bool | None, _or(False)] = Field(
-        False, description="Put the prompt (as the model saw it) before the completion; with logprobs, the prompt "
-        "tokens' log-probabilities too (the first is null)."
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_LOGPROBS,
+        description=(
+            "Return each token's log-probability and the top `logprobs` alternatives (log-softmax of the logits at "
+            "temperature 1 over the whole vocabulary)."
+        ),
     )
-    stream: Annotated[bool | None, _or(False)] = Field(False, description=(
-        "Send the choices as server-sent events (OpenAI's chunks), token by token; with logprobs, each choice "
-        "in one chunk when it ends. null: false."))
+    echo: Annotated[bool | None, _or(False)] = Field(
+        False,
+        description="Put the prompt (as the model saw it) before the completion; with logprobs, the prompt "
+        "tokens' log-probabilities too (the first is null).",
+    )
+    stream: Annotated[bool | None, _or(False)] = Field(
+        False,
+        description=(
+            "Send the choices as server-sent events (OpenAI's chunks), token by token; with logprobs, each choice "
+            "in one chunk when it ends. null: false."
+        ),
+    )
     stream_options: StreamOptions | None = Field(None, description="Only with stream.")
     presence_penalty: _NoPenalty = None
     frequency_penalty: _NoPenalty = None
@@ -100,9 +128,7 @@ class CompletionBody(_Body):
     suffix: str | None = Field(None, max_length=0, description="Not implemented: only '' or null.")
     user: str | None = Field(None, description="An end-user id (accepted; it does not change the output).")
     raw: bool = Field(False, description="Do not apply the adapter's training prompt format to the prompt.")
-    ignore_eos: bool = Field(
-        False, description="Generate max_tokens even past the end-of-sequence token (benchmarks)."
-    )
+    ignore_eos: bool = Field(False, description="Generate max_tokens even past the end-of-sequence token (benchmarks).")
 
 
 class TextPart(BaseModel):
@@ -133,7 +159,8 @@ class ChatMessage(BaseModel):
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             if kind != "text":
                 raise PydanticCustomError(
-                    "unsupported_content", "content[{index}] is a '{kind}' part; this server reads only 'text' parts",
+                    "unsupported_content",
+                    "content[{index}] is a '{kind}' part; this server reads only 'text' parts",
                     {"index": i, "kind": kind},
                 )
         return data
@@ -171,13 +198,21 @@ class ChatBody(_Body):
     seed: _Seed = None
     stop: _Stop = None
     n: _N = 1
-    logprobs: Annotated[bool | None, _or(False)] = Field(False, description=(
-        "Return each token's log-probability (log-softmax of the logits at temperature 1 over the whole "
-        "vocabulary) in choices[].logprobs.content."))
+    logprobs: Annotated[bool | None, _or(False)] = Field(
+        False,
+        description=(
+            "Return each token's log-probability (log-softmax of the logits at temperature 1 over the whole "
+            "vocabulary) in choices[].logprobs.content."
+        ),
+    )
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Alternatives per token (with logprobs).")
-    stream: Annotated[bool | None, _or(False)] = Field(False, description=(
-        "Send the choices as server-sent events (OpenAI's chunks), token by token; with logprobs, each choice "
-        "in one chunk when it ends. null: false."))
+    stream: Annotated[bool | None, _or(False)] = Field(
+        False,
+        description=(
+            "Send the choices as server-sent events (OpenAI's chunks), token by token; with logprobs, each choice "
+            "in one chunk when it ends. null: false."
+        ),
+    )
     stream_options: StreamOptions | None = Field(None, description="Only with stream.")
     presence_penalty: _NoPenalty = None
     frequency_penalty: _NoPenalty = None
@@ -199,8 +234,9 @@ class AdapterBody(BaseModel):
     """POST /v1/adapters/load and /unload: the adapter to load or unload."""
 
     model_config = ConfigDict(extra="forbid")
-    adapter: str = Field(..., min_length=1, pattern=r"\S",
-                         description="Adapter reference: name, name@3, name@prod or a folder.")
+    adapter: str = Field(
+        ..., min_length=1, pattern=r"\S", description="Adapter reference: name, name@3, name@prod or a folder."
+    )
 
 
 # ------------------------------------------------------------------ responses

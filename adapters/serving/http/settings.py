@@ -31,11 +31,14 @@ class ServerSettings(BaseModel):
         16, ge=1, description="Most rows decoding at once (continuous) or in one engine call (window)."
     )
     batching: Literal["continuous", "window"] = Field(
-        "continuous", description="continuous: requests join and leave the running decode batch between steps; "
+        "continuous",
+        description="continuous: requests join and leave the running decode batch between steps; "
         "window: requests gathered for batch_window_ms run as one batch to its end (adapters.serving.http.batcher).",
     )
     join_every_steps: int = Field(
-        4, ge=1, description="continuous: waiting requests join the running batch together at most every this many "
+        4,
+        ge=1,
+        description="continuous: waiting requests join the running batch together at most every this many "
         "decode steps (at once when nothing runs), sharing one prefill pass (1: at every step).",
     )
     batch_window_ms: float = Field(

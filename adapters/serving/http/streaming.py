@@ -68,8 +68,7 @@ def _held_back(text: str, stops: list[str]) -> int:
     cut = min((text.find(s) for s in stops if s in text), default=-1)
     if cut >= 0:
         return len(text) - cut
-    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-               default=0)
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
 
 
 class ChunkFormat:
@@ -81,9 +80,14 @@ class ChunkFormat:
     these fields of the choice (e.g. its text and logprobs), instead of token by token.
     """
 
-    def __init__(self, chat: bool, model: str, include_usage: bool,
-                 prefix: Callable[[int, list[int]], str] | None = None,
-                 whole: Callable[[int, list[GenerationResult]], dict] | None = None):
+    def __init__(
+        self,
+        chat: bool,
+        model: str,
+        include_usage: bool,
+        prefix: Callable[[int, list[int]], str] | None = None,
+        whole: Callable[[int, list[GenerationResult]], dict] | None = None,
+    ):
         self.chat, self.model, self.include_usage, self.prefix, self.whole = chat, model, include_usage, prefix, whole
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
@@ -112,8 +116,13 @@ class ChunkFormat:
         return self._sse({"choices": [], "usage": usage})
 
     def _sse(self, body: dict) -> str:
-        chunk = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                 "created": self.created, "model": self.model, **body}
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            **body,
+        }
         if self.include_usage:
             chunk.setdefault("usage", None)
         return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"

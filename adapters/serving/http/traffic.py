@@ -19,8 +19,15 @@ def _at(values: list | None, i: int):
     return values[i] if values is not None and i < len(values) else None
 
 
-def log_traffic(settings: ServerSettings, engine: InferenceEngine, endpoint: str, ref: str, started: float,
-                status: int, fields: dict) -> None:
+def log_traffic(
+    settings: ServerSettings,
+    engine: InferenceEngine,
+    endpoint: str,
+    ref: str,
+    started: float,
+    status: int,
+    fields: dict,
+) -> None:
     """Call ``settings.on_request`` once per row of a request (once for a failed request); no hook, no-op.
 
     Args:

@@ -35,8 +35,11 @@ def build_objective(cfg: RunConfig, tokenizer, method, accelerator) -> tuple[Any
     if name == "sft":
         return None, None
     if name in PREFERENCE_OBJECTIVES:
-        objective = (KTOObjective(cfg.train.preference, accelerator) if name == "kto"
-                     else PairwiseObjective(name, cfg.train.preference))
+        objective = (
+            KTOObjective(cfg.train.preference, accelerator)
+            if name == "kto"
+            else PairwiseObjective(name, cfg.train.preference)
+        )
         collate = pair_collator(tokenizer, kto=name == "kto")
     else:
         grpo = cfg.train.grpo

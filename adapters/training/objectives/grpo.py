@@ -49,7 +49,10 @@ def group_advantages(rewards: torch.Tensor, group: int, scale_rewards: str = "gr
 
 
 def grpo_sequence_losses(
-    logps: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, ref_logps: torch.Tensor | None = None,
+    logps: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    ref_logps: torch.Tensor | None = None,
     beta: float = 0.0,
 ) -> torch.Tensor:
     """[completions] GRPO losses from per-token log-probs and mask [completions, K] (adapters.modeling.
@@ -69,9 +72,12 @@ def prompt_collator(tokenizer):
 
     def collate(rows):
         prompts = [list(r["prompt_ids"]) for r in rows]
-        return {"prompt_ids": prompts, "target": [r["target"] for r in rows],
-                "input_ids": pad_rows(prompts, pad, "left"),
-                "attention_mask": pad_rows([[1] * len(p) for p in prompts], 0, "left")}
+        return {
+            "prompt_ids": prompts,
+            "target": [r["target"] for r in rows],
+            "input_ids": pad_rows(prompts, pad, "left"),
+            "attention_mask": pad_rows([[1] * len(p) for p in prompts], 0, "left"),
+        }
 
     return collate
 
@@ -110,8 +116,13 @@ class GRPOObjective:
             out = unwrapped.generate(
                 input_ids=pad_rows(repeated, pad, "left").to(device),
                 attention_mask=pad_rows([[1] * len(p) for p in repeated], 0, "left").to(device),
-                do_sample=True, temperature=self.options.temperature, top_p=self.options.top_p, top_k=0,
-                max_new_tokens=self.options.max_new_tokens, pad_token_id=pad, eos_token_id=sorted(ends),
+                do_sample=True,
+                temperature=self.options.temperature,
+                top_p=self.options.top_p,
+                top_k=0,
+                max_new_tokens=self.options.max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=sorted(ends),
             )
         finally:
             unwrapped.train(was_training)
@@ -119,7 +130,7 @@ class GRPOObjective:
         completions = []
         for row in out[:, width:].tolist():
             stop = next((i for i, token in enumerate(row) if token in ends), None)
-            completions.append(row if stop is None else row[:stop + 1])
+            completions.append(row if stop is None else row[: stop + 1])
         return completions
 
     def loss(self, model, batch) -> torch.Tensor:
@@ -129,16 +140,23 @@ class GRPOObjective:
         completions = self.sample(model, prompts)
         repeated = [p for p in prompts for _ in range(group)]
         per_function = score_completions(
-            self.rewards, self.names, [tok.decode(p, skip_special_tokens=True) for p in repeated],
-            [tok.decode(c, skip_special_tokens=True) for c in completions], completions,
+            self.rewards,
+            self.names,
+            [tok.decode(p, skip_special_tokens=True) for p in repeated],
+            [tok.decode(c, skip_special_tokens=True) for c in completions],
+            completions,
             [t for t in batch["target"] for _ in range(group)],
         )  # [completions, functions]
         rewards = (per_function * self.weights).nansum(1)
         rewards[torch.isnan(per_function).all(1)] = float("nan")
         advantages = group_advantages(rewards, group, self.options.scale_rewards)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        rows = rows_batch([p + c for p, c in zip(repeated, completions)],
-                          [[-100] * len(p) + c for p, c in zip(repeated, completions)], pad, padding_side())
+        rows = rows_batch(
+            [p + c for p, c in zip(repeated, completions)],
+            [[-100] * len(p) + c for p, c in zip(repeated, completions)],
+            pad,
+            padding_side(),
+        )
         device = batch["input_ids"].device
         rows = {k: v.to(device) for k, v in rows.items()}
         temperature = self.options.temperature
@@ -168,7 +186,14 @@ class GRPOObjective:
     def manifest_entry(self) -> dict:
         """What the adapter's manifest records about the objective (rewards with their weights)."""
         o = self.options
-        return {"name": "grpo", "reference": "base with adapter disabled" if self.needs_reference else None,
-                "beta": o.beta, "num_generations": o.num_generations, "max_new_tokens": o.max_new_tokens,
-                "temperature": o.temperature, "top_p": o.top_p, "scale_rewards": o.scale_rewards,
-                "rewards": [r.model_dump(exclude_none=True) for r in o.rewards]}
+        return {
+            "name": "grpo",
+            "reference": "base with adapter disabled" if self.needs_reference else None,
+            "beta": o.beta,
+            "num_generations": o.num_generations,
+            "max_new_tokens": o.max_new_tokens,
+            "temperature": o.temperature,
+            "top_p": o.top_p,
+            "scale_rewards": o.scale_rewards,
+            "rewards": [r.model_dump(exclude_none=True) for r in o.rewards],
+        }

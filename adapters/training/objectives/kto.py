@@ -23,8 +23,12 @@ from adapters.training.objectives.pairwise import DEFAULT_BETA
 
 
 def kto_losses(
-    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, kl: torch.Tensor, beta: float,
-    desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+    chosen_logratios: torch.Tensor,
+    rejected_logratios: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
 ) -> torch.Tensor:
     """[desirable + undesirable] KTO losses from log-ratios log pi - log ref [desirable] and
     [undesirable] (nats) and the reference point `kl` (a scalar, no gradient)."""
@@ -75,8 +79,9 @@ class KTOObjective:
         logps = _sequence_logps(model, batch)
         half = logps.shape[0] // 2
         ratios = logps - ref
-        losses = kto_losses(ratios[:half], ratios[half:], kl, self.beta, self.options.desirable_weight,
-                            self.options.undesirable_weight)
+        losses = kto_losses(
+            ratios[:half], ratios[half:], kl, self.beta, self.options.desirable_weight, self.options.undesirable_weight
+        )
         margin = (logps[:half] - logps[half:]).detach()
         self._stats.append((float((margin > 0).sum()), float(kl), half))
         return losses.sum()
@@ -94,6 +99,10 @@ class KTOObjective:
 
     def manifest_entry(self) -> dict:
         """What the adapter's manifest records about the objective."""
-        return {"name": "kto", "beta": self.beta, "reference": "base with adapter disabled",
-                "desirable_weight": self.options.desirable_weight,
-                "undesirable_weight": self.options.undesirable_weight}
+        return {
+            "name": "kto",
+            "beta": self.beta,
+            "reference": "base with adapter disabled",
+            "desirable_weight": self.options.desirable_weight,
+            "undesirable_weight": self.options.undesirable_weight,
+        }

@@ -32,9 +32,14 @@ DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1, "simpo": 2.0}
 
 
 def dpo_loss(
-    chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor, beta: float, loss_type: str = "sigmoid",
-    chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-pair DPO losses [pairs] from sequence log-probs [pairs] (nats, summed over completion tokens)
     of the policy and the reference. loss_type: "sigmoid", "hinge" or "ipo" (ipo needs the completion
@@ -100,8 +105,16 @@ class PairwiseObjective:
         if self.name == "dpo":
             with torch.no_grad(), adapter_disabled(model):
                 ref = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])[0].sum(1)
-            losses = dpo_loss(chosen, rejected, ref[:pairs], ref[pairs:], self.beta, self.options.loss_type,
-                              chosen_tokens, rejected_tokens)
+            losses = dpo_loss(
+                chosen,
+                rejected,
+                ref[:pairs],
+                ref[pairs:],
+                self.beta,
+                self.options.loss_type,
+                chosen_tokens,
+                rejected_tokens,
+            )
         else:
             chosen_mean = chosen / chosen_tokens.clamp(min=1.0)
             rejected_mean = rejected / rejected_tokens.clamp(min=1.0)
@@ -124,8 +137,11 @@ class PairwiseObjective:
 
     def manifest_entry(self) -> dict:
         """What the adapter's manifest records about the objective."""
-        entry = {"name": self.name, "beta": self.beta,
-                 "reference": "base with adapter disabled" if self.needs_reference else None}
+        entry = {
+            "name": self.name,
+            "beta": self.beta,
+            "reference": "base with adapter disabled" if self.needs_reference else None,
+        }
         if self.name == "dpo":
             entry["loss_type"] = self.options.loss_type
         if self.name == "simpo":

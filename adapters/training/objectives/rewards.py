@@ -77,8 +77,12 @@ def load_reward(spec: RewardConfig, max_new_tokens: int) -> RewardFn:
 
 
 def score_completions(
-    functions: list[RewardFn], names: list[str], prompts: list[str], completions: list[str],
-    completion_ids: list[list[int]], target: list[str],
+    functions: list[RewardFn],
+    names: list[str],
+    prompts: list[str],
+    completions: list[str],
+    completion_ids: list[list[int]],
+    target: list[str],
 ) -> torch.Tensor:
     """[completions, functions] float rewards (NaN where a function returned None).
 

@@ -133,8 +133,15 @@ def test_health_docs_metrics(client):
     assert client.get("/health").json()["status"] == "ok"
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
-    routes = {"/v1/completions", "/v1/chat/completions", "/v1/classify", "/v1/models", "/v1/adapters/load", "/health",
-              "/metrics"}
+    routes = {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/classify",
+        "/v1/models",
+        "/v1/adapters/load",
+        "/health",
+        "/metrics",
+    }
     assert routes <= set(paths)
     client.post("/v1/completions", json={"model": "alpha", "prompt": "m", "max_tokens": 2})
     text = client.get("/metrics").text

@@ -24,10 +24,24 @@ class StubStore:
 
 
 def stub_engine():
-    resident = [{"name": "alpha", "version": 2, "refs": ["alpha"], "key": "k2", "method": "lora", "mixable": True,
-                 "labels": None, "uses": 3}]
+    resident = [
+        {
+            "name": "alpha",
+            "version": 2,
+            "refs": ["alpha"],
+            "key": "k2",
+            "method": "lora",
+            "mixable": True,
+            "labels": None,
+            "uses": 3,
+        }
+    ]
     return SimpleNamespace(
-        base_name="tiny-base", task="causal-lm", capacity=4, resident=lambda: resident, store_of=StubStore,
+        base_name="tiny-base",
+        task="causal-lm",
+        capacity=4,
+        resident=lambda: resident,
+        store_of=StubStore,
         loaded_at=1_700_000_000.0,
         stats=SimpleNamespace(hits=5, misses=1, loads=1, evictions=0),
     )
@@ -37,7 +51,11 @@ def test_health_and_models_through_the_factory():
     engine = stub_engine()
     with TestClient(create_app(engine, ServerSettings())) as client:
         assert client.get("/health").json() == {
-            "status": "ok", "base": "tiny-base", "task": "causal-lm", "resident_adapters": 1, "capacity": 4,
+            "status": "ok",
+            "base": "tiny-base",
+            "task": "causal-lm",
+            "resident_adapters": 1,
+            "capacity": 4,
             "queue_depth": 0,
         }
         data = client.get("/v1/models").json()["data"]
@@ -72,8 +90,12 @@ def test_an_unexpected_error_is_logged_with_its_traceback_and_answered_as_json_5
         assert client.post("/v1/adapters/load", json={"adapter": "base"}).status_code == 400  # still serving
     for response, error in ((health, ZeroDivisionError), (load, IndexError)):
         assert response.status_code == 500
-        assert response.json()["error"] == {"message": f"internal error: {error.__name__}", "type": "server_error",
-                                            "param": None, "code": 500}
+        assert response.json()["error"] == {
+            "message": f"internal error: {error.__name__}",
+            "type": "server_error",
+            "param": None,
+            "code": 500,
+        }
         assert any(r.exc_info and r.exc_info[0] is error for r in caplog.records), error
 
 
@@ -104,4 +126,3 @@ def test_openapi_declares_every_status_and_constraint_the_server_applies():
     assert completion["properties"]["presence_penalty"]["anyOf"][0] == {"type": "number", "minimum": 0, "maximum": 0}
     assert {"created", "owned_by"} <= set(components["ModelCard"]["required"])
     assert "/v1/models/{model}" in schema["paths"]
-

@@ -102,8 +102,14 @@ def test_streamed_logprobs_and_echo_equal_the_non_streamed_ones(client):
     assert "".join(c.choices[0].text for c in chunks) == whole.text
     got = next(c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None)
     assert got.tokens == whole.logprobs.tokens and got.token_logprobs == whole.logprobs.token_logprobs
-    chat = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
-            "logprobs": True, "top_logprobs": 1}
+    chat = {
+        "model": "alpha",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 1,
+    }
     whole = client.chat.completions.create(**chat).choices[0]
     chunks = list(client.chat.completions.create(**chat, stream=True))
     content = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
@@ -118,13 +124,12 @@ def test_engine_errors_before_the_first_token_are_http_errors(client):
 
 
 def test_a_client_that_disconnects_cancels_its_row(server, client):
-    body = {"model": "gamma", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+    body = {"model": "gamma", "prompt": PROMPT, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
     steps_before = decode_steps(server)
     with httpx.Client(base_url=server.url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.read()
         first = next(line for line in r.iter_lines() if line.startswith("data: "))
-        assert json.loads(first[len("data: "):])["object"] == "text_completion"
+        assert json.loads(first[len("data: ") :])["object"] == "text_completion"
     assert wait_idle(server)
     if server.app_state.settings.batching == "continuous":  # the row left the batch long before its 200 tokens
         assert decode_steps(server) - steps_before < 100

@@ -27,7 +27,8 @@ async def _classify(server: ServerContext, body: ClassifyBody) -> tuple[Classify
     results = await server.run_job("classify", [ClassificationRequest(adapter=ref, text=t) for t in texts])
     tokens = sum(r.input_tokens for r in results)
     response = ClassifyResponse(
-        id=f"cls-{uuid.uuid4().hex[:24]}", model=ref,
+        id=f"cls-{uuid.uuid4().hex[:24]}",
+        model=ref,
         usage=Usage(prompt_tokens=tokens, completion_tokens=0, total_tokens=tokens),
         results=[
             Classification(index=i, label=r.label, confidence=r.confidence, probabilities=r.probabilities)
@@ -35,8 +36,12 @@ async def _classify(server: ServerContext, body: ClassifyBody) -> tuple[Classify
         ],
     )
     fields = {
-        "request_id": response.id, "rows": len(texts), "input_tokens": tokens, "texts": texts,
-        "row_input_tokens": [r.input_tokens for r in results], "labels": [r.label for r in results],
+        "request_id": response.id,
+        "rows": len(texts),
+        "input_tokens": tokens,
+        "texts": texts,
+        "row_input_tokens": [r.input_tokens for r in results],
+        "labels": [r.label for r in results],
         "confidences": [r.confidence for r in results],
     }
     if server.settings.traffic_include_text:
@@ -44,8 +49,12 @@ async def _classify(server: ServerContext, body: ClassifyBody) -> tuple[Classify
     return response, fields
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse, tags=["classification"],
-             responses=error_responses(400, 401, 404, 409, 413, 500))
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyResponse,
+    tags=["classification"],
+    responses=error_responses(400, 401, 404, 409, 413, 500),
+)
 async def classify(body: ClassifyBody, server: Server):
     """Classify each text with adapter ``model``: label, its probability and every label's probability."""
     return await server.guarded("classify", body.model, lambda: _classify(server, body))

@@ -45,7 +45,8 @@ class ServerContext:
         ref = ref.strip()
         if is_path_ref(ref) and not self.settings.allow_path_refs:
             raise APIError(
-                400, "folder references are disabled on this server; use name, name@<version> or name@<tag>",
+                400,
+                "folder references are disabled on this server; use name, name@<version> or name@<tag>",
                 param="model",
             )
         if ref != BASE:

@@ -34,8 +34,21 @@ from adapters.serving.http.streaming import ChunkFormat, StreamJob, stream_respo
 
 router = APIRouter(dependencies=[Depends(require_bearer_token)])
 _ERRORS = error_responses(400, 401, 404, 409, 413, 500)
-_STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string", "description": (
-    "With stream: server-sent events, each `data: {chunk}` (OpenAI's chunk objects), then `data: [DONE]`.")}}}}}
+_STREAMED = {
+    200: {
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "string",
+                    "description": (
+                        "With stream: server-sent events, each `data: {chunk}` (OpenAI's chunk objects), "
+                        "then `data: [DONE]`."
+                    ),
+                }
+            }
+        }
+    }
+}
 
 
 def _sampling(**options) -> SamplingParams:
@@ -58,12 +71,16 @@ def _usage(results: list[GenerationResult], n: int) -> Usage:
 
 def _traffic_fields(request_id: str, texts: list[str], results, answers_are_labels: bool) -> dict:
     return {
-        "request_id": request_id, "rows": len(results), "input_tokens": sum(r.prompt_tokens for r in results),
-        "output_tokens": sum(r.completion_tokens for r in results), "texts": texts,
+        "request_id": request_id,
+        "rows": len(results),
+        "input_tokens": sum(r.prompt_tokens for r in results),
+        "output_tokens": sum(r.completion_tokens for r in results),
+        "texts": texts,
         "outputs": [r.text for r in results],
         "row_input_tokens": [r.prompt_tokens for r in results],
         "row_output_tokens": [r.completion_tokens for r in results],
-        "finish_reasons": [r.finish_reason for r in results], "confidences": [r.confidence for r in results],
+        "finish_reasons": [r.finish_reason for r in results],
+        "confidences": [r.confidence for r in results],
         # an adapter trained to answer from a small set (its reference has a label mix): the answer is a label
         "labels": [first_line_answer(r.text) for r in results] if answers_are_labels else None,
     }
@@ -91,8 +108,9 @@ def _completion_prompts(server: ServerContext, prompt) -> list[tuple[str | None,
     vocab = len(server.engine.tokenizer)
     for _, ids in prompts:
         if ids is not None and max(ids) >= vocab:
-            raise APIError(400, f"prompt: token id {max(ids)} is outside the vocabulary (0..{vocab - 1})",
-                           param="prompt")
+            raise APIError(
+                400, f"prompt: token id {max(ids)} is outside the vocabulary (0..{vocab - 1})", param="prompt"
+            )
     return prompts
 
 
@@ -106,8 +124,14 @@ def _completion_rows(server: ServerContext, body: CompletionBody) -> tuple[str, 
     server.check_max_tokens(body.max_tokens)
     prompts = _completion_prompts(server, body.prompt)
     _check_rows(server, len(prompts), body.n)
-    sampling = {"max_new_tokens": body.max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                "stop": body.stop or [], "ignore_eos": body.ignore_eos, "logprobs": body.logprobs}
+    sampling = {
+        "max_new_tokens": body.max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "stop": body.stop or [],
+        "ignore_eos": body.ignore_eos,
+        "logprobs": body.logprobs,
+    }
     rows, texts = [], []
     for text, ids in prompts:
         server.check_tokens(len(ids) if ids is not None else server.engine.count_tokens(text), "prompt")
@@ -135,7 +159,10 @@ async def _complete(server: ServerContext, body: CompletionBody) -> tuple[Comple
     results = await server.run_job("generate", rows)
     choices = [_completion_choice(server.engine.tokenizer, body, k, results) for k in range(len(results))]
     response = CompletionResponse(
-        id=f"cmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=ref, usage=_usage(results, body.n),
+        id=f"cmpl-{uuid.uuid4().hex[:24]}",
+        created=int(time.time()),
+        model=ref,
+        usage=_usage(results, body.n),
         choices=choices,
     )
     return response, _traffic_fields(response.id, texts, results, server.answers_are_labels(ref))
@@ -155,10 +182,18 @@ def _chat_rows(server: ServerContext, body: ChatBody) -> tuple[str, list[Generat
     server.check_tokens(sum(server.engine.count_tokens(m["content"]) for m in messages), "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     rows = [
-        GenerationRequest(adapter=ref, messages=messages, params=_sampling(
-            max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-            seed=_sample_seed(body.seed, i), stop=body.stop or [], logprobs=logprobs,
-        ))
+        GenerationRequest(
+            adapter=ref,
+            messages=messages,
+            params=_sampling(
+                max_new_tokens=max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                seed=_sample_seed(body.seed, i),
+                stop=body.stop or [],
+                logprobs=logprobs,
+            ),
+        )
         for i in range(body.n)
     ]
     return ref, rows, messages
@@ -172,12 +207,19 @@ async def _chat(server: ServerContext, body: ChatBody) -> tuple[ChatResponse, di
     ref, rows, messages = _chat_rows(server, body)
     results = await server.run_job("generate", rows)
     choices = [
-        ChatChoice(index=i, message=AssistantMessage(content=r.text), finish_reason=r.finish_reason,
-                   logprobs=chat_logprobs(server.engine.tokenizer, r.logprobs) if body.logprobs else None)
+        ChatChoice(
+            index=i,
+            message=AssistantMessage(content=r.text),
+            finish_reason=r.finish_reason,
+            logprobs=chat_logprobs(server.engine.tokenizer, r.logprobs) if body.logprobs else None,
+        )
         for i, r in enumerate(results)
     ]
     response = ChatResponse(
-        id=f"chatcmpl-{uuid.uuid4().hex[:24]}", created=int(time.time()), model=ref, usage=_usage(results, body.n),
+        id=f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        created=int(time.time()),
+        model=ref,
+        usage=_usage(results, body.n),
         choices=choices,
     )
     fields = _traffic_fields(response.id, [_last_user(messages)] * body.n, results, server.answers_are_labels(ref))
@@ -188,32 +230,52 @@ def _stream_completion(server: ServerContext, body: CompletionBody) -> StreamJob
     ref, rows, texts = _completion_rows(server, body)
     tokenizer = server.engine.tokenizer
     fmt = ChunkFormat(
-        chat=False, model=ref, include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        chat=False,
+        model=ref,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
         prefix=(lambda k, ids: prompt_text(tokenizer, ids)) if body.echo else None,
-        whole=None if body.logprobs is None else lambda k, results: _completion_choice(
-            tokenizer, body, k, results).model_dump(include={"text", "logprobs"}),
+        whole=None
+        if body.logprobs is None
+        else lambda k, results: _completion_choice(tokenizer, body, k, results).model_dump(
+            include={"text", "logprobs"}
+        ),
     )
-    return StreamJob(ref, rows, fmt, lambda results: _usage(results, body.n),
-                     lambda rid, results: _traffic_fields(rid, texts, results, server.answers_are_labels(ref)))
+    return StreamJob(
+        ref,
+        rows,
+        fmt,
+        lambda results: _usage(results, body.n),
+        lambda rid, results: _traffic_fields(rid, texts, results, server.answers_are_labels(ref)),
+    )
 
 
 def _stream_chat(server: ServerContext, body: ChatBody) -> StreamJob:
     ref, rows, messages = _chat_rows(server, body)
     tokenizer = server.engine.tokenizer
     fmt = ChunkFormat(
-        chat=True, model=ref, include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        whole=None if not body.logprobs else lambda k, results: {
+        chat=True,
+        model=ref,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        whole=None
+        if not body.logprobs
+        else lambda k, results: {
             "delta": {"content": results[k].text},
             "logprobs": chat_logprobs(tokenizer, results[k].logprobs).model_dump(),
         },
     )
     texts = [_last_user(messages)] * body.n
-    return StreamJob(ref, rows, fmt, lambda results: _usage(results, body.n),
-                     lambda rid, results: _traffic_fields(rid, texts, results, server.answers_are_labels(ref)))
+    return StreamJob(
+        ref,
+        rows,
+        fmt,
+        lambda results: _usage(results, body.n),
+        lambda rid, results: _traffic_fields(rid, texts, results, server.answers_are_labels(ref)),
+    )
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, tags=["generation"],
-             responses={**_ERRORS, **_STREAMED})
+@router.post(
+    "/v1/completions", response_model=CompletionResponse, tags=["generation"], responses={**_ERRORS, **_STREAMED}
+)
 async def completions(body: CompletionBody, server: Server):
     """Complete each prompt with ``model`` ("base" or an adapter reference): n choices per prompt; with
     ``stream``, as server-sent events."""
@@ -222,8 +284,9 @@ async def completions(body: CompletionBody, server: Server):
     return await server.guarded("completions", body.model, lambda: _complete(server, body))
 
 
-@router.post("/v1/chat/completions", response_model=ChatResponse, tags=["generation"],
-             responses={**_ERRORS, **_STREAMED})
+@router.post(
+    "/v1/chat/completions", response_model=ChatResponse, tags=["generation"], responses={**_ERRORS, **_STREAMED}
+)
 async def chat_completions(body: ChatBody, server: Server):
     """Answer the conversation ``messages`` with ``model`` (n choices); max_completion_tokens / max_tokens
     default to 256. With ``stream``, as server-sent events."""

@@ -44,30 +44,56 @@ def _created_of(server: ServerContext, ref: str, stored_at: dict[str, str | None
 
 
 def _model_cards(server: ServerContext) -> list[ModelCard]:
-    """"base", the resident adapters (name@version when stored), then the store's other versions for this task."""
+    """ "base", the resident adapters (name@version when stored), then the store's other versions for this task."""
     engine = server.engine
     try:
         stored = engine.store_of().list()
     except Exception:  # noqa: BLE001 - an unreadable store still lists what is resident
         stored = []
     stored_at = {f"{row['name']}@{row['version']}": row.get("created_at") for row in stored}
-    cards = [ModelCard(id=BASE, created=int(engine.loaded_at), owned_by=OWNER, base=engine.base_name, task=engine.task,
-                       resident=True)]
+    cards = [
+        ModelCard(
+            id=BASE,
+            created=int(engine.loaded_at),
+            owned_by=OWNER,
+            base=engine.base_name,
+            task=engine.task,
+            resident=True,
+        )
+    ]
     for r in engine.resident():
         if r.get("name") and r.get("version"):
             ref = f"{r['name']}@{r['version']}"
         else:
             ref = r["refs"][0] if r["refs"] else r["key"]
-        cards.append(ModelCard(id=ref, created=_created_of(server, ref, stored_at), owned_by=OWNER, resident=True,
-                               method=r["method"], mixable=r["mixable"], labels=r["labels"], refs=r["refs"],
-                               uses=r["uses"]))
+        cards.append(
+            ModelCard(
+                id=ref,
+                created=_created_of(server, ref, stored_at),
+                owned_by=OWNER,
+                resident=True,
+                method=r["method"],
+                mixable=r["mixable"],
+                labels=r["labels"],
+                refs=r["refs"],
+                uses=r["uses"],
+            )
+        )
     resident_ids = {c.id for c in cards}
     for row in stored:
         ref = f"{row['name']}@{row['version']}"
         if row.get("task") not in (None, engine.task) or ref in resident_ids:
             continue
-        cards.append(ModelCard(id=ref, created=_epoch(row.get("created_at"), engine.loaded_at), owned_by=OWNER,
-                               resident=False, method=row.get("method"), tags=row.get("tags")))
+        cards.append(
+            ModelCard(
+                id=ref,
+                created=_epoch(row.get("created_at"), engine.loaded_at),
+                owned_by=OWNER,
+                resident=False,
+                method=row.get("method"),
+                tags=row.get("tags"),
+            )
+        )
     return cards
 
 
@@ -77,8 +103,12 @@ def models(server: Server):
     return ModelList(data=_model_cards(server))
 
 
-@router.get("/v1/models/{model:path}", tags=["adapters"], response_model=ModelCard,
-            responses=error_responses(400, 401, 404, 500))
+@router.get(
+    "/v1/models/{model:path}",
+    tags=["adapters"],
+    response_model=ModelCard,
+    responses=error_responses(400, 401, 404, 500),
+)
 def model_card(model: str, server: Server):
     """One model: "base", a listed id (name@version), or any reference to a stored adapter (name, name@tag),
     answered under the reference asked for; 404 when the store has no such adapter."""
@@ -92,8 +122,12 @@ def model_card(model: str, server: Server):
     return ModelCard(id=ref, created=_created_of(server, ref, {}), owned_by=OWNER, resident=resident)
 
 
-@router.post("/v1/adapters/load", tags=["adapters"], response_model=AdapterLoaded,
-             responses=error_responses(400, 401, 404, 409, 413, 500))
+@router.post(
+    "/v1/adapters/load",
+    tags=["adapters"],
+    response_model=AdapterLoaded,
+    responses=error_responses(400, 401, 404, 409, 413, 500),
+)
 async def load_adapter(body: AdapterBody, server: Server):
     """Load ``adapter`` into memory now (evicting the least recently used beyond capacity); 404 when unknown."""
     ref = server.check_adapter(body.adapter)
@@ -103,12 +137,20 @@ async def load_adapter(body: AdapterBody, server: Server):
         entry = await run_in_threadpool(server.engine.load, ref)
     except Exception as err:  # noqa: BLE001
         raise api_error_of(err) from None
-    return AdapterLoaded(loaded=ref, key=entry.adapter.key, load_seconds=round(entry.load_seconds, 4),
-                         resident=len(server.engine.resident()))
+    return AdapterLoaded(
+        loaded=ref,
+        key=entry.adapter.key,
+        load_seconds=round(entry.load_seconds, 4),
+        resident=len(server.engine.resident()),
+    )
 
 
-@router.post("/v1/adapters/unload", tags=["adapters"], response_model=AdapterUnloaded,
-             responses=error_responses(400, 401, 404, 413, 500))
+@router.post(
+    "/v1/adapters/unload",
+    tags=["adapters"],
+    response_model=AdapterUnloaded,
+    responses=error_responses(400, 401, 404, 413, 500),
+)
 async def unload_adapter(body: AdapterBody, server: Server):
     """Free ``adapter``'s memory; ``unloaded`` is false when it was not resident."""
     ref = server.check_adapter(body.adapter)

@@ -19,8 +19,13 @@ _PROMETHEUS_TEXT = {
 }
 
 
-@router.get("/metrics", tags=["operations"], response_class=Response, dependencies=[Depends(require_bearer_token)],
-            responses={**_PROMETHEUS_TEXT, **error_responses(401, 500)})
+@router.get(
+    "/metrics",
+    tags=["operations"],
+    response_class=Response,
+    dependencies=[Depends(require_bearer_token)],
+    responses={**_PROMETHEUS_TEXT, **error_responses(401, 500)},
+)
 def prometheus_metrics(server: Server):
     """Every metric of adapters.serving.http.metrics in Prometheus' text format (bearer token when one is set)."""
     return PlainTextResponse(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -30,5 +35,11 @@ def prometheus_metrics(server: Server):
 def health(server: Server):
     """Liveness: base model, task, resident adapters, capacity and the batcher's queue depth."""
     engine = server.engine
-    return {"status": "ok", "base": engine.base_name, "task": engine.task, "resident_adapters": len(engine.resident()),
-            "capacity": engine.capacity, "queue_depth": server.batcher.depth()}
+    return {
+        "status": "ok",
+        "base": engine.base_name,
+        "task": engine.task,
+        "resident_adapters": len(engine.resident()),
+        "capacity": engine.capacity,
+        "queue_depth": server.batcher.depth(),
+    }
