@@ -106,7 +106,8 @@ def markdown(r: dict) -> str:
         f"| LoRA after {r['steps']} steps | {r['test_adapted']['loss']:.3f} | {r['test_adapted']['perplexity']:.2f} |",
         "",
         f"Conversations: {sizes}. Training: {r['train_seconds']} s ({r['tokens_per_second']} tokens/s), "
-        f"{r['wall_seconds_total']} s in all, on {r['machine']['cpus']} CPUs ({r['date']}).",
+        f"{r['wall_seconds_total']} s in all, on {r['machine']['cpus']} CPUs shared with other jobs (load average "
+        f"{r['machine']['loadavg_after'][2]:.1f} over the last 15 minutes; {r['date']}).",
     ]
     if r.get("packing"):
         p = r["packing"]
