@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from adapters.constants import (
     CAUSAL_LM_METRICS,
@@ -22,9 +22,33 @@ from adapters.constants import (
     PREFERENCE_METRICS,
     Task,
 )
-from adapters.errors import ConfigError
+from adapters.errors import ConfigError, yaml_problem
+from adapters.gguf_meta import check_model_name
 from adapters.methods import get_method, list_methods
 from adapters.methods.base import MethodOptions
+from adapters.paths import validate_name
+
+# Upper bounds of sizes the config alone can judge: far above any run this toolkit makes, far below what
+# would try to allocate the machine away (method.r = 1e8 asks for ~150 GB) or never end.
+MAX_STEPS = 10**9
+MAX_EPOCHS = 10**6
+MAX_BATCH = 2**16
+MAX_TOKENS = 2**20  # data.max_length, generation budgets: 1M tokens, beyond any context window here
+MAX_LR = 10.0  # AdamW moves each weight by about lr per step: beyond ~1 every run diverges
+#: method option -> largest value (the rank of a low-rank update, or learned prompt length, past 4096 is
+#: larger than the layers of any model this toolkit trains; the preflight also checks r against the layers).
+METHOD_OPTION_LIMITS = {
+    "r": 4096,
+    "num_virtual_tokens": 4096,
+    "encoder_hidden_size": 65536,
+    "encoder_num_layers": 64,
+    "top_layers": 4096,
+    "blocks": 4096,
+}
+#: Largest config file read (bytes) and most YAML nodes it may expand to, aliases counted at every use:
+#: a "billion laughs" document of a few hundred bytes expands to 10^9 nodes.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 # Row formats a data set may hold (adapters.data.formats); "auto" finds it from the columns.
@@ -52,7 +76,11 @@ class QuantizationConfig(Strict):
 class ModelConfig(Strict):
     """``model``: which backbone, in which dtype, and how it is loaded."""
 
-    name: str = Field(..., description="Built-in name (see `adapterkit builtins`), a local folder, or a hub id.")
+    name: str = Field(
+        ...,
+        description="Built-in name (see `adapterkit builtins`), a .gguf file (or a folder holding one), "
+        "a local folder, or a hub id.",
+    )
     revision: str | None = Field(None, description="Hub revision (ignored for built-ins and folders).")
     dtype: DType = Field("float32", description="Weights dtype. float32 is the fast choice on CPU.")
     quantization: QuantizationConfig | None = Field(None, description="Load the backbone quantized.")
@@ -73,6 +101,13 @@ class ModelConfig(Strict):
         "pretrained", description="'random': the same architecture freshly initialised (the from-scratch baseline)."
     )
 
+    @field_validator("name")
+    @classmethod
+    def _gguf_readable(cls, name: str) -> str:
+        # A GGUF is checked from its header alone (no transformers): readable, of an architecture it converts.
+        check_model_name(name)
+        return name
+
 
 class SplitConfig(Strict):
     """``data.split``: how validation and test rows are carved out (see adapters.data.splits)."""
@@ -84,7 +119,16 @@ class SplitConfig(Strict):
     test: float = Field(0.2, ge=0, lt=1, description="Fraction of rows for the held-out test set.")
     group_column: str | None = Field(None, description="Column whose values never straddle splits (kind=group).")
     time_column: str | None = Field(None, description="Timestamp column: train on the past (kind=time).")
-    folds: int | None = Field(None, ge=2, description="Stratified k-fold cross-validation.")
+    folds: int | None = Field(None, ge=2, le=100, description="Stratified k-fold cross-validation.")
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self) -> SplitConfig:
+        if self.validation + self.test >= 1:
+            raise ConfigError(
+                f"data.split: validation {self.validation} + test {self.test} leave no training rows; "
+                "valid: validation + test < 1 (e.g. 0.1 and 0.2)"
+            )
+        return self
 
 
 class TruncationConfig(Strict):
@@ -117,7 +161,9 @@ class DataConfig(Strict):
     """``data``: where the rows come from, which columns hold input and target, and the prompt format."""
 
     name: str = Field(
-        ..., description="Built-in data set (see `adapterkit builtins`), a csv/json/jsonl/parquet file, or a hub id."
+        ...,
+        min_length=1,
+        description="Built-in data set (see `adapterkit builtins`), a csv/json/jsonl/parquet file, or a hub id.",
     )
     format: DataFormatName = Field(
         "auto",
@@ -134,7 +180,10 @@ class DataConfig(Strict):
     system_prompt: str | None = Field(None, description="System message for chat-template prompts.")
     instruction: str | None = Field(None, description="Text placed before each input in causal-lm prompts.")
     max_length: int = Field(
-        128, ge=8, description="Tokens per row: the input (classification) or prompt + response (causal-lm)."
+        128,
+        ge=8,
+        le=MAX_TOKENS,
+        description="Tokens per row: the input (classification) or prompt + response (causal-lm).",
     )
     truncation: TruncationConfig = Field(default_factory=TruncationConfig)
     max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
@@ -207,8 +256,8 @@ class RewardConfig(Strict):
 class GRPOConfig(Strict):
     """``train.grpo``: group-relative policy optimization (Shao et al. 2024) with verifiable rewards."""
 
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
-    max_new_tokens: int = Field(8, ge=1, description="Tokens per sampled completion.")
+    num_generations: int = Field(4, ge=2, le=1024, description="Completions sampled per prompt (the group).")
+    max_new_tokens: int = Field(8, ge=1, le=MAX_TOKENS, description="Tokens per sampled completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (also scales the trained log-probs).")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     beta: float = Field(0.0, ge=0, description="Weight of the KL penalty to the base (adapter disabled); 0: none.")
@@ -225,36 +274,38 @@ class GRPOConfig(Strict):
 class TrainConfig(Strict):
     """``train``: optimizer, schedule, budget, evaluation and checkpoint cadence."""
 
-    lr: float = Field(2e-4, gt=0, description="Learning rate of the adapter / backbone parameters.")
-    head_lr: float | None = Field(None, gt=0, description="Learning rate of new heads (default: lr).")
+    lr: float = Field(2e-4, gt=0, le=MAX_LR, description="Learning rate of the adapter / backbone parameters.")
+    head_lr: float | None = Field(None, gt=0, le=MAX_LR, description="Learning rate of new heads (default: lr).")
     layer_decay: float | None = Field(
         None, gt=0, le=1, description="Layer-wise LR decay: each block deeper gets lr x decay."
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on biases and norms).")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps is set).")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps to train for.")
+    epochs: float = Field(
+        1.0, gt=0, le=MAX_EPOCHS, description="Passes over the training data (ignored if max_steps is set)."
+    )
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps to train for.")
     max_seconds: float | None = Field(
         None,
         gt=0,
         description="Also stop after this many seconds of training (evaluation excluded); "
         "the schedule still spans max_steps/epochs.",
     )
-    batch_size: int = Field(8, ge=1, description="Per-process micro-batch size.")
-    eval_batch_size: int = Field(32, ge=1)
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Per-process micro-batch size.")
+    eval_batch_size: int = Field(32, ge=1, le=MAX_BATCH)
+    grad_accum: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
     scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "step"] = Field("cosine")
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int = Field(0, ge=0, description="Overrides warmup_ratio when > 0.")
-    num_cycles: int = Field(1, ge=1, description="Restarts for cosine_with_restarts.")
-    step_size: int | None = Field(None, ge=1, description="Steps between LR drops for 'step'.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Overrides warmup_ratio when > 0.")
+    num_cycles: int = Field(1, ge=1, le=MAX_STEPS, description="Restarts for cosine_with_restarts.")
+    step_size: int | None = Field(None, ge=1, le=MAX_STEPS, description="Steps between LR drops for 'step'.")
     step_gamma: float = Field(0.1, gt=0, le=1, description="LR multiplier at each drop for 'step'.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping (None: off).")
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     eval_every: int | None = Field(
-        None, ge=1, description="Evaluate every N optimizer steps (None: at the end of each epoch)."
+        None, ge=1, le=MAX_STEPS, description="Evaluate every N optimizer steps (None: at the end of each epoch)."
     )
     early_stopping: EarlyStoppingConfig | None = None
-    save_every: int | None = Field(None, ge=1, description="Write a resumable checkpoint every N steps.")
+    save_every: int | None = Field(None, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N steps.")
     seed: int = Field(42, ge=0, le=2**32 - 1, description="Seed of every random number generator (numpy's range).")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="'no' on CPU: bf16 is ~20x slower there.")
     group_by_length: bool = Field(True, description="Batch rows of similar length (less padding).")
@@ -263,11 +314,12 @@ class TrainConfig(Strict):
         description="causal-lm: pack several training rows into each row of data.max_length tokens, "
         "attention kept within each (adapters.data.packing).",
     )
-    log_every: int = Field(10, ge=1)
+    log_every: int = Field(10, ge=1, le=MAX_STEPS)
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     unfreeze_every: int | None = Field(
         None,
         ge=1,
+        le=MAX_STEPS,
         description="Gradual unfreezing: start with the head alone, open one more block from the top every N units.",
     )
     unfreeze_unit: Literal["epoch", "step"] = Field("epoch", description="Unit of unfreeze_every.")
@@ -278,6 +330,12 @@ class TrainConfig(Strict):
     )
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    resume_trust_pickle: bool = Field(
+        False,
+        exclude=True,  # a permission for this invocation, not part of the run: never recorded in config.yaml
+        description="Allow --resume of a DeepSpeed checkpoint: DeepSpeed's loader unpickles it, which runs any "
+        "code a crafted checkpoint holds. Only for checkpoints you wrote (CLI: --trust-checkpoint).",
+    )
 
 
 class OutputConfig(Strict):
@@ -288,11 +346,19 @@ class OutputConfig(Strict):
     publish: bool = Field(False, description="Publish the adapter to the store when training ends.")
     store: str | None = Field(None, description="Store root (default: $ADAPTERKIT_CACHE/store).")
 
+    @field_validator("name")
+    @classmethod
+    def _store_name(cls, name: str) -> str:
+        # It names the run folder and the store entry: one path component, checked now, not after training.
+        if not name.isprintable():
+            raise ConfigError(f"output.name {name!r}: control characters (newline, tab...) are not allowed")
+        return validate_name(name, "output.name")
+
 
 class EvalConfig(Strict):
     """``eval``: generation budget for causal-lm evaluation, and the baselines on the test split."""
 
-    max_new_tokens: int = Field(8, ge=1, description="Generation budget for causal-lm evaluation.")
+    max_new_tokens: int = Field(8, ge=1, le=MAX_TOKENS, description="Generation budget for causal-lm evaluation.")
     baseline: bool = Field(
         True,
         description="Also score baselines on the test split: the untouched base model (causal-lm); the frozen "
@@ -333,9 +399,23 @@ class RunConfig(Strict):
         return data
 
     @model_validator(mode="after")
+    def _names_not_empty(self) -> RunConfig:
+        if not self.model.name.strip():
+            raise ConfigError(
+                "model.name is empty; valid: a built-in (see `adapterkit builtins`), a folder or a hub id"
+            )
+        if self.init_from is not None and (not self.init_from.strip() or not self.init_from.isprintable()):
+            raise ConfigError(f"init_from {self.init_from!r}: valid: a stored adapter as name@version, or a folder")
+        return self
+
+    @model_validator(mode="after")
     def _method_known_and_fits_task(self) -> RunConfig:
         method = get_method(self.method.name)  # raises ConfigError listing the valid names
-        method.parse_options(self.method.options)  # raises ConfigError naming method.<key>
+        options = method.parse_options(self.method.options)  # raises ConfigError naming method.<key>
+        for key, limit in METHOD_OPTION_LIMITS.items():
+            value = getattr(options, key, None)
+            if isinstance(value, int) and value > limit:
+                raise ConfigError(f"method.{key} ({method.name}): {value} is too large; valid: 1..{limit}")
         if self.task not in method.tasks:
             raise ConfigError(
                 f"method {method.name!r} does not support task {self.task!r}; "
@@ -428,16 +508,96 @@ def _valid_keys_hint(loc: tuple, prefix: str) -> str:
     return f"; valid keys here: {', '.join(model.model_fields)}"
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses duplicate keys (a second `lr:` silently wins otherwise)."""
+
+    def construct_mapping(self, node, deep=False):
+        """As SafeLoader's, but a key given twice in one mapping raises ConfigError naming it and its lines."""
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = self.construct_scalar(key_node)
+                if key in seen:
+                    raise ConfigError(
+                        f"key {key!r} appears twice in one mapping (lines {seen[key].start_mark.line + 1} and "
+                        f"{key_node.start_mark.line + 1}); keep one"
+                    )
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Nodes of the document with every alias expanded (a node reached twice counts twice), computed
+    on the composed graph without expanding it; stops counting past `limit`. Raises ConfigError for a
+    recursive alias (a node that contains itself)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("a YAML alias refers to a node that contains it (recursive); valid: plain values")
+        active.add(key)
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        total = 1
+        for child in children:
+            total = min(limit + 1, total + size(child))
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The YAML document in `text` (safe types only), refusing one that expands to more than MAX_YAML_NODES
+    nodes (a "billion laughs" document: aliases of aliases) before anything is built from it.
+
+    source names the text in errors. Raises ConfigError for a syntax error (with line and column), a
+    duplicate key, a recursive or over-large alias expansion, or more than one document.
+    """
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{source}: the YAML expands to more than {MAX_YAML_NODES:,} values (aliases of aliases?); "
+                "write the values out or use fewer aliases"
+            )
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {yaml_problem(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML is nested too deeply; valid: a few levels of sections") from None
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(source) else f"{source}: {message}") from None
+    finally:
+        loader.dispose()
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides (values parsed as YAML) to a raw config dict, in place; returns it.
 
-    Raises ConfigError for an override without '=' or one whose path runs through a non-section.
+    Raises ConfigError for an override without '=', with an empty key, a value that is not YAML, or
+    a path that runs through a non-section.
     """
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.path=value (e.g. train.lr=2e-4)")
         path, value = item.split("=", 1)
         keys = path.strip().split(".")
+        if not all(k.strip() for k in keys):
+            raise ConfigError(f"override {item!r}: empty key in {path!r}; valid: key.path=value (e.g. train.lr=2e-4)")
+        parsed = parse_yaml(value, f"--set {path.strip()}")
         node = raw
         for key in keys[:-1]:
             existing = node.get(key)
@@ -449,7 +609,38 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise ConfigError(f"override {path!r}: {key!r} is not a section")
             node[key] = existing
             node = existing
-        node[keys[-1]] = yaml.safe_load(value)
+        node[keys[-1]] = parsed
+    return raw
+
+
+def read_config_file(path: str | Path) -> dict:
+    """The raw mapping of a YAML config file. Raises ConfigError for a missing or unreadable file, one
+    larger than MAX_CONFIG_BYTES, bytes that are not UTF-8, YAML that parse_yaml refuses, or a top
+    level that is not a mapping."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: is a folder; valid: a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes; a run config is a small YAML file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save the file as UTF-8"
+        ) from None
+    raw = parse_yaml(text, str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys (task, model, data, ...), not a {type(raw).__name__}"
+        )
     return raw
 
 
@@ -460,12 +651,7 @@ def load_config(
     if raw is None:
         if path is None:
             raise ConfigError("no config given: pass --config FILE")
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        raw = read_config_file(path)
     raw = apply_overrides(dict(raw), overrides or [])
     try:
         return RunConfig.model_validate(raw)

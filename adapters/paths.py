@@ -12,7 +12,7 @@ from pathlib import Path
 
 from adapters.errors import ConfigError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched in full: `$` would accept a trailing newline
 
 
 def cache_dir() -> Path:
@@ -32,9 +32,9 @@ def validate_name(name: str, what: str = "name") -> str:
 
     Letters, digits, '.', '_' and '-'; must start with a letter or digit; no '..'.
     """
-    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
         raise ConfigError(
-            f"invalid {what} {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            f"invalid {what} {name!r}: use 1-128 ASCII letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..' or path separators"
         )
     return name

@@ -187,3 +187,96 @@ def test_train_script_refuses_a_misspelled_metric_with_exit_2_and_one_line(tmp_p
         "valid: eval_loss, eval_accuracy, eval_f1_macro, eval_f1_micro, eval_precision_macro, eval_recall_macro, "
         "eval_mcc"
     ]
+
+
+# ---------------------------------------------------------------- YAML reading (issue 19)
+def _count_values(value) -> int:
+    """Nodes of a loaded YAML value, every alias expanded (what _expanded_size computes without expanding)."""
+    if isinstance(value, dict):
+        return 1 + sum(_count_values(k) + _count_values(v) for k, v in value.items())
+    if isinstance(value, list):
+        return 1 + sum(_count_values(v) for v in value)
+    return 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "task: causal-lm\ntrain: {lr: 1.0e-3}\n",
+        "base: &b {lr: 1.0e-3, batch_size: 8}\ntrain: *b\neval: [*b, *b, [*b]]\n",
+        "a: &a [1, 2, 3]\nb: &b [*a, *a, *a]\nc: [*b, *b, {x: *a}]\n",
+    ],
+)
+def test_parse_yaml_matches_pyyaml_and_counts_the_expansion(text):
+    import yaml
+
+    from adapters.config import MAX_YAML_NODES, _expanded_size, parse_yaml
+
+    assert parse_yaml(text, "t.yaml") == yaml.safe_load(text)
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    assert _expanded_size(node, MAX_YAML_NODES) == _count_values(yaml.safe_load(text))
+
+
+def test_billion_laughs_is_refused_in_milliseconds():
+    import time
+
+    from adapters.config import parse_yaml
+
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"x\.yaml: the YAML expands to more than 100,000 values"):
+        parse_yaml("\n".join(levels) + "\n", "x.yaml")
+    assert time.perf_counter() - started < 1.0
+
+
+def test_config_file_bytes_and_size_are_checked(tmp_path):
+    from adapters.config import MAX_CONFIG_BYTES
+
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"task: causal-lm\ndata: {name: caf\xe9}\n")
+    with pytest.raises(ConfigError, match=r"latin\.yaml: not UTF-8 text \(byte 0xe9 on line 2\)"):
+        load_config(latin)
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * MAX_CONFIG_BYTES + "\ntask: causal-lm\n")
+    with pytest.raises(ConfigError, match=r"big\.yaml: larger than 1,048,576 bytes"):
+        load_config(big)
+    with pytest.raises(ConfigError, match=r"is a folder; valid: a YAML file"):
+        load_config(tmp_path)
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("task: causal-lm\ntask: sequence-classification\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: key 'task' appears twice in one mapping \(lines 1 and 2\)"):
+        load_config(dup)
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (["method.r=100000000"], r"method\.r \(lora\): 100000000 is too large; valid: 1\.\.4096"),
+        (["output.name=../../evil"], r"invalid output\.name '\.\./\.\./evil'"),
+        (['output.name="evil\\n"'], r"output\.name 'evil\\n': control characters"),
+        (["train.lr=[1,"], r"--set train\.lr: not valid YAML: .*\(line 1, column 4\)"),
+        (["data.split.validation=0.5", "data.split.test=0.5"], r"data\.split: validation 0\.5 \+ test 0\.5"),
+        (["train.epochs=1e7"], r"config key 'train\.epochs': Input should be less than or equal to 1000000"),
+        (["train..lr=1"], r"empty key"),
+    ],
+)
+def test_sizes_names_and_overrides_checked_before_a_model_loads(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(raw=raw(), overrides=overrides)
+
+
+def test_largest_allowed_values_still_validate():
+    from adapters.config import METHOD_OPTION_LIMITS
+
+    cfg = load_config(raw=raw(), overrides=[f"method.r={METHOD_OPTION_LIMITS['r']}", "output.name=team.adapter-2"])
+    assert cfg.method_options().r == 4096 and cfg.output.name == "team.adapter-2"
+
+
+def test_the_resume_trust_flag_is_never_recorded():
+    from adapters.config import dump_config
+
+    cfg = load_config(raw=raw(), overrides=["train.resume_trust_pickle=true"])
+    assert cfg.train.resume_trust_pickle is True
+    assert "resume_trust_pickle" not in dump_config(cfg)["train"]
+    assert dump_config(cfg) == dump_config(load_config(raw=raw()))

@@ -17,6 +17,7 @@ import importlib
 import json
 import sys
 
+from adapters.cli.main import guarded
 from adapters.errors import AdapterkitError, ConfigError
 
 TARGETS = ("peft", "merged", "gguf", "vllm")
@@ -80,6 +81,7 @@ def _recorded_base(store, ref: str) -> str:
     return base
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     """`adapterkit export`: write the folder and print its report as JSON; returns the exit status."""
     args = build_parser().parse_args(argv)

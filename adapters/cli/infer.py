@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from adapters.cli.main import guarded
 from adapters.constants import TASKS
 from adapters.errors import AdapterkitError
 
@@ -73,6 +74,7 @@ def _base(args: argparse.Namespace):
     return ModelConfig(name=args.base, quantization=quantization, pooling=pooling)
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     """`adapterkit infer`: print or write the outputs; returns the exit status (module docstring)."""
     parser = build_parser()

@@ -11,10 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from adapters.cli.main import guarded
 from adapters.errors import AdapterkitError
 from adapters.training.ladder import load_ladder_config, run_ladder
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     """scripts/ladder.py: 0 when the ladder ran (or --check passed), 2 with a one-line `error: ...`
     on stderr for a config or data problem (AdapterkitError)."""

@@ -7,13 +7,33 @@
 
 Each command is a module of adapters.cli with `main(argv) -> int` (its exit status); scripts/*.py
 run the same functions. `adapterkit <command> --help` shows a command's options.
+
+Every command's `main` is wrapped by `guarded`, the one error path: bad input (an AdapterkitError or
+a library error only bad input causes, adapters.errors.user_message) ends as one line
+``error: <what>`` on stderr and exit status 2; anything else is a bug: one line saying where its
+traceback was written, exit status 1. Tracebacks go to the `adapters.cli` logger at DEBUG, never to
+the user's terminal unless ADAPTERKIT_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import logging
+import os
 import sys
+import time
+import traceback
+from collections.abc import Callable
+
+from adapters.errors import one_line, user_message
+
+log = logging.getLogger("adapters.cli")
+#: Exit status of a run refused for bad input (argparse uses the same for a bad command line).
+EXIT_BAD_INPUT = 2
+#: Exit status of an unexpected error (a bug): its traceback is in the debug log file.
+EXIT_BUG = 1
 
 # name -> (module with `main(argv) -> int`, one-line summary). A command's module is imported only when
 # that command runs, so `adapterkit methods` stays fast: it never loads the training or serving stack.
@@ -32,11 +52,65 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def debug_enabled() -> bool:
+    """Whether ADAPTERKIT_DEBUG asks for tracebacks on stderr (any value but '', '0', 'false', 'no')."""
+    return os.environ.get("ADAPTERKIT_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _write_debug_log(err: BaseException, prog: str) -> str | None:
+    """Write err's traceback to <cache>/logs/<prog>-<time>-<pid>.log; its path, or None if it cannot be written."""
+    from adapters.paths import cache_dir
+
+    try:
+        folder = cache_dir() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{prog}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text("".join(traceback.format_exception(err)), encoding="utf-8")
+        return str(path)
+    except OSError:
+        return None
+
+
+def report_error(err: BaseException, prog: str) -> int:
+    """Print the one-line message for `err` on stderr and return the exit status (see the module doc)."""
+    message = user_message(err)
+    log.debug("%s failed", prog, exc_info=err)
+    if debug_enabled():
+        traceback.print_exception(err, file=sys.stderr)
+    if message is not None:
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    where = _write_debug_log(err, prog)
+    hint = f"its traceback is in {where}" if where else "run again with ADAPTERKIT_DEBUG=1 for its traceback"
+    print(f"error: unexpected {type(err).__name__}: {one_line(str(err), 300)} (a bug; {hint})", file=sys.stderr)
+    return EXIT_BUG
+
+
+def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
+    """Wrap a command's `main(argv) -> int` in the one error path (module doc); SystemExit (argparse's
+    usage errors, --help) passes through, Ctrl-C returns 130 with one line."""
+    prog = main.__module__.rsplit(".", 1)[-1]
+
+    @functools.wraps(main)
+    def wrapper(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except KeyboardInterrupt:
+            print("error: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:
+            return report_error(err, prog)
+
+    return wrapper
+
+
 def print_methods() -> None:
     """Print every registered method: summary, tasks and options with their defaults."""
     # The method registry imports torch: only this command pays for it.
     from adapters.methods import list_methods
+    from adapters.methods.targets import TARGET_FALLBACK_NOTE
 
+    print(f"Note: {TARGET_FALLBACK_NOTE}.\n")
     for method in list_methods():
         tasks = ", ".join(sorted(method.tasks))
         flags = " [quantized ok]" if method.supports_quantized else ""
@@ -86,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     """Run `adapterkit <command> [args]`; returns the command's exit status (2: unknown command)."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
+from adapters.cli.main import guarded
+from adapters.config import parse_yaml
 from adapters.errors import AdapterkitError
 
 
@@ -60,12 +60,13 @@ def read_threshold_file(path: str | None) -> dict | None:
     file = Path(path)
     if not file.is_file():
         raise AdapterkitError(f"--thresholds: file {file} does not exist")
-    raw = yaml.safe_load(file.read_text()) or {}
+    raw = parse_yaml(file.read_text(encoding="utf-8"), f"--thresholds {file}") or {}
     if not isinstance(raw, dict):
         raise AdapterkitError(f"--thresholds: {file} must hold a mapping of threshold names to values")
     return raw
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     """`adapterkit monitor`: write the drift report; returns 0 / 1 / 2 (see the module docstring)."""
     args = build_parser().parse_args(argv)

@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from adapters.cli.main import guarded
 from adapters.constants import RUNTIMES
 from adapters.errors import AdapterkitError
 
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     """`adapterkit parity`: print the comparison table; returns the exit status (module docstring)."""
     args = build_parser().parse_args(argv)

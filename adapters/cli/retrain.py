@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from adapters.cli.main import guarded
 from adapters.errors import AdapterkitError
 
 
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     """scripts/retrain.py: the exit status above; a one-line `error: ...` on stderr for status 2."""
     args = _parser().parse_args(argv)

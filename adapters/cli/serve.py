@@ -18,6 +18,7 @@ import sys
 
 import uvicorn
 
+from adapters.cli.main import guarded
 from adapters.errors import AdapterkitError, ConfigError
 from adapters.monitoring.traffic_log import TrafficLogger
 from adapters.serving.engine import InferenceEngine
@@ -106,6 +107,7 @@ def serve_vllm(args: argparse.Namespace) -> None:
     )
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     """Load the base model and preloaded adapters, then serve until interrupted.
 

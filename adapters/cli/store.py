@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Any
 
+from adapters.cli.main import guarded
 from adapters.errors import AdapterkitError
 from adapters.store.store import AdapterStore
 
@@ -81,18 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     """Run one store command (argv: the arguments, default sys.argv[1:]); prints its result, returns the exit status.
 
-    0 ok, 1 when verify finds problems, 2 when the store refuses (AdapterkitError: its message is
-    printed, as {"error": ...} with --json). argparse exits with 2 on unknown arguments.
+    0 ok, 1 when verify finds problems, 2 when the store refuses (AdapterkitError, or an OSError on a
+    path: its one-line message is printed, as {"error": ...} with --json). argparse exits with 2 on
+    unknown arguments. `list` exits 0 and reports damaged names and versions after the others.
     """
     args = build_parser().parse_args(argv)
     as_json = getattr(args, "json", False)
     try:
         store = AdapterStore(getattr(args, "store", None))
         result, text, status = COMMANDS[args.command](store, args)
-    except AdapterkitError as err:
+    except (AdapterkitError, OSError) as err:  # OSError: the store root or a path given cannot be used
+        message = f"{err.filename or 'store'}: {err.strerror or err}" if isinstance(err, OSError) else str(err)
+        err = " ".join(message.splitlines())  # one line, whatever a message quotes
         if as_json:
             print(json.dumps({"error": str(err)}))
         else:
@@ -106,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 def _list(store: AdapterStore, args) -> tuple[Any, str, int]:
     rows = store.list(args.name)
     table = [["NAME", "VERSION", "TAGS", "CREATED", "TASK", "METHOD", "BASE", "METRICS"]]
+    damaged = [r for r in rows if "error" in r]
     for r in rows:
+        if "error" in r:
+            continue
         table.append(
             [
                 r["name"],
@@ -119,7 +127,12 @@ def _list(store: AdapterStore, args) -> tuple[Any, str, int]:
                 _metrics_line(r["metrics"]) or "-",
             ]
         )
-    return rows, (_table(table) if rows else f"(no adapters in {store.root})"), 0
+    text = _table(table) if len(table) > 1 else f"(no adapters in {store.root})"
+    for r in damaged:  # listed after the good rows: damage in one place never hides the rest
+        name = r["name"] if r["name"].isprintable() else repr(r["name"])  # a newline would break the line
+        where = f"{name}@{r['version']}" if r["version"] is not None else name
+        text += f"\ndamaged  {where}: {r['error']}"
+    return rows, text, 0
 
 
 def _show(store, args):
@@ -192,12 +205,13 @@ def _rm(store, args):
 
 
 def _verify(store, args):
-    report = {}
+    report, notes = {}, {}
     for ref in args.refs or [None]:
-        report.update(store.verify(ref))
+        report.update(store.verify(ref, notes=notes))
     lines = []
     for ref, problems in report.items():
-        lines.append(f"ok      {ref}" if not problems else f"FAILED  {ref}")
+        note = f"  ({notes[ref]})" if ref in notes else ""
+        lines.append(f"ok      {ref}{note}" if not problems else f"FAILED  {ref}")
         lines += [f"          {p}" for p in problems]
     bad = sum(1 for p in report.values() if p)
     lines.append(f"{len(report) - bad} ok, {bad} failed")

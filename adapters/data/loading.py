@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from adapters.data.prompts import (
 )
 from adapters.data.report import DataReport, build_data_report, dedupe_across_splits, enforce, record_truncation
 from adapters.data.splits import kfold_splits, split_dataset
-from adapters.errors import ConfigError
+from adapters.errors import ConfigError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,7 @@ def load_rows(data_cfg: DataConfig) -> Dataset:
         return BUILTIN_DATASETS[name].load()
     path = Path(name).expanduser()
     if path.suffix.lower() in _FILE_FORMATS:
-        if not path.is_file():
-            raise ConfigError(f"data.name: file {path} does not exist")
-        return load_dataset(_FILE_FORMATS[path.suffix.lower()], data_files=str(path), split="train")
+        return load_data_file(path)
     if path.exists():
         raise ConfigError(
             f"data.name: {path} is not a supported file; use .csv, .json, .jsonl or .parquet, "
@@ -59,6 +58,93 @@ def load_rows(data_cfg: DataConfig) -> Dataset:
             f"data.name {name!r} is neither a built-in ({', '.join(BUILTIN_DATASETS)}), "
             f"a local file, nor a loadable hub data set ({type(err).__name__}: {err})"
         ) from err
+
+
+def load_data_file(path: Path) -> Dataset:
+    """The rows of a local csv/json/jsonl/parquet file, read by the ``datasets`` library.
+
+    Raises ConfigError naming the file (and the line, where one is to blame) for a missing file, a
+    folder, an empty file, bytes that are not UTF-8, a line that is not JSON, a malformed CSV or
+    Parquet file, or a file without rows.
+    """
+    fmt = _FILE_FORMATS[path.suffix.lower()]
+    if path.is_dir():
+        raise ConfigError(f"data.name: {path} is a folder; valid: a .csv, .json, .jsonl or .parquet file")
+    if not path.is_file():
+        raise ConfigError(f"data.name: file {path} does not exist")
+    try:
+        size = path.stat().st_size
+        blank = size < 4096 and not path.read_bytes().strip()
+    except OSError as err:
+        raise ConfigError(f"data.name: {path} cannot be read ({err.strerror or err})") from None
+    if blank:
+        raise ConfigError(f"data.name: {path} is empty ({size} bytes); valid: a file with rows")
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)  # datasets logs the parser's error too: the user gets ours alone
+    try:
+        rows = load_dataset(fmt, data_files=str(path), split="train")
+    except Exception as err:  # datasets wraps the parser's error (pandas, pyarrow, json) in its own
+        log.debug("loading %s failed", path, exc_info=True)
+        if "corresponds to no data" in str(err):
+            rows = []
+        else:
+            raise ConfigError(f"data.name: {path}: {_data_file_problem(path, fmt, err)}") from None
+    finally:
+        datasets_log.setLevel(level)
+    if len(rows) == 0:
+        raise ConfigError(f"data.name: {path} has no rows (a header alone?); valid: a file with rows")
+    return rows
+
+
+def _data_file_problem(path: Path, fmt: str, err: BaseException) -> str:
+    """What is wrong with a data file `datasets` failed to read: the first line that is not UTF-8 or
+    (json) not a JSON object, else the innermost error's own message."""
+    if path.suffix.lower() == ".json":
+        problem = _json_document_problem(path)
+        if problem:
+            return problem
+    if fmt in ("csv", "json"):
+        with path.open("rb") as fh:
+            for number, line in enumerate(fh, 1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    return f"not UTF-8 text (byte 0x{line[bad.start]:02x} on line {number}); save the file as UTF-8"
+                if fmt == "json" and text.strip():
+                    problem = _json_line_problem(path, text, number)
+                    if problem:
+                        return problem
+    cause = err
+    while cause.__cause__ is not None or (cause.__context__ is not None and not str(cause).strip()):
+        cause = cause.__cause__ or cause.__context__
+    kind = {"csv": "CSV", "json": "JSON", "parquet": "Parquet"}[fmt]
+    return f"not a readable {kind} file ({type(cause).__name__}: {one_line(str(cause), 300)})"
+
+
+def _json_document_problem(path: Path) -> str | None:
+    """Why a .json file that is one JSON document holds no rows (None: it is not one document, or it is
+    a list of objects / an object of columns)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # not one document (JSON lines?) or not UTF-8: judged line by line
+        return None
+    if isinstance(value, dict) or (isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+        return None
+    return f"the top level is a JSON {type(value).__name__}; valid: a list of objects, or one object per line"
+
+
+def _json_line_problem(path: Path, text: str, number: int) -> str | None:
+    """Why line `number` of a JSON-lines file is not a row (None when it is one)."""
+    try:
+        value = json.loads(text)
+    except ValueError as bad:
+        if number == 1 and path.suffix.lower() == ".json":
+            return None  # a pretty-printed document spans lines: the parser's own message says more
+        return f"line {number} is not valid JSON ({bad})"
+    if not isinstance(value, dict):
+        return f"line {number} is a JSON {type(value).__name__}; valid: one JSON object per line"
+    return None
 
 
 def label_words(data_cfg: DataConfig) -> dict[str, str]:
@@ -96,12 +182,18 @@ def prepare_splits(cfg: RunConfig, fold: int | None = None) -> PreparedData:
     normalized = normalize_rows(load_rows(cfg.data), cfg.data, cfg.task)
     rows, data = normalized.rows, normalized.data  # data: with a built-in's own split when none is set
     target_field = data.response_field or data.label_field
-    for field, value in (("data.text_field", data.text_field), ("data.label_field", target_field)):
+    target_key = "data.response_field" if data.response_field else "data.label_field"
+    for field, value in (("data.text_field", data.text_field), (target_key, target_field)):
         if value not in rows.column_names:
             raise ConfigError(
                 f"{field} {value!r} is not a column of {data.name}; columns: {', '.join(rows.column_names)}"
             )
+        check_scalar_column(rows, value, field, data.name)
     rows = rows.filter(lambda r: r[data.text_field] is not None and str(r[data.text_field]).strip() != "")
+    if not len(rows):
+        raise ConfigError(
+            f"data.text_field {data.text_field!r}: every row of {data.name} has an empty text; valid: rows with text"
+        )
     if data.dedupe:
         rows = _drop_exact_duplicates(rows, data.text_field)
     if cfg.task == "sequence-classification" or data.response_field is None:
@@ -133,6 +225,17 @@ def prepare_splits(cfg: RunConfig, fold: int | None = None) -> PreparedData:
     return PreparedData(
         splits=splits, labels=labels, report=report, format=normalized.format, conversational=normalized.conversational
     )
+
+
+def check_scalar_column(rows: Dataset, column: str, field: str, source: str) -> None:
+    """Raise ConfigError naming the first row whose `column` value is a list or object: texts and labels
+    are strings or numbers (a JSON file may mix types across rows)."""
+    for number, value in enumerate(rows[column], 1):
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise ConfigError(
+                f"{field} {column!r}: row {number} of {source} holds a {type(value).__name__} "
+                f"({one_line(repr(value), 80)}); valid: text or a number"
+            )
 
 
 def _drop_exact_duplicates(rows: Dataset, text_field: str) -> Dataset:

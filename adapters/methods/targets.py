@@ -77,12 +77,22 @@ def model_type_of(model: Any) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
+#: What the LoRA-family target groups mean on an architecture without a table above (printed by
+#: ``--list-methods``, said in docs/methods.md).
+TARGET_FALLBACK_NOTE = (
+    "target_modules attention/mlp/all on a model type without a table ("
+    + ", ".join(sorted(ATTENTION_MODULES))
+    + " have one): every linear layer inside the numbered blocks, never the output head (lm_head) or a class head"
+)
+
+
 def resolve_target_modules(targets: str | list[str], model: Any) -> list[str] | str:
     """Module-name suffixes for a LoRA-family target group on `model`.
 
     targets: "attention" | "mlp" | "all" (both) | "all-linear" | an explicit list of names (returned as is).
-    Returns a list of suffixes, or "all-linear" (peft then adapts every linear layer except the
-    output head) for "all-linear" and for model types missing from ``ATTENTION_MODULES``.
+    Returns a list of suffixes; "all-linear" (peft then adapts every linear layer except the output
+    head) for "all-linear". On a model type missing from ``ATTENTION_MODULES`` every group falls back
+    to block_linear_modules (TARGET_FALLBACK_NOTE), or "all-linear" for a model without numbered blocks.
     """
     if isinstance(targets, list):
         return targets
@@ -90,13 +100,38 @@ def resolve_target_modules(targets: str | list[str], model: Any) -> list[str] | 
         return "all-linear"
     model_type = model_type_of(model)
     if model_type not in ATTENTION_MODULES:
-        return "all-linear"
+        return block_linear_modules(model) or "all-linear"
     picked = []
     if targets in ("attention", "all"):
         picked += ATTENTION_MODULES[model_type]
     if targets in ("mlp", "all"):
         picked += MLP_MODULES[model_type]
     return picked
+
+
+def block_linear_modules(model: Any) -> list[str]:
+    """The linear layers inside `model`'s numbered blocks, as names relative to a block (e.g.
+    ``self_attn.q_proj`` for ``model.layers.3.self_attn.q_proj``), in module order; empty for a model
+    without numbered blocks. Heads (``lm_head``, HEAD_MODULES) are never included.
+
+    Relative names rather than leaf names: a linear layer outside the blocks that shares a leaf name
+    does not match them (peft matches target names as suffixes), and peft's layers_to_transform still
+    applies (it needs a list, not a regex).
+    """
+    # Only called with a loaded model, so torch and transformers are already imported.
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    heads = set(head_module_names(model)) | {"lm_head"}
+    found: dict[str, None] = {}
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if parts[0] in heads or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        index = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if index is not None and index + 1 < len(parts):
+            found[".".join(parts[index + 1 :])] = None
+    return list(found)
 
 
 def excluded_modules(targets: str | list[str], model: Any) -> list[str] | None:

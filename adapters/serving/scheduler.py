@@ -22,7 +22,7 @@ import torch
 
 from adapters.constants import PEFT_BASE
 from adapters.modeling.decoding import DecodeState
-from adapters.modeling.generation import DecodedRow, SamplingParams
+from adapters.modeling.generation import DecodedRow, SamplingParams, TokenLogprobs
 from adapters.serving.passes import generate_prompt_learning
 from adapters.serving.peft_layers import PeftLayers
 from adapters.serving.planner import forward_for
@@ -48,12 +48,14 @@ class LiveRow:
 @dataclass
 class RowEvent:
     """What one step did to one row: the token it emitted (None: none), its DecodedRow once finished, or the
-    error that ended it (its batch's forward pass failed)."""
+    error that ended it (its batch's forward pass failed). ``logprobs``: the row's token log-probabilities so
+    far when its params asked (the last entry is this token's; streamed with it)."""
 
     row: LiveRow
     token: int | None = None
     done: DecodedRow | None = None
     error: BaseException | None = None
+    logprobs: TokenLogprobs | None = None
 
 
 class DecodeScheduler:
@@ -155,8 +157,8 @@ class DecodeScheduler:
                 events.extend(RowEvent(row, error=err) for row in failed)
                 continue
             done = []
-            for row, token, result in stepped:
-                events.append(RowEvent(row, token, result))
+            for row, token, result, logprobs in stepped:
+                events.append(RowEvent(row, token, result, logprobs=logprobs))
                 if result is not None:
                     done.append(row)
                     del rows[row]

@@ -1,16 +1,23 @@
 """Export and import of adapter versions as folders or .tar.gz archives.
 
-An archive holds one top folder ``<name>-<version>/`` with the version's files. Extraction refuses
-absolute paths, '..', links and special files, so an archive cannot write outside its folder.
+An archive holds one top folder ``<name>-<version>/`` with the version's files. Import checks every
+header before extracting anything (safe_extract): it refuses absolute paths, '..', links and special
+files, duplicate members, and archives over MAX_MEMBERS members, MAX_MEMBER_BYTES per file or
+MAX_TOTAL_BYTES in all, so an archive can neither write outside its folder nor fill the disk.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
+import lzma
 import os
 import shutil
 import tarfile
 import uuid
-from pathlib import Path
+import zlib
+from pathlib import Path, PurePosixPath
 
 from adapters.constants import MANIFEST
 from adapters.errors import StoreError
@@ -18,6 +25,14 @@ from adapters.paths import fsync_dir
 from adapters.store.manifest import safe_relative
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+#: Limits on an imported archive, checked from its headers before anything is extracted. An adapter
+#: folder holds a handful of files; its weights are rarely above a few GB even for 70B-parameter bases.
+MAX_MEMBERS = 1000
+MAX_MEMBER_BYTES = 16 << 30
+MAX_TOTAL_BYTES = 32 << 30
+MAX_PATH_BYTES = 1024
+#: Bytes of tar headers allowed per member on top of the files' sizes (a header block, long-name and pax records).
+HEADER_ALLOWANCE = 4096
 
 
 def write_export(folder: Path, dest: Path, label: str) -> Path:
@@ -50,37 +65,190 @@ def write_export(folder: Path, dest: Path, label: str) -> Path:
     return dest
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a tar archive (any compression tarfile reads) into the folder dest.
+class _BoundedReader(io.RawIOBase):
+    """A read-only view of a (decompressing) stream that refuses to go past `limit` bytes, so that
+    neither a gzip bomb nor a header that claims gigabytes (a GNU long name, a pax header) is read
+    into memory or decompressed beyond the archive limits."""
 
-    Raises StoreError, before writing anything, when the archive is unreadable or holds an
-    absolute path, '..', a link or a special file; and for any member that would land outside dest.
+    def __init__(self, raw, limit: int, archive: Path):
+        self._raw, self._limit, self._archive = raw, limit, archive
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def _refuse(self) -> StoreError:
+        return StoreError(
+            f"import: {self._archive} expands to more than {self._limit} bytes (limit: "
+            f"{MAX_TOTAL_BYTES} bytes of files plus headers); refusing it"
+        )
+
+    def read(self, size: int = -1) -> bytes:
+        room = self._limit - self._raw.tell()
+        if room < 0:
+            raise self._refuse()
+        data = self._raw.read(room + 1 if size is None or size < 0 or size > room else size)
+        if self._raw.tell() > self._limit:
+            raise self._refuse()
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self._raw.tell() + offset if whence == io.SEEK_CUR else None
+        if target is None or target > self._limit:
+            raise self._refuse()  # tarfile seeks forward over member data: that is decompressing it too
+        return self._raw.seek(target)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _open_decompressed(archive: Path):
+    """The archive's bytes, decompressed by its magic number (gzip, bzip2, xz or none), as a seekable stream."""
+    with open(archive, "rb") as fh:
+        magic = fh.read(6)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.open(archive, "rb")
+    if magic[:3] == b"BZh":
+        return bz2.open(archive, "rb")
+    if magic == b"\xfd7zXZ\x00":
+        return lzma.open(archive, "rb")
+    return open(archive, "rb")
+
+
+def _member_path(member: tarfile.TarInfo, archive: Path) -> PurePosixPath | None:
+    """The member's normalised relative path (None for the archive's top '.'); StoreError when it is unsafe."""
+    name = member.name
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise StoreError(f"import: {archive} holds a member name with control characters {name[:80]!r}; refusing it")
+    if name.startswith("/") or not safe_relative(name.rstrip("/") or "."):
+        raise StoreError(f"import: {archive} holds an unsafe path {name[:200]!r} (absolute or with '..'); refusing it")
+    parts = [p for p in PurePosixPath(name).parts if p != "."]
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES or any(
+        len(p.encode("utf-8", "surrogateescape")) > 255 for p in parts
+    ):
+        raise StoreError(f"import: {archive} holds a member path longer than the file system allows; refusing it")
+    return PurePosixPath(*parts) if parts else None
+
+
+def _check_kind(member: tarfile.TarInfo, archive: Path) -> None:
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
+        kind = {
+            tarfile.SYMTYPE: "a symbolic link",
+            tarfile.LNKTYPE: "a hard link",
+            tarfile.CHRTYPE: "a character device",
+            tarfile.BLKTYPE: "a block device",
+            tarfile.FIFOTYPE: "a FIFO",
+            tarfile.GNUTYPE_SPARSE: "a sparse file",
+        }.get(member.type, f"a member of type {member.type!r}")
+        raise StoreError(
+            f"import: {archive} holds {member.name[:200]!r}, {kind}; archives may hold plain files and folders only"
+        )
+
+
+def scan_members(tar: tarfile.TarFile, archive: Path) -> list[tuple[tarfile.TarInfo, PurePosixPath]]:
+    """Every member of an open archive with its normalised path, checked from the headers alone:
+    safe paths, plain files and folders only, no duplicates, at most MAX_MEMBERS members, each file
+    at most MAX_MEMBER_BYTES and all together at most MAX_TOTAL_BYTES. Raises StoreError otherwise.
+
+    Members are read one header at a time and checked before the next is read, so an archive that
+    breaks a limit is refused before the data past that limit is decompressed.
+    """
+    members: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
+    files: set[PurePosixPath] = set()
+    dirs: set[PurePosixPath] = set()
+    total = 0
+    while (member := tar.next()) is not None:
+        if len(members) >= MAX_MEMBERS:
+            raise StoreError(f"import: {archive} holds more than {MAX_MEMBERS} members; refusing it")
+        _check_kind(member, archive)
+        path = _member_path(member, archive)
+        if path is None:
+            continue
+        if path in files:
+            raise StoreError(f"import: {archive} holds {str(path)!r} twice; refusing it")
+        if (member.isfile() and path in dirs) or any(parent in files for parent in path.parents):
+            raise StoreError(f"import: {archive} holds {str(path)!r} both as a file and as a folder; refusing it")
+        dirs.update(path.parents)
+        if member.isfile():
+            if member.size > MAX_MEMBER_BYTES:
+                raise StoreError(
+                    f"import: {archive}: member {str(path)!r} is {member.size} bytes, over the limit of "
+                    f"{MAX_MEMBER_BYTES} bytes per file; refusing it"
+                )
+            total += member.size
+            if total > MAX_TOTAL_BYTES:
+                raise StoreError(
+                    f"import: {archive} holds more than {MAX_TOTAL_BYTES} bytes of files in all; refusing it"
+                )
+            files.add(path)
+        else:
+            dirs.add(path)
+        members.append((member, path))
+    return members
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar archive (uncompressed, gzip, bzip2 or xz) into the empty folder dest.
+
+    Everything is checked from the headers (scan_members) before the first byte is written:
+    unsafe paths, links and special files, duplicates, member count and sizes, and free space
+    at dest. While extracting, bytes are counted again, so a member that yields more than its
+    header said is refused too. Raises StoreError for any of these and for an unreadable,
+    truncated or corrupt archive; dest may then hold a partial extraction (the caller discards it).
     """
     try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as err:
-        raise StoreError(f"import: {archive} is not a readable tar archive ({err})") from err
-    with tar:
-        members = tar.getmembers()
-        for m in members:
-            if m.name.startswith("/") or not safe_relative(m.name.rstrip("/")):
-                raise StoreError(
-                    f"import: {archive} holds an unsafe path {m.name!r} (absolute or with '..'); refusing it"
-                )
-            if not (m.isfile() or m.isdir()):
-                raise StoreError(f"import: {archive} holds {m.name!r}, a link or special file; refusing it")
-        dest_resolved = dest.resolve()
-        for m in members:
-            target = (dest / m.name).resolve()
-            if dest_resolved not in target.parents and target != dest_resolved:
-                raise StoreError(f"import: {m.name!r} would land outside the extraction folder; refusing it")
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fin = tar.extractfile(m)
-            with fin, open(target, "xb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
+        raw = _open_decompressed(archive)
+    except OSError as err:
+        raise StoreError(f"import: {archive}: cannot read it ({err.strerror or err})") from None
+    bounded = _BoundedReader(raw, MAX_TOTAL_BYTES + (MAX_MEMBERS + 2) * HEADER_ALLOWANCE, archive)
+    try:
+        with tarfile.open(fileobj=bounded, mode="r:") as tar:
+            members = scan_members(tar, archive)
+            _check_space(dest, sum(m.size for m, _ in members if m.isfile()), archive)
+            _extract_members(tar, members, dest)
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise StoreError(
+            f"import: {archive} is not a readable tar archive, or is truncated or corrupt ({reason})"
+        ) from None
+    finally:
+        bounded.close()
+
+
+def _check_space(dest: Path, needed: int, archive: Path) -> None:
+    free = shutil.disk_usage(dest).free
+    if needed > free:
+        raise StoreError(f"import: {archive} needs {needed} bytes but {dest} has {free} free; refusing it")
+
+
+def _extract_members(tar: tarfile.TarFile, members: list, dest: Path) -> None:
+    """Write the scanned members under dest, counting bytes against each header's size."""
+    for member, rel in members:
+        target = dest.joinpath(*rel.parts)
+        if member.isdir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with tar.extractfile(member) as fin, open(target, "xb") as fout:
+            while chunk := fin.read(1 << 20):
+                written += len(chunk)
+                if written > member.size:
+                    raise StoreError(f"import: {rel} yields more bytes than its header's {member.size}; refusing it")
+                fout.write(chunk)
+        if written != member.size:
+            raise StoreError(f"import: {rel} is truncated ({written} of {member.size} bytes)")
 
 
 def adapter_root(extracted: Path, archive: Path) -> Path:

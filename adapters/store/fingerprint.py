@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from adapters.errors import StoreError
+from adapters.errors import AdapterkitError, StoreError
+from adapters.gguf_meta import GGUF_SUFFIX, converted_source, gguf_sha256
 from adapters.paths import atomic_path, cache_dir
 
 PREFIX = "sha256:"
@@ -72,9 +73,41 @@ def model_files(path: str | Path) -> list[Path]:
 
 def fingerprint_model(path: str | Path) -> str:
     """Fingerprint ("sha256:<hex>") of a model folder's config.json and weight files; cached across calls
-    and processes. Raises StoreError as model_files."""
+    and processes. Raises StoreError as model_files.
+
+    A GGUF backbone's fingerprint is the sha256 of the GGUF file itself, whether given the file or
+    the folder converted from it (adapters.modeling.gguf records the file's sha256 in the folder):
+    an adapter trained on one GGUF is refused on another, and accepted on the same file anywhere.
+    """
+    source = converted_source(path) if Path(path).is_dir() else None
+    if source and isinstance(source.get("sha256"), str):
+        _CONVERTED[PREFIX + source["sha256"]] = Path(path)
+        return PREFIX + source["sha256"]
+    if Path(path).is_file() and str(path).lower().endswith(GGUF_SUFFIX):
+        try:
+            return PREFIX + gguf_sha256(path)
+        except (AdapterkitError, OSError) as err:  # an unreadable file: a store error here, not a config one
+            raise StoreError(f"cannot fingerprint model {str(path)!r}: {err}") from None
     files = model_files(path)
     return _cached("model", Path(path), files, lambda: _hash_named_files(files))
+
+
+# GGUF fingerprint -> the folder converted from it, seen by fingerprint_model in this process.
+_CONVERTED: dict[str, Path] = {}
+
+
+def legacy_fingerprint(fingerprint: str | None) -> str | None:
+    """The content fingerprint ("sha256:<hex>" of config.json + weights) of the folder converted from the
+    GGUF whose fingerprint is ``fingerprint``, or None when no such folder was fingerprinted here.
+
+    Adapters published before GGUF backbones were fingerprinted by their file recorded this value
+    for the built-in SmolLM2 (its converted weights are byte-identical), so they still load.
+    """
+    folder = _CONVERTED.get(fingerprint or "")
+    if folder is None:
+        return None
+    files = model_files(folder)
+    return _cached("model", folder, files, lambda: _hash_named_files(files))
 
 
 def _hash_named_files(files: list[Path]) -> str:

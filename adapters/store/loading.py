@@ -14,7 +14,7 @@ from typing import Any
 
 from adapters.errors import BaseMismatchError, StoreError
 from adapters.methods import method_of_folder
-from adapters.store.fingerprint import fingerprint_model
+from adapters.store.fingerprint import fingerprint_model, legacy_fingerprint
 from adapters.store.store import AdapterStore, check_publishable_files
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def check_base(
     """
     recorded = manifest.get("base_model") or {}
     expected = recorded.get("fingerprint")
-    if expected and expected == base_fingerprint:
+    if expected and (expected == base_fingerprint or expected == legacy_fingerprint(base_fingerprint)):
         return True
     if manifest.get("version"):
         adapter = f"{manifest.get('name') or 'adapter'}@{manifest.get('version')}"

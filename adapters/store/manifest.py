@@ -30,6 +30,33 @@ from adapters.store.fingerprint import (
 )
 
 FORMAT = "adapterkit.manifest/1"
+#: Beside a published manifest.json: its sha256, in `sha256sum` format, written at publish. The manifest lists
+#: every other file's checksum; this file covers the manifest itself (its base fingerprint, metrics, ...).
+MANIFEST_DIGEST = "manifest.json.sha256"
+#: Key a publish adds to the manifest, naming the digest file, so that deleting that file is noticed too.
+DIGEST_KEY = "manifest_digest"
+#: Types of the manifest keys readers index into (None always allowed): a manifest with another type is damaged.
+_KEY_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "version": (int,),
+    "created_at": (str,),
+    "task": (str,),
+    "method": (dict,),
+    "base_model": (dict,),
+    "labels": (list, dict),
+    "prompt": (dict,),
+    "training": (dict,),
+    "data": (dict,),
+    "metrics": (dict,),
+    "parent": (str,),
+    "versions": (dict,),
+    "code_revision": (str,),
+    "files": (dict,),
+    "run_id": (str,),
+    DIGEST_KEY: (str,),
+}
+#: A manifest is a few KB; refuse to parse a huge one.
+MAX_MANIFEST_BYTES = 16 << 20
 MANIFEST_KEYS = (
     "format",
     "name",
@@ -209,14 +236,14 @@ def _plain(value: Any) -> Any:
 
 # ---------------------------------------------------------------- files on disk
 def _walk(folder: Path):
-    """(relative posix path, absolute path) of every entry under folder except the top-level manifest."""
+    """(relative posix path, absolute path) of every entry under folder except the top-level manifest and its digest."""
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
         base = Path(dirpath)
         for name in sorted(filenames) + [d for d in dirnames if (base / d).is_symlink()]:
             path = base / name
             rel = path.relative_to(folder).as_posix()
-            if rel != MANIFEST:
+            if rel not in (MANIFEST, MANIFEST_DIGEST):
                 yield rel, path
 
 
@@ -255,18 +282,97 @@ def write_manifest(folder: str | Path, manifest: dict) -> dict:
 
 
 def read_manifest(folder: str | Path) -> dict:
-    """The manifest of an adapter folder; StoreError when it is missing, unreadable or not this format."""
+    """The manifest of an adapter folder.
+
+    Raises StoreError, naming the file, when it is missing, not a plain file, unreadable, not JSON,
+    not this format, or a key readers use has the wrong type (manifest_type_problems).
+    """
     path = Path(folder) / MANIFEST
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise StoreError(f"{path}: not a plain file (a link, folder or device); a manifest must be a plain file")
     if not path.is_file():
         raise StoreError(f"{folder} has no {MANIFEST}: not an adapterkit adapter folder")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise StoreError(f"{path}: unreadable manifest ({err})") from err
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
+        manifest = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+        raise StoreError(f"{path}: unreadable manifest ({reason})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise StoreError(f"{path}: format {got!r} is not {FORMAT!r}")
+        raise StoreError(f"{path}: format {str(got)[:80]!r} is not {FORMAT!r}")
+    problems = manifest_type_problems(manifest)
+    if problems:
+        raise StoreError(f"{path}: damaged manifest: {'; '.join(problems)}")
     return manifest
+
+
+def manifest_type_problems(manifest: dict) -> list[str]:
+    """Keys of a manifest dict whose value has a type readers cannot use (each key may be null)."""
+    problems = []
+    for key, types in _KEY_TYPES.items():
+        value = manifest.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            expected = " or ".join(
+                {dict: "an object", list: "a list", str: "a string", int: "a number"}[t] for t in types
+            )
+            problems.append(f"{key!r} must be {expected} or null, got {type(value).__name__}")
+    method = manifest.get("method")
+    if isinstance(method, dict) and not isinstance(method.get("name"), str):
+        problems.append("'method' must name its method as a string ('method.name')")
+    files = manifest.get("files")
+    if isinstance(files, dict) and not all(isinstance(v, str) for v in files.values()):
+        problems.append("'files' must map each relative path to a sha256 hex string")
+    return problems
+
+
+def manifest_digest(folder: str | Path) -> str:
+    """The sha256 hex of folder's manifest.json as stored (its bytes, not its parsed value)."""
+    return sha256_file(Path(folder) / MANIFEST)
+
+
+def write_manifest_digest(folder: str | Path, mode: int = 0o444) -> None:
+    """Record manifest.json's sha256 beside it (MANIFEST_DIGEST, `sha256sum -c` can check it), atomically."""
+    with atomic_path(Path(folder) / MANIFEST_DIGEST, mode=mode, sync_dir=True) as tmp:
+        tmp.write_text(f"{manifest_digest(folder)}  {MANIFEST}\n", encoding="ascii")
+
+
+def digest_problems(folder: str | Path, manifest: dict | None = None) -> list[str]:
+    """What is wrong with the manifest's digest (empty when it matches, or when the folder never had one:
+    see has_manifest_digest). manifest: read_manifest(folder) if the caller has it."""
+    folder = Path(folder)
+    path = folder / MANIFEST_DIGEST
+    if manifest is None:
+        try:
+            manifest = read_manifest(folder)
+        except StoreError as err:
+            return [str(err)]
+    if not os.path.lexists(path):
+        if manifest.get(DIGEST_KEY):
+            return [f"{MANIFEST_DIGEST} is missing, but the manifest says it was published with one"]
+        return []
+    try:
+        if path.is_symlink() or not path.is_file():
+            raise ValueError("not a plain file")
+        with open(path, "rb") as fh:
+            recorded = fh.read(200).decode("ascii").split()[0].lower()
+    except (OSError, ValueError, IndexError) as err:
+        return [f"{MANIFEST_DIGEST}: unreadable ({err}); expected '<sha256 hex>  {MANIFEST}'"]
+    actual = manifest_digest(folder)
+    if recorded != actual:
+        return [
+            f"{MANIFEST}: digest mismatch (recorded at publish {recorded[:12]}..., now {actual[:12]}...); "
+            "the manifest was edited after publish"
+        ]
+    return []
+
+
+def has_manifest_digest(folder: str | Path) -> bool:
+    """True when folder has a manifest digest (versions published before digests existed have none)."""
+    return os.path.lexists(Path(folder) / MANIFEST_DIGEST)
 
 
 def manifest_problems(manifest: Any, require_files: bool = True) -> list[str]:
@@ -299,13 +405,14 @@ def safe_relative(rel: str) -> bool:
 
 
 def verify_folder(folder: str | Path) -> list[str]:
-    """Everything wrong with an adapter folder: manifest shape, missing, changed and unlisted files."""
+    """Everything wrong with an adapter folder: manifest shape and digest (when it has one, digest_problems),
+    missing, changed and unlisted files."""
     folder = Path(folder)
     try:
         manifest = read_manifest(folder)
     except StoreError as err:
         return [str(err)]
-    problems = manifest_problems(manifest)
+    problems = manifest_problems(manifest) + digest_problems(folder, manifest)
     files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
     for rel, expected in sorted(files.items()):
         if not safe_relative(rel):

@@ -16,7 +16,7 @@ from adapters.errors import ConfigError, StoreError
 from adapters.paths import validate_name
 
 LATEST = "latest"
-_VERSION = re.compile(r"^[1-9][0-9]*$")
+_VERSION = re.compile(r"[1-9][0-9]{0,17}")  # matched in full (`$` would accept "3\n"); < 2**63
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,9 @@ class AdapterRef:
 
 
 def is_version(text: str) -> bool:
-    """True for a version number as written in a reference or folder name: 1, 2, ... (no sign, no leading 0)."""
-    return bool(_VERSION.match(text))
+    """True for a version number as written in a reference or folder name: 1, 2, ... (no sign, no leading 0,
+    at most 18 digits)."""
+    return isinstance(text, str) and bool(_VERSION.fullmatch(text))
 
 
 def is_path_ref(ref: str | os.PathLike) -> bool:

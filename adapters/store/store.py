@@ -31,12 +31,18 @@ from adapters.errors import ConfigError, StoreError
 from adapters.paths import cache_dir, fsync_dir, validate_name
 from adapters.store import tags as tagfile
 from adapters.store.archive import adapter_root, safe_extract, write_export
+from adapters.store.listing import list_rows
 from adapters.store.manifest import (
+    DIGEST_KEY,
+    MANIFEST_DIGEST,
     diff_manifests,
+    digest_problems,
     file_checksums,
+    has_manifest_digest,
     manifest_problems,
     read_manifest,
     write_json_atomic,
+    write_manifest_digest,
 )
 from adapters.store.refs import (
     LATEST,
@@ -56,6 +62,10 @@ log = logging.getLogger(__name__)
 # Formats that unpickle (or may) when loaded: never stored, never loaded.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 LOCK_TIMEOUT_S = 600
+NO_DIGEST_NOTE = (
+    f"no {MANIFEST_DIGEST}: published before adapterkit recorded manifest digests, "
+    "so edits to its manifest.json cannot be detected (its files' checksums were checked)"
+)
 
 
 def check_publishable_files(folder: Path) -> None:
@@ -109,8 +119,8 @@ def _copy_adapter(src: Path, staged: Path, listed: dict[str, str]) -> dict[str, 
         rel_dir = Path(dirpath).relative_to(src)
         (staged / rel_dir).mkdir(exist_ok=True)
         for fname in sorted(filenames):
-            if rel_dir == Path(".") and fname == MANIFEST:
-                continue
+            if rel_dir == Path(".") and fname in (MANIFEST, MANIFEST_DIGEST):
+                continue  # the store writes both anew
             _copy_file(Path(dirpath) / fname, staged / rel_dir / fname)
         fsync_dir(staged / rel_dir)
     check_publishable_files(staged)  # what was copied, in case the source changed meanwhile
@@ -175,18 +185,63 @@ def _verify_version(located: AdapterRef, recheck: bool = False) -> list[str]:
     return problems
 
 
-def _list_row(name: str, version: int, tags: dict[str, int], manifest: dict) -> dict:
-    return {
-        "name": name,
-        "version": version,
-        "tags": tagfile.tags_on(tags, version),
-        "created_at": manifest.get("created_at"),
-        "task": manifest.get("task"),
-        "method": (manifest.get("method") or {}).get("name"),
-        "base": (manifest.get("base_model") or {}).get("name"),
-        "metrics": manifest.get("metrics") or {},
-        **({"error": manifest["error"]} if "error" in manifest else {}),
-    }
+def _import_folder(store: AdapterStore, folder: Path, name: str | None, tags: list[str], src: Path) -> AdapterRef:
+    """Publish an exported (or extracted) adapter folder after checking its manifest's digest."""
+    manifest = read_manifest(folder)
+    problems = digest_problems(folder, manifest)  # an exported version carries its digest: check it
+    if problems:
+        raise StoreError(f"import: {src}: {'; '.join(problems)}; refusing it")
+    if name is None:
+        name = manifest.get("name")
+        if not name:
+            raise StoreError(f"import: {src}: its manifest names no adapter; give one (--name)")
+        try:
+            check_name(name, "adapter name")
+        except StoreError as err:
+            raise StoreError(f"import: {src}: its manifest's name is not usable ({err}); give one (--name)") from None
+    return store.publish(folder, name, tags=tags, parent=manifest.get("parent"))
+
+
+def user_path(text: str | os.PathLike, what: str) -> Path:
+    """Path(text) with a leading ~ or ~user expanded; StoreError (naming what the path is for) when it cannot be."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError as err:  # ~user of an unknown user, or no home directory
+        raise StoreError(f"{what} {os.fspath(text)!r}: cannot expand '~' ({err})") from None
+
+
+def _stored_versions(name_dir: Path) -> list[int]:
+    """The version folders of a name's folder, ascending (entries that are not plain folders are not versions)."""
+    try:
+        entries = list(name_dir.iterdir())
+    except OSError as err:
+        raise StoreError(f"{name_dir}: cannot list the name's folder ({err.strerror or err})") from None
+    return sorted(int(p.name) for p in entries if is_version(p.name) and p.is_dir() and not p.is_symlink())
+
+
+def _commit_version(name_dir: Path, staged: Path, manifest: dict, tags: list[str], extra: dict) -> int:
+    """Under the name's lock: number the staged copy, write its manifest (manifest: the source's, with the
+    copy's checksums) and digest, rename it into place and move the tags. extra: keys to add to the
+    manifest (parent, run_id). Returns the new version, or the one an earlier publish of the same
+    run_id made (then nothing is placed)."""
+    with _editing_tags(name_dir) as state:
+        if extra.get("run_id") is not None:  # a concurrent publish of the same run may have won the race
+            done = _version_of_run(name_dir, _stored_versions(name_dir), extra["run_id"])
+            if done is not None:
+                _complete_tags(state, tags, done)
+                return done
+        version = max([int(state["last_version"] or 0), *_stored_versions(name_dir)]) + 1
+        final = {**manifest, "name": name_dir.name, "version": version, **extra}
+        final[DIGEST_KEY] = MANIFEST_DIGEST
+        write_json_atomic(staged / MANIFEST, final, mode=0o444)
+        write_manifest_digest(staged)
+        fsync_dir(staged)
+        _place_version(staged, name_dir / str(version))
+        fsync_dir(name_dir)
+        state["last_version"] = version
+        for tag in tags:
+            tagfile.move_tag(state, tag, version)
+    return version
 
 
 class AdapterStore:
@@ -199,7 +254,7 @@ class AdapterStore:
     def __init__(self, root: str | os.PathLike | None = None):
         if root is None:
             root = os.environ.get("ADAPTERKIT_STORE") or (cache_dir() / "store")
-        path = Path(root).expanduser()
+        path = user_path(root, "store root")
         if path.exists() and not path.is_dir():
             raise StoreError(f"store root {path} exists and is not a folder")
         path.mkdir(parents=True, exist_ok=True)
@@ -237,10 +292,7 @@ class AdapterStore:
 
     def versions(self, name: str) -> list[int]:
         """The stored versions of a name, ascending."""
-        name_dir = self._name_dir(name)
-        return sorted(
-            int(p.name) for p in name_dir.iterdir() if is_version(p.name) and p.is_dir() and not p.is_symlink()
-        )
+        return _stored_versions(self._name_dir(name))
 
     def tags(self, name: str) -> dict[str, int]:
         """{tag: version} of a name."""
@@ -265,7 +317,7 @@ class AdapterStore:
         unpublishable files (check_publishable_files) or files that differ from the manifest's checksums.
         """
         name = check_name(name, "adapter name")
-        tags = [check_tag(t) for t in tags]
+        tags = [check_tag(t) for t in (tags or ())]
         src = Path(src_folder)
         if not src.is_dir():
             raise StoreError(f"publish: {src} is not a folder")
@@ -274,30 +326,22 @@ class AdapterStore:
         if problems:
             raise StoreError(f"publish: {src / MANIFEST} is invalid: {'; '.join(problems)}")
         check_publishable_files(src)
-        name_dir = self._name_dir(name, create=True)
-        if run_id is not None:
+        name_dir = self._name_dir(name, create=False) if (self.root / name).exists() else None
+        if run_id is not None and name_dir is not None:
             with _editing_tags(name_dir) as state:
                 done = _version_of_run(name_dir, self.versions(name), run_id)
                 if done is not None:
                     _complete_tags(state, tags, done)
                     return AdapterRef(name, done, name_dir / str(done))
-
-        with staging(name_dir, ".publish-") as staged:
-            sums = _copy_adapter(src, staged, manifest.get("files") or {})
-            with _editing_tags(name_dir) as state:
-                version = max([int(state["last_version"] or 0), *self.versions(name)]) + 1
-                final = {**manifest, "name": name, "version": version, "files": sums}
-                if parent is not None:
-                    final["parent"] = str(parent)
-                if run_id is not None:
-                    final["run_id"] = run_id
-                write_json_atomic(staged / MANIFEST, final, mode=0o444)
-                fsync_dir(staged)
-                _place_version(staged, name_dir / str(version))
-                fsync_dir(name_dir)
-                state["last_version"] = version
-                for tag in tags:
-                    tagfile.move_tag(state, tag, version)
+        elif name_dir is not None:
+            tagfile.read_state(name_dir)  # a damaged tags file refuses the publish before anything is copied
+        extra = {"parent": str(parent)} if parent is not None else {}
+        extra.update({"run_id": run_id} if run_id is not None else {})
+        # Staged in the root, not the name's folder: a refused publish of a new name leaves no trace.
+        with staging(self.root, ".publish-") as staged:
+            copied = {**manifest, "files": _copy_adapter(src, staged, manifest.get("files") or {})}
+            name_dir = self._name_dir(name, create=True)
+            version = _commit_version(name_dir, staged, copied, tags, extra)
         log.info("published %s@%d to %s", name, version, self.root)
         return AdapterRef(name, version, name_dir / str(version))
 
@@ -306,7 +350,8 @@ class AdapterStore:
         """The stored version a name / name@version / name@tag reference points at."""
         name, selector = parse_ref(ref)
         name_dir = self._name_dir(name)
-        tags = tagfile.read_state(name_dir)["tags"]
+        # name@3 needs no tags: a damaged tags file leaves the name's versions reachable by number.
+        tags = {} if selector is not None and is_version(selector) else tagfile.read_state(name_dir)["tags"]
         version = select_version(name, selector, self.versions(name), tags, self.root)
         return AdapterRef(name, version, name_dir / str(version))
 
@@ -316,7 +361,7 @@ class AdapterStore:
         A plain folder without manifest.json (a bare peft folder) resolves with manifest None.
         """
         if is_path_ref(ref):
-            folder = Path(ref).expanduser()
+            folder = user_path(ref, "adapter folder")
             if not folder.is_dir():
                 raise StoreError(f"adapter folder {str(folder)!r} does not exist")
             if not (folder / MANIFEST).is_file():
@@ -333,36 +378,34 @@ class AdapterStore:
             raise StoreError(f"adapter {where} failed verification, refusing to load it: {'; '.join(problems)}")
         return folder, manifest
 
-    def verify(self, ref: str | None = None) -> dict[str, list[str]]:
-        """{reference: problems} for one reference or (ref None) every stored version; every file is hashed."""
+    def verify(self, ref: str | None = None, notes: dict[str, str] | None = None) -> dict[str, list[str]]:
+        """{reference: problems} for one reference or (ref None) every stored version; every file is hashed.
+
+        notes: if given, receives {reference: note} for versions that pass but could not be fully
+        checked (published before manifest digests existed).
+        """
         if ref is not None:
             if is_path_ref(ref):
                 return {str(ref): verify_folder_cached(Path(ref), recheck=True)}
-            located = self.locate(ref)
-            return {str(located): _verify_version(located, recheck=True)}
-        report = {}
-        for name in self.names():
-            for version in self.versions(name):
-                located = AdapterRef(name, version, self.root / name / str(version))
-                report[str(located)] = _verify_version(located, recheck=True)
+            found = [self.locate(ref)]
+        else:
+            found = [AdapterRef(n, v, self.root / n / str(v)) for n in self.names() for v in self.versions(n)]
+        report = {str(located): _verify_version(located, recheck=True) for located in found}
+        for located in found:
+            if notes is not None and not has_manifest_digest(located.path):
+                notes[str(located)] = NO_DIGEST_NOTE
         return report
 
     # ------------------------------------------------------------ listing
     def list(self, name: str | None = None) -> list[dict]:
         """One row per stored version: name, version, tags, created_at, task, method, base, metrics.
 
-        A version whose manifest cannot be read gets an "error" key instead of failing the listing.
+        Damage never fails the listing: a version whose manifest cannot be read, a name whose tags
+        file is damaged and a store entry that is no adapter folder each get a row with an "error" key.
         """
-        rows = []
-        for n in [name] if name else self.names():
-            tags = self.tags(n)
-            for version in self.versions(n):
-                try:
-                    manifest = read_manifest(self.root / n / str(version))
-                except StoreError as err:
-                    manifest = {"error": str(err)}
-                rows.append(_list_row(n, version, tags, manifest))
-        return rows
+        if name is not None:
+            self._name_dir(name)
+        return list_rows(self.root, [name] if name else None)
 
     def show(self, ref: str) -> dict:
         """Everything about one reference: {"ref", "path", "tags", "manifest"} (manifest None for a bare folder)."""
@@ -371,7 +414,10 @@ class AdapterStore:
         if not is_path_ref(ref):
             located = self.locate(ref)
             out["ref"] = str(located)
-            out["tags"] = tagfile.tags_on(self.tags(located.name), located.version)
+            try:
+                out["tags"] = tagfile.tags_on(self.tags(located.name), located.version)
+            except StoreError as err:  # name@3 stays showable when the name's tags file is damaged
+                out["tags_error"] = str(err)
         return out
 
     def diff(self, ref_a: str, ref_b: str) -> dict:
@@ -441,29 +487,28 @@ class AdapterStore:
         if manifest is None:
             raise StoreError(f"export: {ref} has no manifest.json; only adapterkit adapters can be exported")
         label = f"{manifest.get('name') or folder.name}-{manifest.get('version') or 'folder'}"
-        return write_export(folder, Path(dest).expanduser(), label)
+        return write_export(folder, user_path(dest, "export destination"), label)
 
     def import_(self, src: str | os.PathLike, name: str | None = None, tags: Iterable[str] = (LATEST,)) -> AdapterRef:
         """Publish an exported folder or archive; name defaults to the one in its manifest.
 
         Returns the new version's ref. Raises StoreError for a missing source, an unsafe or
-        malformed archive (archive.safe_extract), or anything publish refuses.
+        malformed archive (archive.safe_extract), a manifest edited since export (its digest), or
+        anything publish refuses; messages name files inside an archive as <archive>/<member>.
         """
-        src = Path(src).expanduser()
+        src = user_path(src, "import source")
+        name = check_name(name, "adapter name") if name is not None else None
+        tags = [check_tag(t) for t in tags]  # before extracting anything
         if src.is_dir():
-            return self._import_folder(src, name, tags)
+            return _import_folder(self, src, name, tags, src)
         if not src.is_file():
             raise StoreError(f"import: {src} does not exist")
         with staging(self.root, ".import-") as staged:
-            safe_extract(src, staged)
-            return self._import_folder(adapter_root(staged, src), name, tags)
-
-    def _import_folder(self, folder: Path, name: str | None, tags: Iterable[str]) -> AdapterRef:
-        manifest = read_manifest(folder)
-        name = name or manifest.get("name")
-        if not name:
-            raise StoreError(f"import: {folder} has no name in its manifest; give one")
-        return self.publish(folder, name, tags=tags, parent=manifest.get("parent"))
+            try:
+                safe_extract(src, staged)
+                return _import_folder(self, adapter_root(staged, src), name, tags, src)
+            except StoreError as err:  # the staging folder means nothing to the user: name the archive
+                raise StoreError(str(err).replace(str(staged), str(src))) from None
 
     # ------------------------------------------------------------ garbage collection
     def gc(self, keep: int | None = None, dry_run: bool = False) -> list[str]:
@@ -472,12 +517,13 @@ class AdapterStore:
         removed, as paths relative to the root. Raises StoreError for a negative keep."""
         if keep is not None and keep < 0:
             raise StoreError(f"gc: keep must be >= 0, got {keep}")
+        # Every name's tags first: a damaged tags file refuses gc --keep before anything is removed.
+        tagged = {name: set(self.tags(name).values()) for name in self.names()} if keep is not None else {}
         removed = remove_leftovers(self.root, [self.root] + [self.root / n for n in self.names()], dry_run)
         if keep is not None:
-            for name in self.names():
-                tagged = set(self.tags(name).values())
+            for name in tagged:
                 for version in self.versions(name)[::-1][keep:]:
-                    if version in tagged:
+                    if version in tagged[name]:
                         continue
                     if not dry_run:
                         try:

@@ -9,29 +9,96 @@ The store changes the file only while holding the name's lock; the functions her
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from adapters.errors import StoreError
 from adapters.store.manifest import write_json_atomic
-from adapters.store.refs import LATEST
+from adapters.store.refs import LATEST, check_tag
 
 TAGS_FILE = "tags.json"
+#: A tags file is a few hundred bytes; refuse to parse a huge one (a damaged or hostile file).
+MAX_TAGS_BYTES = 1 << 20
+_SHAPE = '{"tags": {...}, "history": {...}, "last_version": N}'
+_REPAIR = "repair it, or delete it to drop the name's tags (its versions stay)"
 
 
 def read_state(name_dir: Path) -> dict:
     """The tags file of a name's folder, or an empty state when there is none.
 
-    Raises StoreError when the file exists but cannot be read or parsed.
+    Raises StoreError, naming the file and what was expected, when the file exists but is not a
+    plain file, cannot be read or parsed, or does not have the shape in the module doc.
     """
     path = name_dir / TAGS_FILE
     state = {"tags": {}, "history": {}, "last_version": 0}
-    if path.is_file():
-        try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise StoreError(f"{path}: unreadable ({err})") from err
-        state.update({k: loaded[k] for k in state if k in loaded})
+    if not os.path.lexists(path):
+        return state
+    if path.is_symlink() or not path.is_file():
+        raise StoreError(f"{path}: damaged tags file: not a plain file (a link, folder or device); {_REPAIR}")
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_TAGS_BYTES + 1)
+    except OSError as err:
+        raise StoreError(f"{path}: unreadable tags file ({err.strerror or err}); {_REPAIR}") from None
+    if len(raw) > MAX_TAGS_BYTES:
+        raise StoreError(f"{path}: damaged tags file: larger than {MAX_TAGS_BYTES} bytes; {_REPAIR}")
+    try:
+        loaded = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
+        raise StoreError(f"{path}: damaged tags file: not valid UTF-8 JSON ({reason}); {_REPAIR}") from None
+    problem = state_problem(loaded)
+    if problem:
+        raise StoreError(f"{path}: damaged tags file: {problem}; {_REPAIR}")
+    state.update({k: loaded[k] for k in state if loaded.get(k) is not None})
     return state
+
+
+def _is_version_number(value: object) -> bool:
+    return type(value) is int and value >= 1  # bool is an int subclass; true is no version
+
+
+def state_problem(loaded: object) -> str | None:
+    """What is wrong with a parsed tags file (None when nothing): the expected shape is
+    {"tags": {tag: version >= 1}, "history": {tag: [version >= 1, ...]}, "last_version": int >= 0},
+    every key optional, tags valid names."""
+    if not isinstance(loaded, dict):
+        return f"expected a JSON object {_SHAPE}, got {_kind(loaded)}"
+    tags, history, last = loaded.get("tags", {}), loaded.get("history", {}), loaded.get("last_version", 0)
+    if not isinstance(tags, dict):
+        return f"'tags' must be an object mapping tag names to version numbers >= 1, got {_kind(tags)}"
+    for tag, version in tags.items():
+        if not _valid_tag(tag):
+            return f"'tags' holds an invalid tag name {tag[:80]!r}"
+        if not _is_version_number(version):
+            return f"'tags'.{tag} must be a version number >= 1, got {_kind(version)}"
+    if not isinstance(history, dict):
+        return f"'history' must be an object mapping tag names to lists of version numbers, got {_kind(history)}"
+    for tag, versions in history.items():
+        if not _valid_tag(tag):
+            return f"'history' holds an invalid tag name {tag[:80]!r}"
+        if not isinstance(versions, list) or not all(_is_version_number(v) for v in versions):
+            return f"'history'.{tag} must be a list of version numbers >= 1, got {_kind(versions)}"
+    if last is not None and (type(last) is not int or last < 0):
+        return f"'last_version' must be a whole number >= 0, got {_kind(last)}"
+    return None
+
+
+def _valid_tag(tag: str) -> bool:
+    try:
+        check_tag(tag)
+    except StoreError:
+        return False
+    return True
+
+
+def _kind(value: object) -> str:
+    """A value as a message shows it: its JSON type and a short excerpt."""
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    if value is None:
+        return "null"
+    text = json.dumps(value)
+    return f"{names.get(type(value), type(value).__name__)} {text[:40] + ('...' if len(text) > 40 else '')}"
 
 
 def write_state(name_dir: Path, state: dict) -> None:

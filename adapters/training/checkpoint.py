@@ -17,7 +17,10 @@ optimizer state is sharded across ranks). A checkpoint is assembled in ``step-N.
 fsynced, the manifest last) and renamed into place. Resuming considers only folders named
 ``step-<digits>`` that have a manifest, verifies their checksums before anything loads, and skips a
 damaged one for the newest intact one (``resume_point``). Reads never unpickle: safetensors and
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)`` -- except DeepSpeed's own loader, which unpickles its files
+(``torch.load(weights_only=False)``: a crafted checkpoint runs code). Resuming under DeepSpeed is
+therefore refused unless the user says the checkpoint is trusted (``train.resume_trust_pickle`` /
+``--trust-checkpoint``; ``check_resume_trust``).
 """
 
 from __future__ import annotations
@@ -312,17 +315,35 @@ def read_checkpoint_state(folder: Path) -> dict:
     return json.loads((Path(folder) / STATE_FILE).read_text())
 
 
-def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler) -> Checkpoint:
+def check_resume_trust(trusted: bool, deepspeed: bool | None = None) -> None:
+    """Raise CheckpointError when a resume would go through DeepSpeed's loader, which unpickles
+    (``torch.load(weights_only=False)`` runs whatever code the files hold), and the user has not said
+    the checkpoint is trusted. deepspeed: whether the run uses DeepSpeed (None: what `accelerate
+    launch` set up, ACCELERATE_USE_DEEPSPEED)."""
+    if deepspeed is None:
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not trusted:
+        raise CheckpointError(
+            "--resume: a DeepSpeed checkpoint is loaded by DeepSpeed's loader, which unpickles it (a crafted "
+            "checkpoint runs code); resume only checkpoints you wrote, with --trust-checkpoint "
+            "(or train.resume_trust_pickle: true)"
+        )
+
+
+def load_checkpoint(folder: Path, accelerator, model, optimizer, scheduler, trust_pickle: bool = False) -> Checkpoint:
     """Load a verified checkpoint written by save_checkpoint into model, optimizer and scheduler.
 
     Returns its trainer state, best weights and this rank's random states (restore them with
-    restored_on_start, at the point the loop resumes). Raises CheckpointError when the files do not
-    fit this run (e.g. written for another method or model).
+    restored_on_start, at the point the loop resumes). trust_pickle: allow DeepSpeed's unpickling
+    loader (check_resume_trust). Raises CheckpointError when the files do not fit this run (e.g.
+    written for another method or model), or for an untrusted DeepSpeed checkpoint.
     """
     folder = Path(folder)
+    deepspeed = accelerator.distributed_type.value == "DEEPSPEED"
+    check_resume_trust(trust_pickle, deepspeed)  # before anything is read
     try:
         state = read_checkpoint_state(folder)
-        if accelerator.distributed_type.value == "DEEPSPEED":
+        if deepspeed:
             accelerator.load_state(str(folder), load_module_strict=False)  # frozen weights are not in it
         else:
             load_trainable_state_dict(accelerator.unwrap_model(model), load_file(str(folder / WEIGHTS_FILE)))

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file
 
-from adapters.config import RunConfig, apply_overrides, load_config
+from adapters.config import RunConfig, apply_overrides, load_config, read_config_file
 from adapters.errors import ConfigError
 from adapters.store.store import AdapterStore
 from adapters.training.state import is_improvement
@@ -79,13 +78,7 @@ class LadderConfig(BaseModel):
 
 def load_ladder_config(path: str | Path, overrides: list[str] | None = None) -> tuple[RunConfig, LadderConfig]:
     """Read a ladder YAML: the `ladder:` section plus a run config. `--set ladder.min_delta=0.01` works too."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    raw = apply_overrides(raw, overrides or [])
+    raw = apply_overrides(read_config_file(path), overrides or [])
     ladder_raw = raw.pop("ladder", None) or {}
     try:
         ladder = LadderConfig.model_validate(ladder_raw)

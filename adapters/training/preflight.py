@@ -4,7 +4,8 @@ values the config alone cannot judge, and that would otherwise fail (or silently
 - a LoRA-family rank (``method.r`` of lora, dora, loha, lokr) larger than the smallest
   input/output dimension of a layer it adapts (not VeRA: its r is the rank of frozen random
   projections shared by all layers, routinely larger than a layer — Kopiczko et al. 2024 use 256-1024);
-- a global batch (train.batch_size x train.grad_accum x processes) larger than the training split.
+- a global batch (train.batch_size x train.grad_accum x processes) larger than the training split;
+- ``method.layers`` naming blocks the backbone does not have (peft would fail after the weights load).
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ def check_rank_fits(cfg: RunConfig, method, options) -> None:
         raise ConfigError(
             f"method.r ({method.name}): {rank} is larger than the smallest dimension of a layer it adapts "
             f"({name}: {shape[0]} x {shape[1]}); use method.r <= {limit}"
+        )
+
+
+def check_layers_exist(options, num_layers: int) -> None:
+    """Raise ConfigError when ``method.layers`` names a block index outside 0 .. num_layers - 1
+    (num_layers: the backbone's transformer blocks, config.num_hidden_layers)."""
+    layers = getattr(options, "layers", None) or []
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(
+            f"method.layers: {bad} are not blocks of this model; valid: 0..{num_layers - 1} ({num_layers} blocks)"
         )
 
 

@@ -1,10 +1,14 @@
 """Everything train() builds before its first step, and resuming from a checkpoint.
 
 setup_run(cfg) runs, in this order (the order fixes what the seeded RNG draws, so it is part of
-reproducibility): method check -> accelerator + run folder -> seed -> data splits + tokenizer +
-train loader -> backbone (+ base-model test evaluation when the method cannot be switched off
-later) -> method attached -> optional warm start -> param groups -> optimizer -> LR schedule ->
-accelerator.prepare -> trackers.
+reproducibility): method check -> data splits + tokenizer + tokenized rows (seeded by train.seed
+explicitly) -> accelerator + run folder -> seed -> train loader -> backbone (+ base-model test
+evaluation when the method cannot be switched off later) -> method attached -> optional warm start
+-> param groups -> optimizer -> LR schedule -> accelerator.prepare -> trackers.
+
+The run folder is created only once the config, the data and the batch size have passed their checks;
+should anything after that fail before training starts, a folder this start created is removed again,
+so bad input never leaves a half-written run behind.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +44,9 @@ from adapters.methods import get_method
 from adapters.methods.weights_delta import DeltaMethod
 from adapters.modeling.backbone import load_backbone, load_tokenizer, model_info
 from adapters.modeling.packed import check_packing_support
+from adapters.paths import cache_dir
 from adapters.store.manifest import code_revision, library_versions
+from adapters.store.refs import is_path_ref
 from adapters.store.store import AdapterStore
 from adapters.training.batch_trace import BatchTrace
 from adapters.training.checkpoint import (
@@ -52,7 +60,7 @@ from adapters.training.checkpoint import (
 )
 from adapters.training.objectives import build_objective
 from adapters.training.param_groups import build_param_groups
-from adapters.training.preflight import check_batch_fits, check_rank_fits
+from adapters.training.preflight import check_batch_fits, check_layers_exist, check_rank_fits
 from adapters.training.schedules import build_scheduler
 from adapters.training.state import EarlyStopping, TrainState
 from adapters.training.unfreezing import GradualUnfreezer
@@ -171,10 +179,64 @@ def setup_run(
     """
     method = get_method(cfg.method.name)
     options = method.parse_options(cfg.method.options)
-    method.check_model(options, model_info(cfg.model), cfg.task)  # before any weights load
+    info = model_info(cfg.model)
+    method.check_model(options, info, cfg.task)  # before any weights load
+    check_layers_exist(options, info.num_layers)
     check_rank_fits(cfg, method, options)
+    for key, path, used in (
+        ("output.store", store_root(cfg), cfg.output.publish),
+        ("output.run_dir", default_run_dir(cfg), True),
+    ):
+        if used and path.exists() and not path.is_dir():
+            raise ConfigError(
+                f"{key}: {path} exists and is not a folder; valid: a folder, or a path that does not exist"
+            )
+    if cfg.train.unfreeze_every and deepspeed_requested():
+        raise ConfigError(
+            "train.unfreeze_every: gradual unfreezing changes optimizer groups mid-run, which DeepSpeed does not allow"
+        )
+    if cfg.init_from:
+        check_parent(cfg)
+    prepared, tokenizer, tokenized = prepare_data(cfg, fold)
+    check_batch_fits(cfg, len(tokenized["train"]), int(os.environ.get("WORLD_SIZE", "1")))
+    created = not default_run_dir(cfg).exists()
     accelerator, run_dir = start_run(cfg, command)
+    with removed_on_failure(run_dir, created and accelerator.is_main_process):
+        return _build_run(
+            cfg, accelerator, run_dir, method, options, prepared, tokenizer, tokenized, fold, on_model_ready
+        )
 
+
+def store_root(cfg: RunConfig) -> Path:
+    """The store folder cfg uses (output.store, else $ADAPTERKIT_STORE, else <cache>/store), as AdapterStore
+    picks it, without creating it."""
+    return Path(cfg.output.store or os.environ.get("ADAPTERKIT_STORE") or cache_dir() / "store").expanduser()
+
+
+def check_parent(cfg: RunConfig) -> None:
+    """Raise (StoreError, ConfigError) now, before the run folder exists, when cfg.init_from names no
+    intact adapter; a store that does not exist yet is not created by looking."""
+    if not is_path_ref(cfg.init_from):
+        root = store_root(cfg)
+        if not root.is_dir():
+            raise ConfigError(f"init_from {cfg.init_from!r}: the store {root} does not exist (output.store)")
+    AdapterStore(cfg.output.store).resolve(cfg.init_from)
+
+
+@contextmanager
+def removed_on_failure(run_dir: Path, remove: bool) -> Iterator[None]:
+    """Remove `run_dir` (when `remove`: this start created it) if the block raises; the error propagates."""
+    try:
+        yield
+    except BaseException:
+        if remove:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def prepare_data(cfg: RunConfig, fold: int | None) -> tuple[PreparedData, Any, DatasetDict]:
+    """(splits + data report, tokenizer, tokenized splits; the training split packed under train.packing).
+    Raises ConfigError for data that cannot train (adapters.data.loading)."""
     prepared = prepare_splits(cfg, fold=fold)
     if cfg.init_from and cfg.task == "sequence-classification":
         prepared.labels = parent_labels(cfg, prepared.labels)
@@ -192,6 +254,22 @@ def setup_run(
             cfg.data.max_length,
         )
         tokenized["train"] = packed
+    return prepared, tokenizer, tokenized
+
+
+def _build_run(
+    cfg: RunConfig,
+    accelerator: Accelerator,
+    run_dir: Path,
+    method,
+    options,
+    prepared: PreparedData,
+    tokenizer,
+    tokenized: DatasetDict,
+    fold: int | None,
+    on_model_ready: Callable[[Any], None] | None,
+) -> TrainingRun:
+    """setup_run once the run folder exists: loader, backbone, method, optimizer, schedule, trackers."""
     if accelerator.is_main_process:
         (run_dir / "data_report.json").write_text(json.dumps(prepared.report.to_dict(), indent=2, default=str))
     check_batch_fits(cfg, len(tokenized["train"]), accelerator.num_processes)
@@ -221,11 +299,6 @@ def setup_run(
     unfreezer = None
     if cfg.train.unfreeze_every:
         # Head alone first; each newly opened block joins the optimizer at its own LR.
-        if deepspeed_requested():
-            raise ConfigError(
-                "train.unfreeze_every: gradual unfreezing changes optimizer groups mid-run, "
-                "which DeepSpeed does not allow"
-            )
         unfreezer = GradualUnfreezer.from_train_config(
             model, cfg.train, cfg.train.unfreeze_every, cfg.train.unfreeze_unit
         )
@@ -291,7 +364,9 @@ def resume_from_checkpoint(
         saved = read_checkpoint_state(chosen)
         position = saved["epoch"] if run.cfg.train.unfreeze_unit == "epoch" else saved["step"]
         run.unfreezer.step(position, run.optimizer, run.scheduler)
-    loaded = load_checkpoint(chosen, accelerator, run.model, run.optimizer, run.scheduler)
+    loaded = load_checkpoint(
+        chosen, accelerator, run.model, run.optimizer, run.scheduler, trust_pickle=run.cfg.train.resume_trust_pickle
+    )
     state.restore(loaded.state)
     stopper.restore(loaded.state, loaded.best_state)
     state.rng = loaded.rng

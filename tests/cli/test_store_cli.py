@@ -127,3 +127,27 @@ def test_script_wrapper_uses_the_environment_store(tmp_path, make_adapter_folder
     )
     assert done.returncode == 0, done.stderr
     assert [(r["name"], r["version"]) for r in json.loads(done.stdout)] == [("viaenv", 1)]
+
+
+def test_list_reports_damage_after_the_good_rows_and_verify_notes_old_versions(cli, two_versions, store_root):
+    import json as jsonlib
+
+    from adapters.store.manifest import DIGEST_KEY, MANIFEST, MANIFEST_DIGEST
+
+    (store_root / "clf" / "2" / MANIFEST).chmod(0o644)
+    (store_root / "clf" / "2" / MANIFEST).write_text("{")
+    status, out, _ = cli("list")
+    lines = out.strip().splitlines()
+    assert status == 0 and lines[1].split()[:3] == ["clf", "1", "-"] and len(lines) == 3
+    assert lines[2].startswith("damaged  clf@2: ") and "clf/2/manifest.json: unreadable manifest" in lines[2]
+    status, out, _ = cli("--json", "list")
+    assert [("error" in r) for r in jsonlib.loads(out)] == [False, True]
+
+    old = store_root / "clf" / "1"  # as published before manifest digests existed
+    manifest = jsonlib.loads((old / MANIFEST).read_text())
+    del manifest[DIGEST_KEY]
+    (old / MANIFEST).chmod(0o644)
+    (old / MANIFEST).write_text(jsonlib.dumps(manifest))
+    (old / MANIFEST_DIGEST).unlink()
+    status, out, _ = cli("verify", "clf@1")
+    assert status == 0 and out.startswith("ok      clf@1  (no manifest.json.sha256: published before")

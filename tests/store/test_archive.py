@@ -68,9 +68,9 @@ def _member(name, kind=tarfile.REGTYPE, target=""):
         (_member("../escaped.txt"), "unsafe path"),
         (_member("/tmp/adapterkit-escaped.txt"), "unsafe path"),
         (_member("pkg/../../escaped.txt"), "unsafe path"),
-        (_member("pkg/link", tarfile.SYMTYPE, "/etc/passwd"), "link or special file"),
-        (_member("pkg/hard", tarfile.LNKTYPE, "/etc/passwd"), "link or special file"),
-        (_member("pkg/fifo", tarfile.FIFOTYPE), "link or special file"),
+        (_member("pkg/link", tarfile.SYMTYPE, "/etc/passwd"), "symbolic link; archives may hold plain files"),
+        (_member("pkg/hard", tarfile.LNKTYPE, "/etc/passwd"), "hard link; archives may hold plain files"),
+        (_member("pkg/fifo", tarfile.FIFOTYPE), "FIFO; archives may hold plain files"),
     ],
 )
 def test_import_refuses_hostile_archives(member, reason, store_root, tmp_path):

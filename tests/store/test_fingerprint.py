@@ -108,3 +108,23 @@ def test_dataset_fingerprint_is_content_based():
     assert fp.fingerprint_dataset([]) != fp.fingerprint_dataset(rows)
     with pytest.raises(StoreError, match="rows must be dicts"):
         fp.fingerprint_dataset(["just text"])
+
+
+def test_converted_gguf_folder_keeps_accepting_adapters_published_on_its_content_fingerprint(tmp_path, isolated_cache):
+    # Before GGUF backbones were fingerprinted by their file, the built-in SmolLM2's adapters recorded
+    # the converted folder's content fingerprint; the conversion is byte-identical, so they must still load.
+    from adapters.errors import BaseMismatchError
+    from adapters.gguf_meta import CONVERTED_MARKER
+    from adapters.store.loading import check_base
+
+    folder = _model_folder(tmp_path)
+    content = fp.fingerprint_model(folder)
+    (folder / CONVERTED_MARKER).write_text(json.dumps({"sha256": "ab" * 32}))
+    gguf = fp.fingerprint_model(folder)
+    assert gguf == "sha256:" + "ab" * 32 != content
+    assert fp.legacy_fingerprint(gguf) == content
+    assert check_base({"base_model": {"fingerprint": content}}, gguf)
+    assert check_base({"base_model": {"fingerprint": gguf}}, gguf)
+    with pytest.raises(BaseMismatchError):
+        check_base({"base_model": {"fingerprint": "sha256:" + "cd" * 32}}, gguf)
+    assert fp.legacy_fingerprint("sha256:" + "ef" * 32) is None

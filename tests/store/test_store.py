@@ -175,7 +175,7 @@ def test_publish_refuses_pickles_links_and_unverified_sources(tmp_path, store_ro
     with pytest.raises(StoreError, match="no manifest.json"):
         store.publish(src, "clf")
     assert store.list() == []
-    assert [p.name for p in (store_root / "clf").iterdir()] == []  # failed publishes leave nothing
+    assert list(store_root.iterdir()) == []  # failed publishes of a new name leave nothing, not even its folder
 
 
 # ---------------------------------------------------------------- names
@@ -273,7 +273,7 @@ def test_kill_9_during_publish_leaves_the_store_consistent(mode, store_root, mak
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    leftovers = [p.name for p in (store_root / "big").iterdir() if p.name.startswith(".publish-") and p.is_dir()]
+    leftovers = [p.name for p in store_root.iterdir() if p.name.startswith(".publish-") and p.is_dir()]
     assert len(leftovers) == 1  # the killed publish's staging folder, invisible to readers
     assert store.versions("big") == [1]
     assert store.tags("big") == {"latest": 1}
@@ -285,8 +285,8 @@ def test_kill_9_during_publish_leaves_the_store_consistent(mode, store_root, mak
     assert store.publish(src, "big").version == 2
     assert time.time() - start < 10
     removed = store.gc()
-    assert removed == [f"big/{leftovers[0]}"]
-    assert [p.name for p in (store_root / "big").iterdir() if p.name.startswith(".publish-")] == []
+    assert removed == [leftovers[0]]
+    assert [p.name for p in store_root.iterdir() if p.name.startswith(".publish-")] == []
     assert store.verify() == {"big@1": [], "big@2": []}
 
 
@@ -349,3 +349,89 @@ def test_gc_spares_live_publishes_and_applies_a_keep_policy(store_root, make_ada
         assert live.exists()  # its publisher still holds the lock
     assert store.versions("clf") == [1, 3, 4]  # 1 is tagged prod, 3 and 4 are the two newest
     assert store.gc() == ["clf/.publish-live"]  # its publisher is gone now
+
+
+# ---------------------------------------------------------------- damage: validated documents, manifest digests
+def test_the_manifest_digest_is_sha256sum_compatible_and_catches_an_edit(store_root, make_adapter_folder):
+    """The digest beside a published manifest is what coreutils' sha256sum writes (checked by it, as a peer);
+    an edit of the base fingerprint is caught by verify and load; the files' own checksums could not catch it."""
+    import json
+    import shutil
+
+    from adapters.store.manifest import DIGEST_KEY, MANIFEST_DIGEST, verify_folder
+
+    store = AdapterStore(store_root)
+    ref = store.publish(make_adapter_folder(), "clf")
+    assert read_manifest(ref.path)[DIGEST_KEY] == MANIFEST_DIGEST
+    if shutil.which("sha256sum"):
+        done = subprocess.run(["sha256sum", "-c", MANIFEST_DIGEST], cwd=ref.path, capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.strip() == f"{MANIFEST}: OK", done
+    manifest_path = ref.path / MANIFEST
+    edited = json.loads(manifest_path.read_text())
+    edited["base_model"]["fingerprint"] = "sha256:" + "1" * 64
+    os.chmod(manifest_path, 0o644)
+    manifest_path.write_text(json.dumps(edited, indent=2))
+    problems = verify_folder(ref.path)  # every other file still matches the checksums the manifest lists
+    assert len(problems) == 1 and "manifest.json: digest mismatch" in problems[0], problems
+    assert store.verify("clf@1")["clf@1"] == problems
+    with pytest.raises(StoreError, match="failed verification.*manifest.json: digest mismatch"):
+        load_adapter(object(), "clf@1", store=store)
+
+
+def test_versions_published_before_digests_still_load_and_verify_with_a_note(store_root, make_adapter_folder):
+    """A version as published before manifest digests: no digest file and no digest key."""
+    import json
+
+    from adapters.store.manifest import DIGEST_KEY, MANIFEST_DIGEST
+    from adapters.store.store import NO_DIGEST_NOTE
+
+    store = AdapterStore(store_root)
+    ref = store.publish(make_adapter_folder(), "old")
+    manifest = read_manifest(ref.path)
+    del manifest[DIGEST_KEY]
+    os.chmod(ref.path / MANIFEST, 0o644)
+    (ref.path / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (ref.path / MANIFEST_DIGEST).unlink()
+    notes = {}
+    assert store.verify(notes=notes) == {"old@1": []}
+    assert notes == {"old@1": NO_DIGEST_NOTE} and "published before" in NO_DIGEST_NOTE
+    assert store.resolve("old@1", verify=True)[1]["version"] == 1
+    assert store.export("old@1", store_root.parent / "old-export").is_dir()
+    assert store.import_(store_root.parent / "old-export", name="renewed").version == 1
+    assert (store.root / "renewed" / "1" / MANIFEST_DIGEST).is_file()  # re-published: covered from now on
+    assert store.verify("renewed@1", notes=notes) == {"renewed@1": []} and "renewed@1" not in notes
+
+
+def test_a_damaged_tags_file_hides_nothing_else(store_root, make_adapter_folder):
+    store = AdapterStore(store_root)
+    store.publish(make_adapter_folder(), "good")
+    store.publish(make_adapter_folder(), "bad", tags=("latest", "prod"))
+    (store_root / "bad" / "tags.json").write_text('{"tags": null}')
+    rows = store.list()
+    assert [(r["name"], r["version"], "error" in r) for r in rows] == [
+        ("bad", None, True),
+        ("bad", 1, False),
+        ("good", 1, False),
+    ]
+    assert "bad/tags.json: damaged tags file: 'tags' must be an object" in rows[0]["error"]
+    assert store.locate("bad@1").version == 1  # by number, the name's versions stay reachable
+    assert store.show("bad@1")["tags_error"] == rows[0]["error"]
+    for refused in (lambda: store.locate("bad"), lambda: store.publish(make_adapter_folder(), "bad")):
+        with pytest.raises(StoreError, match="bad/tags.json: damaged tags file"):
+            refused()
+    assert store.versions("bad") == [1]
+    assert store.publish(make_adapter_folder(), "good").version == 2
+    assert store.verify() == {"bad@1": [], "good@1": [], "good@2": []}
+
+
+@pytest.mark.parametrize("text", ["evil\n", "3\n", "a" * 129, "gооd", "..", "a/b", ""])
+def test_names_tags_and_versions_are_matched_in_full(text, store_root, make_adapter_folder):
+    from adapters.store.refs import check_tag, is_version
+
+    store = AdapterStore(store_root)
+    assert not is_version(text)
+    with pytest.raises(StoreError, match=r"invalid (adapter name|tag) .*ASCII letters"):
+        store.publish(make_adapter_folder(), text)
+    with pytest.raises(StoreError, match="invalid tag"):
+        check_tag(text)
+    assert list(store_root.iterdir()) == []

@@ -11,7 +11,8 @@ token log-probabilities in OpenAI's two formats.
 
 The path of a request, e.g. POST /v1/completions:
 
-1. ``middleware.BodyLimitMiddleware`` refuses a body over ``settings.max_body_bytes`` (413).
+1. ``bodies.BodyMiddleware`` refuses a body over ``settings.max_body_bytes`` (413), however it is sent, and a
+   body that is not a UTF-8 JSON object sent as JSON (400).
 2. ``middleware.require_bearer_token`` checks the bearer token (401), then FastAPI validates the JSON
    against ``schemas.CompletionBody`` (400 via ``middleware.handle_validation_error``).
 3. ``routes.generation.completions`` receives the body and a ``routes.context.ServerContext`` (engine,

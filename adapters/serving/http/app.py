@@ -10,15 +10,16 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 
 from adapters import __version__
 from adapters.serving.engine import InferenceEngine
 from adapters.serving.http.batcher import Batcher, ContinuousBatcher
+from adapters.serving.http.bodies import BodyMiddleware
 from adapters.serving.http.metrics import ServerMetrics
 from adapters.serving.http.middleware import (
     APIError,
-    BodyLimitMiddleware,
     UnexpectedErrorMiddleware,
     handle_api_error,
     handle_http_error,
@@ -66,13 +67,17 @@ def create_app(engine: InferenceEngine, settings: ServerSettings | None = None) 
         "(name, name@3, name@prod).",
     )
     app.state.engine, app.state.settings, app.state.batcher, app.state.metrics = engine, settings, batcher, metrics
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(UnexpectedErrorMiddleware)  # added last: outermost
     app.add_exception_handler(APIError, handle_api_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(HTTPException, handle_http_error)
     for router in ROUTERS:
         app.include_router(router)
+    # the routes (included without a prefix) that take a JSON body: BodyMiddleware checks it before FastAPI
+    json_paths = frozenset(
+        r.path for router in ROUTERS for r in router.routes if isinstance(r, APIRoute) and r.dependant.body_params
+    )
+    app.add_middleware(BodyMiddleware, max_bytes=settings.max_body_bytes, json_paths=json_paths)
+    app.add_middleware(UnexpectedErrorMiddleware)  # added last: outermost
     app.openapi = lambda: _openapi(app)
     return app
 

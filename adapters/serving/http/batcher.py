@@ -25,12 +25,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
+from adapters.modeling.generation import TokenLogprobs
 from adapters.serving.engine import InferenceEngine, LiveRow, generation_result
 
 log = logging.getLogger(__name__)
 
 
-TokenCallback = Callable[[int, LiveRow, int], None]  # (row index in its job, the live row, token id)
+# (row index in its job, the live row, token id, the row's TokenLogprobs so far when asked: the last is this token's)
+TokenCallback = Callable[[int, LiveRow, int, "TokenLogprobs | None"], None]
 
 
 @dataclass(eq=False)
@@ -201,7 +203,8 @@ class ContinuousBatcher:
         """Queue ``rows`` (GenerationRequest for "generate", ClassificationRequest for "classify").
 
         Returns a Future of the engine's results for these rows, in order, or of the exception that failed
-        them. ``on_token(i, live_row, token_id)`` is called from the worker thread for each token row i emits.
+        them. ``on_token(i, live_row, token_id, logprobs)`` is called from the worker thread for each token row i
+        emits (``logprobs``: the row's TokenLogprobs so far when asked, else None; read it in the callback).
         """
         job = _Job(kind, rows, on_token=on_token)  # type: ignore[arg-type]
         self._queue.put(job)
@@ -347,7 +350,7 @@ class ContinuousBatcher:
                 continue
             if event.token is not None and job.on_token is not None:
                 try:
-                    job.on_token(i, event.row, event.token)
+                    job.on_token(i, event.row, event.token, event.logprobs)
                 except Exception:  # noqa: BLE001 - a consumer's failure must not stop the batch
                     log.exception("on_token failed")
             if event.done is not None:

@@ -31,16 +31,8 @@ class _Detokenizer:
 
     def pieces(self, ids: list[int]) -> list[str]:
         """The text each of ``ids`` adds; "".join(result) == decode(ids) unless ids end inside a character."""
-        out, prefix, read = [], 0, 0
-        for i in range(len(ids)):
-            before = self.decode(ids[prefix:read])
-            after = self.decode(ids[prefix : i + 1])
-            if len(after) > len(before) and not after.endswith("\ufffd"):
-                out.append(after[len(before) :])
-                prefix, read = read, i + 1
-            else:
-                out.append("")
-        return out
+        texts = _Pieces(self)
+        return [texts.push(token) for token in ids]
 
     def alternative(self, ids: list[int], position: int, token: int) -> str:
         """The text ``token`` would add in place of ids[position]."""
@@ -58,6 +50,80 @@ class _Detokenizer:
         return out
 
 
+class _Pieces:
+    """The text each token adds, one token at a time (the prefix and read offsets of the module doc)."""
+
+    def __init__(self, detok: _Detokenizer):
+        self.detok, self.ids, self.prefix, self.read = detok, [], 0, 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.detok.decode(self.ids[self.prefix : self.read])
+        after = self.detok.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before) :]
+        return ""
+
+
+# One token's entry: completions (text, log-probability or None, {text: log-probability} or None, text offset);
+# chat: a ChatTokenLogprob.
+CompletionEntry = tuple[str, "float | None", "dict[str, float] | None", int]
+
+
+class LogprobStream:
+    """The log-probabilities of one sequence's tokens, one token at a time, in the completions (``chat=False``)
+    or chat format: for streaming, where each chunk carries its own tokens' entries. Pushing every token of a
+    sequence gives exactly what completion_logprobs / chat_logprobs give for it.
+
+    ``offset``: the character offset of the first token in the choice's text (completions: after an echoed
+    prompt). ``skip_special_tokens``: as the text the tokens make (False for an echoed prompt).
+    """
+
+    def __init__(self, tokenizer, chat: bool, offset: int = 0, skip_special_tokens: bool = True):
+        self.chat, self.offset = chat, offset
+        self.detok = _Detokenizer(tokenizer, skip_special_tokens)
+        self.texts = _Pieces(self.detok)
+
+    def push(
+        self, token: int, logprob: float | None, top: list[tuple[int, float]] | None
+    ) -> CompletionEntry | ChatTokenLogprob:
+        """The entry of the next token, scored ``logprob`` with alternatives ``top`` [(token id, log-probability)]."""
+        piece = self.texts.push(token)
+        ids, i = self.texts.ids, len(self.texts.ids) - 1
+        if self.chat:
+            alternatives = [
+                TopLogprob(token=text, logprob=_finite(value), bytes=list(text.encode("utf-8")))
+                for alt, value in top or []
+                for text in [self.detok.alternative(ids, i, alt)]
+            ]
+            return ChatTokenLogprob(
+                token=piece, logprob=_finite(logprob), bytes=list(piece.encode("utf-8")), top_logprobs=alternatives
+            )
+        entry = (
+            piece,
+            None if logprob is None else _finite(logprob),
+            None if top is None else self.detok.top(ids, i, top),
+            self.offset,
+        )
+        self.offset += len(piece)
+        return entry
+
+    def push_all(self, part: TokenLogprobs) -> list:
+        """The entries of every token of ``part``."""
+        return [self.push(t, lp, top) for t, lp, top in zip(part.token_ids, part.logprobs, part.top)]
+
+
+def completion_format(entries: list[CompletionEntry]) -> CompletionLogprobs:
+    """Completions entries (LogprobStream) as OpenAI's legacy logprobs object."""
+    return CompletionLogprobs(
+        tokens=[e[0] for e in entries],
+        token_logprobs=[e[1] for e in entries],
+        top_logprobs=[e[2] for e in entries],
+        text_offset=[e[3] for e in entries],
+    )
+
+
 def prompt_text(tokenizer, prompt_ids: list[int]) -> str:
     """The prompt as the model saw it (special tokens included), as echoed before a completion."""
     return "".join(_Detokenizer(tokenizer, skip_special_tokens=False).pieces(prompt_ids))
@@ -68,39 +134,16 @@ def completion_logprobs(
 ) -> CompletionLogprobs:
     """Legacy logprobs of a choice: the ``prompt``'s tokens (when echoed; special tokens kept) then the
     ``completion``'s (special tokens skipped, as in the choice's text), with offsets into the choice's text."""
-    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    entries: list[CompletionEntry] = []
     offset = 0
     for part, skip in ((prompt, False), (completion, True)):
-        if part is None:
-            continue
-        detok = _Detokenizer(tokenizer, skip)
-        for i, piece in enumerate(detok.pieces(part.token_ids)):
-            logprob, top = part.logprobs[i], part.top[i]
-            out.tokens.append(piece)
-            out.token_logprobs.append(None if logprob is None else _finite(logprob))
-            out.top_logprobs.append(None if top is None else detok.top(part.token_ids, i, top))
-            out.text_offset.append(offset)
-            offset += len(piece)
-    return out
+        if part is not None:
+            stream = LogprobStream(tokenizer, chat=False, offset=offset, skip_special_tokens=skip)
+            entries.extend(stream.push_all(part))
+            offset = stream.offset
+    return completion_format(entries)
 
 
 def chat_logprobs(tokenizer, completion: TokenLogprobs) -> ChatLogprobs:
     """Chat logprobs of a choice: each generated token with its bytes (UTF-8 of its text) and alternatives."""
-    detok = _Detokenizer(tokenizer, skip_special_tokens=True)
-    ids = completion.token_ids
-    content = []
-    for i, piece in enumerate(detok.pieces(ids)):
-        top = [
-            TopLogprob(token=text, logprob=_finite(logprob), bytes=list(text.encode("utf-8")))
-            for token, logprob in completion.top[i] or []
-            for text in [detok.alternative(ids, i, token)]
-        ]
-        content.append(
-            ChatTokenLogprob(
-                token=piece,
-                logprob=_finite(completion.logprobs[i]),
-                bytes=list(piece.encode("utf-8")),
-                top_logprobs=top,
-            )
-        )
-    return ChatLogprobs(content=content)
+    return ChatLogprobs(content=LogprobStream(tokenizer, chat=True).push_all(completion))

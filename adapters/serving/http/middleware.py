@@ -1,13 +1,15 @@
-"""Errors, auth and body-size limits of the HTTP server.
+"""Errors and auth of the HTTP server (body limits and JSON checks: adapters.serving.http.bodies).
 
 Every error leaves as JSON ``{"error": {"message", "type", "param", "code"}}`` (OpenAI's shape), with a
-4xx status for anything the client can fix.
+4xx status for anything the client can fix. Messages never show the server's file paths nor the store's other
+adapters to a client: an unknown adapter is "not found", pointing at GET /v1/models (which needs the token).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import re
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -37,20 +39,40 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
     return JSONResponse(body, status_code=status)
 
 
-def api_error_of(err: Exception) -> APIError:
-    """Map an engine error to an HTTP status the client can act on.
+# An absolute file path inside a message (a store's, a base model's): not for clients' eyes.
+_PATH = re.compile(r"(?<![\w@.])(?:[A-Za-z]:)?[/\\][^\s'\",;:()]*")
 
-    BaseMismatchError -> 409; StoreError -> 404 for a reference that names nothing, else 400;
-    ConfigError -> 400; anything else -> 500 naming only the exception's type, logged with its traceback.
+
+def not_found_message(ref: str | None, what: str = "model") -> str:
+    """The 404 text of an adapter reference that names nothing: no store path, no list of other adapters."""
+    name = f"{what} {ref!r}" if ref else what
+    return f"{name} not found; GET /v1/models lists the models this server serves"
+
+
+def client_message(message: str) -> str:
+    """``message`` with absolute file paths replaced by <path>, on one line."""
+    return " ".join(_PATH.sub("<path>", message).split())
+
+
+def api_error_of(err: Exception, ref: str | None = None, param: str = "model") -> APIError:
+    """Map an engine error about the adapter reference ``ref`` (the request's ``param``) to an HTTP status the
+    client can act on.
+
+    BaseMismatchError -> 409; StoreError -> 404 for a reference that names nothing (not_found_message), else
+    400; ConfigError -> 400, their messages without file paths (client_message; logged in full); anything
+    else -> 500 naming only the exception's type, logged with its traceback.
     """
     if isinstance(err, APIError):
         return err
-    message = str(err)
+    if isinstance(err, (BaseMismatchError, StoreError, ConfigError)):
+        log.info("refused: %s", err)
+    message = client_message(str(err))
     if isinstance(err, BaseMismatchError):
-        return APIError(409, message, "base_mismatch")
+        return APIError(409, message, "base_mismatch", param)
     if isinstance(err, StoreError):
-        missing = any(s in message for s in _MISSING)
-        return APIError(404 if missing else 400, message, "adapter_not_found" if missing else "adapter_error", "model")
+        if any(s in str(err) for s in _MISSING):
+            return APIError(404, not_found_message(ref, param), "adapter_not_found", param)
+        return APIError(400, message, "adapter_error", param)
     if isinstance(err, ConfigError):
         return APIError(400, message)
     log.error("internal error", exc_info=err)
@@ -87,10 +109,16 @@ async def handle_validation_error(request: Request, err: RequestValidationError)
 
 
 async def handle_http_error(request: Request, err: HTTPException) -> JSONResponse:
-    """Exception handler: the framework's own HTTP errors (an unparsable body, an unknown path, a wrong method)
-    in the same JSON error shape, with their status and headers."""
+    """Exception handler: the framework's own HTTP errors (an unknown path, a wrong method) in the same JSON
+    error shape, with their status and headers, saying what the client asked for."""
     kind = "invalid_request_error" if err.status_code < 500 else "server_error"
-    response = error_response(err.status_code, str(err.detail), kind)
+    message, method, path = str(err.detail), request.method, request.url.path
+    if err.status_code == 404 and message == "Not Found":
+        message = f"no route {method} {path}; the API is documented at /docs"
+    elif err.status_code == 405:
+        allowed = (err.headers or {}).get("Allow", "")
+        message = f"method {method} is not allowed on {path}" + (f" (allowed: {allowed})" if allowed else "")
+    response = error_response(err.status_code, " ".join(message.split()), kind)  # one line, whatever the path
     response.headers.update(err.headers or {})
     return response
 
@@ -107,50 +135,6 @@ def require_bearer_token(request: Request) -> None:
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise APIError(401, "missing or wrong bearer token (Authorization: Bearer <token>)", "authentication_error")
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimitMiddleware:
-    """ASGI middleware: reject bodies over ``max_bytes`` (413), by Content-Length or while reading a chunked body."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    def _too_large(self) -> JSONResponse:
-        return error_response(413, f"request body over the limit of {self.max_bytes} bytes", "request_too_large")
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_large()(scope, receive, send)
-        seen = 0
-        started = False
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:  # once the response has begun, a second one cannot be sent
-                await self._too_large()(scope, receive, send)
 
 
 class UnexpectedErrorMiddleware:

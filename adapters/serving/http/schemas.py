@@ -39,11 +39,15 @@ _Model = Annotated[
     str, Field(min_length=1, pattern=r"\S", description='"base" or an adapter reference: name, name@3, name@prod.')
 ]
 _Temperature = Annotated[
-    Annotated[float, Field(ge=0, le=2)] | None,
+    Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None,
     _or(1.0),
     Field(description="0 = greedy (so is anything below 1e-5). null: 1."),
 ]
-_TopP = Annotated[Annotated[float, Field(gt=0, le=1)] | None, _or(1.0), Field(description="Nucleus sampling. null: 1.")]
+_TopP = Annotated[
+    Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None,
+    _or(1.0),
+    Field(description="Nucleus sampling. null: 1."),
+]
 # lt, not le: the OpenAPI document holds bounds as floats, and 2**64 is exact in one (2**64 - 1 is not)
 _Seed = Annotated[
     int | None,
@@ -59,7 +63,9 @@ _N = Annotated[
     _or(1),
     Field(description="Independent samples per prompt (choices prompt 0 sample 0..n-1, then prompt 1...). null: 1."),
 ]
-_NoPenalty = Annotated[float | None, Field(ge=0, le=0, description="Not implemented: only 0 or null.")]
+_NoPenalty = Annotated[
+    float | None, Field(ge=0, le=0, allow_inf_nan=False, description="Not implemented: only 0 or null.")
+]
 _NoLogitBias = Annotated[dict[str, float] | None, Field(max_length=0, description="Not implemented: only {} or null.")]
 _TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 _Prompt = Annotated[
@@ -117,8 +123,9 @@ class CompletionBody(_Body):
     stream: Annotated[bool | None, _or(False)] = Field(
         False,
         description=(
-            "Send the choices as server-sent events (OpenAI's chunks), token by token; with logprobs, each choice "
-            "in one chunk when it ends. null: false."
+            "Send the choices as server-sent events (OpenAI's chunks), token by token; with logprobs, each chunk "
+            "carries its tokens' (with echo, a choice is sent when it ends, the prompt's in its first chunk). "
+            "null: false."
         ),
     )
     stream_options: StreamOptions | None = Field(None, description="Only with stream.")
@@ -209,8 +216,8 @@ class ChatBody(_Body):
     stream: Annotated[bool | None, _or(False)] = Field(
         False,
         description=(
-            "Send the choices as server-sent events (OpenAI's chunks), token by token; with logprobs, each choice "
-            "in one chunk when it ends. null: false."
+            "Send the choices as server-sent events (OpenAI's chunks), token by token; with logprobs, each chunk "
+            "carries its tokens'. null: false."
         ),
     )
     stream_options: StreamOptions | None = Field(None, description="Only with stream.")

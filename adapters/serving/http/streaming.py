@@ -3,8 +3,11 @@
 A streamed request's rows go to the batcher like any other, with an ``on_token`` callback: the continuous
 batcher calls it from its worker thread for every token a row emits, and each token's text goes out as a
 chunk (``data: {...}\\n\\n``) as soon as it is safe to send (``StreamText``); the window batcher calls it
-never, so each choice arrives whole when its batch ends. After the last choice's final chunk (with its
-``finish_reason``) come a usage chunk when ``stream_options.include_usage`` asked, then ``data: [DONE]``.
+never, so each choice's chunks go out when its batch ends. With ``logprobs``, each chunk carries the
+log-probabilities of the tokens whose text it sends (OpenAI's format of the endpoint), so the chunks' entries
+joined are the non-streamed response's; an echoed prompt's come in the prompt's chunk. After the last choice's
+final chunk (with its ``finish_reason``) come a usage chunk when ``stream_options.include_usage`` asked, then
+``data: [DONE]``.
 
 The response starts only once the request's first token (or its whole result) is there, so a request the
 engine refuses (a prompt too long, an adapter of another type) still gets its 4xx status and JSON error.
@@ -24,8 +27,10 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from adapters.serving.engine import GenerationRequest, GenerationResult
+from adapters.serving.http.logprobs import LogprobStream, completion_format
 from adapters.serving.http.middleware import APIError, api_error_of
 from adapters.serving.http.routes.context import ServerContext
+from adapters.serving.http.schemas import ChatLogprobs, CompletionLogprobs
 
 CLIENT_CLOSED = 499  # status recorded for a stream whose client went away (nginx's convention)
 
@@ -76,8 +81,10 @@ class ChunkFormat:
 
     ``model``: the reference the response names. ``include_usage``: a usage chunk last (and ``usage: null``
     in the others). ``prefix(k, prompt_ids)``: text before choice k's completion (echo), or None.
-    ``whole(k, results)``: when given, choice k's content is sent in one chunk when the request ends, as
-    these fields of the choice (e.g. its text and logprobs), instead of token by token.
+    ``logprobs``: every chunk with text carries the log-probabilities of its tokens (in the format of ``chat``).
+    ``prompt_logprobs(k, results)``: the echoed prompt's log-probabilities of choice k (completions with echo and
+    logprobs); they exist only once the request has run, so such a choice is sent when the request ends, its
+    prompt chunk first, then its tokens as from the live stream.
     """
 
     def __init__(
@@ -86,9 +93,11 @@ class ChunkFormat:
         model: str,
         include_usage: bool,
         prefix: Callable[[int, list[int]], str] | None = None,
-        whole: Callable[[int, list[GenerationResult]], dict] | None = None,
+        logprobs: bool = False,
+        prompt_logprobs: Callable[[int, list[GenerationResult]], CompletionLogprobs] | None = None,
     ):
-        self.chat, self.model, self.include_usage, self.prefix, self.whole = chat, model, include_usage, prefix, whole
+        self.chat, self.model, self.include_usage, self.prefix = chat, model, include_usage, prefix
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
 
@@ -96,9 +105,12 @@ class ChunkFormat:
         """The choice fields that open choice k (chat: the assistant role), or None."""
         return {"delta": {"role": "assistant", "content": ""}, "logprobs": None} if self.chat else None
 
-    def text(self, k: int, text: str) -> dict:
-        """The choice fields carrying ``text``."""
-        return {"delta": {"content": text}, "logprobs": None} if self.chat else {"text": text, "logprobs": None}
+    def text(self, k: int, text: str, entries: list | None = None) -> dict:
+        """The choice fields carrying ``text`` and the LogprobStream ``entries`` of its tokens (None: no logprobs)."""
+        if self.chat:
+            logprobs = None if entries is None else ChatLogprobs(content=entries).model_dump()
+            return {"delta": {"content": text}, "logprobs": logprobs}
+        return {"text": text, "logprobs": None if entries is None else completion_format(entries).model_dump()}
 
     def closing(self, k: int, finish_reason: str) -> dict:
         """The choice fields of choice k's last chunk."""
@@ -129,14 +141,22 @@ class ChunkFormat:
 
 
 class _Choices:
-    """Turns the batcher's token callbacks and final results into the chunks of one request's choices."""
+    """Turns the batcher's token callbacks and final results into the chunks of one request's choices.
+
+    Each choice's tokens go through ``_push`` once each, in order: live from the batcher's callbacks, else (the
+    window batcher, a deferred echo) from the results when the request ends. A chunk goes out when a token makes
+    text safe to send (StreamText), carrying the log-probabilities of the tokens since the last chunk.
+    """
 
     def __init__(self, fmt: ChunkFormat, rows: list[GenerationRequest], tokenizer):
-        self.fmt = fmt
+        self.fmt, self.tokenizer = fmt, tokenizer
         self.texts = [StreamText(tokenizer, r.params.stop) for r in rows]
+        self.logs: list[LogprobStream | None] = [None] * len(rows)
+        self.pending: list[list] = [[] for _ in rows]  # entries of tokens whose text is not sent yet
+        self.pushed = [0] * len(rows)
         self.opened = [False] * len(rows)
 
-    def _open(self, k: int, prompt_ids: list[int]) -> list[str]:
+    def _open(self, k: int, prompt_ids: list[int], results: list[GenerationResult] | None = None) -> list[str]:
         if self.opened[k]:
             return []
         self.opened[k] = True
@@ -145,30 +165,45 @@ class _Choices:
         if opening is not None:
             out.append(self.fmt.event(k, opening))
         prefix = self.fmt.prefix(k, prompt_ids) if self.fmt.prefix else ""
-        if prefix and self.fmt.whole is None:
-            out.append(self.fmt.event(k, self.fmt.text(k, prefix)))
+        scored = self.fmt.prompt_logprobs(k, results) if self.fmt.prompt_logprobs and results else None
+        if prefix or scored is not None:
+            fields = self.fmt.text(k, prefix)
+            if scored is not None:
+                fields["logprobs"] = scored.model_dump()
+            out.append(self.fmt.event(k, fields))
+        if self.fmt.logprobs:
+            self.logs[k] = LogprobStream(self.tokenizer, self.fmt.chat, offset=len(prefix))
         return out
 
-    def token(self, k: int, prompt_ids: list[int], token: int) -> list[str]:
-        """Chunks for a token row k emitted: its opening the first time, then its text as it becomes safe."""
-        out = self._open(k, prompt_ids)
-        if self.fmt.whole is None:
-            delta = self.texts[k].push(token)
-            if delta:
-                out.append(self.fmt.event(k, self.fmt.text(k, delta)))
-        return out
+    def _push(self, k: int, token: int, scored: tuple[float, list | None] | None) -> list[str]:
+        self.pushed[k] += 1
+        if self.logs[k] is not None and scored is not None:
+            self.pending[k].append(self.logs[k].push(token, *scored))
+        delta = self.texts[k].push(token)
+        return [self._text_event(k, delta)] if delta else []
+
+    def _text_event(self, k: int, text: str) -> str:
+        entries, self.pending[k] = (self.pending[k] if self.logs[k] is not None else None), []
+        return self.fmt.event(k, self.fmt.text(k, text, entries))
+
+    def token(self, k: int, prompt_ids: list[int], token: int, scored: tuple[float, list | None] | None) -> list[str]:
+        """Chunks for a token row k emitted, scored (log-probability, alternatives) when asked: its opening the
+        first time, then its text as it becomes safe. A deferred choice (echo with logprobs) waits for the end."""
+        if self.fmt.prompt_logprobs is not None:
+            return []
+        return self._open(k, prompt_ids) + self._push(k, token, scored)
 
     def end(self, results: list[GenerationResult]) -> list[str]:
         """Every choice's remaining chunks, in order, once all are done."""
         out = []
         for k, r in enumerate(results):
-            out.extend(self._open(k, r.prompt_ids))
-            if self.fmt.whole is not None:
-                out.append(self.fmt.event(k, self.fmt.whole(k, results)))
-            else:
-                delta = self.texts[k].finish(r.text)
-                if delta:
-                    out.append(self.fmt.event(k, self.fmt.text(k, delta)))
+            out.extend(self._open(k, r.prompt_ids, results))
+            for j in range(self.pushed[k], len(r.token_ids)):  # tokens no callback handed out
+                scored = (r.logprobs.logprobs[j], r.logprobs.top[j]) if r.logprobs is not None else None
+                out.extend(self._push(k, r.token_ids[j], scored))
+            delta = self.texts[k].finish(r.text)
+            if delta or self.pending[k]:
+                out.append(self._text_event(k, delta))
             out.append(self.fmt.event(k, self.fmt.closing(k, r.finish_reason)))
         return out
 
@@ -205,15 +240,17 @@ async def stream_response(
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
-    def on_token(k: int, row, token: int) -> None:  # the batcher's worker thread
-        loop.call_soon_threadsafe(events.put_nowait, (k, row.prompt_ids, token))
+    def on_token(k: int, row, token: int, logprobs) -> None:  # the batcher's worker thread
+        # this token's entry, read now: the worker appends the next token's to the same TokenLogprobs
+        scored = (logprobs.logprobs[-1], logprobs.top[-1]) if logprobs is not None else None
+        loop.call_soon_threadsafe(events.put_nowait, (k, row.prompt_ids, token, scored))
 
     future = server.batcher.submit("generate", job.rows, on_token=on_token)
     future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
     try:
         first = await events.get()
         if first is None and _failure(future) is not None:
-            raise api_error_of(_failure(future))
+            raise api_error_of(_failure(future), ref)
     except BaseException as err:
         server.batcher.cancel(future)
         server.record(endpoint, ref, started, err.status if isinstance(err, APIError) else CLIENT_CLOSED)
@@ -228,7 +265,7 @@ async def stream_response(
                     yield chunk
                 item = await events.get()
             if _failure(future) is not None:  # a forward pass failed mid-stream: say so in the stream
-                err = api_error_of(_failure(future))
+                err = api_error_of(_failure(future), ref)
                 error = {"message": err.message, "type": err.kind, "code": err.status}
                 yield f"data: {json.dumps({'error': error})}\n\n"
                 status = err.status

@@ -39,7 +39,8 @@ def test_requests_joining_mid_flight_equal_each_request_alone(engine, join_every
     tokens: list[int] = []
     started = threading.Event()
 
-    def on_token(i, row, token):
+    def on_token(i, row, token, logprobs):
+        assert logprobs is None  # none asked
         tokens.append(token)
         started.set()
 

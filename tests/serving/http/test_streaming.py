@@ -95,25 +95,42 @@ def test_streamed_stop_strings_never_leak(client):
     assert streamed == whole.choices[0].text == free[: free.find(stop)]
 
 
-def test_streamed_logprobs_and_echo_equal_the_non_streamed_ones(client):
-    body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 2, "echo": True}
+def _joined(chunks, field: str) -> list:
+    return [v for c in chunks if c.choices and c.choices[0].logprobs for v in getattr(c.choices[0].logprobs, field)]
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_completion_logprobs_come_token_by_token_and_equal_the_non_streamed_ones(client, server, echo):
+    body = {"model": "alpha", "prompt": PROMPT, "max_tokens": 8, "temperature": 0, "logprobs": 2, "echo": echo}
     whole = client.completions.create(**body).choices[0]
-    chunks = [c for c in client.completions.create(**body, stream=True)]
+    chunks = list(client.completions.create(**body, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == whole.text
-    got = next(c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None)
-    assert got.tokens == whole.logprobs.tokens and got.token_logprobs == whole.logprobs.token_logprobs
+    for field in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert _joined(chunks, field) == getattr(whole.logprobs, field), field  # same tokens, same values
+    scored = [c.choices[0] for c in chunks if c.choices[0].logprobs is not None]
+    # each chunk carries the tokens of its own text, not all of them at the end
+    assert len(scored) > 2 and all("".join(c.logprobs.tokens) == c.text for c in scored)
+    assert all(c.logprobs is None for c in chunks[-1].choices)  # the closing chunk: finish_reason only
+    if not echo and server.app_state.settings.batching == "continuous":
+        assert max(len(c.logprobs.tokens) for c in scored) <= 2  # live: a chunk per token (or two, held back)
+
+
+def test_streamed_chat_logprobs_come_token_by_token_and_equal_the_non_streamed_ones(client):
     chat = {
         "model": "alpha",
         "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": 4,
+        "max_tokens": 6,
         "temperature": 0,
         "logprobs": True,
-        "top_logprobs": 1,
+        "top_logprobs": 2,
     }
     whole = client.chat.completions.create(**chat).choices[0]
     chunks = list(client.chat.completions.create(**chat, stream=True))
-    content = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
-    assert [t.token for t in content] == [t.token for t in whole.logprobs.content]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.message.content
+    content = _joined(chunks, "content")
+    assert [t.model_dump() for t in content] == [t.model_dump() for t in whole.logprobs.content]
+    scored = [c.choices[0] for c in chunks if c.choices and c.choices[0].logprobs is not None]
+    assert len(scored) > 2 and all("".join(t.token for t in c.logprobs.content) == c.delta.content for c in scored)
 
 
 def test_engine_errors_before_the_first_token_are_http_errors(client):

@@ -35,25 +35,26 @@ class ServerContext:
     batcher: Batcher | ContinuousBatcher
     metrics: ServerMetrics
 
-    def check_adapter(self, ref: str) -> str:
-        """The stripped reference ``ref`` ("base", name, name@3, name@tag); 404 when the store has no such adapter.
+    def check_adapter(self, ref: str, param: str = "model") -> str:
+        """The stripped reference ``ref`` ("base", name, name@3, name@tag) given as the request's ``param``;
+        404 when the store has no such adapter (the message names neither the store's path nor its adapters).
 
         Folder references are refused (400) unless ``settings.allow_path_refs``.
         """
         if not isinstance(ref, str) or not ref.strip():
-            raise APIError(400, "model: give 'base' or an adapter reference", param="model")
+            raise APIError(400, f"{param}: give 'base' or an adapter reference", param=param)
         ref = ref.strip()
         if is_path_ref(ref) and not self.settings.allow_path_refs:
             raise APIError(
                 400,
                 "folder references are disabled on this server; use name, name@<version> or name@<tag>",
-                param="model",
+                param=param,
             )
         if ref != BASE:
             try:
                 self.engine.key_of(ref)  # cheap: unknown names, versions and tags fail here with 404
             except Exception as err:  # noqa: BLE001
-                raise api_error_of(err) from None
+                raise api_error_of(err, ref, param) from None
         return ref
 
     def check_task(self, task: str, endpoint: str) -> None:
@@ -84,7 +85,7 @@ class ServerContext:
         try:
             return await asyncio.wrap_future(future)
         except Exception as err:  # noqa: BLE001
-            raise api_error_of(err) from None
+            raise api_error_of(err, getattr(rows[0], "adapter", None) if rows else None) from None
 
     def answers_are_labels(self, ref: str) -> bool:
         """Whether this causal-LM adapter's drift reference watches its answers as labels."""

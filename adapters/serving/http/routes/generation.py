@@ -122,6 +122,10 @@ def _completion_rows(server: ServerContext, body: CompletionBody) -> tuple[str, 
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, f"best_of: only equal to n ({body.n}); candidates are not ranked", param="best_of")
     server.check_max_tokens(body.max_tokens)
+    if body.max_tokens == 0 and not body.echo:  # nothing to return: 0 is for scoring an echoed prompt
+        raise APIError(
+            400, "max_tokens: 0 only with echo=true (to score the prompt); give 1 or more", param="max_tokens"
+        )
     prompts = _completion_prompts(server, body.prompt)
     _check_rows(server, len(prompts), body.n)
     sampling = {
@@ -234,11 +238,13 @@ def _stream_completion(server: ServerContext, body: CompletionBody) -> StreamJob
         model=ref,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         prefix=(lambda k, ids: prompt_text(tokenizer, ids)) if body.echo else None,
-        whole=None
-        if body.logprobs is None
-        else lambda k, results: _completion_choice(tokenizer, body, k, results).model_dump(
-            include={"text", "logprobs"}
-        ),
+        logprobs=body.logprobs is not None,
+        # sample 0 of each prompt holds the prompt's logprobs (see _completion_choice)
+        prompt_logprobs=(
+            lambda k, results: completion_logprobs(tokenizer, None, results[k - k % body.n].prompt_logprobs)
+        )
+        if body.echo and body.logprobs is not None
+        else None,
     )
     return StreamJob(
         ref,
@@ -251,17 +257,11 @@ def _stream_completion(server: ServerContext, body: CompletionBody) -> StreamJob
 
 def _stream_chat(server: ServerContext, body: ChatBody) -> StreamJob:
     ref, rows, messages = _chat_rows(server, body)
-    tokenizer = server.engine.tokenizer
     fmt = ChunkFormat(
         chat=True,
         model=ref,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        whole=None
-        if not body.logprobs
-        else lambda k, results: {
-            "delta": {"content": results[k].text},
-            "logprobs": chat_logprobs(tokenizer, results[k].logprobs).model_dump(),
-        },
+        logprobs=bool(body.logprobs),
     )
     texts = [_last_user(messages)] * body.n
     return StreamJob(

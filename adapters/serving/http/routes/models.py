@@ -130,13 +130,13 @@ def model_card(model: str, server: Server):
 )
 async def load_adapter(body: AdapterBody, server: Server):
     """Load ``adapter`` into memory now (evicting the least recently used beyond capacity); 404 when unknown."""
-    ref = server.check_adapter(body.adapter)
+    ref = server.check_adapter(body.adapter, "adapter")
     if ref == BASE:
         raise APIError(400, "'base' is always loaded", param="adapter")
     try:
         entry = await run_in_threadpool(server.engine.load, ref)
     except Exception as err:  # noqa: BLE001
-        raise api_error_of(err) from None
+        raise api_error_of(err, ref, "adapter") from None
     return AdapterLoaded(
         loaded=ref,
         key=entry.adapter.key,
@@ -153,7 +153,7 @@ async def load_adapter(body: AdapterBody, server: Server):
 )
 async def unload_adapter(body: AdapterBody, server: Server):
     """Free ``adapter``'s memory; ``unloaded`` is false when it was not resident."""
-    ref = server.check_adapter(body.adapter)
+    ref = server.check_adapter(body.adapter, "adapter")
     if ref == BASE:
         raise APIError(400, "'base' cannot be unloaded", param="adapter")
     unloaded = await run_in_threadpool(server.engine.unload, ref)
