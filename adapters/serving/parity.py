@@ -12,10 +12,11 @@ and a probability tolerance would then pass any adapter.
 Runtimes: ``peft`` loads the adapter folder as its model card says (adapters.modeling.portable:
 AutoPeftModel*, or transformers with trust_remote_code for a mean-pooling classifier);
 ``transformers`` loads a merged export (made on the fly unless one is given) with AutoModelFor*;
-``vllm`` and ``gguf`` are answered by ``adapters.serving.vllm_runtime.vllm_logprobs(base folder, adapter
-folder, prompt token ids, top_k)`` and ``adapters.serving.gguf.gguf_logprobs(model or base GGUF, LoRA GGUF
-or None, prompt token ids, top_k)`` (after ``export_gguf``), each giving one {token id: logprob} per
-prompt: those are compared on the top-k and the top token (they give no greedy continuation).
+``vllm`` (a LoRA adapter folder on its base, or a merged export as the model) and ``gguf`` are answered
+by ``adapters.serving.vllm_runtime.vllm_logprobs(base folder, adapter folder or None, prompt token ids,
+top_k)`` and ``adapters.serving.gguf.gguf_logprobs(model or base GGUF, LoRA GGUF or None, prompt token
+ids, top_k)`` (after ``export_gguf``), each giving one {token id: logprob} per prompt: those are compared
+on the top-k and the top token (they give no greedy continuation).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from adapters.config import RunConfig
-from adapters.constants import RUNTIMES
+from adapters.constants import ADAPTER_CONFIG, RUNTIMES
 from adapters.data.loading import prepare_splits
 from adapters.errors import AdapterkitError, ConfigError
 from adapters.modeling.builtins import resolve_model
@@ -322,6 +323,8 @@ def run_parity(
     store = store if isinstance(store, AdapterStore) else AdapterStore(store)
     folder, manifest = store.resolve(ref, verify=True)
     manifest = manifest or {}
+    if runtime in EXTERNAL_RUNTIMES and (manifest.get("task") or "causal-lm") != "causal-lm":
+        raise ConfigError(f"runtime {runtime!r} runs causal LMs only; {ref!r} is a {manifest['task']} adapter")
     texts = list(texts) if texts is not None else golden_texts(manifest, limit)
     engine = engine_for(ref, manifest, base, store)
     ours = engine_answers(engine, ref, texts, top_k, max_new_tokens)
@@ -330,8 +333,6 @@ def run_parity(
     del engine  # one model in memory at a time
     with tempfile.TemporaryDirectory(prefix="adapterkit-parity-") as tmp:
         if runtime in EXTERNAL_RUNTIMES:
-            if task != "causal-lm":
-                raise ConfigError(f"runtime {runtime!r} runs causal LMs only; {ref!r} is a {task} adapter")
             theirs = _external(
                 runtime,
                 str(ref),
@@ -380,8 +381,9 @@ def _external(
     workdir: Path,
 ) -> list[dict]:
     """The vLLM/GGUF runtime's top-k at each prompt's first generated position (adapters.serving.vllm_runtime /
-    .gguf): vLLM serves the adapter folder on the base; the GGUF runtime reads an export (``artifact``, else one
-    written to ``workdir`` now). ConfigError when the runtime is not available here or fails."""
+    .gguf): vLLM serves the adapter folder (or ``artifact``) as a LoRA on the base, or a merged export given as
+    ``artifact`` as the model itself; the GGUF runtime reads an export (``artifact``, else one written to
+    ``workdir`` now). ConfigError when the runtime is not available here or fails."""
     module_name, function = EXTERNAL_RUNTIMES[runtime]
     try:
         module = importlib.import_module(module_name)
@@ -390,7 +392,11 @@ def _external(
         raise ConfigError(f"runtime {runtime!r} is not available here ({module_name}.{function}: {err})") from None
     try:
         if runtime == "vllm":
-            tops = fn(resolve_model(base), Path(artifact or folder), prompts, top_k)
+            served = Path(artifact or folder)
+            if (served / "config.json").is_file() and not (served / ADAPTER_CONFIG).is_file():
+                tops = fn(served, None, prompts, top_k)  # a merged export: vLLM serves it as the model itself
+            else:
+                tops = fn(resolve_model(base), served, prompts, top_k)
         else:
             out = Path(artifact) if artifact else module.export_gguf(ref, workdir / "gguf", store=store, base=base)
             files = json.loads((Path(out) / module.GGUF_INFO).read_text())["files"]

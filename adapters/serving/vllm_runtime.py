@@ -73,7 +73,8 @@ def lora_config(folder: str | os.PathLike) -> dict:
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: cannot read the adapter config ({err})") from None
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
-        kind = "DoRA" if config.get("use_dora") else config.get("peft_type")
+        # adapterkit's own artifacts (full, partial, head-only) name their method instead of a peft type
+        kind = "DoRA" if config.get("use_dora") else config.get("peft_type") or config.get("adapterkit_method")
         raise ConfigError(f"{folder} is a {kind} adapter: vLLM serves LoRA adapters only")
     return config
 
@@ -329,10 +330,20 @@ def vllm_logprobs(
         lora_modules=modules,
         lora_rank=max_lora_rank([rank]),
         max_logprobs=max(20, top_k),
-        max_model_len=max(512, longest + 1),
+        max_model_len=max(min(512, model_context(base_folder)), longest + 1),
         log_path=log_path,
     ) as url:
         return completion_logprobs(url, "adapter" if modules else str(base_folder), prompts, top_k)
+
+
+def model_context(folder: str | os.PathLike, default: int = 512) -> int:
+    """The longest sequence (tokens) a model folder's config.json allows (``max_position_embeddings``):
+    vLLM refuses a --max-model-len above it. default: when the config does not say."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return default
+    return int(config.get("max_position_embeddings") or default)
 
 
 def serve_with_vllm(

@@ -17,6 +17,7 @@ import pytest
 from adapters.errors import ConfigError
 from adapters.modeling.generation import SamplingParams
 from adapters.serving.engine import GenerationRequest, InferenceEngine
+from adapters.store.store import AdapterStore
 from tests.helpers.serving import make_adapter
 
 PROMPTS = ["What is the capital of France?", "Name three colours.", "Write one sentence about the sea."]
@@ -36,6 +37,38 @@ def smol_lora(smollm2_dir: Path, out: Path, seed: int = 0) -> Path:
     """An untrained but non-zero LoRA (r=4 on the attention projections, A and B ~ N(0, 0.02^2)) on
     SmolLM2-135M-Instruct, with its manifest: it moves the first-token top-1 logprob by ~0.4 nats."""
     return make_adapter(smollm2_dir, out, seed=seed, std=0.02, name=out.name)
+
+
+def trained_smol_lora(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> tuple[AdapterStore, str]:
+    """A LoRA on SmolLM2-135M-Instruct trained by adapterkit's loop (three steps on TREC, the quickstart's
+    recipe in small: LoRA on the top 2 blocks, a system prompt, the chat template), published as
+    ``trained@1`` to a store of its own. Returns (store, "trained@1"). Made once per test session: a later
+    call (another test module) finds it under the session's base temp folder. Its golden set for
+    ``adapterkit parity`` is its run's test split (8 rows)."""
+    from adapters.config import load_config
+    from adapters.training.loop import train
+
+    root = tmp_path_factory.getbasetemp() / "trained-smol-lora"
+    store = AdapterStore(root / "store")
+    if not (root / "run" / "summary.json").is_file():
+        raw = {
+            "task": "causal-lm",
+            "model": {"name": str(smollm2_dir), "dtype": "float32"},
+            "data": {
+                "name": "trec",
+                "system_prompt": "Classify the question type.",
+                "max_length": 48,
+                "max_train_samples": 48,
+                "max_eval_samples": 8,
+                "max_test_samples": 8,
+            },
+            "method": {"name": "lora", "r": 8, "alpha": 16, "target_modules": "all", "top_layers": 2},
+            "train": {"lr": 5e-3, "batch_size": 4, "max_steps": 3, "log_every": 1, "seed": 3, "eval_batch_size": 8},
+            "eval": {"max_new_tokens": 3, "baseline": False},
+            "output": {"run_dir": str(root / "run"), "name": "trained", "publish": True, "store": str(store.root)},
+        }
+        train(load_config(raw=raw))
+    return store, "trained@1"
 
 
 def engine_answers(base: Path, store: Path, ref: str, texts: list[str], top_k: int = 5) -> list[dict]:
