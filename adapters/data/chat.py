@@ -16,6 +16,16 @@ Assistant tokens are labels up to and including the last end-of-sequence token o
 newline a template puts after it is markup); system, user and tool turns, headers, and assistant
 turns of a prompt (``context_turns``) are -100.
 
+Tool use (adapters.data.formats keeps it): an assistant turn's tool calls are part of its generated text,
+so they are trained; tool results are tool turns, masked like user turns. Conversations go to the template
+as transformers takes them: ``tool_calls`` as [{type: function, function: {name, arguments}}] with
+arguments a dict (transformers' convention; TRL's and Axolotl's too) and the row's function schemas as
+``apply_chat_template(tools=...)``. A template that does not render them (SmolLM2's, probed once per
+template as TRL's ``supports_tool_calling`` does) would drop them without a word; they are then written
+as text instead, said once in the log: each call as ``<tool_call>\n{"name", "arguments"}\n</tool_call>``
+after the turn's content (the Hermes form, as Qwen2.5's template renders it), and the schemas in a
+``<tools>`` block at the end of the system message (a system message is added when there is none).
+
 Over-long conversations (``data.max_length``) follow the truncation policy of single-turn rows
 (adapters.data.prompts): the oldest exchanges (a user turn and all that follows it until the next
 one) are dropped first, system messages and the last exchange always kept; if the last exchange
@@ -25,15 +35,41 @@ response longer than the room left is cut at its end or its row dropped (``long_
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from adapters.config import DataConfig
+from adapters.data.formats import TOOLS, message_text
 from adapters.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+# Probe values for tool_support: strings no template writes by itself.
+_PROBE_FUNCTION, _PROBE_KEY, _PROBE_VALUE, _PROBE_TOOL = "fn_a8f3e2b1", "key_b9d4f5c2", "val_d6e7a9f3", "tool_c4f9a8e2"
+_TOOL_SUPPORT: dict[str, ToolSupport] = {}  # chat template -> what it renders
+_NOTED: set[tuple[str, str]] = set()  # (chat template, what) already said in the log
+TOOLS_PREAMBLE = (
+    "# Tools\n\nYou may call one or more functions. Their signatures, within <tools></tools> XML tags:\n<tools>\n"
+)
+TOOLS_INSTRUCTIONS = (
+    "\n</tools>\n\nReturn each call as a JSON object with the function's name and arguments within "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
+    "</tool_call>"
+)
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """What a chat template renders: an assistant message's tool_calls (`calls`), the tools list (`tools`)."""
+
+    calls: bool
+    tools: bool
 
 
 @dataclass(frozen=True)
@@ -77,28 +113,114 @@ def has_generation_markers(tokenizer) -> bool:
     return bool(GENERATION_TAG.search(chat_template(tokenizer)))
 
 
-def chat_template(tokenizer) -> str:
-    """The tokenizer's (default) chat template. Raises ConfigError when it has none."""
+def chat_template(tokenizer, tools: list[dict] | None = None) -> str:
+    """The tokenizer's chat template (its "tool_use" one when it has several and `tools` are given).
+    Raises ConfigError when it has none."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "conversational data (data.format messages, sharegpt, or lists of messages) needs a tokenizer with "
             f"a chat template; {getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none"
         )
-    return tokenizer.get_chat_template()
+    return tokenizer.get_chat_template(None, tools)
 
 
-def render_conversation(tokenizer, messages: list[dict[str, str]]) -> RenderedChat:
+def tool_support(tokenizer) -> ToolSupport:
+    """Whether the tokenizer's chat template renders tool calls and a tools list, found by rendering a
+    probe call (name, argument key and value) and a probe schema and looking for them in the text, as
+    TRL's ``supports_tool_calling`` does; a template that fails on them renders neither. Cached per template."""
+    template = chat_template(tokenizer)
+    if template not in _TOOL_SUPPORT:
+        call = {"type": "function", "function": {"name": _PROBE_FUNCTION, "arguments": {_PROBE_KEY: _PROBE_VALUE}}}
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        schema = {"type": "function", "function": {"name": _PROBE_TOOL, "description": "probe", "parameters": {}}}
+        with_call = _probe(tokenizer, messages, None)
+        with_tools = _probe(tokenizer, messages[:1], [schema])
+        _TOOL_SUPPORT[template] = ToolSupport(
+            calls=all(s in with_call for s in (_PROBE_FUNCTION, _PROBE_KEY, _PROBE_VALUE)),
+            tools=_PROBE_TOOL in with_tools,
+        )
+    return _TOOL_SUPPORT[template]
+
+
+def _probe(tokenizer, messages: list[dict], tools: list[dict] | None) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    except Exception:  # jinja raises whatever the template author chose: it renders none of it
+        return ""
+
+
+def template_conversation(
+    tokenizer, messages: list[dict[str, Any]], tools: str | list[dict] | None = None, context_turns: int = 0
+) -> tuple[list[dict[str, Any]], list[dict] | None, int]:
+    """A conversation as the chat template takes it (see the module doc): (messages, the tools to pass
+    to the template or None, context_turns, one more when a system message was added for the tools).
+
+    messages: normalized by adapters.data.formats (tool_calls' arguments JSON strings or dicts; tool
+    keys may be None). tools: function schemas, as a list or formats' JSON string ("" for none).
+    A template that does not render tool calls or tools gets them as text (logged once per template).
+    """
+    schemas = json.loads(tools) if isinstance(tools, str) and tools else (tools or None)
+    has_calls = any(m.get("tool_calls") for m in messages)
+    support = tool_support(tokenizer) if has_calls or schemas else ToolSupport(True, True)
+    out = []
+    for m in messages:
+        message = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls") and support.calls:
+            message["tool_calls"] = [_template_call(c) for c in m["tool_calls"]]
+        elif m.get("tool_calls"):
+            message["content"] = message_text(m)
+        message.update({k: m[k] for k in ("tool_call_id", "name") if m.get(k) is not None})
+        out.append(message)
+    if has_calls and not support.calls:
+        _note_once(tokenizer, "tool calls", "trains each as <tool_call>\\n{name, arguments}\\n</tool_call> text")
+    if schemas and not support.tools:
+        _note_once(tokenizer, "a tools list", "puts the function schemas in a <tools> block of the system message")
+        block = TOOLS_PREAMBLE + "\n".join(json.dumps(t, ensure_ascii=False) for t in schemas) + TOOLS_INSTRUCTIONS
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = f"{out[0]['content']}\n\n{block}" if out[0]["content"] else block
+        else:
+            out.insert(0, {"role": "system", "content": block})
+            context_turns += 1
+        schemas = None
+    return out, schemas, context_turns
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    arguments = call["function"]["arguments"]
+    out = {"type": "function", "function": {"name": call["function"]["name"], "arguments": arguments}}
+    if isinstance(arguments, str):
+        out["function"]["arguments"] = json.loads(arguments) if arguments.strip() else {}
+    if call.get("id"):
+        out["id"] = call["id"]
+    return out
+
+
+def _note_once(tokenizer, what: str, instead: str) -> None:
+    template = chat_template(tokenizer)
+    if (template, what) not in _NOTED:
+        _NOTED.add((template, what))
+        log.warning(
+            "data: the chat template of %s does not render %s; adapterkit %s (docs/data.md#tool-calls)",
+            getattr(tokenizer, "name_or_path", "the model") or "the model",
+            what,
+            instead,
+        )
+
+
+def render_conversation(tokenizer, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> RenderedChat:
     """The conversation rendered with the tokenizer's chat template and the span of every assistant
     turn's generated text (see the module doc for the two ways they are found).
 
-    messages: [{"role", "content"}]. Raises ConfigError when the template fails on the conversation,
+    messages: [{"role", "content", ...}] as the template takes them (template_conversation), with the
+    function schemas `tools`. Raises ConfigError when the template fails on the conversation,
     marks fewer or more spans than there are assistant turns, or breaks the prefix property.
     """
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if has_generation_markers(tokenizer):
         rendered, indices = render_jinja_template(
             conversations=[messages],
-            chat_template=chat_template(tokenizer),
+            tools=tools,
+            chat_template=chat_template(tokenizer, tools),
             return_assistant_tokens_mask=True,
             **tokenizer.special_tokens_map,
         )
@@ -109,11 +231,11 @@ def render_conversation(tokenizer, messages: list[dict[str, str]]) -> RenderedCh
                 f"{len(assistant)} assistant turn(s); the assistant-only loss needs one per assistant turn"
             )
         return RenderedChat(rendered[0], [(a, b, i) for (a, b), i in zip(spans, assistant)])
-    text = _render(tokenizer, messages, False)
+    text = _render(tokenizer, messages, False, tools)
     spans = []
     for i in assistant:
-        before = _render(tokenizer, messages[:i], True)
-        upto = _render(tokenizer, messages[: i + 1], False)
+        before = _render(tokenizer, messages[:i], True, tools)
+        upto = _render(tokenizer, messages[: i + 1], False, tools)
         if not (text.startswith(upto) and upto.startswith(before)):
             raise ConfigError(
                 f"the chat template of {getattr(tokenizer, 'name_or_path', 'the model')} renders turn {i} "
@@ -125,19 +247,23 @@ def render_conversation(tokenizer, messages: list[dict[str, str]]) -> RenderedCh
     return RenderedChat(text, spans)
 
 
-def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool, tools=None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as err:  # jinja raises whatever the template author chose (TemplateError, ...)
         roles = "/".join(m["role"] for m in messages)
         raise ConfigError(f"the chat template failed on a conversation ({roles}): {type(err).__name__}: {err}") from err
 
 
-def encode_conversation(tokenizer, messages: list[dict[str, str]], trained: list[bool]) -> EncodedChat:
+def encode_conversation(
+    tokenizer, messages: list[dict[str, Any]], trained: list[bool], tools: list[dict] | None = None
+) -> EncodedChat:
     """Token ids and labels of one conversation (see the module doc); trained[i] says whether message i,
-    if an assistant turn, carries loss. Raises ConfigError as render_conversation, and when no
-    assistant turn is trained."""
-    rendered = render_conversation(tokenizer, messages)
+    if an assistant turn, carries loss; messages and tools as render_conversation takes them. Raises
+    ConfigError as render_conversation, and when no assistant turn is trained."""
+    rendered = render_conversation(tokenizer, messages, tools)
     spans = [(a, b, i) for a, b, i in rendered.spans if trained[i]]
     if not spans:
         raise ConfigError("a conversation has no assistant turn to train")
@@ -179,21 +305,29 @@ def _last_user_text(rendered: RenderedChat, messages: list[dict[str, str]], fina
 
 
 def fit_conversation(
-    tokenizer, messages: list[dict[str, str]], context_turns: int, max_length: int, side: str, drop_long: bool
+    tokenizer,
+    messages: list[dict[str, Any]],
+    context_turns: int,
+    max_length: int,
+    side: str,
+    drop_long: bool,
+    tools: str | list[dict] | None = None,
 ) -> FittedChat | None:
     """One conversation as training ids within `max_length` tokens (the policy in the module doc).
 
-    messages: [{"role", "content"}]; the assistant turns from index `context_turns` on are trained.
+    messages: [{"role", "content"}] plus tool fields (adapters.data.formats), with the function schemas
+    `tools` (a list or formats' JSON string); the assistant turns from index `context_turns` on are trained.
     side: "left" keeps the end of a cut user text, "right" its start. drop_long: a response longer than
     the room left drops the row (returns None) instead of being cut.
     Raises ConfigError when the markup of the last exchange alone fills max_length, or as
     encode_conversation.
     """
+    messages, tools, context_turns = template_conversation(tokenizer, messages, tools, context_turns)
     trained = [m["role"] == "assistant" and i >= context_turns for i, m in enumerate(messages)]
-    encoded = encode_conversation(tokenizer, messages, trained)
+    encoded = encode_conversation(tokenizer, messages, trained, tools)
     dropped = False
     if len(encoded.input_ids) > max_length:
-        encoded, dropped = _drop_oldest_exchanges(tokenizer, messages, trained, max_length, encoded)
+        encoded, dropped = _drop_oldest_exchanges(tokenizer, messages, trained, max_length, encoded, tools)
     ids, labels = encoded.input_ids, encoded.labels
     if len(ids) <= max_length:
         return FittedChat(ids, labels, ids[: encoded.prompt_end], dropped, False)
@@ -219,7 +353,7 @@ def fit_conversation(
 
 
 def _drop_oldest_exchanges(
-    tokenizer, messages, trained, max_length: int, whole: EncodedChat
+    tokenizer, messages, trained, max_length: int, whole: EncodedChat, tools: list[dict] | None
 ) -> tuple[EncodedChat, bool]:
     """The encoding with the fewest oldest exchanges dropped that fits max_length (binary search: fewer
     turns never render longer), or the last exchange alone when none fits; and whether any was dropped.
@@ -235,7 +369,7 @@ def _drop_oldest_exchanges(
 
     def encode_from(k: int) -> EncodedChat:
         keep = list(range(system)) + list(range(starts[k], len(messages)))
-        return encode_conversation(tokenizer, [messages[i] for i in keep], [trained[i] for i in keep])
+        return encode_conversation(tokenizer, [messages[i] for i in keep], [trained[i] for i in keep], tools)
 
     lo, hi, best = 1, len(starts) - 1, None
     while lo <= hi:
@@ -249,7 +383,8 @@ def _drop_oldest_exchanges(
 
 
 def chat_encoder(tokenizer, data: DataConfig):
-    """batch of normalized conversation rows (``messages``, ``context_turns``, the target column) ->
+    """batch of normalized conversation rows (``messages``, ``context_turns``, the target column, and
+    ``tools`` when the data holds tool use) ->
     the columns the causal-lm encoder makes: input_ids, attention_mask, labels, length, prompt_ids
     (the conversation up to the last trained assistant turn's text: what generation eval continues),
     target (that turn's text), input_truncated, response_truncated. Rows dropped under
@@ -273,8 +408,9 @@ def chat_encoder(tokenizer, data: DataConfig):
                 "response_truncated",
             )
         }
-        for messages, context, answer in zip(batch["messages"], batch["context_turns"], batch[target]):
-            fitted = fit_conversation(tokenizer, messages, context, data.max_length, side, drop)
+        tools = batch[TOOLS] if TOOLS in batch else [None] * len(batch["messages"])
+        for messages, context, answer, schemas in zip(batch["messages"], batch["context_turns"], batch[target], tools):
+            fitted = fit_conversation(tokenizer, messages, context, data.max_length, side, drop, schemas)
             if fitted is None:
                 continue
             out["input_ids"].append(fitted.input_ids)

@@ -25,10 +25,22 @@ Conversational ones also hold ``messages`` ([{role, content}]) and ``context_tur
 messages are context only: a prompt-completion or preference prompt); their assistant turns are
 trained (adapters.data.chat). Preference rows keep their ``prompt``, ``chosen`` and ``rejected`` columns
 as they are, for the preference objectives (``preference_example`` reads them as messages).
+
+Tool calls (OpenAI's shape): an assistant message's ``tool_calls`` ([{type: function, function: {name,
+arguments}}], arguments a JSON object or a string holding one), a tool message's ``tool_call_id`` and
+``name``, and a row's ``tools`` (function schemas: a list, or a JSON string of one) are kept. ShareGPT's
+``function_call`` turns (a JSON {name, arguments}, or a list of them) become assistant tool calls and its
+``observation`` turns tool messages, as LLaMA-Factory reads them. When a data set holds any, every
+normalized message carries the keys ``tool_calls`` (arguments as JSON strings), ``tool_call_id`` and
+``name`` (None when absent) and every row a ``tools`` JSON string ("" when none): Arrow needs one schema
+for a column, and a schema built from differently shaped arguments would fill absent keys with null.
+For the same reason null values inside arguments and schemas are dropped. adapters.data.chat turns them
+back into what a chat template takes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +59,11 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
     "system": "system",
     "tool": "tool",
+    "function_call": "assistant",  # LLaMA-Factory: the assistant's tool call, a JSON {name, arguments}
+    "observation": "tool",  # LLaMA-Factory: the tool's result
 }
-MESSAGES, CONTEXT_TURNS = "messages", "context_turns"
+MESSAGES, CONTEXT_TURNS, TOOLS = "messages", "context_turns", "tools"
+TOOL_KEYS = ("tool_calls", "tool_call_id", "name")  # message keys kept for tool use
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 # (format, the columns that identify it) in detection order: the most specific first.
 _SIGNATURES = (
@@ -162,7 +177,8 @@ def normalize_rows(rows, data: DataConfig, task: str) -> NormalizedRows:
         )
     text, target = data.text_field, target_column(data)
     read = [c for c in _read_columns(fmt) if c in rows.column_names]
-    own = {MESSAGES, CONTEXT_TURNS, *read}
+    tooled = conversational and _has_tool_use(rows, fmt)
+    own = {MESSAGES, CONTEXT_TURNS, *read, *([TOOLS] if tooled else [])}
     if text == target or {text, target} & own:
         raise ConfigError(
             f"data.text_field {text!r} and the target column {target!r} must differ from each other and from "
@@ -174,12 +190,18 @@ def normalize_rows(rows, data: DataConfig, task: str) -> NormalizedRows:
         out: dict[str, list] = {}
         for k, index in enumerate(indices):
             row = {column: values[k] for column, values in batch.items()}
-            for key, value in convert(row, index, conversational, data).items():
+            converted = convert(row, index, conversational, data)
+            if tooled:  # one schema for every row (see the module doc)
+                converted[MESSAGES] = [{**m, **{k: m.get(k) for k in TOOL_KEYS}} for m in converted[MESSAGES]]
+                converted[TOOLS] = to_tools(row.get(TOOLS), f"row {index}: tools")
+            for key, value in converted.items():
                 out.setdefault(key, []).append(value)
         return out
 
     # Preference columns stay as they are (the objectives read them); other formats' columns are replaced.
     drop = [] if fmt == "preference" else [c for c in read if c != MESSAGES]
+    if tooled and TOOLS in rows.column_names:
+        drop.append(TOOLS)
     out = rows.map(normalize, batched=True, with_indices=True, remove_columns=drop, desc=f"reading {fmt} rows")
     if conversational:
         kept = out.filter(lambda r: r[_KEEP]).remove_columns(_KEEP)
@@ -204,6 +226,28 @@ def _read_columns(fmt: str) -> tuple[str, ...]:
     }[fmt]
 
 
+def _has_tool_use(rows, fmt: str) -> bool:
+    """Whether conversational `rows` of `fmt` hold any tool use: a ``tools`` column, a message with
+    tool_calls or tool_call_id or a named tool message, a ShareGPT function_call or observation turn."""
+    if TOOLS in rows.column_names:
+        return True
+    if fmt == "sharegpt":
+        return any(
+            isinstance(turn, dict) and str(turn.get("from", "")).strip().lower() in ("function_call", "observation")
+            for turns in rows["conversations"]
+            for turn in turns or []
+        )
+    return any(
+        isinstance(m, dict)
+        and (m.get("tool_calls") or m.get("tool_call_id") is not None or (m.get("role") == "tool" and m.get("name")))
+        for column in _read_columns(fmt)
+        if column in rows.column_names
+        for value in rows[column]
+        if isinstance(value, list)
+        for m in value
+    )
+
+
 def _is_conversational(rows, fmt: str) -> bool:
     """Whether `rows` of `fmt` hold lists of messages (rather than plain strings): always for messages
     and sharegpt, never for alpaca; from the first row for prompt-completion and preference."""
@@ -226,8 +270,8 @@ def _conversation(messages: list[dict], context_turns: int, data: DataConfig) ->
     return {
         MESSAGES: messages,
         CONTEXT_TURNS: context_turns,
-        data.text_field: "\n".join(m["content"] for m in messages),
-        target_column(data): messages[last]["content"] if last >= 0 else "",
+        data.text_field: "\n".join(message_text(m) for m in messages),
+        target_column(data): message_text(messages[last]) if last >= 0 else "",
         _KEEP: last >= context_turns,
     }
 
@@ -246,6 +290,11 @@ def _from_sharegpt(row: dict, index: int, conversational: bool, data: DataConfig
         speaker = str((turn or {}).get("from", "")).strip().lower()
         if speaker not in SHAREGPT_ROLES:
             raise ConfigError(f"{where}[{j}] is from {speaker!r}; accepted: {', '.join(SHAREGPT_ROLES)}")
+        if speaker == "function_call":
+            calls = _json_value(turn.get("value"), f"{where}[{j}].value (a function_call)")
+            calls = to_tool_calls([calls] if isinstance(calls, dict) else calls, f"{where}[{j}].value")
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+            continue
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": _content(turn.get("value"), f"{where}[{j}]")})
     return _conversation(messages, 0, data)
 
@@ -325,12 +374,14 @@ def _continuation(value: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def to_messages(value: Any, where: str) -> list[dict[str, str]]:
-    """[{"role", "content"}] from a list of OpenAI-style messages; other keys (name, tool_calls, ...) are
-    not kept. Content may be a string, None (empty) or a list of {"type": "text", "text"} parts.
+def to_messages(value: Any, where: str) -> list[dict[str, Any]]:
+    """[{"role", "content"}] from a list of OpenAI-style messages, plus an assistant message's
+    "tool_calls" (as to_tool_calls makes them) and a tool message's "tool_call_id" and "name" when
+    present; other keys are not kept. Content may be a string, None (empty) or a list of
+    {"type": "text", "text"} parts.
 
     Raises ConfigError naming `where` and the message for a value that is not a list of messages,
-    a role outside ROLES, or content of another kind.
+    a role outside ROLES, content of another kind, or malformed tool fields (to_tool_calls).
     """
     if not isinstance(value, list):
         raise ConfigError(f"{where} must be a list of {{role, content}} messages, got {type(value).__name__}")
@@ -341,8 +392,123 @@ def to_messages(value: Any, where: str) -> list[dict[str, str]]:
         role = str(message.get("role", "")).strip().lower()
         if role not in ROLES:
             raise ConfigError(f"{where}[{j}] has role {message.get('role')!r}; accepted: {', '.join(ROLES)}")
-        messages.append({"role": role, "content": _content(message.get("content"), f"{where}[{j}]")})
+        out = {"role": role, "content": _content(message.get("content"), f"{where}[{j}]")}
+        calls = message.get("tool_calls")
+        if calls:
+            if role != "assistant":
+                raise ConfigError(f"{where}[{j}].tool_calls: only assistant messages make tool calls, not {role}")
+            out["tool_calls"] = to_tool_calls(calls, f"{where}[{j}].tool_calls")
+        for key in ("tool_call_id", "name") if role == "tool" else ():
+            if message.get(key) is not None:
+                if not isinstance(message[key], str):
+                    raise ConfigError(f"{where}[{j}].{key} must be a string, got {type(message[key]).__name__}")
+                out[key] = message[key]
+        messages.append(out)
     return messages
+
+
+def to_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """Tool calls in one shape: [{"id", "type": "function", "function": {"name", "arguments"}}], id a
+    string or None and arguments a JSON string of an object (see the module doc for why a string).
+
+    value: OpenAI's [{id?, type: function, function: {name, arguments}}] or flat [{name, arguments}]
+    (TRL's and LLaMA-Factory's); arguments a dict, a JSON string of one, or absent (no arguments);
+    null values in them are dropped. Raises ConfigError naming `where` and the field for another shape.
+    """
+    shape = "a list of {type: function, function: {name, arguments}}"
+    if not isinstance(value, list):
+        raise ConfigError(f"{where} must be {shape}, got {type(value).__name__}")
+    calls = []
+    for k, call in enumerate(value):
+        here = f"{where}[{k}]"
+        if not isinstance(call, dict):
+            raise ConfigError(
+                f"{here} must be {{type: function, function: {{name, arguments}}}}, got {type(call).__name__}"
+            )
+        if call.get("type", "function") != "function":
+            raise ConfigError(f"{here}.type is {call['type']!r}; accepted: function")
+        function = call
+        if "function" in call:
+            function, here = call["function"], f"{here}.function"
+            if not isinstance(function, dict):
+                raise ConfigError(f"{here} must be {{name, arguments}}, got {type(function).__name__}")
+        name = function.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{here}.name must be the function's name (a non-empty string), got {name!r}")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            arguments = _json_value(arguments, f"{here}.arguments") if arguments.strip() else {}
+        if not isinstance(arguments, dict | None):
+            raise ConfigError(f"{here}.arguments must be a JSON object, got {type(arguments).__name__}")
+        call_id = call.get("id")
+        calls.append(
+            {
+                "id": None if call_id is None else str(call_id),
+                "type": "function",
+                "function": {"name": name, "arguments": json.dumps(_drop_nulls(arguments or {}), ensure_ascii=False)},
+            }
+        )
+    return calls
+
+
+def to_tools(value: Any, where: str) -> str:
+    """A row's tool schemas as a JSON string of [{"type": "function", "function": {"name", ...}}] ("" for
+    none). value: a list of such schemas or of bare function schemas ({name, description, parameters}),
+    or a JSON string of one; null values are dropped. Raises ConfigError naming `where` for another shape."""
+    if isinstance(value, str):
+        value = _json_value(value, where) if value.strip() else None
+    if not value:
+        return ""
+    if not isinstance(value, list):
+        raise ConfigError(
+            f"{where} must be a list of function schemas {{name, description, parameters}}, got {type(value).__name__}"
+        )
+    tools = []
+    for k, tool in enumerate(value):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ConfigError(f"{where}[{k}] must be a function schema with a name ({{name, description, parameters}})")
+        tools.append({"type": "function", "function": _drop_nulls(function)})
+    return json.dumps(tools, ensure_ascii=False)
+
+
+def tool_call_text(calls: list[dict[str, Any]]) -> str:
+    """Tool calls (to_tool_calls' shape) as text, one per call: <tool_call>\n{"name", "arguments"}\n</tool_call>
+    (the Hermes form that Qwen2.5's template renders and vLLM's `hermes` tool parser reads)."""
+    return "\n".join(
+        "<tool_call>\n"
+        + json.dumps(
+            {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}, ensure_ascii=False
+        )
+        + "\n</tool_call>"
+        for c in calls
+    )
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """A message's text: its content, then its tool calls (tool_call_text) on the next line."""
+    parts = [message["content"]] if message["content"] else []
+    if message.get("tool_calls"):
+        parts.append(tool_call_text(message["tool_calls"]))
+    return "\n".join(parts)
+
+
+def _json_value(text: Any, where: str) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where} is not valid JSON ({err.msg} at character {err.pos})") from None
+
+
+def _drop_nulls(value: Any) -> Any:
+    """`value` without null-valued keys in its mappings, at any depth (see the module doc)."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
 
 
 def _content(value: Any, where: str) -> str:
