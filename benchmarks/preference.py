@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Preference and RL objectives on real data: SmolLM2-135M-Instruct + LoRA on TREC, on the CPU.
 
-    python benchmarks/preference.py [--part dpo|grpo|both] [--sft-steps 60] [--dpo-steps 40] [--grpo-steps 40]
+    python benchmarks/preference.py [--part dpo|grpo|both] [--sft-steps 60] [--dpo-steps 40] [--grpo-steps 12]
 
 dpo: SFT on the constructed TREC preference pairs (``trec-preference``: prompt = the question, chosen =
 its type word, rejected = another type word), published to a scratch store; then DPO continuing from
@@ -9,7 +9,11 @@ that adapter (init_from). Held-out preference accuracy (log p(chosen) > log p(re
 of the base, of SFT alone and of SFT + DPO, all on the same test pairs.
 
 grpo: GRPO from the base on TREC with the exact-match reward (the answer's first line equals the type
-word); held-out exact match of the base (adapter disabled) and of the GRPO adapter.
+word) and a format reward (the answer starts with a type word), each question in an instruction that
+lists the type words in an order of its own; training stops after --grpo-seconds (default 540, so the
+run with its evaluation fits in about 10 minutes on an idle 2-core machine). Held-out exact match of the
+base (adapter disabled) and of the GRPO adapter, on the same prompts and test questions (the built-in
+``trec`` split).
 
 Writes benchmarks/results/preference.json and .md (numbers, seconds, the command, the machine).
 The pairs are constructed from TREC's labels, not human judgements.
@@ -21,9 +25,11 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,6 +37,46 @@ REPO = Path(__file__).resolve().parents[1]
 SYSTEM = (
     "Classify the question type. Answer with one word: abbreviation, description, entity, human, location or number."
 )
+# GRPO learns only from groups whose rewards differ. Under SYSTEM the base never answers with a bare type word
+# (0 of 360 samples of 40 training questions, greedy and at temperatures 0.7 and 1), so GRPO puts the question in
+# the user turn after an instruction listing the type words, which makes the base answer with a type word now and
+# then, and adds a format reward (the first line is a type word) to exact match: the usual format + correctness
+# recipe for a base model that does not follow the answer format yet. With the list in one fixed order the base's
+# type words are nearly all the first one listed (next-token mass on the six words 0.044, 0.041 of it on
+# "Ab(breviation)", 60 training questions), and GRPO collapsed onto it (test exact match 0.005 after 40 steps):
+# so each question gets its own order of the list (seeded by the question), and a positional guess is right
+# only by chance.
+TYPE_WORDS = ("abbreviation", "description", "entity", "human", "location", "number")
+# the answer starts with a type word: 10% of the base's samples, so most groups of 8 differ in it at first
+TYPE_WORD = r"(?i)^\W*(" + "|".join(TYPE_WORDS) + r")\b"
+
+
+def instruction(question: str) -> str:
+    """The GRPO prompt's user turn for `question`: the instruction with the type words in an order
+    seeded by the question (crc32), then the question."""
+    words = list(TYPE_WORDS)
+    random.Random(zlib.crc32(question.encode())).shuffle(words)
+    return (
+        "What type of answer does this question ask for? Reply with exactly one word from: "
+        f"{', '.join(words)}.\nQuestion:\n{question}"
+    )
+
+
+def trec_with_instructions(cfg, path: Path) -> dict[str, int]:
+    """Write the train / validation / test rows of the built-in ``trec`` split of `cfg` (same seed and
+    caps, so the same held-out questions) to `path` (jsonl) with each question inside its own
+    instruction, a ``split`` column for data.split.kind "predefined", and the label as its type word.
+    Returns the rows per split."""
+    from adapters.data.builtins import TREC_WORDS
+    from adapters.data.loading import prepare_splits
+
+    splits = prepare_splits(cfg).splits
+    with path.open("w") as f:
+        for name, rows in splits.items():
+            for row in rows:
+                label = TREC_WORDS[row["label"]]
+                f.write(json.dumps({"text": instruction(row["text"]), "label": label, "split": name}) + "\n")
+    return {name: len(rows) for name, rows in splits.items()}
 
 
 def base_config(run_dir: Path, **train) -> dict:
@@ -124,39 +170,71 @@ def run_dpo(work: Path, sft_steps: int, dpo_steps: int, beta: float) -> dict:
     return out
 
 
-def run_grpo(work: Path, steps: int, generations: int) -> dict:
+def run_grpo(work: Path, args) -> dict:
+    """GRPO from the base on TREC (prompts of `instruction`), stopped after args.grpo_seconds of training;
+    exact match on the held-out test questions of the adapter and of the base (adapter disabled)."""
     from adapters.config import load_config
     from adapters.training.loop import train
 
+    rewards = [{"name": "exact_match"}, {"name": "regex", "pattern": TYPE_WORD, "weight": args.format_weight}]
+    grpo = {
+        "num_generations": args.generations,
+        "max_new_tokens": 3,  # "Abbreviation" is 3 tokens; exact match reads the first line of 3 tokens too
+        "temperature": args.temperature,
+        "beta": args.grpo_beta,
+        "scale_rewards": args.scale_rewards,
+        "rewards": rewards,
+    }
     raw = base_config(
         work / "trec-grpo",
-        max_steps=steps,
+        max_steps=args.grpo_steps,
+        max_seconds=args.grpo_seconds,
         objective="grpo",
-        batch_size=8,
-        lr=1e-3,
-        grpo={
-            "num_generations": generations,
-            "max_new_tokens": 4,
-            "temperature": 1.0,
-            "rewards": [{"name": "exact_match"}],
-        },
+        batch_size=args.prompts,
+        lr=args.grpo_lr,
+        grpo=grpo,
     )
-    raw["data"]["name"] = "trec"
-    raw["eval"]["baseline"] = True  # exact match of the base, adapter disabled
+    # the instruction and SmolLM2's default system message take ~70 tokens
+    raw["data"].update(name="trec", system_prompt=None, max_length=128, max_test_samples=args.test_samples)
+    data_file = work / "trec-instructions.jsonl"
+    rows = trec_with_instructions(load_config(raw=raw), data_file)
+    raw["data"].update(name=str(data_file), split={"kind": "predefined"})
+    test_labels = [r["label"] for r in map(json.loads, data_file.read_text().splitlines()) if r["split"] == "test"]
+    majority = max(test_labels.count(w) for w in TYPE_WORDS) / len(test_labels)  # always the commonest type word
+    raw["eval"]["baseline"] = True  # exact match of the base, adapter disabled, on the same prompts
     started = time.perf_counter()
     result = train(load_config(raw=raw))
     seconds = time.perf_counter() - started
-    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    rewards = [r["reward"] for r in rows if r.get("event") == "objective"]
-    tenth = max(1, len(rewards) // 10)
+    events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in events if r.get("event") == "objective"]
+    training_seconds = logged[-1]["time"] - events[0]["time"]  # from the optimizer's set-up to the last step
+    tenth = max(1, len(logged) // 10)
+
+    def share(key: str, part: list) -> float:
+        return sum(r[key] for r in part) / len(part)
+
     return {
         "steps": result.steps,
         "seconds": round(seconds, 1),
-        "num_generations": generations,
+        "max_training_seconds": args.grpo_seconds,
+        "training_seconds": round(training_seconds, 1),
+        "steps_per_second": round(result.steps / training_seconds, 4),
+        "prompts_per_step": args.prompts,
+        "num_generations": args.generations,
+        "temperature": args.temperature,
+        "lr": args.grpo_lr,
+        "beta": args.grpo_beta,
+        "scale_rewards": args.scale_rewards,
+        "rewards": rewards,
+        "instruction": instruction("<question>"),
+        "rows": rows,
         "test_exact_match_base": result.metrics["base"]["exact_match"],
         "test_exact_match_grpo": result.metrics["adapted"]["exact_match"],
-        "train_reward_first_tenth": sum(rewards[:tenth]) / tenth,
-        "train_reward_last_tenth": sum(rewards[-tenth:]) / tenth,
+        "test_exact_match_majority_word": majority,
+        "train_exact_match_first_tenth": share("reward_exact_match", logged[:tenth]),
+        "train_exact_match_last_tenth": share("reward_exact_match", logged[-tenth:]),
+        "train_type_word_first_tenth": share("reward_regex", logged[:tenth]),
+        "train_type_word_last_tenth": share("reward_regex", logged[-tenth:]),
         "test_examples": result.metrics["adapted"]["examples"],
     }
 
@@ -164,8 +242,9 @@ def run_grpo(work: Path, steps: int, generations: int) -> dict:
 def _provenance(part: dict) -> str:
     machine = part["machine"]
     return (
-        f"Command: `{part['command']}` ({part['date']}); {machine['platform']}, {machine['cpus']} CPUs, "
-        f"load average {machine['loadavg_before'][0]:.1f} before and {machine['loadavg_after'][0]:.1f} after "
+        f"Command: `{part['command']}` ({part['date']}); {machine['platform']}, {machine['cpus']} CPUs"
+        + (f", {machine['torch_threads']} torch thread(s)" if machine.get("torch_threads") else "")
+        + f", load average {machine['loadavg_before'][0]:.1f} before and {machine['loadavg_after'][0]:.1f} after "
         "(a shared machine: seconds include waiting for the cores)."
     )
 
@@ -198,13 +277,27 @@ def markdown(result: dict) -> str:
     if "grpo" in result:
         g = result["grpo"]
         lines += [
-            "## GRPO from the base, exact-match reward (TREC, held-out test)",
+            "## GRPO from the base: exact-match and type-word rewards (TREC, held-out test)",
             "",
-            "| model | steps | seconds | exact match | mean training reward (first / last tenth of steps) |",
-            "|---|---|---|---|---|",
-            f"| base | - | - | {g['test_exact_match_base']:.3f} | - |",
+            f"{g['prompts_per_step']} prompts per step, {g['num_generations']} samples each at temperature "
+            f"{g['temperature']}, LR {g['lr']}, KL weight {g['beta']}, scale_rewards {g['scale_rewards']}; rewards: "
+            f"exact match (weight 1) and a type word first (weight {g['rewards'][1]['weight']}, a "
+            f"regular expression); training stops after {g['max_training_seconds']:.0f} s: here {g['steps']} steps "
+            f"in {g['training_seconds']:.0f} s ({g['steps_per_second']:.3f} steps/s). The prompt lists the "
+            "type words in an order of its own per question (this order is the one of the text <question>):",
+            "",
+            "    " + g["instruction"].replace("\n", "\n    "),
+            "",
+            f"| model | steps | seconds (data, training, evaluation) | test exact match ({g['rows']['test']} questions) "
+            "| training samples right (first / last tenth of steps) "
+            "| training samples answering a type word (first / last tenth) |",
+            "|---|---|---|---|---|---|",
+            f"| base | - | - | {g['test_exact_match_base']:.3f} | - | - |",
             f"| GRPO | {g['steps']} | {g['seconds']} | {g['test_exact_match_grpo']:.3f} | "
-            f"{g['train_reward_first_tenth']:.3f} / {g['train_reward_last_tenth']:.3f} |",
+            f"{g['train_exact_match_first_tenth']:.3f} / {g['train_exact_match_last_tenth']:.3f} | "
+            f"{g['train_type_word_first_tenth']:.3f} / {g['train_type_word_last_tenth']:.3f} |",
+            f"| always the commonest test type word (reference) | - | - | {g['test_exact_match_majority_word']:.3f} "
+            "| - | - |",
             "",
             _provenance(g),
             "",
@@ -218,19 +311,31 @@ def main() -> int:
     parser.add_argument("--sft-steps", type=int, default=60)
     parser.add_argument("--dpo-steps", type=int, default=40)
     parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--grpo-steps", type=int, default=40)
-    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--grpo-steps", type=int, default=40, help="the LR schedule's length")
+    parser.add_argument("--grpo-seconds", type=float, default=540, help="stop GRPO after this much training")
+    parser.add_argument("--prompts", type=int, default=4, help="GRPO prompts per step")
+    parser.add_argument("--generations", type=int, default=8, help="GRPO samples per prompt")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--grpo-lr", type=float, default=1e-3)
+    parser.add_argument("--grpo-beta", type=float, default=0.0, help="KL weight to the base")
+    parser.add_argument("--scale-rewards", choices=["group", "none"], default="none")
+    parser.add_argument("--format-weight", type=float, default=0.2, help="weight of the type-word reward")
+    parser.add_argument("--test-samples", type=int, default=200, help="held-out TREC questions scored")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/results/preference")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        # on a machine loaded by others, 1 thread per process steps ~3x faster than 2 (threads wait for each other)
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="preference-bench-"))
-    result: dict = {
-        "note": "preference pairs constructed from TREC labels (rejected = another type word), not human judgements"
-    }
+    result: dict = {"note": "constructed from TREC labels (rejected = another type word), not human judgements"}
     parts = {
         "dpo": lambda: run_dpo(work, args.sft_steps, args.dpo_steps, args.beta),
-        "grpo": lambda: run_grpo(work, args.grpo_steps, args.generations),
+        "grpo": lambda: run_grpo(work, args),
     }
     for name, run in parts.items():
         if args.part in (name, "both"):
@@ -241,6 +346,7 @@ def main() -> int:
                 "machine": {
                     "platform": platform.platform(),
                     "cpus": os.cpu_count(),
+                    "torch_threads": args.threads,
                     "loadavg_before": load_before,
                     "loadavg_after": os.getloadavg(),
                 },

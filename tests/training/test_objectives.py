@@ -227,6 +227,72 @@ def test_completion_logps_match_a_plain_forward_whatever_the_padding(tiny_llama_
             assert mask.sum(1).tolist() == [3, 2, 3]
 
 
+def _tiny_lora(model_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
+def test_grpo_shared_prompt_logps_equal_full_rows_with_gradients(tiny_llama_dir):
+    """Each prompt run once with its cache repeated for its group gives completion_logps' values and gradients."""
+    from adapters.data.pairs import rows_batch
+    from adapters.modeling.logprobs import completion_logps
+    from adapters.training.objectives.grpo import shared_prompt_logps
+
+    model = _tiny_lora(tiny_llama_dir).train()
+    prompts = [[1, 5, 9, 13, 7], [1, 7], [1, 4, 4, 4]]
+    completions = [[8, 2], [3, 3, 9], [2], [11, 12, 13], [5, 6], [2]]  # 2 per prompt, lengths 1 to 3
+    repeated = [p for p in prompts for _ in range(2)]
+    batch = rows_batch(
+        [p + c for p, c in zip(repeated, completions)],
+        [[-100] * len(p) + c for p, c in zip(repeated, completions)],
+        0,
+        "left",
+    )
+    expected, expected_mask = completion_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], 0.7)
+    weights = [p for p in model.parameters() if p.requires_grad]
+    expected_grads = torch.autograd.grad(expected.sum(), weights)
+    logps, mask = shared_prompt_logps(model, prompts, completions, 2, 0, 0.7)
+    grads = torch.autograd.grad(logps.sum(), weights)
+    assert mask.sum(1).tolist() == expected_mask.sum(1).tolist() == [2, 3, 1, 3, 2, 1]
+    # completion_logps aligns the completions at the right end, shared_prompt_logps at the left
+    for row, n in enumerate(mask.sum(1).tolist()):
+        torch.testing.assert_close(logps[row, :n], expected[row, expected.shape[1] - n :], atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(grads, expected_grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+
+
+def test_grpo_cached_sampling_follows_generate(tiny_llama_dir):
+    """At a temperature near 0 the cached sampler picks what greedy generate picks, cut after the end token."""
+    from transformers import AutoTokenizer
+
+    from adapters.config import GRPOConfig
+    from adapters.data.pairs import pad_rows
+    from adapters.training.objectives.grpo import GRPOObjective
+
+    model = _tiny_lora(tiny_llama_dir)
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))
+    prompts = [[1, 5, 9, 13, 7], [1, 7]]
+    objective = GRPOObjective(GRPOConfig(num_generations=3, max_new_tokens=5, temperature=1e-4), tok, [])
+    sampled = objective.sample(model, prompts)
+    repeated = [p for p in prompts for _ in range(3)]
+    out = model.generate(
+        input_ids=pad_rows(repeated, 0, "left"),
+        attention_mask=pad_rows([[1] * len(p) for p in repeated], 0, "left"),
+        do_sample=False,
+        max_new_tokens=5,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
+    )
+    greedy = [row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in out[:, 5:].tolist()]
+    assert sampled == greedy
+    assert model.training  # sampling leaves the mode as it was
+
+
 def test_trec_preference_pairs_are_constructed_from_trec_and_stable():
     from adapters.data.builtins import BUILTIN_DATASETS, TREC_WORDS
 
@@ -306,6 +372,32 @@ def test_rewards_by_name_and_by_callable():
     assert scores.tolist() == [[1.0, 0.0, -0.75, 1.0], [0.0, 0.0, -0.25, 0.0]]
     with pytest.raises(ConfigError, match="cannot import 'no_such_module:f'"):
         load_reward(RewardConfig(name="no_such_module:f"), 4)
+
+
+def test_exact_match_reward_scores_as_the_evaluation_metric():
+    """What GRPO rewards is what the test metric counts: the metric's exact_match over the first lines
+    the evaluator keeps (generate_scored_answers) equals the mean reward, and so does each single answer."""
+    from adapters.evaluation.evaluator import first_line_answer
+    from adapters.evaluation.metrics import exact_match
+    from adapters.training.objectives.rewards import exact_match_reward
+
+    completions = [
+        "Human",
+        " human.",
+        "HUMAN!\nbecause",
+        "Human is",
+        '"Location"',
+        "location:",
+        "num ber",
+        "",
+        "Entity",
+    ]
+    targets = ["human", "human", "human", "human", "location", "location", "number", "number", "entity "]
+    rewards = exact_match_reward(completions=completions, target=targets)
+    answers = [first_line_answer(c) for c in completions]
+    assert rewards == [exact_match([a], [t]) for a, t in zip(answers, targets)]
+    assert sum(rewards) / len(rewards) == exact_match(answers, targets)
+    assert rewards == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0]
 
 
 def _shouting(prompts, completions, **_):
