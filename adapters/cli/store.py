@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="remove even if tagged (drops those tags)")
     p = add("verify", "check every file's checksum (all versions, or the ones given)")
     p.add_argument("refs", nargs="*")
-    p = add("export", "write a version to a folder, or to an archive if DEST ends in .tar.gz")
+    p = add("export", "write a version to a new folder, or to a gzipped tar if DEST ends in .tar.gz or .tgz")
     p.add_argument("ref")
     p.add_argument("dest")
     p = add("import", "publish an exported folder or archive")
@@ -158,6 +158,8 @@ def _show(store, args):
         f"  versions:    {', '.join(f'{k} {v}' for k, v in (m.get('versions') or {}).items() if v)}",
         f"  files:       {len(m.get('files') or {})} ({', '.join(sorted(m.get('files') or {}))})",
     ]
+    if info.get("damaged"):  # right under the header: the fields below come from an edited manifest
+        lines.insert(1, f"  DAMAGED:     {'; '.join(info['damaged'])}; the fields below cannot be trusted")
     if info["manifest"] is None:
         lines = [f"{info['path']}: a plain adapter folder without manifest.json"]
     return info, "\n".join(lines), 0

@@ -35,18 +35,48 @@ MAX_PATH_BYTES = 1024
 HEADER_ALLOWANCE = 4096
 
 
+#: Suffixes of archive and compression formats export does not write: such a dest is refused, not made a folder.
+OTHER_ARCHIVE_SUFFIXES = (
+    ".zip", ".tar", ".gz", ".bz2", ".xz", ".zst", ".lz4", ".7z", ".rar", ".tbz", ".tbz2", ".txz", ".tzst",
+)  # fmt: skip
+
+
+def check_export_dest(dest: Path) -> None:
+    """Refuse an export destination that exists, has an archive suffix export does not write, or whose
+    parent folder does not exist (as cp and tar do). Raises StoreError naming dest and the valid choices."""
+    lower = dest.name.lower()
+    if not lower.endswith(ARCHIVE_SUFFIXES) and lower.endswith(OTHER_ARCHIVE_SUFFIXES):
+        suffix = next(s for s in OTHER_ARCHIVE_SUFFIXES if lower.endswith(s))
+        raise StoreError(
+            f"export: cannot write {dest}: {suffix} is not a format export writes; "
+            f"use {' or '.join(ARCHIVE_SUFFIXES)} for a gzipped tar, or a path without an archive suffix for a folder"
+        )
+    if os.path.lexists(dest):
+        raise StoreError(f"export: {dest} already exists; choose a new path")
+    if not dest.parent.is_dir():
+        raise StoreError(f"export: cannot write {dest}: the folder {dest.parent} does not exist; create it first")
+
+
 def write_export(folder: Path, dest: Path, label: str) -> Path:
     """Copy folder to dest: a folder, or a gzipped tar with top folder label if dest ends in .tar.gz / .tgz.
 
     Written under a temporary name beside dest, fsynced, then renamed: dest appears whole or not
-    at all. Returns dest. Raises StoreError if dest already exists.
+    at all. Returns dest. Raises StoreError for a dest check_export_dest refuses, or one that
+    cannot be written (naming dest and the system's reason).
     """
-    if dest.exists():
-        raise StoreError(f"export: {dest} already exists; choose a new path")
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    check_export_dest(dest)
     tmp = dest.parent / f".export-{uuid.uuid4().hex[:12]}"
     try:
-        if dest.name.endswith(ARCHIVE_SUFFIXES):
+        _write_to(folder, dest, tmp, label)
+    except OSError as err:  # the temporary name means nothing to the user: name dest
+        raise StoreError(f"export: cannot write {dest}: {err.strerror or err}") from None
+    return dest
+
+
+def _write_to(folder: Path, dest: Path, tmp: Path, label: str) -> None:
+    """write_export's body: write tmp, fsync it, rename it to dest; tmp is removed whatever happens."""
+    try:
+        if dest.name.lower().endswith(ARCHIVE_SUFFIXES):
             with tarfile.open(tmp, "w:gz") as tar:
                 for path in sorted(folder.rglob("*")):
                     if path.is_file():
@@ -62,7 +92,6 @@ def write_export(folder: Path, dest: Path, label: str) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
-    return dest
 
 
 class _BoundedReader(io.RawIOBase):
@@ -217,6 +246,7 @@ def safe_extract(archive: Path, dest: Path) -> None:
             members = scan_members(tar, archive)
             _check_space(dest, sum(m.size for m, _ in members if m.isfile()), archive)
             _extract_members(tar, members, dest)
+            _read_to_end(bounded, archive)
     except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise StoreError(
@@ -224,6 +254,21 @@ def safe_extract(archive: Path, dest: Path) -> None:
         ) from None
     finally:
         bounded.close()
+
+
+def _read_to_end(stream, archive: Path) -> None:
+    """Decompress what follows the tar's end-of-archive blocks, so that gzip (bz2, xz) checks its trailer:
+    tarfile stops reading at the end-of-archive marker, and a stream cut after it, or whose CRC or length
+    does not match, would otherwise pass. stream is bounded, so trailing padding cannot be a bomb."""
+    try:
+        while stream.read(1 << 20):
+            pass
+    except (EOFError, gzip.BadGzipFile, zlib.error, lzma.LZMAError, OSError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise StoreError(
+            f"import: {archive} is truncated or corrupt: its compressed stream fails its end check ({reason}); "
+            "refusing it"
+        ) from None
 
 
 def _check_space(dest: Path, needed: int, archive: Path) -> None:

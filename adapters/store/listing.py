@@ -1,6 +1,7 @@
 """The store's listing: one row per version, and one row per damaged entry, so damage never hides the rest.
 
-A damaged tags file, an unreadable manifest, a link or file where a name's folder should be, or a
+A damaged tags file, a tag pointing at a removed version, an unreadable manifest or one edited after
+publish (its digest no longer matches), a link or file where a name's folder should be, or a
 folder whose name is no valid adapter name each become a row with an ``error`` key saying what is
 wrong; every other name and version is listed as usual.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 from adapters.errors import ConfigError, StoreError
 from adapters.paths import validate_name
 from adapters.store import tags as tagfile
-from adapters.store.manifest import read_manifest
+from adapters.store.manifest import digest_problems, read_manifest
 from adapters.store.refs import is_version
 
 
@@ -85,7 +86,21 @@ def _name_rows(name_dir: Path, name: str) -> list[dict]:
         except StoreError as err:
             rows.append(damaged_row(name, version, str(err)))
             continue
+        problems = digest_problems(folder, manifest)  # one small file: cheap enough to check on every listing
+        if problems:
+            rows.append(damaged_row(name, version, f"{folder}: {'; '.join(problems)}; its fields are not shown"))
+            continue
         rows.append(_row(name, version, tagfile.tags_on(tags, version), manifest))
+    stored = [v for v in versions if (name_dir / str(v)).is_dir() and not (name_dir / str(v)).is_symlink()]
+    for tag, version in tagfile.dangling_tags(tags, stored).items():
+        rows.append(
+            damaged_row(
+                name,
+                None,
+                f"tag {name}@{tag} points at version {version}, which was removed; "
+                f"move it (store tag {name}@<version> {tag}) or remove it (store untag {name} {tag})",
+            )
+        )
     return rows
 
 

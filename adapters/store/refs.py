@@ -69,15 +69,17 @@ def select_version(name: str, selector: str | None, versions: list[int], tags: d
     """The version a parsed reference (name, selector) names, given the name's stored versions and tags
     in the store folder root.
 
-    No selector: the ``latest`` tag if its version exists, else the newest version. Raises
+    No selector: the ``latest`` tag, exactly as name@latest (a dangling one is refused, not silently
+    replaced by another version); the newest version only when the name has no ``latest`` tag. Raises
     StoreError when there is no such version or tag, or the tag points at a removed version.
     """
     if selector is None:
-        if LATEST in tags and tags[LATEST] in versions:
-            return tags[LATEST]
-        if versions:
+        if LATEST in tags:
+            selector = LATEST
+        elif versions:
             return versions[-1]
-        raise StoreError(f"adapter {name!r} has no versions in {root}")
+        else:
+            raise StoreError(f"adapter {name!r} has no versions in {root}")
     if is_version(selector):
         version = int(selector)
         if version not in versions:
@@ -88,7 +90,10 @@ def select_version(name: str, selector: str | None, versions: list[int], tags: d
     if selector not in tags:
         raise StoreError(f"adapter {name!r} has no tag {selector!r}; tags: {', '.join(sorted(tags)) or '(none)'}")
     if tags[selector] not in versions:
-        raise StoreError(f"tag {name}@{selector} points at version {tags[selector]}, which was removed")
+        raise StoreError(
+            f"tag {name}@{selector} points at version {tags[selector]}, which was removed; "
+            f"versions: {', '.join(map(str, versions)) or '(none)'} (move the tag, or remove it)"
+        )
     return tags[selector]
 
 

@@ -84,14 +84,16 @@ def check_publishable_files(folder: Path) -> None:
             for entry in entries:
                 rel = prefix + entry.name
                 if entry.is_symlink():
-                    raise StoreError(f"{folder}: {rel} is a link; adapter folders hold plain files only")
+                    raise StoreError(f"{folder / rel} is a link; adapter folders hold plain files only")
                 if entry.is_dir(follow_symlinks=False):
                     pending.append((entry.path, rel + "/"))
                 elif not entry.is_file(follow_symlinks=False):
-                    raise StoreError(f"{folder}: {rel} is not a plain file")
-                if entry.name.lower().endswith(PICKLE_SUFFIXES):
+                    raise StoreError(f"{folder / rel} is not a plain file; adapter folders hold plain files only")
+                suffix = next((s for s in PICKLE_SUFFIXES if entry.name.lower().endswith(s)), None)
+                if suffix:  # by suffix: the file need not be a pickle, but a loader could unpickle it
                     raise StoreError(
-                        f"{folder}: {rel} is a pickle-based file; only safetensors weights are accepted "
+                        f"{folder / rel}: {suffix} files are refused (a loader may unpickle them, which runs code); "
+                        "only safetensors weights and the adapter's config, tokenizer and text files are accepted "
                         "(save with safe_serialization=True)"
                     )
                 has_safetensors |= entry.name.endswith(".safetensors")
@@ -200,6 +202,13 @@ def _import_folder(store: AdapterStore, folder: Path, name: str | None, tags: li
         except StoreError as err:
             raise StoreError(f"import: {src}: its manifest's name is not usable ({err}); give one (--name)") from None
     return store.publish(folder, name, tags=tags, parent=manifest.get("parent"))
+
+
+def _as_import_message(text: str) -> str:
+    """A publish refusal reworded for the command the user ran: import."""
+    if text.startswith("publish: "):
+        return "import: " + text[len("publish: ") :]
+    return text if text.startswith("import: ") else f"import: {text}"
 
 
 def user_path(text: str | os.PathLike, what: str) -> Path:
@@ -408,9 +417,12 @@ class AdapterStore:
         return list_rows(self.root, [name] if name else None)
 
     def show(self, ref: str) -> dict:
-        """Everything about one reference: {"ref", "path", "tags", "manifest"} (manifest None for a bare folder)."""
+        """Everything about one reference: {"ref", "path", "tags", "manifest", "damaged"} (manifest None for a bare
+        folder; damaged: the manifest digest's problems, empty when it matches)."""
         folder, manifest = self.resolve(ref, verify=False)
         out = {"ref": str(ref), "path": str(folder), "tags": [], "manifest": manifest}
+        # The manifest's digest is one small file to hash: an edited manifest is never shown as valid.
+        out["damaged"] = digest_problems(folder, manifest) if manifest is not None else []
         if not is_path_ref(ref):
             located = self.locate(ref)
             out["ref"] = str(located)
@@ -500,15 +512,19 @@ class AdapterStore:
         name = check_name(name, "adapter name") if name is not None else None
         tags = [check_tag(t) for t in tags]  # before extracting anything
         if src.is_dir():
-            return _import_folder(self, src, name, tags, src)
+            try:
+                return _import_folder(self, src, name, tags, src)
+            except StoreError as err:
+                raise StoreError(_as_import_message(str(err))) from None
         if not src.is_file():
             raise StoreError(f"import: {src} does not exist")
         with staging(self.root, ".import-") as staged:
             try:
                 safe_extract(src, staged)
                 return _import_folder(self, adapter_root(staged, src), name, tags, src)
-            except StoreError as err:  # the staging folder means nothing to the user: name the archive
-                raise StoreError(str(err).replace(str(staged), str(src))) from None
+            except StoreError as err:  # the staging folder means nothing to the user: name the archive's member
+                text = str(err).replace(f"{staged}{os.sep}", f"{src}: ").replace(str(staged), str(src))
+                raise StoreError(_as_import_message(text)) from None
 
     # ------------------------------------------------------------ garbage collection
     def gc(self, keep: int | None = None, dry_run: bool = False) -> list[str]:

@@ -125,8 +125,11 @@ def remove_tag(state: dict, name: str, tag: str) -> None:
 def roll_back(state: dict, name: str, tag: str, versions: list[int]) -> int:
     """Point tag back at the newest earlier version that still exists; returns that version.
 
-    versions: the name's stored versions. Raises StoreError when the tag has no such earlier version.
+    versions: the name's stored versions. Raises StoreError when the name has no such tag, or the tag
+    has no such earlier version.
     """
+    if tag not in state["tags"]:
+        raise StoreError(f"adapter {name!r} has no tag {tag!r}; tags: {', '.join(sorted(state['tags'])) or '(none)'}")
     history = [v for v in state["history"].get(tag, []) if v in versions]
     if not history:
         raise StoreError(f"{name}@{tag} has no earlier version to roll back to")
@@ -145,6 +148,11 @@ def forget_version(state: dict, version: int, remaining: list[int]) -> None:
     if LATEST in pointing and remaining:
         state["tags"][LATEST] = remaining[-1]
     state["history"] = {t: [v for v in h if v != version] for t, h in state["history"].items()}
+
+
+def dangling_tags(state_tags: dict[str, int], versions: list[int]) -> dict[str, int]:
+    """The {tag: version} of a name's tags whose version is not among versions (removed by hand, or lost)."""
+    return {t: v for t, v in sorted(state_tags.items()) if v not in versions}
 
 
 def tags_on(state_tags: dict[str, int], version: int) -> list[str]:

@@ -104,7 +104,7 @@ def tar_bytes(spec: dict, good: dict[str, bytes]) -> bytes:
 
 
 def build_archive(spec: dict, good: dict[str, bytes], path: Path) -> Path:
-    """Write a case's archive to path: tar (or raw text), compressed, then truncated as the spec says."""
+    """Write a case's archive to path: tar (or raw text), compressed, then truncated or altered as the spec says."""
     data = spec["raw"].encode() if "raw" in spec else tar_bytes(spec, good)
     compress = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress, "none": lambda b: b}
     data = compress[spec.get("compress", "gz")](data)
@@ -112,6 +112,12 @@ def build_archive(spec: dict, good: dict[str, bytes], path: Path) -> Path:
         data = data[: spec["cut_bytes"]]
     if "cut_fraction" in spec:
         data = data[: int(len(data) * spec["cut_fraction"])]
+    if "cut_tail" in spec:
+        data = data[: -spec["cut_tail"]]
+    if "flip_byte" in spec:  # one byte of the compressed file inverted (e.g. -8: the gzip CRC-32)
+        data = bytearray(data)
+        data[spec["flip_byte"]] ^= 0xFF
+        data = bytes(data)
     path.write_bytes(data)
     return path
 

@@ -151,3 +151,47 @@ def test_list_reports_damage_after_the_good_rows_and_verify_notes_old_versions(c
     (old / MANIFEST_DIGEST).unlink()
     status, out, _ = cli("verify", "clf@1")
     assert status == 0 and out.startswith("ok      clf@1  (no manifest.json.sha256: published before")
+
+
+def test_show_and_list_mark_a_manifest_edited_after_publish(cli, two_versions, store_root):
+    """verify catches the edit by the manifest's digest; show and list must not display its fields as valid."""
+    path = store_root / "clf" / "2" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["metrics"]["accuracy"] = 0.99
+    os.chmod(path, 0o644)
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    assert cli("verify")[0] == 1
+    status, out, _ = cli("show", "clf@2")
+    assert status == 0 and out.splitlines()[1].startswith("  DAMAGED:     manifest.json: digest mismatch"), out
+    status, out, _ = cli("--json", "show", "clf@2")
+    assert status == 0 and "digest mismatch" in json.loads(out)["damaged"][0]
+    status, out, _ = cli("--json", "show", "clf@1")
+    assert json.loads(out)["damaged"] == []
+    status, out, _ = cli("list")
+    assert status == 0 and "0.99" not in out.split("\ndamaged")[0], out
+    assert "accuracy=0.5" in out and any(
+        line.startswith("damaged  clf@2: ") and "digest mismatch" in line for line in out.splitlines()
+    ), out
+
+
+def test_a_bare_name_follows_its_latest_tag_even_when_it_dangles(cli, two_versions, store_root):
+    (store_root / "clf" / "tags.json").write_text(
+        '{"tags": {"latest": 99, "prod": 99}, "history": {}, "last_version": 3}'
+    )
+    at_latest = cli("show", "clf@latest")
+    bare = cli("show", "clf")
+    assert at_latest[0] == bare[0] == 2 and at_latest[2] == bare[2], (at_latest, bare)
+    assert "tag clf@latest points at version 99, which was removed; versions: 1, 2" in bare[2]
+    status, out, _ = cli("list")
+    damaged = [line for line in out.splitlines() if line.startswith("damaged")]
+    assert status == 0 and len(damaged) == 2 and all("points at version 99" in line for line in damaged), out
+    (store_root / "clf" / "tags.json").unlink()  # no latest tag at all: the newest version, by design
+    assert cli("--json", "show", "clf")[1] == cli("--json", "show", "clf@2")[1]
+
+
+def test_rollback_of_an_unknown_tag_names_the_tags(cli, two_versions):
+    two_versions.promote("clf@1", "prod")
+    status, _, err = cli("rollback", "clf", "nosuchtag")
+    assert status == 2 and err.strip() == "error: adapter 'clf' has no tag 'nosuchtag'; tags: latest, prod"
+    status, _, err = cli("rollback", "clf", "prod")  # a tag that exists but never moved keeps its message
+    assert status == 2 and "clf@prod has no earlier version to roll back to" in err

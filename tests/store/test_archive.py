@@ -91,3 +91,39 @@ def test_import_refuses_an_archive_whose_files_do_not_match_the_manifest(store_r
     (dest / "adapter_config.json").write_text("{}")  # tampered in transit
     with pytest.raises(StoreError, match="does not match its manifest"):
         AdapterStore(tmp_path / "other").import_(dest)
+
+
+@pytest.mark.parametrize("cut", [8, 20])
+def test_import_refuses_a_real_export_missing_its_last_bytes(cut, store_root, make_adapter_folder, tmp_path):
+    """tarfile stops at the end-of-archive blocks, before gzip's CRC and length; a real export cut there must
+    be refused, while the whole export imports (so the refusal is the cut's doing)."""
+    store = AdapterStore(store_root)
+    store.publish(make_adapter_folder(), "clf")
+    whole = store.export("clf@1", tmp_path / "whole.tar.gz")
+    cut_path = tmp_path / "cut.tar.gz"
+    cut_path.write_bytes(whole.read_bytes()[:-cut])
+    other = AdapterStore(tmp_path / "other-store")
+    with pytest.raises(StoreError, match=r"cut\.tar\.gz is (not a readable tar archive, or is )?truncated or corrupt"):
+        other.import_(cut_path)
+    assert other.names() == [] and list(other.root.iterdir()) == []
+    assert str(other.import_(whole)) == "clf@1"
+
+
+@pytest.mark.parametrize(
+    ("dest", "message"),
+    [
+        ("x.zip", r"cannot write .*x\.zip: \.zip is not a format export writes; use \.tar\.gz or \.tgz"),
+        ("x.tar.xz", r"\.xz is not a format export writes"),
+        ("missing/dir/x.tar.gz", r"cannot write .*x\.tar\.gz: the folder .*missing/dir does not exist"),
+    ],
+)
+def test_export_refuses_unwritten_formats_and_missing_folders(dest, message, store_root, make_adapter_folder, tmp_path):
+    store = AdapterStore(store_root)
+    store.publish(make_adapter_folder(), "clf")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(StoreError, match=message):
+        store.export("clf", out / dest)
+    assert list(out.iterdir()) == [], "a refused export wrote something"
+    assert store.export("clf", out / "X.TGZ").is_file()  # the suffix is matched whatever its case: an archive
+    assert tarfile.is_tarfile(out / "X.TGZ")

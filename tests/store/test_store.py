@@ -161,7 +161,10 @@ def test_publish_refuses_pickles_links_and_unverified_sources(tmp_path, store_ro
     store = AdapterStore(store_root)
     src = make_adapter_folder()
     (src / "adapter_model.bin").write_bytes(b"pickle")
-    with pytest.raises(StoreError, match="adapter_model.bin is a pickle-based file; only safetensors"):
+    refused = (
+        r"adapter_model.bin: \.bin files are refused \(a loader may unpickle them, which runs code\); only safetensors"
+    )
+    with pytest.raises(StoreError, match=refused):
         store.publish(src, "clf")
     (src / "adapter_model.bin").unlink()
     (src / "extra.json").symlink_to(tmp_path / "elsewhere.json")
