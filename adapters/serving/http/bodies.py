@@ -7,8 +7,10 @@
   Content-Length) or with a Content-Length that lies. At most ``max_bytes`` plus one received chunk is ever held.
 - 400 for a Content-Length that is not a byte count, and, on the routes that take a JSON body, for a content-type
   other than JSON, an empty body, bytes that are not UTF-8 (RFC 8259 section 8.1), text that is not JSON (or
-  nests deeper than the reader's recursion limit), JSON that is not an object and strings that are not Unicode
-  (lone surrogate escapes), each naming what is wrong.
+  nests deeper than the reader's recursion limit), JSON that is not an object, an object with a key twice
+  (RFC 8259 section 4 leaves its meaning open; the key is named rather than one value silently kept), an
+  integer too long for Python's conversion limit (the field is named) and strings that are not Unicode (lone
+  surrogate escapes), each naming what is wrong.
 
 A body that passes is handed on unchanged (FastAPI then validates its fields against the route's schema).
 """
@@ -25,6 +27,35 @@ _KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number",
 
 class _BodyTooLarge(Exception):
     pass
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _HugeInt:
+    """An integer literal over Python's int conversion limit (sys.get_int_max_str_digits()), kept as its
+    digit count so the field holding it can be named."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads' object_pairs_hook: the object as a dict; _DuplicateKey naming a key given twice."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def _int(text: str) -> int | _HugeInt:
+    try:
+        return int(text)
+    except ValueError:  # over the conversion limit (4300 digits by default)
+        return _HugeInt(len(text.lstrip("-")))
 
 
 def json_body_problem(content_type: str | None, body: bytes) -> tuple[str, str] | None:
@@ -46,38 +77,48 @@ def json_body_problem(content_type: str | None, body: bytes) -> tuple[str, str] 
     except UnicodeDecodeError as err:
         return f"body: not UTF-8 (byte 0x{body[err.start]:02x} at position {err.start})", "body"
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_int=_int)
+    except _DuplicateKey as err:
+        return f"body: the key {str(err.args[0])!r} is given twice; give each key once", str(err.args[0])
     except json.JSONDecodeError as err:
         return f"body: not valid JSON ({err.msg}: line {err.lineno} column {err.colno})", "body"
     except RecursionError:
         return "body: JSON nested too deeply", "body"
-    except ValueError as err:  # e.g. an integer over Python's 4300-digit conversion limit
-        return f"body: not valid JSON ({err})", "body"
     if not isinstance(value, dict):
         kind = "null" if value is None else _KINDS.get(type(value), type(value).__name__)
         return f"body: must be a JSON object, got {kind}", "body"
     try:
-        where = _lone_surrogate(value, [])
+        huge = _find(value, [], lambda v: isinstance(v, _HugeInt))
+        where = _find(value, [], _lone_surrogate)
     except RecursionError:
         return "body: JSON nested too deeply", "body"
+    if huge:
+        return f"{'.'.join(huge[0])}: number too long ({huge[1].digits} digits); out of range", huge[0][0]
     if where:
-        return f"{'.'.join(where)}: not valid Unicode (a lone UTF-16 surrogate escape, e.g. \\ud800)", where[0]
+        return f"{'.'.join(where[0])}: not valid Unicode (a lone UTF-16 surrogate escape, e.g. \\ud800)", where[0][0]
     return None
 
 
-def _lone_surrogate(value, where: list[str]) -> list[str] | None:
-    """Where in ``value`` a string (or key) holds a lone surrogate ("\\ud800" escapes decode to one), or None.
-    No tokenizer nor UTF-8 encoder takes such a string."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return where or ["body"]
-        return None
+def _lone_surrogate(value) -> bool:
+    """Whether ``value`` is a string holding a lone surrogate ("\\ud800" escapes decode to one): no tokenizer
+    nor UTF-8 encoder takes such a string."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _find(value, where: list[str], bad) -> tuple[list[str], object] | None:
+    """(path, value) of the first value (or key) in ``value`` for which ``bad`` is true, or None."""
+    if bad(value):
+        return where or ["body"], value
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
-        found = _lone_surrogate(key, [*where, "<key>"]) if isinstance(key, str) else None
-        found = found or _lone_surrogate(item, [*where, str(key)])
+        found = _find(key, [*where, "<key>"], bad) if isinstance(key, str) else None
+        found = found or _find(item, [*where, str(key)], bad)
         if found:
             return found
     return None

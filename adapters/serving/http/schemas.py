@@ -4,6 +4,9 @@ Request bodies refuse what they do not know: an unknown parameter is a 400 namin
 parameter this server does not implement is declared with the only value it accepts (its no-op, e.g.
 ``presence_penalty`` 0), so the OpenAPI document states it and any other value is a 400 naming it
 (``UNSUPPORTED`` holds the messages). An explicit ``null`` for an optional number means its default.
+
+Types are strict, as OpenAI's API is: a boolean is never a number, a string never a number or a boolean
+(``"temperature": true`` and ``"max_tokens": "2"`` are 400s); an integer is accepted where a float is expected.
 """
 
 from __future__ import annotations
@@ -80,15 +83,18 @@ _Prompt = Annotated[
 ]
 
 
+# An unknown parameter is refused (400 naming it), never ignored; no value is coerced into another type.
+_STRICT = ConfigDict(extra="forbid", strict=True)
+
+
 class _Body(BaseModel):
-    # An unknown parameter is refused (400 naming it), never ignored.
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
 
 
 class StreamOptions(BaseModel):
     """OpenAI's stream_options (only with ``stream``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     include_usage: bool | None = None
 
 
@@ -141,7 +147,7 @@ class CompletionBody(_Body):
 class TextPart(BaseModel):
     """One part of a message's content; only text parts are read."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     type: Literal["text"]
     text: str
 
@@ -150,7 +156,7 @@ class ChatMessage(BaseModel):
     """One chat turn. ``developer`` is given to the chat template as ``system``; ``tool`` turns (tool results)
     and ``name`` / ``tool_call_id`` / ``tool_calls`` are given to the template as they are."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] = Field(..., description="Text, or a list of text parts (joined with newlines).")
     name: str | None = None
@@ -189,7 +195,7 @@ class ChatMessage(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's response_format; only plain text is produced."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     type: Literal["text"]
 
 
@@ -240,7 +246,7 @@ class ClassifyBody(_Body):
 class AdapterBody(BaseModel):
     """POST /v1/adapters/load and /unload: the adapter to load or unload."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     adapter: str = Field(
         ..., min_length=1, pattern=r"\S", description="Adapter reference: name, name@3, name@prod or a folder."
     )

@@ -211,13 +211,15 @@ class _Choices:
 @dataclass
 class StreamJob:
     """What a streamed request runs and how it is answered: its reference, engine rows, chunk format, its
-    Usage of the results (``usage(results)``) and its traffic fields (``traffic(response id, results)``)."""
+    Usage of the results (``usage(results)``), its traffic fields (``traffic(response id, results)``) and its extra
+    response headers (``headers()``)."""
 
     ref: str
     rows: list[GenerationRequest]
     fmt: ChunkFormat
     usage: Callable[[list[GenerationResult]], Any]
     traffic: Callable[[str, list[GenerationResult]], dict]
+    headers: Callable[[], dict[str, str]] = dict  # extra response headers, read once the first token is out
 
 
 async def stream_response(
@@ -283,7 +285,8 @@ async def stream_response(
             fields = job.traffic(fmt.id, results) if results is not None else {}
             server.record(endpoint, ref, started, status, **fields)
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    headers = {"Cache-Control": "no-cache", **job.headers()}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 def _failure(future) -> BaseException | None:

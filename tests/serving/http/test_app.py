@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.modeling.generation import SamplingParams
+from adapters.modeling.generation import SamplingParams, encode_prompt
 from adapters.monitoring.traffic_log import TrafficLogger
 from adapters.serving.engine import ClassificationRequest, GenerationRequest, InferenceEngine
 from adapters.serving.http.app import create_app
@@ -256,3 +256,29 @@ def test_batcher_gathers_a_window_and_mixes_adapters_or_not():
     with pytest.raises(ValueError):
         bad.result(timeout=10)
     batcher.close()
+
+
+def test_a_prompt_cut_to_the_adapters_max_length_is_reported(tiny_llama_dir, tmp_path):
+    # An adapter trained on rows of 64 tokens: its plain-text prompts are cut as training cut them (left side).
+    spec = {"system_prompt": None, "instruction": None, "max_length": 64, "prompt_side": "left"}
+    store = AdapterStore(tmp_path / "store")
+    store.publish(make_adapter(tiny_llama_dir, tmp_path / "short", seed=31, prompt=spec), "short")
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=2, store=store)
+    long_prompt = " ".join(f"word{i}" for i in range(40))
+    whole = len(encode_prompt(engine.tokenizer, long_prompt, None, {**spec, "max_length": None}))
+    settings = ServerSettings(max_tokens=8, max_prompt_tokens=512, batch_window_ms=2)
+    with TestClient(create_app(engine, settings)) as client:
+        body = {"model": "short", "prompt": long_prompt, "max_tokens": 4, "temperature": 0, "echo": True}
+        cut = client.post("/v1/completions", json=body)
+        streamed = client.post("/v1/completions", json={**body, "stream": True, "echo": False})
+        short = client.post("/v1/completions", json={**body, "prompt": "word1 word2"})
+        raw = client.post("/v1/completions", json={**body, "raw": True})
+    assert cut.status_code == 200, cut.text
+    used = cut.json()["usage"]["prompt_tokens"]
+    assert used == len(encode_prompt(engine.tokenizer, long_prompt, None, spec, 4))  # what the model saw
+    assert cut.headers["x-prompt-truncated"] == str(whole - used) and whole > used
+    echoed = cut.json()["choices"][0]["text"]
+    assert "word39" in echoed and "word0 " not in echoed  # the left side went: the end is kept
+    assert streamed.status_code == 200 and streamed.headers["x-prompt-truncated"] == str(whole - used)
+    assert short.status_code == 200 and "x-prompt-truncated" not in short.headers
+    assert raw.status_code == 200 and "x-prompt-truncated" not in raw.headers

@@ -9,6 +9,7 @@ import select
 import socket
 
 import pytest
+from fastapi.testclient import TestClient
 
 from adapters.errors import BaseMismatchError, StoreError
 from adapters.serving.http.app import BackgroundServer, create_app
@@ -80,6 +81,54 @@ def test_a_non_utf8_body_is_a_400_naming_the_byte(address):
         "param": "body",
         "code": 400,
     }
+
+
+def _raw_exchange(address, request: bytes) -> bytes:
+    """Send ``request`` as is and read until the server closes the connection."""
+    with socket.create_connection(address, timeout=30) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}",
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n",
+    ],
+    ids=["negative-content-length", "bad-chunk-size"],
+)
+def test_http_protocol_errors_are_uvicorns_plain_400_and_the_server_keeps_serving(address, request_bytes):
+    # What docs/serving.md says: uvicorn's HTTP parser refuses these before the app runs, so the answer is its
+    # own text/plain 400 (not the JSON error shape) and the connection is closed; no traceback, still serving.
+    head, _, body = _raw_exchange(address, request_bytes).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").lower().split("\r\n")
+    assert lines[0].startswith("http/1.1 400 ")
+    assert "content-type: text/plain; charset=utf-8" in lines and "connection: close" in lines
+    if "transfer-encoding: chunked" in lines:  # the app had begun reading the body: h11 frames the answer
+        body = body.removeprefix(b"1e\r\n").removesuffix(b"\r\n0\r\n\r\n")
+    assert body == b"Invalid HTTP request received." and b"Traceback" not in body
+    health = _raw_exchange(address, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert health.startswith(b"HTTP/1.1 200 ")
+
+
+def test_an_integer_over_pythons_digit_limit_is_a_400_naming_the_field():
+    # 5000 digits: over sys.get_int_max_str_digits() (4300), whose own message points at a Python setting
+    payload = b'{"model": "alpha", "prompt": "x", "max_tokens": 1, "seed": ' + b"7" * 5000 + b"}"
+    headers = {"content-type": "application/json"}
+    with TestClient(create_app(stub_engine(), ServerSettings(max_body_bytes=10 * LIMIT))) as client:
+        response = client.post("/v1/completions", content=payload, headers=headers)
+        nested = client.post("/v1/completions", content=b'{"stop": [-' + b"1" * 4400 + b"]}", headers=headers)
+    assert response.status_code == 400 and response.json()["error"] == {
+        "message": "seed: number too long (5000 digits); out of range",
+        "type": "invalid_request_error",
+        "param": "seed",
+        "code": 400,
+    }
+    assert "sys." not in nested.text and nested.json()["error"]["message"].startswith("stop.0: number too long (4400")
 
 
 def test_engine_errors_reach_clients_without_paths_or_other_adapters(tmp_path):

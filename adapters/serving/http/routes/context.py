@@ -14,7 +14,8 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
-from adapters.serving.engine import BASE, InferenceEngine
+from adapters.modeling.generation import encode_prompt
+from adapters.serving.engine import BASE, GenerationRequest, InferenceEngine
 from adapters.serving.http.batcher import Batcher, ContinuousBatcher
 from adapters.serving.http.metrics import ServerMetrics
 from adapters.serving.http.middleware import APIError, api_error_of
@@ -97,6 +98,27 @@ class ServerContext:
         except Exception:  # noqa: BLE001 - the request itself succeeded; logging just gets no label
             return False
         return bool(stats.get("labels"))
+
+    def prompt_tokens_cut(self, rows: list[GenerationRequest], n: int = 1) -> int:
+        """Tokens the adapter's prompt format cut from the plain-text prompts of ``rows`` (``n`` rows per
+        prompt, each prompt counted once): an adapter whose manifest records its training max_length gets its
+        input cut as training cut it (adapters.modeling.generation.encode_prompt). Token-id prompts, raw
+        prompts, chat messages and the base are never cut (0). Read after the engine ran: the adapter is
+        resident, so no file is read."""
+        cut = 0
+        for row in rows[::n]:
+            if row.adapter == BASE or row.raw or row.prompt is None or row.messages is not None:
+                continue
+            try:
+                spec = self.engine.adapter_of(row.adapter).manifest.get("prompt")
+            except Exception:  # noqa: BLE001 - the request itself succeeded; the count just stays unknown
+                continue
+            if spec and spec.get("max_length"):
+                tokenizer, text = self.engine.tokenizer, row.prompt
+                whole = encode_prompt(tokenizer, text, None, {**spec, "max_length": None})
+                used = encode_prompt(tokenizer, text, None, spec, row.params.max_new_tokens)
+                cut += max(0, len(whole) - len(used))
+        return cut
 
     def record(self, endpoint: str, ref: str, started: float, status: int, **fields: Any) -> None:
         """Count the request in the metrics and hand its rows to the traffic hook (see log_traffic for ``fields``)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Response
 
 from adapters.errors import ConfigError
 from adapters.evaluation.evaluator import first_line_answer
@@ -31,6 +31,9 @@ from adapters.serving.http.schemas import (
     error_responses,
 )
 from adapters.serving.http.streaming import ChunkFormat, StreamJob, stream_response
+
+# Response header: how many prompt tokens the adapter's prompt format cut (sent only when some were).
+TRUNCATED_HEADER = "X-Prompt-Truncated"
 
 router = APIRouter(dependencies=[Depends(require_bearer_token)])
 _ERRORS = error_responses(400, 401, 404, 409, 413, 500)
@@ -158,9 +161,17 @@ def _completion_choice(tokenizer, body: CompletionBody, k: int, results: list[Ge
     return CompletionChoice(index=k, text=echoed + r.text, finish_reason=r.finish_reason, logprobs=logprobs)
 
 
-async def _complete(server: ServerContext, body: CompletionBody) -> tuple[CompletionResponse, dict]:
+def _truncation_headers(server: ServerContext, rows: list[GenerationRequest], n: int) -> dict[str, str]:
+    cut = server.prompt_tokens_cut(rows, n)
+    return {TRUNCATED_HEADER: str(cut)} if cut else {}
+
+
+async def _complete(
+    server: ServerContext, body: CompletionBody, headers: dict[str, str]
+) -> tuple[CompletionResponse, dict]:
     ref, rows, texts = _completion_rows(server, body)
     results = await server.run_job("generate", rows)
+    headers.update(_truncation_headers(server, rows, body.n))
     choices = [_completion_choice(server.engine.tokenizer, body, k, results) for k in range(len(results))]
     response = CompletionResponse(
         id=f"cmpl-{uuid.uuid4().hex[:24]}",
@@ -252,6 +263,7 @@ def _stream_completion(server: ServerContext, body: CompletionBody) -> StreamJob
         fmt,
         lambda results: _usage(results, body.n),
         lambda rid, results: _traffic_fields(rid, texts, results, server.answers_are_labels(ref)),
+        lambda: _truncation_headers(server, rows, body.n),
     )
 
 
@@ -273,15 +285,30 @@ def _stream_chat(server: ServerContext, body: ChatBody) -> StreamJob:
     )
 
 
+_TRUNCATED = {
+    TRUNCATED_HEADER: {
+        "description": "Prompt tokens cut to fit the adapter's training max_length (sent only when some were).",
+        "schema": {"type": "integer", "minimum": 1},
+    }
+}
+
+
 @router.post(
-    "/v1/completions", response_model=CompletionResponse, tags=["generation"], responses={**_ERRORS, **_STREAMED}
+    "/v1/completions",
+    response_model=CompletionResponse,
+    tags=["generation"],
+    responses={**_ERRORS, 200: {**_STREAMED[200], "headers": _TRUNCATED}},
 )
-async def completions(body: CompletionBody, server: Server):
+async def completions(body: CompletionBody, server: Server, response: Response):
     """Complete each prompt with ``model`` ("base" or an adapter reference): n choices per prompt; with
-    ``stream``, as server-sent events."""
+    ``stream``, as server-sent events. A plain-text prompt cut to the adapter's training max_length is
+    answered with the header X-Prompt-Truncated: <tokens cut>; usage.prompt_tokens counts the tokens used."""
     if body.stream:
         return await stream_response(server, "completions", body.model, lambda: _stream_completion(server, body))
-    return await server.guarded("completions", body.model, lambda: _complete(server, body))
+    headers: dict[str, str] = {}
+    answer = await server.guarded("completions", body.model, lambda: _complete(server, body, headers))
+    response.headers.update(headers)
+    return answer
 
 
 @router.post(
