@@ -25,7 +25,7 @@ from adapters.constants import (
 from adapters.errors import ConfigError, yaml_problem
 from adapters.gguf_meta import check_model_name
 from adapters.methods import get_method, list_methods
-from adapters.methods.base import MethodOptions
+from adapters.methods.base import MethodOptions, NumbersNotBools
 from adapters.paths import validate_name
 
 # Upper bounds of sizes the config alone can judge: far above any run this toolkit makes, far below what
@@ -55,9 +55,9 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormatName = Literal["auto", "text", "messages", "sharegpt", "alpaca", "prompt-completion", "preference"]
 
 
-class Strict(BaseModel):
+class Strict(NumbersNotBools):
     """Base for config sections: unknown keys are errors, not silently ignored; so are nan and inf
-    (a non-finite learning rate or decay trains nothing and fails late)."""
+    (a non-finite learning rate or decay trains nothing and fails late), and booleans for numbers."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -486,7 +486,7 @@ def _format_validation_error(err: ValidationError, prefix: str = "") -> str:
         elif e["type"] == "missing":
             lines.append(f"missing required config key {key!r}")
         else:
-            lines.append(f"config key {key!r}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"config key {key!r}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})")
     return "; ".join(lines)
 
 

@@ -3,7 +3,8 @@ whether transformers can read it. Header only, through the ``gguf`` package (lla
 no torch, no transformers, so ``train.py --check`` stays light. The conversion to a plain HF folder
 is adapters.modeling.gguf.
 
-A header is read once per version of a file (its path, size and mtime): the summary, and the
+A header is read once per version of a file (its path, device, inode, size, mtime and ctime: an
+edit in place whose mtime is set back still changes the ctime, which no user call can set): the summary, and the
 file's sha256 once computed, are cached under ``cache_dir()/models/.gguf-index``.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,6 +59,7 @@ GGUF_ARCHITECTURES: tuple[str, ...] = (
     "umt5",
 )
 
+log = logging.getLogger(__name__)
 # ggml tensor types stored unquantized: F32 = 0, F16 = 1, BF16 = 30 (ggml.h, GGMLQuantizationType).
 _FLOAT_TYPES = {0: "float32", 1: "float16", 30: "bfloat16"}
 _memo: dict[str, dict] = {}
@@ -81,7 +85,7 @@ def gguf_source(name: str) -> Path | None:
     Raises ConfigError for a ``.gguf`` path that does not exist, or a folder holding several.
     """
     path = Path(name).expanduser()
-    if name.lower().endswith(GGUF_SUFFIX):
+    if name.lower().endswith(GGUF_SUFFIX) and not path.is_dir():  # a folder named *.gguf is a folder
         if not path.is_file():
             raise ConfigError(f"model.name: GGUF file {name} does not exist")
         return path
@@ -97,7 +101,7 @@ def gguf_source(name: str) -> Path | None:
 
 
 def read_header(path: str | Path) -> GGUFHeader:
-    """The header of a GGUF file (cached per path, size and mtime).
+    """The header of a GGUF file (cached per version of the file: see the module doc).
 
     Raises ConfigError, one line, for a file the gguf package cannot parse (not a GGUF, a bad
     version) or one whose tensor data ends before the header says it does (a truncated download).
@@ -121,16 +125,41 @@ def check_gguf(path: str | Path) -> GGUFHeader:
     return header
 
 
+def local_model_folder(name: str) -> Path | None:
+    """The rule that tells a local model folder from a hub id, for a ``model.name`` that is neither a
+    built-in nor a GGUF (gguf_source): an existing path is a folder that must hold config.json; a
+    missing one is a hub id unless it starts like a path (``.``, ``/``, ``~``). Returns the folder,
+    or None for a hub id (``org/model``). Shared by adapters.modeling.builtins.resolve_model and
+    config validation (check_model_name), so that ``--check`` refuses what the run would.
+
+    Raises ConfigError for a path-like name that does not exist, or a path without config.json.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ConfigError(f"model.name: {path} is a file; valid: a model folder (with config.json) or a .gguf file")
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name: folder {path} has no config.json and no .gguf file")
+        return path
+    if name.startswith((".", "/", "~")):
+        raise ConfigError(f"model.name: folder {name} does not exist")
+    return None
+
+
 def check_model_name(name: str) -> None:
-    """Config validation of ``model.name``: a GGUF it names must be readable and of a supported
-    architecture (ConfigError otherwise); any other name passes here (resolved when the model loads)."""
+    """Config validation of ``model.name`` by the rule the run resolves it with: a GGUF it names must
+    be readable and of a supported architecture; a local-path-looking name must be a folder with
+    config.json (local_model_folder); a hub id or a built-in name passes here (built-in names look
+    like neither). Raises ConfigError otherwise."""
     path = gguf_source(name)
     if path is not None:
         check_gguf(path)
+    else:
+        local_model_folder(name)
 
 
 def gguf_sha256(path: str | Path) -> str:
-    """Hex sha256 of the whole GGUF file, cached per path, size and mtime (a 100 MB file takes ~0.5 s)."""
+    """Hex sha256 of the whole GGUF file, cached per version of the file (a 100 MB file takes ~0.5 s)."""
     path = Path(path)
     entry = _index_entry(path)
     if "sha256" not in entry:
@@ -169,9 +198,15 @@ def _parse_header(path: Path) -> GGUFHeader:
             magic = f.read(4)
         if magic != b"GGUF":
             raise ConfigError(f"model.name: {path} is not a GGUF file (it does not start with b'GGUF')") from None
-        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        log.debug("reading the GGUF header of %s failed", path, exc_info=err)
+        size = path.stat().st_size
+        # The reader's own errors are numpy's (reshape, view): say which part of the file is short instead.
+        if any(frame.name == "_build_tensors" for frame in traceback.extract_tb(err.__traceback__)):
+            where = "its tensor data ends before its header says"
+        else:
+            where = "it ends inside its header (metadata) or the header is malformed"
         raise ConfigError(
-            f"model.name: {path} is truncated or corrupt (the GGUF reader stops: {reason}); download it again"
+            f"model.name: {path} is truncated or corrupt: {where} (the file has {size:,} bytes); download it again"
         ) from None
     size = path.stat().st_size
     end = max((int(t.data_offset) + int(t.n_bytes) for t in tensors), default=0)
@@ -190,7 +225,15 @@ def _parse_header(path: Path) -> GGUFHeader:
 
 def _index_file(path: Path) -> tuple[Path, str]:
     st = path.stat()
-    key = json.dumps({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}, sort_keys=True)
+    stamp = {
+        "path": str(path.resolve()),
+        "dev": st.st_dev,
+        "ino": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
+    key = json.dumps(stamp, sort_keys=True)
     return cache_dir() / "models" / ".gguf-index" / (hashlib.sha256(key.encode()).hexdigest() + ".json"), key
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from adapters.config import load_config
@@ -280,3 +282,61 @@ def test_the_resume_trust_flag_is_never_recorded():
     assert cfg.train.resume_trust_pickle is True
     assert "resume_trust_pickle" not in dump_config(cfg)["train"]
     assert dump_config(cfg) == dump_config(load_config(raw=raw()))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.batch_size=true", "train.batch_size"),
+        ("train.lr=true", "train.lr"),
+        ("train.max_steps=false", "train.max_steps"),  # int | None
+        ("model.dropout=true", "model.dropout"),  # float | None
+        ("train.early_stopping.patience=true", "train.early_stopping.patience"),
+        ("data.max_length=true", "data.max_length"),
+    ],
+)
+def test_a_boolean_is_not_a_number(override, key):
+    """YAML's true/false are bools, which pydantic's lax mode reads as 1/0 for a number field."""
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': must be a number, not a boolean") as err:
+        load_config(raw=raw(), overrides=[override])
+    assert "\n" not in str(err.value)
+
+
+def test_numbers_and_boolean_fields_still_validate():
+    cfg = load_config(raw=raw(), overrides=["train.lr=1", "train.batch_size=4", "train.packing=true", "data.strict=no"])
+    assert cfg.train.lr == 1.0 and cfg.train.batch_size == 4 and cfg.train.packing is True and cfg.data.strict is False
+
+
+def test_check_refuses_the_local_model_names_the_run_refuses(tmp_path, monkeypatch):
+    """config validation and resolve_model (what the run loads) apply one rule to model.name."""
+    from adapters.modeling.builtins import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("hi")
+    refused = {
+        str(tmp_path / "nonexistent-folder"): r"model\.name: folder .*nonexistent-folder does not exist",
+        "./nonexistent": r"model\.name: folder \./nonexistent does not exist",
+        "~/surely-not-here-adapterkit": r"model\.name: folder ~/surely-not-here-adapterkit does not exist",
+        str(tmp_path / "empty"): r"model\.name: folder .*empty has no config\.json and no \.gguf file",
+        "empty": r"model\.name: folder empty has no config\.json and no \.gguf file",  # relative, existing
+        str(tmp_path / "notes.txt"): r"model\.name: .*notes\.txt is a file; valid: a model folder",
+    }
+    for name, pattern in refused.items():
+        with pytest.raises(ConfigError, match=pattern) as check:
+            load_config(raw=raw(model={"name": name}))
+        with pytest.raises(ConfigError) as run:
+            resolve_model(name)
+        assert str(check.value) == str(run.value)
+    assert load_config(raw=raw(model={"name": str(tmp_path / "hf")})).model.name == str(tmp_path / "hf")
+    assert resolve_model(str(tmp_path / "hf")) == str(tmp_path / "hf")
+    # hub ids are not local paths: validation passes (the hub is asked when the model loads)
+    for hub_id in ("org/model", "HuggingFaceTB/SmolLM2-135M", "gpt2"):
+        assert load_config(raw=raw(model={"name": hub_id})).model.name == hub_id
+
+
+def test_a_boolean_is_not_a_number_in_method_options_either():
+    with pytest.raises(ConfigError, match=r"method\.r \(lora\): must be a number, not a boolean \(got True\)"):
+        load_config(raw=raw(), overrides=["method.r=true"]).method_options()

@@ -34,6 +34,8 @@ log = logging.getLogger("adapters.cli")
 EXIT_BAD_INPUT = 2
 #: Exit status of an unexpected error (a bug): its traceback is in the debug log file.
 EXIT_BUG = 1
+#: Exit status when the reader of stdout went away (`... | head`): 128 + SIGPIPE, what a shell tool killed by it gives.
+EXIT_BROKEN_PIPE = 141
 
 # name -> (module with `main(argv) -> int`, one-line summary). A command's module is imported only when
 # that command runs, so `adapterkit methods` stays fast: it never loads the training or serving stack.
@@ -88,13 +90,18 @@ def report_error(err: BaseException, prog: str) -> int:
 
 def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a command's `main(argv) -> int` in the one error path (module doc); SystemExit (argparse's
-    usage errors, --help) passes through, Ctrl-C returns 130 with one line."""
+    usage errors, --help) passes through, Ctrl-C returns 130 with one line, and a closed stdout
+    (`adapterkit store list | head -1`) ends quietly with EXIT_BROKEN_PIPE (_stdout_closed)."""
     prog = main.__module__.rsplit(".", 1)[-1]
 
     @functools.wraps(main)
     def wrapper(argv: list[str] | None = None) -> int:
         try:
-            return main(argv)
+            status = main(argv)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit where nothing catches it
+            return status
+        except BrokenPipeError:
+            return _stdout_closed()
         except KeyboardInterrupt:
             print("error: interrupted", file=sys.stderr)
             return 130
@@ -102,6 +109,18 @@ def guarded(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | No
             return report_error(err, prog)
 
     return wrapper
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout has gone: point stdout at /dev/null so that the interpreter's final flush
+    cannot fail again, and return EXIT_BROKEN_PIPE without a message (the Python docs' recipe,
+    library/signal.html "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (a test's capture): nothing to redirect
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def print_methods() -> None:

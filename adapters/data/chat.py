@@ -119,7 +119,7 @@ def chat_template(tokenizer, tools: list[dict] | None = None) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             "conversational data (data.format messages, sharegpt, or lists of messages) needs a tokenizer with "
-            f"a chat template; {getattr(tokenizer, 'name_or_path', 'this tokenizer')} has none"
+            f"a chat template; {model_label(tokenizer)} has none"
         )
     return tokenizer.get_chat_template(None, tools)
 
@@ -195,13 +195,24 @@ def _template_call(call: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def name_model(tokenizer, name: str) -> None:
+    """Record on `tokenizer` the model's name as the user wrote it (``model.name``: a built-in, a
+    GGUF path, ...), which the messages here use instead of its resolved (cache) folder."""
+    tokenizer.adapterkit_model_name = name
+
+
+def model_label(tokenizer) -> str:
+    """The model's name for messages: what name_model recorded, else the tokenizer's own path."""
+    return getattr(tokenizer, "adapterkit_model_name", None) or getattr(tokenizer, "name_or_path", None) or "the model"
+
+
 def _note_once(tokenizer, what: str, instead: str) -> None:
     template = chat_template(tokenizer)
     if (template, what) not in _NOTED:
         _NOTED.add((template, what))
         log.warning(
             "data: the chat template of %s does not render %s; adapterkit %s (docs/data.md#tool-calls)",
-            getattr(tokenizer, "name_or_path", "the model") or "the model",
+            model_label(tokenizer),
             what,
             instead,
         )
@@ -238,7 +249,7 @@ def render_conversation(tokenizer, messages: list[dict[str, Any]], tools: list[d
         upto = _render(tokenizer, messages[: i + 1], False, tools)
         if not (text.startswith(upto) and upto.startswith(before)):
             raise ConfigError(
-                f"the chat template of {getattr(tokenizer, 'name_or_path', 'the model')} renders turn {i} "
+                f"the chat template of {model_label(tokenizer)} renders turn {i} "
                 "differently once later turns follow (or its generation prompt does not start the assistant "
                 "turn), so assistant turns cannot be found turn by turn; use a template with "
                 "{% generation %} markers"

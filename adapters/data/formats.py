@@ -40,9 +40,11 @@ back into what a chat template takes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from adapters.config import DataConfig, SplitConfig
@@ -151,12 +153,12 @@ def normalize_rows(rows, data: DataConfig, task: str) -> NormalizedRows:
     columns the module doc lists (columns a format reads are replaced, others kept). Conversations
     gain a first system message from data.system_prompt when they have none; turns after the last
     assistant turn are dropped (nothing follows them to learn), and so are rows without an assistant
-    turn to train (logged). A built-in that declares its own split (chatterbot: by opening line)
-    gets it unless data.split is set.
+    turn to train or whose last one is empty (no text, no tool call; logged). A built-in that declares
+    its own split (chatterbot: by opening line) gets it unless data.split is set.
 
     Raises ConfigError for no matching format (see detect_format), a format other than ``text``
-    under sequence-classification, a malformed row (its index, what is wrong), data.instruction on
-    conversations, or normalized columns that would overwrite each other.
+    under sequence-classification, a malformed row (its number from 1, its line in a JSON-lines file,
+    what is wrong), data.instruction on conversations, or normalized columns that would overwrite each other.
     """
     builtin = BUILTIN_DATASETS.get(data.name)
     if builtin is not None and builtin.split is not None and "split" not in data.model_fields_set:
@@ -190,10 +192,13 @@ def normalize_rows(rows, data: DataConfig, task: str) -> NormalizedRows:
         out: dict[str, list] = {}
         for k, index in enumerate(indices):
             row = {column: values[k] for column, values in batch.items()}
-            converted = convert(row, index, conversational, data)
-            if tooled:  # one schema for every row (see the module doc)
-                converted[MESSAGES] = [{**m, **{k: m.get(k) for k in TOOL_KEYS}} for m in converted[MESSAGES]]
-                converted[TOOLS] = to_tools(row.get(TOOLS), f"row {index}: tools")
+            try:
+                converted = convert(row, index + 1, conversational, data)
+                if tooled:  # one schema for every row (see the module doc)
+                    converted[MESSAGES] = [{**m, **{k: m.get(k) for k in TOOL_KEYS}} for m in converted[MESSAGES]]
+                    converted[TOOLS] = to_tools(row.get(TOOLS), f"row {index + 1}: tools")
+            except ConfigError as err:
+                raise ConfigError(_locate(str(err), index, data.name)) from None
             for key, value in converted.items():
                 out.setdefault(key, []).append(value)
         return out
@@ -207,13 +212,34 @@ def normalize_rows(rows, data: DataConfig, task: str) -> NormalizedRows:
         kept = out.filter(lambda r: r[_KEEP]).remove_columns(_KEEP)
         if len(kept) < len(out):
             log.warning(
-                "data: %d of %d %s row(s) have no assistant turn to train and were left out",
+                "data: %d of %d %s row(s) have no assistant turn to train (or an empty one) and were left out",
                 len(out) - len(kept),
                 len(out),
                 fmt,
             )
         out = kept
     return NormalizedRows(out, fmt, conversational, data)
+
+
+def _locate(message: str, index: int, source: str) -> str:
+    """`message` ("row <index + 1>: ...", rows counted from 1 as adapters.data.loading counts them)
+    naming the data set, and for a JSON-lines file the line that holds the row."""
+    label = f"row {index + 1}"
+    line = _jsonl_line(source, index) if Path(source).suffix.lower() == ".jsonl" else None
+    if line is not None and message.startswith(label):
+        message = f"{label} (line {line}){message[len(label) :]}"
+    return f"data.name: {source}: {message}"
+
+
+def _jsonl_line(source: str, index: int) -> int | None:
+    """The line number (from 1) of row `index` (from 0) of a JSON-lines file: its index-th non-blank
+    line (the reader skips blank ones); None when the file cannot be read."""
+    try:
+        with open(Path(source).expanduser(), "rb") as fh:
+            nonblank = (number for number, line in enumerate(fh, 1) if line.strip())
+            return next(itertools.islice(nonblank, index, None), None)
+    except OSError:
+        return None
 
 
 def _read_columns(fmt: str) -> tuple[str, ...]:
@@ -272,7 +298,8 @@ def _conversation(messages: list[dict], context_turns: int, data: DataConfig) ->
         CONTEXT_TURNS: context_turns,
         data.text_field: "\n".join(message_text(m) for m in messages),
         target_column(data): message_text(messages[last]) if last >= 0 else "",
-        _KEEP: last >= context_turns,
+        # An empty last assistant turn (no text, no tool call) has nothing to learn: left out like a missing one.
+        _KEEP: last >= context_turns and bool(message_text(messages[last]).strip()),
     }
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 import torch.nn as nn
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from adapters.constants import ADAPTER_CONFIG, TASKS
 from adapters.errors import ConfigError
@@ -22,8 +22,26 @@ from adapters.errors import ConfigError
 ALL_TASKS = frozenset(TASKS)
 
 
-class MethodOptions(BaseModel):
-    """Base for a method's options: unknown keys are errors, and so are nan and inf."""
+class NumbersNotBools(BaseModel):
+    """Base of config models (run config sections, method options): a boolean given for a number
+    field is an error. YAML's true/false are bools, which pydantic's lax mode reads as 1/0."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, bool) and info.field_name and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("must be a number, not a boolean")
+        return value
+
+
+def _numeric(annotation: Any) -> bool:
+    """Whether a field's type takes an int or a float (alone or in a union) and no bool."""
+    args = get_args(annotation) or (annotation,)
+    return bool not in args and any(a in (int, float) or (a is not annotation and _numeric(a)) for a in args)
+
+
+class MethodOptions(NumbersNotBools):
+    """Base for a method's options: unknown keys are errors, and so are nan, inf and booleans for numbers."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -73,7 +91,8 @@ class AdaptationMethod:
                         f"valid options: {', '.join(self.Options.model_fields) or '(none)'}"
                     )
                 else:
-                    problems.append(f"method.{key} ({self.name}): {e['msg']} (got {e.get('input')!r})")
+                    message = e["msg"].removeprefix("Value error, ")
+                    problems.append(f"method.{key} ({self.name}): {message} (got {e.get('input')!r})")
             raise ConfigError("; ".join(problems)) from None
 
     def check_model(self, options: MethodOptions, info: ModelInfo, task: str) -> None:

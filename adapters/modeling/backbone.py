@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from adapters.config import ModelConfig, QuantizationConfig
+from adapters.data.chat import name_model
 from adapters.distributed import zero3_enabled
 from adapters.errors import ConfigError
 from adapters.gguf_meta import converted_source
@@ -69,6 +70,7 @@ def load_tokenizer(model_cfg: ModelConfig):
     tokenizer and chat template come from the GGUF's metadata (its converted folder)."""
     path = resolve_model(model_cfg.name)
     tok = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision)
+    name_model(tok, model_cfg.name)  # data messages name the model as written, not its cache folder
     if tok.pad_token is None:
         # Decoders often ship without a pad token; EOS is safe because padded labels are -100.
         tok.pad_token = tok.eos_token

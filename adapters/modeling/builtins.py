@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.errors import ConfigError
-from adapters.gguf_meta import gguf_source
+from adapters.gguf_meta import gguf_source, local_model_folder
 from adapters.modeling.gguf import convert_gguf
 from adapters.paths import package_dir
 
@@ -70,13 +70,9 @@ def resolve_model(name: str) -> str:
     gguf = gguf_source(name)
     if gguf is not None:
         return str(convert_gguf(gguf))
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"model.name: folder {path} has no config.json and no .gguf file")
-        return str(path)
-    if name.startswith((".", "/", "~")):
-        raise ConfigError(f"model.name: folder {name} does not exist")
+    folder = local_model_folder(name)  # the rule config validation uses too
+    if folder is not None:
+        return str(folder)
     if _hub_offline() and not _in_hub_cache(name):
         raise ConfigError(
             f"model.name: {name!r} is not a built-in ({', '.join(BUILTIN_MODELS)}), not a local folder, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,38 @@ def test_the_console_command_exits_2_with_one_line_for_a_bad_config(tmp_path):
         f"error: {bad}: not valid YAML: while parsing a flow sequence: expected ',' or ']', but got '<stream end>' "
         "(line 2, column 1)"
     ]
+
+
+def test_a_closed_stdout_ends_quietly_with_141(tmp_path):
+    """`adapterkit ... | head -1`: the reader goes away mid-output; the command stops without an
+    error line or a debug log, with 128 + SIGPIPE like a shell tool (the Python docs' recipe)."""
+    code = (
+        "import sys\n"
+        "from adapters.cli.main import guarded\n"
+        "def main(argv=None):\n"
+        "    for i in range(200000):\n"
+        "        print(f'line {i} ' + 'x' * 40)\n"
+        "    return 0\n"
+        "main.__module__ = 'adapters.cli.lines'\n"
+        "sys.exit(guarded(main)())\n"
+    )
+    script = tmp_path / "lines.py"
+    script.write_text(code)
+    out = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" "{script}" | head -1; echo "status=${{PIPESTATUS[0]}}"'],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env={**os.environ, "ADAPTERKIT_CACHE": str(tmp_path / "cache")},
+    )
+    assert out.stdout.splitlines() == ["line 0 " + "x" * 40, "status=141"], out.stdout + out.stderr
+    assert out.stderr == "", out.stderr
+    assert not (tmp_path / "cache" / "logs").exists()  # not reported as a bug
+
+
+def test_a_broken_pipe_in_process_is_not_a_bug(capsys):
+    from adapters.cli.main import EXIT_BROKEN_PIPE
+
+    assert _raising(BrokenPipeError(32, "Broken pipe"))([]) == EXIT_BROKEN_PIPE == 141
+    assert capsys.readouterr().err == ""

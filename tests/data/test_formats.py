@@ -130,11 +130,11 @@ def test_malformed_rows_name_the_row_and_what_is_wrong(tmp_path):
 
     data = data_config(write_rows(tmp_path, []))
     bad_role = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}])
-    with pytest.raises(ConfigError, match=r"row 0: messages\[1\] has role 'bot'; accepted: system, user"):
+    with pytest.raises(ConfigError, match=r"row 1: messages\[1\] has role 'bot'; accepted: system, user"):
         normalize_rows(bad_role, data, "causal-lm")
     turns = [{"from": "human", "value": "hi"}, {"from": "robot", "value": "x"}]
     bad_speaker = Dataset.from_list([{"conversations": turns}])
-    with pytest.raises(ConfigError, match=r"row 0: conversations\[1\] is from 'robot'; accepted: human"):
+    with pytest.raises(ConfigError, match=r"row 1: conversations\[1\] is from 'robot'; accepted: human"):
         normalize_rows(bad_speaker, data, "causal-lm")
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     chat = Dataset.from_list([{"messages": messages}])

@@ -261,27 +261,33 @@ def bad_call(**function) -> dict:
     [
         (
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": {"name": "f"}}]},
-            r"row 1: messages\[1\]\.tool_calls must be a list of \{type: function, .*\}, got dict",
+            r"row 2 \(line 2\): messages\[1\]\.tool_calls must be a list of \{type: function, .*\}, got dict",
         ),
         (
             bad_call(arguments='{city: "Paris"}'),
-            r"row 1: messages\[1\]\.tool_calls\[0\]\.function\.arguments is not valid JSON",
+            r"row 2 \(line 2\): messages\[1\]\.tool_calls\[0\]\.function\.arguments is not valid JSON",
         ),
         (
             bad_call(arguments="[1, 2]"),
-            r"row 1: messages\[1\]\.tool_calls\[0\]\.function\.arguments must be a JSON object, got list",
+            r"row 2 \(line 2\): messages\[1\]\.tool_calls\[0\]\.function\.arguments must be a JSON object, got list",
         ),
-        (bad_call(name=""), r"row 1: messages\[1\]\.tool_calls\[0\]\.function\.name must be the function's name"),
+        (
+            bad_call(name=""),
+            r"row 2 \(line 2\): messages\[1\]\.tool_calls\[0\]\.function\.name must be the function's name",
+        ),
         (
             {"messages": [{"role": "user", "content": "Hi", "tool_calls": [{"name": "f"}]}, GOOD["messages"][1]]},
-            r"row 1: messages\[0\]\.tool_calls: only assistant messages make tool calls, not user",
+            r"row 2 \(line 2\): messages\[0\]\.tool_calls: only assistant messages make tool calls, not user",
         ),
-        ({**GOOD, "tools": "[{name: f}]"}, r"row 1: tools is not valid JSON"),
-        ({**GOOD, "tools": '[{"description": "no name"}]'}, r"row 1: tools\[0\] must be a function schema with a name"),
+        ({**GOOD, "tools": "[{name: f}]"}, r"row 2 \(line 2\): tools is not valid JSON"),
+        (
+            {**GOOD, "tools": '[{"description": "no name"}]'},
+            r"row 2 \(line 2\): tools\[0\] must be a function schema with a name",
+        ),
     ],
 )
 def test_a_malformed_tool_field_names_the_row_and_the_field(tmp_path, row, message):
-    rows = load_rows(write_jsonl(tmp_path / "bad.jsonl", [{**GOOD, "tools": ""}, {"tools": "", **row}]))
+    rows = load_rows(write_jsonl(tmp_path / "x.jsonl", [{**GOOD, "tools": ""}, {"tools": "", **row}]))
     with pytest.raises(ConfigError, match=message) as err:
         normalize_rows(rows, data_config(tmp_path), "causal-lm")
     assert "\n" not in str(err.value)
@@ -290,8 +296,10 @@ def test_a_malformed_tool_field_names_the_row_and_the_field(tmp_path, row, messa
 def test_a_malformed_sharegpt_function_call_names_the_row_and_the_turn(tmp_path):
     row = sharegpt_row()
     row["conversations"][2]["value"] = "get_weather(Paris)"
-    rows = load_rows(write_jsonl(tmp_path / "bad.jsonl", [row]))
-    with pytest.raises(ConfigError, match=r"row 0: conversations\[2\]\.value \(a function_call\) is not valid JSON"):
+    rows = load_rows(write_jsonl(tmp_path / "x.jsonl", [row]))
+    with pytest.raises(
+        ConfigError, match=r"row 1 \(line 1\): conversations\[2\]\.value \(a function_call\) is not valid JSON"
+    ):
         normalize_rows(rows, data_config(tmp_path), "causal-lm")
 
 
@@ -328,3 +336,43 @@ def test_tool_call_conversations_train_packed_on_a_tiny_model(tiny_llama_dir, tm
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     packing = next(r for r in logged if r.get("event") == "packing")
     assert packing["packed_rows"] < packing["rows"], packing
+
+
+def test_row_errors_count_from_1_and_name_the_jsonl_line(tmp_path):
+    """Rows count from 1, as adapters.data.loading counts them; the line differs when blank lines
+    (which the JSON reader skips) come before the row."""
+    path = tmp_path / "x.jsonl"
+    bad = bad_call(arguments="[1, 2]")
+    path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(GOOD) + "\n" + json.dumps(bad) + "\n")
+    rows = load_rows(path)
+    assert len(rows) == 3
+    with pytest.raises(ConfigError, match=r"x\.jsonl: row 3 \(line 4\): messages\[1\]\.tool_calls\[0\]") as err:
+        normalize_rows(rows, data_config(tmp_path), "causal-lm")
+    assert "\n" not in str(err.value)
+
+
+def test_a_row_whose_last_assistant_turn_is_empty_is_left_out_and_counted(tmp_path, caplog):
+    """`"content": null` without tool calls has nothing to train: left out and counted, like a row
+    without an assistant turn (adapters.data.formats); a turn with a tool call alone is kept."""
+    empty = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None}]}
+    blank = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]}
+    call_only = bad_call(arguments='{"city": "Paris"}')
+    rows = load_rows(write_jsonl(tmp_path / "x.jsonl", [GOOD, empty, call_only, blank]))
+    with caplog.at_level(logging.WARNING, logger="adapters.data.formats"):
+        out = normalize_rows(rows, data_config(tmp_path), "causal-lm").rows
+    assert len(out) == 2
+    assert out[1]["messages"][-1]["tool_calls"][0]["function"]["name"] == "get_weather"
+    said = [r.getMessage() for r in caplog.records]
+    assert any("2 of 4 messages row(s) have no assistant turn to train (or an empty one)" in s for s in said), said
+
+
+def test_the_fallback_note_names_the_model_as_written_not_its_cache_folder(tokenizer, caplog):
+    tok = copy.deepcopy(tokenizer)
+    assert "/" in tok.name_or_path  # the resolved folder
+    chat.name_model(tok, "smollm2-135m-instruct")
+    messages = to_messages(CONVERSATION, "row 1: messages")
+    with caplog.at_level(logging.WARNING, logger="adapters.data.chat"):
+        fit_conversation(tok, messages, 0, 1024, "left", False, None)
+    said = [r.getMessage() for r in caplog.records]
+    assert said and said[0].startswith("data: the chat template of smollm2-135m-instruct does not render"), said
+    assert tok.name_or_path not in said[0]

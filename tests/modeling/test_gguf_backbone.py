@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import pytest
 
 from adapters.config import load_config
 from adapters.errors import BaseMismatchError, ConfigError
-from adapters.gguf_meta import GGUF_ARCHITECTURES, read_header
+from adapters.gguf_meta import GGUF_ARCHITECTURES, gguf_sha256, read_header
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[2]
@@ -245,24 +247,57 @@ def test_truncated_or_foreign_files_give_one_line_errors(tmp_path, cache):
     good = write_tiny_gguf(tmp_path / "good.gguf").read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(good[: len(good) * 2 // 3])  # the header is whole, the tensor data is not
-    with pytest.raises(ConfigError, match=r"cut\.gguf is truncated or corrupt.*download it again") as err:
-        load_config(raw=_cfg(str(cut), tmp_path / "run"))
-    assert "\n" not in str(err.value)
+    for size in (len(good) * 2 // 3, len(good) - 5):  # the header is whole, the tensor data is not
+        cut.write_bytes(good[:size])
+        with pytest.raises(
+            ConfigError,
+            match=rf"cut\.gguf is truncated or corrupt: its tensor data ends before its header says "
+            rf"\(the file has {size:,} bytes\); download it again",
+        ) as err:
+            load_config(raw=_cfg(str(cut), tmp_path / "run"))
+        # numpy's own words (reshape, view, dtype) say nothing to the user
+        assert "\n" not in str(err.value) and not re.search(r"reshape|dtype|Error", str(err.value)), err.value
     (tmp_path / "head.gguf").write_bytes(good[:200])  # inside the metadata
-    with pytest.raises(ConfigError, match=r"head\.gguf is truncated or corrupt.*download it again") as err:
+    with pytest.raises(ConfigError, match=r"head\.gguf is truncated or corrupt: it ends inside its header") as err:
         load_config(raw=_cfg(str(tmp_path / "head.gguf"), tmp_path / "run"))
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "IndexError" not in str(err.value)
     (tmp_path / "text.gguf").write_text("not a gguf at all\n" * 20)
     with pytest.raises(ConfigError, match=r"text\.gguf is not a GGUF file"):
         load_config(raw=_cfg(str(tmp_path / "text.gguf"), tmp_path / "run"))
     with pytest.raises(ConfigError, match=r"GGUF file .*missing\.gguf does not exist"):
         load_config(raw=_cfg(str(tmp_path / "missing.gguf"), tmp_path / "run"))
+    (tmp_path / "dir.gguf").mkdir()  # a folder named like a GGUF is a folder, and is said to be one
+    with pytest.raises(ConfigError, match=r"model\.name: folder .*dir\.gguf has no config\.json and no \.gguf file"):
+        load_config(raw=_cfg(str(tmp_path / "dir.gguf"), tmp_path / "run"))
+    shutil.copy(tmp_path / "good.gguf", tmp_path / "dir.gguf" / "inner.gguf")  # ... that holds one: that one
+    assert load_config(raw=_cfg(str(tmp_path / "dir.gguf"), tmp_path / "run")).model.name.endswith("dir.gguf")
     two = tmp_path / "two"
     two.mkdir()
     for name in ("a.gguf", "b.gguf"):
         (two / name).write_bytes(good)
     with pytest.raises(ConfigError, match=r"holds 2 GGUF files \(a\.gguf, b\.gguf\); name one of them"):
         load_config(raw=_cfg(str(two), tmp_path / "run"))
+
+
+def test_an_edit_in_place_with_the_old_mtime_is_not_served_from_the_cache(tmp_path, cache):
+    """The header/sha256 cache is keyed on the file's ctime and inode too: `touch -d` can set the
+    mtime back after an edit, the ctime it cannot (os.utime, like touch, changes it)."""
+    path = write_tiny_gguf(tmp_path / "m.gguf")
+    assert read_header(path).architecture == "llama"
+    assert gguf_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    before = path.stat()
+    data = path.read_bytes()
+    at = data.index(b"llama")  # general.architecture's value, the first "llama" in the file
+    with open(path, "r+b") as f:  # 5 bytes changed in place: same inode, same size
+        f.seek(at)
+        f.write(b"rwkv6")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    assert read_header(path).architecture == "rwkv6"
+    assert gguf_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest() != hashlib.sha256(data).hexdigest()
+    with pytest.raises(ConfigError, match=r"architecture 'rwkv6'"):
+        load_config(raw=_cfg(str(path), tmp_path / "run"))
 
 
 def test_check_validates_a_gguf_without_transformers(tmp_path, cache):
