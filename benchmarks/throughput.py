@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,13 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from adapters.benchmarking.suite import environment  # noqa: E402
+from adapters.benchmarking.flops import (  # noqa: E402
+    count_training_flops,
+    effective_seq_len,
+    load_average,
+    measure_peak_flops,
+)
+from adapters.benchmarking.suite import PeakMemory, environment  # noqa: E402
 from adapters.config import load_config  # noqa: E402
 from adapters.data.loading import prepare_splits, tokenize_splits, train_dataloader  # noqa: E402
 from adapters.modeling.backbone import load_tokenizer  # noqa: E402
@@ -110,8 +117,12 @@ def train_ours(args, profile: bool = False) -> dict:
         def note_model(model):
             seen["attn_implementation"] = _attn_implementation(model)
             seen["optimizer"] = "torch.optim.AdamW (fused when available, see adapters/training.py)"
+            seen["flops_per_token"] = count_training_flops(model, **probe).to_dict()
 
-        result = train(cfg, command=["benchmarks/throughput.py"], on_model_ready=note_model)
+        probe = flops_probe(args)
+        peak = measure_peak_flops()
+        with PeakMemory() as memory:
+            result = train(cfg, command=["benchmarks/throughput.py"], on_model_ready=note_model)
         seconds = result.train_seconds - result.eval_seconds
         return {
             "steps": result.steps,
@@ -122,6 +133,8 @@ def train_ours(args, profile: bool = False) -> dict:
             "samples_per_second": result.samples_seen / seconds,
             "test_accuracy": result.metrics["adapted"]["accuracy"],
             "trainable_params": result.trainable_params,
+            "peak_flops": peak,
+            "peak_memory": {"kind": memory.kind, "bytes": memory.peak},
             **seen,
         }
 
@@ -206,6 +219,8 @@ def train_plain(args, data, profile: bool = False) -> dict:
         ),
     )
     collator = _CountingCollator(tokenizer)
+    flops = count_training_flops(model, **flops_probe(args)).to_dict()
+    peak = measure_peak_flops()
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -242,7 +257,8 @@ def train_plain(args, data, profile: bool = False) -> dict:
             with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
                 trainer.train()
             return {"profile": prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)}
-        trainer.train()
+        with PeakMemory() as memory:
+            trainer.train()
         real, padded, samples = collator.real, collator.padded, collator.samples
         optimizer = type(
             trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
@@ -266,8 +282,40 @@ def train_plain(args, data, profile: bool = False) -> dict:
         "test_accuracy": accuracy,
         "trainable_params": trainable,
         "attn_implementation": attn,
+        "flops_per_token": flops,
+        "peak_flops": peak,
+        "peak_memory": {"kind": memory.kind, "bytes": memory.peak},
         "optimizer": f"{optimizer} (Trainer default optim {targs.optim!s}, fused={fused})",
     }
+
+
+_PROBE: dict = {}
+
+
+def flops_probe(args) -> dict:
+    """count_training_flops's seq_len and probe: attention over the rows' effective length
+    (sum L^2 / sum L of the truncated training rows, the same rows for both sides) and a probe row of
+    their mean length, so a head that runs once per row is spread over a row's tokens."""
+    if not _PROBE:
+        _, tokenizer, _, splits = plain_data(args)
+        lengths = [len(ids) for ids in splits["train"]["input_ids"]]
+        mean = max(1, round(sum(lengths) / len(lengths)))
+        _PROBE.update(seq_len=effective_seq_len(lengths), probe_tokens=mean)
+    n = _PROBE["probe_tokens"]
+    return {
+        "seq_len": _PROBE["seq_len"],
+        "probe_inputs": {
+            "input_ids": torch.ones((1, n), dtype=torch.long),
+            "attention_mask": torch.ones((1, n), dtype=torch.long),
+        },
+    }
+
+
+def add_mfu(runs: list[dict], model_flops: float) -> None:
+    """MFU of each run (Chowdhery et al. 2022, appendix B) with the same model FLOPs per token."""
+    for run in runs:
+        run["model_flops_per_token"] = model_flops
+        run["mfu"] = run["real_tokens_per_second"] * model_flops / run["peak_flops"]["flops_per_second"]
 
 
 def markdown(report: dict) -> str:
@@ -280,14 +328,17 @@ def markdown(report: dict) -> str:
         f"Median of {report['settings']['repeats']} alternating runs each. Real tokens = non-padding tokens; tokenization, model "
         "loading and evaluation are outside the timed region.",
         "",
-        "| | real tokens/s | samples/s | padding share of computed tokens | train time | held-out test accuracy |",
-        "|---|---|---|---|---|---|",
+        "| | real tokens/s | samples/s | MFU | peak memory (RSS, sampled) | padding share of computed tokens "
+        "| train time | held-out test accuracy |",
+        "|---|---|---|---|---|---|---|---|",
         f"| plain (Trainer + peft, DataCollatorWithPadding) | {p['real_tokens_per_second']:.0f} | {p['samples_per_second']:.1f} | "
+        f"{100 * p['mfu']:.1f}% | {p['peak_memory']['bytes'] / 2**20:.0f} MiB | "
         f"{100 * p['padding_share']:.1f}% | {p['train_seconds']:.1f} s | {p['test_accuracy']:.4f} |",
         f"| ours (adapters.training.loop.train) | {o['real_tokens_per_second']:.0f} | {o['samples_per_second']:.1f} | "
+        f"{100 * o['mfu']:.1f}% | {o['peak_memory']['bytes'] / 2**20:.0f} MiB | "
         f"{100 * o['padding_share']:.1f}% | {o['train_seconds']:.1f} s | {o['test_accuracy']:.4f} |",
         "",
-        f"**Ratio (ours / plain, real tokens/s): {report['ratio']:.2f}x** (target ≥ 1.5x). Per-repeat ratios: "
+        f"**Ratio (ours / plain, real tokens/s): {report['ratio']:.2f}x** (goal ≥ 2.0x, issue 18). Per-repeat ratios: "
         + ", ".join(f"{r:.2f}" for r in report["ratios_per_repeat"])
         + ".",
         "",
@@ -295,8 +346,16 @@ def markdown(report: dict) -> str:
         f"torch {report['environment']['versions'].get('torch')}, transformers {report['environment']['versions'].get('transformers')}, peft {report['environment']['versions'].get('peft')}",
         f"- plain: attention {p.get('attn_implementation')}, optimizer {p.get('optimizer')}, batches in random order padded to their longest row",
         f"- ours: attention {o.get('attn_implementation')}, optimizer {o.get('optimizer')}, length-grouped batches (transformers' LengthGroupedSampler, seeded per epoch)",
-        f"- 1-minute load average: {report['load_average_start'][0]:.2f} at start, {report['load_average_end'][0]:.2f} at end",
-        f"- command: `{report['command']}`",
+        f"- MFU: real tokens/s x {o['model_flops_per_token'] / 1e6:.1f} M model FLOPs per token "
+        f"(adapters.benchmarking.flops: {o['flops_per_token']['formula']}; attention over "
+        f"{o['flops_per_token']['seq_len']:.1f} tokens) / the peak of a {o['peak_flops']['dtype']} "
+        f"{o['peak_flops']['size']}x{o['peak_flops']['size']} matmul measured before each run "
+        f"({o['peak_flops']['flops_per_second'] / 1e9:.0f} GFLOP/s before ours, "
+        f"{p['peak_flops']['flops_per_second'] / 1e9:.0f} before plain, {o['peak_flops']['threads']} threads)",
+        "- peak memory: the process's resident set sampled every 20 ms during training (both sides run in one "
+        "process, so getrusage's high-water mark would carry over)",
+        f"- load average (1, 5, 15 min): {report['load_average_start']} at start, {report['load_average_end']} at end",
+        f"- command: `{report['command']}` ({report.get('date', 'date not recorded')})",
     ]
     if report.get("notes"):
         lines += ["", *[f"- {n}" for n in report["notes"]]]
@@ -335,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         [".venv/bin/python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]
     )
-    load_start = list(os.getloadavg())
+    load_start = load_average()
     data = plain_data(args)
     our_padded = padded_tokens_ours(run_config(args, tempfile.gettempdir()))
     ours_runs, plain_runs = [], []
@@ -349,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         ordered = sorted(runs, key=lambda r: r["real_tokens_per_second"])
         return ordered[(len(ordered) - 1) // 2] if len(ordered) % 2 else ordered[len(ordered) // 2 - 1]
 
+    # the same model FLOPs for both (the smaller count: what the model needs, Chowdhery et al. 2022)
+    add_mfu(ours_runs + plain_runs, min(r["flops_per_token"]["total"] for r in ours_runs + plain_runs))
     ours, plain = median_run(ours_runs), median_run(plain_runs)
     ours["padded_tokens"] = our_padded
     ours["padding_share"] = 1 - ours["real_tokens"] / our_padded
@@ -376,8 +437,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "environment": environment(),
         "load_average_start": load_start,
-        "load_average_end": list(os.getloadavg()),
+        "load_average_end": load_average(),
         "command": command,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if max(load_start[0], report["load_average_end"][0]) > 2.5:
         report["notes"] = [
