@@ -116,7 +116,7 @@ def train_ours(args, profile: bool = False) -> dict:
 
         def note_model(model):
             seen["attn_implementation"] = _attn_implementation(model)
-            seen["optimizer"] = "torch.optim.AdamW (fused when available, see adapters/training.py)"
+            seen["optimizer"] = "torch.optim.AdamW (fused when available, see adapters/training/setup.py)"
             seen["flops_per_token"] = count_training_flops(model, **probe).to_dict()
 
         probe = flops_probe(args)
