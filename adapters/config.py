@@ -26,7 +26,7 @@ from adapters.errors import ConfigError, yaml_problem
 from adapters.gguf_meta import check_model_name
 from adapters.methods import get_method, list_methods
 from adapters.methods.base import MethodOptions, NumbersNotBools
-from adapters.paths import validate_name
+from adapters.paths import read_bounded_text, validate_name
 
 # Upper bounds of sizes the config alone can judge: far above any run this toolkit makes, far below what
 # would try to allocate the machine away (method.r = 1e8 asks for ~150 GB) or never end.
@@ -622,20 +622,12 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"--config {path}: is a folder; valid: a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(MAX_CONFIG_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes; a run config is a small YAML file")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); save the file as UTF-8"
-        ) from None
+    text = read_bounded_text(
+        path,
+        MAX_CONFIG_BYTES,
+        ConfigError,
+        too_large="{path}: larger than {limit:,} bytes; a run config is a small YAML file",
+    )
     raw = parse_yaml(text, str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(

@@ -82,6 +82,39 @@ def atomic_path(
         fsync_dir(path.parent)
 
 
+def read_bounded_text(
+    path: str | os.PathLike,
+    limit: int,
+    error: type[Exception] = ConfigError,
+    *,
+    unreadable: str = "{path}: cannot be read ({reason})",
+    too_large: str = "{path}: larger than {limit:,} bytes",
+    not_utf8: str = "{path}: not UTF-8 text (byte 0x{byte:02x} on line {line}); save the file as UTF-8",
+) -> str:
+    """The text of a UTF-8 file of at most ``limit`` bytes, read without loading more than limit + 1 bytes
+    (a huge, damaged or hostile file costs no memory).
+
+    Raises ``error`` with one message, a ``str.format`` template the caller may replace:
+    ``unreadable`` when the file cannot be opened or read (a folder, a missing file, no permission;
+    fields: path, reason = the OS's words, error = the whole OSError), ``too_large`` when it holds more
+    than ``limit`` bytes (fields: path, limit), ``not_utf8`` when its bytes are not UTF-8 (fields: path,
+    byte = the first bad byte, line = its 1-based line, reason = error = the codec's message).
+    Callers check first whether the path should exist and be a plain file: opening a FIFO waits for a writer.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as err:
+        raise error(unreadable.format(path=path, reason=err.strerror or err, error=err)) from None
+    if len(data) > limit:
+        raise error(too_large.format(path=path, limit=limit))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise error(not_utf8.format(path=path, byte=data[err.start], line=line, reason=err, error=err)) from None
+
+
 def package_dir(dist: str, module: str) -> Path:
     """Folder of the installed package `module` (PyPI distribution `dist`), found without importing it.
 

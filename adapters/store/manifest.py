@@ -20,7 +20,7 @@ from typing import Any
 from adapters import __version__
 from adapters.constants import MANIFEST, TASKS
 from adapters.errors import ConfigError, StoreError
-from adapters.paths import atomic_path
+from adapters.paths import atomic_path, read_bounded_text
 from adapters.store.fingerprint import (
     PREFIX,
     fingerprint_dataset,
@@ -292,13 +292,17 @@ def read_manifest(folder: str | Path) -> dict:
         raise StoreError(f"{path}: not a plain file (a link, folder or device); a manifest must be a plain file")
     if not path.is_file():
         raise StoreError(f"{folder} has no {MANIFEST}: not an adapterkit adapter folder")
+    text = read_bounded_text(
+        path,
+        MAX_MANIFEST_BYTES,
+        StoreError,
+        unreadable="{path}: unreadable manifest ({error})",
+        too_large="{path}: unreadable manifest (larger than {limit} bytes)",
+        not_utf8="{path}: unreadable manifest ({reason})",
+    )
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_MANIFEST_BYTES + 1)
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise ValueError(f"larger than {MAX_MANIFEST_BYTES} bytes")
-        manifest = json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as err:
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as err:
         reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
         raise StoreError(f"{path}: unreadable manifest ({reason})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from adapters.errors import StoreError
+from adapters.paths import read_bounded_text
 from adapters.store.manifest import write_json_atomic
 from adapters.store.refs import LATEST, check_tag
 
@@ -35,16 +36,17 @@ def read_state(name_dir: Path) -> dict:
         return state
     if path.is_symlink() or not path.is_file():
         raise StoreError(f"{path}: damaged tags file: not a plain file (a link, folder or device); {_REPAIR}")
+    text = read_bounded_text(
+        path,
+        MAX_TAGS_BYTES,
+        StoreError,
+        unreadable=f"{{path}}: unreadable tags file ({{reason}}); {_REPAIR}",
+        too_large=f"{{path}}: damaged tags file: larger than {{limit}} bytes; {_REPAIR}",
+        not_utf8=f"{{path}}: damaged tags file: not valid UTF-8 JSON ({{reason}}); {_REPAIR}",
+    )
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_TAGS_BYTES + 1)
-    except OSError as err:
-        raise StoreError(f"{path}: unreadable tags file ({err.strerror or err}); {_REPAIR}") from None
-    if len(raw) > MAX_TAGS_BYTES:
-        raise StoreError(f"{path}: damaged tags file: larger than {MAX_TAGS_BYTES} bytes; {_REPAIR}")
-    try:
-        loaded = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        loaded = json.loads(text)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
         reason = "nested too deeply" if isinstance(err, RecursionError) else str(err).splitlines()[0]
         raise StoreError(f"{path}: damaged tags file: not valid UTF-8 JSON ({reason}); {_REPAIR}") from None
     problem = state_problem(loaded)
