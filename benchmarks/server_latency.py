@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import tempfile
@@ -38,10 +39,19 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run_workload(
-    engine, args, name: str, adapters: list[str], mix: bool, batching: str, lengths: list[int] | None = None
+    engine,
+    args,
+    name: str,
+    adapters: list[str],
+    mix: bool,
+    batching: str,
+    lengths: list[int] | None = None,
+    think_s: float = 0.0,
 ) -> dict:
     """Serve ``engine`` with one batching mode and drive it with ``args.clients`` streaming clients; client i
-    uses ``adapters[i]`` and asks for ``lengths[i]`` new tokens (default: ``args.max_tokens``)."""
+    uses ``adapters[i]`` and asks for ``lengths[i]`` new tokens (default: ``args.max_tokens``). ``think_s``:
+    the mean of the exponential pause (seconds) each client takes before each request, the same seeded
+    draws in every mode (0: back to back)."""
     lengths = lengths or [args.max_tokens] * args.clients
     import httpx
 
@@ -63,8 +73,11 @@ def run_workload(
     with BackgroundServer(create_app(engine, settings)) as server:
 
         def client(i: int) -> None:
+            pauses = random.Random(i)
             with httpx.Client(base_url=server.url, timeout=600) as http:
                 for k in range(args.requests):
+                    if think_s:
+                        time.sleep(pauses.expovariate(1 / think_s))
                     body = {
                         "model": adapters[i],
                         "prompt": f"Client {i} request {k}: write about the weather.",
@@ -106,6 +119,7 @@ def run_workload(
     return {
         "workload": name,
         "batching": batching,
+        "think_seconds": think_s,
         "requests": len(latencies),
         "failures": len(failures),
         "wall_seconds": wall,
@@ -132,8 +146,16 @@ def main() -> None:
         default=4,
         help="continuous: waiting requests join together at most every this many decode steps (one prefill pass)",
     )
+    p.add_argument(
+        "--think-seconds",
+        type=float,
+        default=2.0,
+        help="the think-time workloads: each client pauses a seeded exponential time of this mean before each request",
+    )
+    p.add_argument("--only", type=int, nargs="*", help="run only these workloads (indices in the table's order)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; see load_avg)")
-    p.add_argument("--out", default="benchmarks/results/server_latency")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the engine's (serve --dtype)")
+    p.add_argument("--out", help="results path without suffix (default benchmarks/results/server_latency[_DTYPE])")
     args = p.parse_args()
     import torch
 
@@ -149,34 +171,42 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "batch_window_ms": args.window_ms,
         "join_every_steps": args.join_every_steps,
+        "dtype": args.dtype,
     }
     with tempfile.TemporaryDirectory() as tmp:
         refs = publish_random_loras(Path(tmp) / "store", args.clients)
-        engine = InferenceEngine(BASE, capacity=args.clients + 1, store=Path(tmp) / "store")
+        engine = InferenceEngine(BASE, capacity=args.clients + 1, store=Path(tmp) / "store", dtype=args.dtype)
         for r in refs:
             engine.load(r)
         one, many = [refs[0]] * args.clients, refs
         mixed = f"{args.clients} adapters, mixed batches"
         spread = [args.max_tokens * f // 4 for f in (1, 2, 4, 8)] * args.clients  # 1/4 to 2x max_tokens
         results["lengths_spread"] = sorted(set(spread))
-        results["workloads"] = (
-            [run_workload(engine, args, "one adapter", one, True, batching) for batching in ("continuous", "window")]
-            + [run_workload(engine, args, mixed, many, True, batching) for batching in ("continuous", "window")]
-            + [
-                run_workload(
-                    engine,
-                    args,
-                    mixed + ", lengths " + "/".join(map(str, sorted(set(spread)))),
-                    many,
-                    True,
-                    batching,
-                    spread[: args.clients],
-                )
-                for batching in ("continuous", "window")
-            ]
-            + [run_workload(engine, args, f"{args.clients} adapters, one batch per adapter", many, False, "window")]
-        )
-    out = Path(args.out)
+        think = f", think time {args.think_seconds:g} s"
+        both = ("continuous", "window")
+        specs = [  # (name, adapters per client, mix, lengths, think time, modes)
+            ("one adapter", one, True, None, 0.0, both),
+            (mixed, many, True, None, 0.0, both),
+            (
+                mixed + ", lengths " + "/".join(map(str, sorted(set(spread)))),
+                many,
+                True,
+                spread[: args.clients],
+                0.0,
+                both,
+            ),
+            ("one adapter" + think, one, True, None, args.think_seconds, both),
+            (mixed + think, many, True, None, args.think_seconds, both),
+            (f"{args.clients} adapters, one batch per adapter", many, False, None, 0.0, ("window",)),
+        ]
+        chosen = [specs[i] for i in args.only] if args.only else specs
+        results["workloads"] = [
+            run_workload(engine, args, name, ads, mix, batching, lengths, think_s)
+            for name, ads, mix, lengths, think_s, modes in chosen
+            for batching in modes
+        ]
+    suffix = "" if args.dtype == "float32" else "_" + args.dtype
+    out = Path(args.out or f"benchmarks/results/server_latency{suffix}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
     out.with_suffix(".md").write_text(render_md(results))
@@ -188,7 +218,7 @@ def render_md(r: dict) -> str:
     m = r["machine"]
     lines = [
         f"# Server latency at {r['clients']} concurrent clients (SmolLM2-135M, LoRA r=8, {r['max_tokens']} new "
-        "tokens per request): continuous against window batching",
+        "tokens per request, {r.get('dtype', 'float32')}): continuous against window batching",
         "",
         f"Command: `{r['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average at start "

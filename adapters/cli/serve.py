@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="built-in model name or model folder")
     p.add_argument("--task", default="causal-lm", choices=["causal-lm", "sequence-classification"])
     p.add_argument("--quantization", type=int, choices=[4, 8], help="load the base in 4 or 8 bits (bitsandbytes)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="the base's weights and activations (default float32; with --model: as trained). bfloat16 decodes "
+        "faster on GPUs and on CPUs with AVX512-BF16 or AMX (benchmarks/results/server_latency_bfloat16.md); "
+        "LoRA weights stay float32",
+    )
     p.add_argument("--capacity", type=int, default=16, help="adapters resident at once (LRU beyond)")
     p.add_argument("--store", help="adapter store root (default $ADAPTERKIT_STORE or the cache's store)")
     p.add_argument(
@@ -104,6 +111,7 @@ def serve_vllm(args: argparse.Namespace) -> None:
         max_model_len=args.max_prompt_tokens + args.max_tokens,
         api_key=args.api_token or os.environ.get("ADAPTERKIT_API_TOKEN"),
         extra_args=shlex.split(args.vllm_args),
+        dtype=args.dtype or "float32",
     )
 
 
@@ -127,10 +135,16 @@ def main(argv: list[str] | None = None) -> int:
                 quantization=args.quantization,
                 capacity=args.capacity,
                 store=args.store,
+                dtype=args.dtype,  # None: as trained
             )
         else:
             engine = InferenceEngine(
-                args.base, task=args.task, quantization=args.quantization, capacity=args.capacity, store=args.store
+                args.base,
+                task=args.task,
+                quantization=args.quantization,
+                capacity=args.capacity,
+                store=args.store,
+                dtype=args.dtype or "float32",
             )
         for ref in args.preload:
             engine.load(ref)

@@ -41,10 +41,13 @@ class StandaloneEngine(InferenceEngine):
         quantized = kwargs.get("quantization") is not None or (isinstance(base, ModelConfig) and base.quantization)
         if quantized:
             raise ConfigError("a standalone model loads its own weights into a float base: drop the quantization")
+        dtype = kwargs.pop("dtype", None)  # None: the dtype the artifact was trained in
         if not isinstance(base, ModelConfig):  # the base as the artifact was trained on it (pooling, dtype)
             _, manifest = _store(kwargs.get("store")).resolve(model, verify=False)
             base = trained_model_config(str(base), manifest or {})
             base.quantization = None
+        if dtype is not None:
+            base = base.model_copy(update={"dtype": dtype})
         super().__init__(base, task=task, **kwargs)
         t0 = time.perf_counter()
         self.model_ref = model

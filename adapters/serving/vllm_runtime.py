@@ -135,8 +135,10 @@ def server_command(
     max_logprobs: int = 20,
     api_key: str | None = None,
     extra_args: Sequence[str] = (),
+    dtype: str = "float32",
 ) -> list[str]:
-    """The argv that starts vLLM's OpenAI server on the base model folder, float32 on the CPU.
+    """The argv that starts vLLM's OpenAI server on the base model folder, in ``dtype`` (vLLM's ``--dtype``:
+    float32, bfloat16, float16 or auto; float32 by default, as our engine).
 
     lora_modules: {served name: adapter folder} loaded at start (``--lora-modules``); others come
     through the resolver. lora_rank: ``--max-lora-rank`` (a value of VLLM_LORA_RANKS). max_loras:
@@ -154,7 +156,7 @@ def server_command(
         "--port",
         str(port),
         "--dtype",
-        "float32",
+        dtype,
         "--max-model-len",
         str(max_model_len),
         "--enable-lora",

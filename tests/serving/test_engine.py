@@ -461,3 +461,40 @@ def test_prompt_tuning_adapter_and_one_peft_type_per_engine(tiny_llama_dir, lm_a
         engine.load(str(lm_adapters["A"]))
     engine.unload(str(pt))
     engine.load(str(lm_adapters["A"]))  # nothing resident: the engine switches type
+
+
+def test_bfloat16_engine_equals_plain_peft_in_bfloat16(tiny_llama_dir, lm_adapters, store_root):
+    """``serve --dtype bfloat16``: a mixed batch of LoRA rows decodes with the log-probabilities plain peft gives
+    each row alone on a bfloat16 base (teacher-forced), and the adapters' weights stay float32 (peft's default)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=4, store=store_root, dtype="bfloat16")
+    a = lm_adapters
+    rows = [(a["A"], PROMPTS[1]), (a["B"], PROMPTS[2]), ("base", PROMPTS[0]), (a["C"], PROMPTS[4])]
+    ids = [engine.tokenizer(p, add_special_tokens=False)["input_ids"] for _, p in rows]
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=0)
+    results = engine.generate(
+        [GenerationRequest(adapter=str(ad), prompt_ids=i, params=params) for (ad, _), i in zip(rows, ids)]
+    )
+    assert engine._layers.base_model.lm_head.weight.dtype == torch.bfloat16
+    lora = [p for n, p in engine._layers.peft.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.bfloat16).eval()
+    worst, gaps = 0.0, []
+    for (ad, _), prompt, got in zip(rows, ids, results):
+        model = base if ad == "base" else PeftModel.from_pretrained(base, str(ad)).eval()
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([prompt + got.token_ids])).logits[0].float()
+        if ad != "base":
+            base = model.unload()  # the same base for the next adapter, without this one's layers
+        want = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1].gather(1, torch.tensor(got.token_ids)[:, None])
+        gap = (torch.tensor(got.logprobs.logprobs) - want[:, 0]).abs().max().item()
+        worst = max(worst, gap)
+        gaps.append(gap)
+    # bfloat16 keeps ~3 significant digits: a decode step and a teacher-forced pass round differently
+    assert worst < 0.03, gaps
+    fp32 = InferenceEngine(str(tiny_llama_dir), capacity=4, store=store_root).generate(
+        [GenerationRequest(adapter=str(ad), prompt_ids=i, params=params) for (ad, _), i in zip(rows, ids)]
+    )
+    assert any(r.logprobs.logprobs != f.logprobs.logprobs for r, f in zip(results, fp32))  # really bfloat16

@@ -81,6 +81,7 @@ def test_server_command_and_environment(tmp_path, monkeypatch):
     argv = server_command("/models/base", port=9, lora_modules={"a@1": "/s/a/1"}, api_key="k", extra_args=["--x"])
     assert argv[:3] == [str(python), "-m", "vllm.entrypoints.openai.api_server"]
     assert " --dtype float32 " in " ".join(argv) and "--enable-lora" in argv
+    assert " --dtype bfloat16 " in " ".join(server_command("/models/base", dtype="bfloat16"))  # serve --dtype
     assert argv[argv.index("--lora-modules") + 1] == "a@1=/s/a/1" and argv[-3:] == ["--api-key", "k", "--x"]
     env = server_env(tmp_path / "store")
     assert env["VLLM_PLUGINS"] == PLUGIN_NAME and env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
@@ -90,6 +91,14 @@ def test_server_command_and_environment(tmp_path, monkeypatch):
 def test_serve_refuses_what_vllm_does_not_have(capsys):
     assert serve_main(["--engine", "vllm", "--base", "x", "--traffic-log", "t.jsonl", "--quantization", "4"]) == 2
     assert "drop --quantization, --traffic-log" in capsys.readouterr().err
+
+
+def test_serve_refuses_an_unknown_dtype(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        serve_main(["--base", "x", "--dtype", "float8"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--dtype: invalid choice: 'float8'" in err and "bfloat16" in err and "Traceback" not in err
 
 
 def test_serve_refuses_a_preload_before_starting_vllm(published, tiny_llama_dir, capsys):
