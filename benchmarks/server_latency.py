@@ -2,6 +2,7 @@
 continuous batching against the old window batching, in the same run.
 
     .venv/bin/python benchmarks/server_latency.py [--clients 16] [--requests 3] [--max-tokens 16] [--threads 1]
+        [--think-seconds 2] [--dtype float32|bfloat16] [--only 0 3]
 
 The server runs in this process (uvicorn on 127.0.0.1, a free port); --clients threads each send
 --requests streamed completions back to back (greedy, max_tokens tokens each, ignore_eos), and time
@@ -11,9 +12,12 @@ steps) and ``"window"`` (requests gathered for --window-ms run as one batch to i
 - one adapter: every client uses the same adapter;
 - N adapters, mixing: each client its own adapter, batches may mix adapters;
 - the same with mixed lengths: client i asks for max_tokens x (1/4, 1/2, 1, 2)[i % 4] tokens;
+- one adapter and N adapters with think time: each client pauses a seeded exponential time (mean
+  --think-seconds) before each request, as interactive users do, so requests arrive spread out;
 - N adapters, no mixing (window only, as before: one engine batch per adapter).
+Back to back (no think time), Little's law ties the modes: mean latency = clients / throughput.
 The engine holds clients + 1 adapters: continuous batching keeps one slot free of running rows.
-Writes benchmarks/results/server_latency.{json,md}.
+Writes benchmarks/results/server_latency[_bfloat16].{json,md}.
 """
 
 from __future__ import annotations

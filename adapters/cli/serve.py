@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
-        help="the base's weights and activations (default float32; with --model: as trained). bfloat16 decodes "
-        "faster on GPUs and on CPUs with AVX512-BF16 or AMX (benchmarks/results/server_latency_bfloat16.md); "
-        "LoRA weights stay float32",
+        help="the base's weights and activations (default float32; with --model: as trained). bfloat16 halves "
+        "the base's memory; on a CPU with AVX512-BF16 it decodes small batches faster but prefills slower "
+        "(benchmarks/results/server_latency_bfloat16.md). LoRA weights stay float32 (peft's default)",
     )
     p.add_argument("--capacity", type=int, default=16, help="adapters resident at once (LRU beyond)")
     p.add_argument("--store", help="adapter store root (default $ADAPTERKIT_STORE or the cache's store)")

@@ -106,3 +106,19 @@ def test_gpu_check_dry_run(tmp_path):
             assert "error" not in run and run["real_tokens"] > 0 and 0 < run["mfu"] < 2
         # both sides train the same LoRA on the same model: the same trainable parameters
         assert variant["trl"]["trainable_params"] == variant["ours"]["trainable_params"]
+
+
+@pytest.mark.real_model
+def test_server_latency_end_to_end_with_think_time(tmp_path):
+    args = ("--clients", "2", "--requests", "1", "--max-tokens", "2", "--think-seconds", "0.05", "--only", "0", "3")
+    run_script("benchmarks/server_latency.py", *args, "--out", str(tmp_path / "s"))
+    report = json.loads((tmp_path / "s.json").read_text())
+    rows = report["workloads"]
+    assert [(w["batching"], w["think_seconds"]) for w in rows] == [
+        ("continuous", 0.0),
+        ("window", 0.0),
+        ("continuous", 0.05),
+        ("window", 0.05),
+    ]
+    assert all(w["failures"] == 0 and w["requests"] == 2 and w["tokens_per_s"] > 0 for w in rows)
+    assert "think time 0.05 s" in (tmp_path / "s.md").read_text()
