@@ -75,6 +75,7 @@ class PeftLayers:
     def delete(self, slot: str, survivors: list[str]) -> None:
         """Delete the peft adapter ``slot``; ``survivors`` are the slots that stay. With none left,
         the PeftModel is dropped and the plain base restored (peft keeps at least one adapter)."""
+        self.mixed.clear()  # it may hold the deleted adapter's weights
         if survivors:
             if self.active_slot in (None, slot):  # point peft at a survivor first: deleting the active one warns
                 self.activate(survivors[0])

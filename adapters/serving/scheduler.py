@@ -230,9 +230,9 @@ class DecodeScheduler:
         forward, names = forward_for(self._layers, adapter_names or [PEFT_BASE] * kwargs["input_ids"].shape[0])
         if names is None:
             return forward(**kwargs)
-        key = (tuple(names), self._pool.stats.loads)
-        if key != self._mixed_key:  # other rows, or a slot refilled since: stack the LoRA weights again
-            self._layers.mixed.clear()
+        key = (tuple(names), self._pool.stats.loads, self._pool.stats.unloads)
+        if key != self._mixed_key:  # other rows: stack again; a slot loaded, refilled or freed: look weights up again
+            self._layers.mixed.clear(adapters=self._mixed_key is None or key[1:] != self._mixed_key[1:])
             self._mixed_key = key
         return forward(adapter_names=names, **kwargs)
 

@@ -139,3 +139,32 @@ def test_prompt_learning_rows_are_generated_at_admission(tiny_llama_dir, store_r
     rows = [request(pt, PROMPTS[0], 6), request("base", PROMPTS[1], 6)]
     got, _, _ = run(engine, {0: rows[:1], 1: rows[1:]})
     assert [g.token_ids for g in got] == [engine.generate([r])[0].token_ids for r in rows]
+
+
+def test_a_refilled_slot_joins_a_running_mixed_batch_with_its_own_weights(
+    tiny_llama_dir, adapters, store_root, tmp_path
+):
+    """The mixed-LoRA stacks follow residency: C is loaded and unloaded while A and B decode, E refills C's
+    pooled slot and joins the running batch; every row still gets the tokens it gets alone."""
+    e = str(make_adapter(tiny_llama_dir, tmp_path / "E", seed=65, options={"r": 8, "target_modules": "all"}))
+    engine = InferenceEngine(str(tiny_llama_dir), capacity=5, store=store_root)
+    rows = [request(adapters["A"], PROMPTS[1], 14, ignore_eos=True), request(adapters["B"], PROMPTS[2], 12)]
+    late = [request(adapters["C"], PROMPTS[4], 6, ignore_eos=True), request(e, PROMPTS[0], 8, ignore_eos=True)]
+    reference = InferenceEngine(str(tiny_llama_dir), capacity=5, store=store_root)
+    expected = [reference.generate([r])[0].token_ids for r in rows + late]
+    live = engine.start(rows)  # C's slot does not exist yet
+    engine.scheduler.step()
+    engine.load(adapters["C"])
+    slot_c = engine.resident()[-1]["slot"]
+    live += engine.start(late[:1])
+    engine.scheduler.step()
+    engine.scheduler.cancel(live[2:])
+    engine.unload(adapters["C"])
+    live += engine.start(late)  # E refills C's slot (same shapes); C loads again beside it
+    assert slot_c in {entry["slot"] for entry in engine.resident()}
+    done = {}
+    while engine.scheduler.running():
+        for event in engine.scheduler.step():
+            if event.done is not None:
+                done[live.index(event.row)] = event.done.token_ids
+    assert [done[i] for i in (0, 1, 3, 4)] == expected
