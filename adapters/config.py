@@ -620,8 +620,10 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--config {path}: is a folder; valid: a YAML file")
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():  # a device or FIFO: reading it could block or never end
+        raise ConfigError(f"--config {path}: not a plain file; valid: a YAML file")
     text = read_bounded_text(
         path,
         MAX_CONFIG_BYTES,

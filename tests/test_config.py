@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -245,6 +247,11 @@ def test_config_file_bytes_and_size_are_checked(tmp_path):
         load_config(big)
     with pytest.raises(ConfigError, match=r"is a folder; valid: a YAML file"):
         load_config(tmp_path)
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # opening it would wait for a writer
+    for special in (fifo, Path("/dev/zero")):  # exists, but is no plain file: not "not found"
+        with pytest.raises(ConfigError, match=r"not a plain file; valid: a YAML file"):
+            load_config(special)
     dup = tmp_path / "dup.yaml"
     dup.write_text("task: causal-lm\ntask: sequence-classification\n")
     with pytest.raises(ConfigError, match=r"dup\.yaml: key 'task' appears twice in one mapping \(lines 1 and 2\)"):

@@ -264,6 +264,8 @@ def test_full_fine_tune_is_a_standalone_model_for_infer_export_and_server(
         r = client.post("/v1/classify", json={"model": str(cls_full), "input": TEXTS})
         assert r.status_code == 200, r.text
         assert [x["label"] for x in r.json()["results"]] == [s.label for s in served]
+        listed = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        assert listed == [str(cls_full)]  # not base, not the store's other adapters: it refuses them
 
     # export --to merged: plain transformers loads it with the same answers; --to peft is refused
     assert_parity(run_parity(str(cls_full), "transformers", store=store, texts=TEXTS), rows=len(TEXTS))

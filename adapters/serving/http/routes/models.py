@@ -44,23 +44,29 @@ def _created_of(server: ServerContext, ref: str, stored_at: dict[str, str | None
 
 
 def _model_cards(server: ServerContext) -> list[ModelCard]:
-    """ "base", the resident adapters (name@version when stored), then the store's other versions for this task."""
+    """ "base", the resident adapters (name@version when stored), then the store's other versions for this task.
+    A standalone engine (``serve --model``) lists its one artifact only: it refuses base and other adapters."""
     engine = server.engine
+    standalone = getattr(engine, "model_ref", None) is not None
     try:
         stored = engine.store_of().list()
     except Exception:  # noqa: BLE001 - an unreadable store still lists what is resident
         stored = []
     stored_at = {f"{row['name']}@{row['version']}": row.get("created_at") for row in stored}
-    cards = [
-        ModelCard(
-            id=BASE,
-            created=int(engine.loaded_at),
-            owned_by=OWNER,
-            base=engine.base_name,
-            task=engine.task,
-            resident=True,
-        )
-    ]
+    cards = (
+        []
+        if standalone
+        else [
+            ModelCard(
+                id=BASE,
+                created=int(engine.loaded_at),
+                owned_by=OWNER,
+                base=engine.base_name,
+                task=engine.task,
+                resident=True,
+            )
+        ]
+    )
     for r in engine.resident():
         if r.get("name") and r.get("version"):
             ref = f"{r['name']}@{r['version']}"
@@ -80,7 +86,7 @@ def _model_cards(server: ServerContext) -> list[ModelCard]:
             )
         )
     resident_ids = {c.id for c in cards}
-    for row in stored:
+    for row in stored if not standalone else []:
         ref = f"{row['name']}@{row['version']}"
         if row.get("task") not in (None, engine.task) or ref in resident_ids:
             continue
