@@ -98,7 +98,7 @@ def read_bounded_text(
     ``unreadable`` when the file cannot be opened or read (a folder, a missing file, no permission;
     fields: path, reason = the OS's words, error = the whole OSError), ``too_large`` when it holds more
     than ``limit`` bytes (fields: path, limit), ``not_utf8`` when its bytes are not UTF-8 (fields: path,
-    byte = the first bad byte, line = its 1-based line, reason = error = the codec's message).
+    byte = the first bad byte, line = its 1-based line, reason = the codec's message).
     Callers check first whether the path should exist and be a plain file: opening a FIFO waits for a writer.
     """
     try:
@@ -112,7 +112,7 @@ def read_bounded_text(
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise error(not_utf8.format(path=path, byte=data[err.start], line=line, reason=err, error=err)) from None
+        raise error(not_utf8.format(path=path, byte=data[err.start], line=line, reason=err)) from None
 
 
 def package_dir(dist: str, module: str) -> Path:

@@ -222,7 +222,7 @@ def render_md(r: dict) -> str:
     m = r["machine"]
     lines = [
         f"# Server latency at {r['clients']} concurrent clients (SmolLM2-135M, LoRA r=8, {r['max_tokens']} new "
-        "tokens per request, {r.get('dtype', 'float32')}): continuous against window batching",
+        f"tokens per request, {r.get('dtype', 'float32')}): continuous against window batching",
         "",
         f"Command: `{r['command']}`  ",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average at start "

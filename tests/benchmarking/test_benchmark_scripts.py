@@ -121,4 +121,5 @@ def test_server_latency_end_to_end_with_think_time(tmp_path):
         ("window", 0.05),
     ]
     assert all(w["failures"] == 0 and w["requests"] == 2 and w["tokens_per_s"] > 0 for w in rows)
-    assert "think time 0.05 s" in (tmp_path / "s.md").read_text()
+    md = (tmp_path / "s.md").read_text()
+    assert "think time 0.05 s" in md and "{" not in md.splitlines()[0]  # the title is filled in

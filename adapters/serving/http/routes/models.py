@@ -43,15 +43,20 @@ def _created_of(server: ServerContext, ref: str, stored_at: dict[str, str | None
     return _epoch(manifest.get("created_at"), server.engine.loaded_at)
 
 
+def _stored_rows(engine) -> list[dict]:
+    """The store's listing, or nothing when the store cannot be read (what is resident is still listed)."""
+    try:
+        return engine.store_of().list()
+    except Exception:  # noqa: BLE001 - an unreadable store still lists what is resident
+        return []
+
+
 def _model_cards(server: ServerContext) -> list[ModelCard]:
     """ "base", the resident adapters (name@version when stored), then the store's other versions for this task.
     A standalone engine (``serve --model``) lists its one artifact only: it refuses base and other adapters."""
     engine = server.engine
     standalone = getattr(engine, "model_ref", None) is not None
-    try:
-        stored = engine.store_of().list()
-    except Exception:  # noqa: BLE001 - an unreadable store still lists what is resident
-        stored = []
+    stored = [] if standalone else _stored_rows(engine)
     stored_at = {f"{row['name']}@{row['version']}": row.get("created_at") for row in stored}
     cards = (
         []
@@ -86,7 +91,7 @@ def _model_cards(server: ServerContext) -> list[ModelCard]:
             )
         )
     resident_ids = {c.id for c in cards}
-    for row in stored if not standalone else []:
+    for row in stored:
         ref = f"{row['name']}@{row['version']}"
         if row.get("task") not in (None, engine.task) or ref in resident_ids:
             continue
