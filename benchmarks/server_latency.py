@@ -74,6 +74,8 @@ def run_workload(
     tokens: list[int] = []
     first_tokens: list[float] = []
     failures: list[str] = []
+    engine.prefix_cache.clear()  # every mode starts cold (but for the warm-up request)
+    looked, hit, reused = (engine.prefix_cache.stats()[k] for k in ("lookups", "hits", "hit_tokens"))
     with BackgroundServer(create_app(engine, settings)) as server:
 
         def client(i: int) -> None:
@@ -135,6 +137,10 @@ def run_workload(
         "tokens_per_s": sum(tokens) / wall,
         # window: rows per engine batch; continuous: rows per decode step (prefills of joining rows not counted)
         "mean_batch_rows": rows / batches if batches else None,
+        # prompts that reused a cached prefix, and the prompt tokens copied instead of computed (warm-up included)
+        "prefix_cache_hits": engine.prefix_cache.hits - hit,
+        "prefix_cache_lookups": engine.prefix_cache.lookups - looked,
+        "prefix_cache_hit_tokens": engine.prefix_cache.hit_tokens - reused,
     }
 
 
@@ -159,12 +165,19 @@ def main() -> None:
     p.add_argument("--only", type=int, nargs="*", help="run only these workloads (indices in the table's order)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared; see load_avg)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the engine's (serve --dtype)")
+    p.add_argument(
+        "--prefix-cache-mib",
+        type=float,
+        help="the engine's prefix cache (serve --prefix-cache-mib; default the engine's, 0: off)",
+    )
     p.add_argument("--out", help="results path without suffix (default benchmarks/results/server_latency[_DTYPE])")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    from adapters.serving.engine import InferenceEngine
+    from adapters.serving.engine import DEFAULT_PREFIX_CACHE_MIB, InferenceEngine
+
+    cache_mib = DEFAULT_PREFIX_CACHE_MIB if args.prefix_cache_mib is None else args.prefix_cache_mib
 
     results: dict = {
         "command": "python " + " ".join(sys.argv),
@@ -176,10 +189,13 @@ def main() -> None:
         "batch_window_ms": args.window_ms,
         "join_every_steps": args.join_every_steps,
         "dtype": args.dtype,
+        "prefix_cache_mib": cache_mib,
     }
     with tempfile.TemporaryDirectory() as tmp:
         refs = publish_random_loras(Path(tmp) / "store", args.clients)
-        engine = InferenceEngine(BASE, capacity=args.clients + 1, store=Path(tmp) / "store", dtype=args.dtype)
+        engine = InferenceEngine(
+            BASE, capacity=args.clients + 1, store=Path(tmp) / "store", dtype=args.dtype, prefix_cache_mib=cache_mib
+        )
         for r in refs:
             engine.load(r)
         one, many = [refs[0]] * args.clients, refs
@@ -228,19 +244,32 @@ def render_md(r: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, load average at start "
         f"{tuple(round(x, 1) for x in m['load_avg'])} (shared machine), git {m['git']}; loopback HTTP, streamed "
         f"completions (latency: to the last chunk; TTFT: to the first text chunk), window {r['batch_window_ms']} ms, "
-        f"continuous: requests join at most every {r['join_every_steps']} decode steps",
+        f"continuous: requests join at most every {r['join_every_steps']} decode steps; prefix cache "
+        f"{_cache_size(r.get('prefix_cache_mib'))} (each mode starts with it empty)",
         "",
         "| workload | batching | requests | failures | p50 | p99 | TTFT p50 | TTFT p99 | requests/s | tokens/s "
-        "| rows per step / batch |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| rows per step / batch | prefix cache hits (prompt tokens reused) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for w in r["workloads"]:
+        hits = (
+            f"{w['prefix_cache_hits']} of {w['prefix_cache_lookups']} ({w['prefix_cache_hit_tokens']})"
+            if "prefix_cache_hits" in w
+            else "-"
+        )
         lines.append(
             f"| {w['workload']} | {w['batching']} | {w['requests']} | {w['failures']} | {w['p50_ms'] / 1e3:.2f} s "
             f"| {w['p99_ms'] / 1e3:.2f} s | {w['ttft_p50_ms'] / 1e3:.2f} s | {w['ttft_p99_ms'] / 1e3:.2f} s "
-            f"| {w['requests_per_s']:.2f} | {w['tokens_per_s']:.1f} | {w['mean_batch_rows']:.1f} |"
+            f"| {w['requests_per_s']:.2f} | {w['tokens_per_s']:.1f} | {w['mean_batch_rows']:.1f} | {hits} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _cache_size(mib: float | None) -> str:
+    """The prefix cache's setting in words (results from before it existed say so)."""
+    if mib is None:
+        return "not built yet"
+    return f"{mib:g} MiB" if mib else "off"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import uvicorn
 from adapters.cli.main import guarded
 from adapters.errors import AdapterkitError, ConfigError
 from adapters.monitoring.traffic_log import TrafficLogger
-from adapters.serving.engine import InferenceEngine
+from adapters.serving.engine import DEFAULT_PREFIX_CACHE_MIB, InferenceEngine
 from adapters.serving.http.app import create_app
 from adapters.serving.http.settings import ServerSettings
 from adapters.serving.standalone import StandaloneEngine
@@ -42,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(benchmarks/results/server_latency_bfloat16.md). LoRA weights stay float32 (peft's default)",
     )
     p.add_argument("--capacity", type=int, default=16, help="adapters resident at once (LRU beyond)")
+    p.add_argument(
+        "--prefix-cache-mib",
+        type=float,
+        default=DEFAULT_PREFIX_CACHE_MIB,
+        metavar="MIB",
+        help="memory for the keys and values of prompts already prefilled; a prompt of the same adapter that "
+        "starts the same way (a chat system prompt) copies them instead of computing them (0: off)",
+    )
     p.add_argument("--store", help="adapter store root (default $ADAPTERKIT_STORE or the cache's store)")
     p.add_argument(
         "--preload", action="append", default=[], metavar="REF", help="load an adapter at start (repeatable)"
@@ -134,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 task=args.task,
                 quantization=args.quantization,
                 capacity=args.capacity,
+                prefix_cache_mib=args.prefix_cache_mib,
                 store=args.store,
                 dtype=args.dtype,  # None: as trained
             )
@@ -143,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 task=args.task,
                 quantization=args.quantization,
                 capacity=args.capacity,
+                prefix_cache_mib=args.prefix_cache_mib,
                 store=args.store,
                 dtype=args.dtype or "float32",
             )

@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from adapters.errors import ConfigError
 from adapters.modeling.generation import (
@@ -32,6 +32,7 @@ from adapters.modeling.generation import (
     mean_token_confidence,
     score_prompt,
 )
+from adapters.modeling.prefix_cache import PrefixCache
 
 # (row key, token emitted or None, finished row, the row's TokenLogprobs so far when asked: the last is this token's)
 StepEvent = tuple[Hashable, "int | None", "DecodedRow | None", "TokenLogprobs | None"]
@@ -126,6 +127,8 @@ def decode_batch(
     stop_token_ids: set[int],
     adapter_names: list[str] | None = None,
     device: torch.device | str = "cpu",
+    prefix_cache: PrefixCache | None = None,
+    owners: list[Hashable | None] | None = None,
 ) -> list[DecodedRow]:
     """Decode every row of a batch with a KV cache: greedy or sampled per row, each with its own budget and stops.
 
@@ -134,14 +137,15 @@ def decode_batch(
     ``.logits`` are [rows, kept positions, vocab] (all positions of the prompt pass when a row asks for
     prompt_logprobs, else the last). prompts: token ids per row (any lengths; left-padded here).
     params: one SamplingParams per row. adapter_names (one per row) is passed to forward when given,
-    so one forward pass can serve rows of different adapters. Rows that finish leave the batch and
-    the cache. Returns one DecodedRow per prompt, in order. Raises ConfigError for an empty prompt.
+    so one forward pass can serve rows of different adapters. ``prefix_cache`` / ``owners``: reuse of
+    prefilled prompt prefixes, see DecodeState. Rows that finish leave the batch and the cache. Returns one
+    DecodedRow per prompt, in order. Raises ConfigError for an empty prompt.
     """
     if not prompts:
         return []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_token_ids), 0)
-    state = DecodeState(tokenizer, stop_token_ids, pad_id, device)
-    state.add(forward, list(range(len(prompts))), prompts, params, adapter_names)
+    state = DecodeState(tokenizer, stop_token_ids, pad_id, device, prefix_cache)
+    state.add(forward, list(range(len(prompts))), prompts, params, adapter_names, owners)
     results: list[DecodedRow | None] = [None] * len(prompts)
     while len(state):
         for row, _, done, _ in state.step(forward):
@@ -162,10 +166,22 @@ class DecodeState:
     Between calls the batch holds, per row: its key, adapter name and _Row (settings, emitted tokens), the
     attention mask [rows, width] over the KV cache (left padding 0), the next position [rows, 1], and either
     the logits [rows, vocab] of its next token or the tokens picked last step, not yet fed to the model.
+
+    ``prefix_cache`` (adapters.modeling.prefix_cache): rows added with an owner copy the keys and values of the
+    longest prefix of their prompt that owner prefilled before, and prefill only the rest; their prompts are
+    stored for later rows. Rows that score their prompt (prompt_logprobs) prefill it whole.
     """
 
-    def __init__(self, tokenizer, stop_token_ids: set[int], pad_id: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        tokenizer,
+        stop_token_ids: set[int],
+        pad_id: int,
+        device: torch.device | str = "cpu",
+        prefix_cache: PrefixCache | None = None,
+    ):
         self.tokenizer, self.stop_token_ids, self.pad_id, self.device = tokenizer, stop_token_ids, pad_id, device
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.max_bytes > 0 else None
         self.keys: list[Hashable] = []
         self.names: list[str | None] = []
         self._rows: list[_Row] = []
@@ -191,11 +207,14 @@ class DecodeState:
         prompts: list[list[int]],
         params: list[SamplingParams],
         names: list[str | None] | None = None,
+        owners: list[Hashable | None] | None = None,
     ) -> None:
         """Prefill ``prompts`` (token ids per row) in one forward pass and merge the rows into the batch.
 
         ``keys``: one hashable per row, naming it in step()'s events and in remove(). ``params``: one
         SamplingParams per row; ``names``: one adapter name per row (None: ``adapter_names`` is not passed).
+        ``owners``: per row, whose weights make its keys and values (the base, one load of an adapter) for the
+        prefix cache; None (or a None entry): no reuse.
         The running rows' last picked tokens are fed first. Raises ConfigError for an empty prompt and
         RuntimeError when rows cannot join now (see can_join); on any error the running rows go on unharmed.
         """
@@ -203,21 +222,35 @@ class DecodeState:
             return
         if not self.can_join():
             raise RuntimeError("this model's KV cache cannot take rows while others decode")
-        input_ids, mask = _left_pad(prompts, self.pad_id)
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [new rows, width]: padding does not advance the position
+        if any(not p for p in prompts):
+            raise ConfigError("empty prompt: nothing to continue from")
         rows = [_Row(p) for p in params]
         scored = [i for i, p in enumerate(params) if p.prompt_logprobs is not None]
+        owners = owners if owners is not None and self.prefix_cache is not None else [None] * len(prompts)
+        hits = [
+            (0, []) if owner is None or p.prompt_logprobs is not None else self.prefix_cache.lookup(owner, ids)
+            for owner, ids, p in zip(owners, prompts, params)
+        ]
+        cached = [n for n, _ in hits]  # per row: prompt tokens whose keys/values are copied, not computed
+        input_ids, mask = _left_pad([ids[n:] for ids, n in zip(prompts, cached)], self.pad_id)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        # [new rows, width]: a row's positions go on after its cached prefix; padding does not advance them
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + torch.tensor(cached, device=self.device).unsqueeze(1)
+        past = _prefix_past(hits, self.device)
+        if past is not None:
+            mask = torch.cat([past[1], mask], dim=1)  # [new rows, prefix width + width]
         self._feed(forward)
         out = forward(  # every position's logits only when a prompt is scored (0 keeps all)
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
+            past_key_values=past[0] if past is not None else None,
             use_cache=True,
             logits_to_keep=0 if scored else 1,
             **_names_kwarg(names),
         )
-        for i in scored:  # row i's prompt is the last len(prompts[i]) positions (left padding)
+        self._store_prefixes(out.past_key_values, owners, prompts, cached, input_ids.shape[1])
+        for i in scored:  # row i's prompt is the last len(prompts[i]) positions (left padding; nothing cached)
             rows[i].prompt_logprobs = score_prompt(
                 out.logits[i, -len(prompts[i]) :], prompts[i], params[i].prompt_logprobs
             )
@@ -262,6 +295,24 @@ class DecodeState:
         self._select(keep)
         self._pending = picked if keep else None
         return events
+
+    def _store_prefixes(
+        self, cache: Any, owners: list[Hashable | None], prompts: list[list[int]], cached: list[int], width: int
+    ) -> None:
+        """Give the prefix cache each owned row's prompt keys/values: its cached prefix's columns (right-aligned
+        before the ``width`` columns just prefilled) and its new ones (right-aligned after them)."""
+        if self.prefix_cache is None or not _mergeable(cache):  # a sliding window keeps no whole prompt
+            return
+        total = cache.layers[0].keys.shape[-2]
+        for i, (owner, ids, n) in enumerate(zip(owners, prompts, cached)):
+            if owner is None or self.prefix_cache.covered(owner, ids):
+                continue
+            start, fresh = total - width - n, total - (len(ids) - n)
+            kv = [
+                tuple(torch.cat([t[i, :, start : total - width], t[i, :, fresh:]], dim=-2) for t in (L.keys, L.values))
+                for L in cache.layers
+            ]
+            self.prefix_cache.store(owner, ids, kv)
 
     def remove(self, keys: set[Hashable]) -> None:
         """Drop the rows named by ``keys`` (cancelled) from the batch and the KV cache; unknown keys are ignored."""
@@ -311,6 +362,29 @@ class DecodeState:
                 self._mask = self._mask[:, first:]
                 for layer in self._cache.layers:
                     layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+
+
+def _prefix_past(hits: list[tuple[int, list]], device: torch.device | str) -> tuple[Any, torch.Tensor] | None:
+    """The KV cache of the new rows' cached prefixes, left-padded with zeros to the longest (transformers'
+    DynamicCache, layers [rows, kv heads, width, head dim]) and its attention mask [rows, width]; None when no
+    row has one."""
+    width = max(n for n, _ in hits)
+    if width == 0:
+        return None
+    layers = len(next(kv for n, kv in hits if n))
+    mask = torch.zeros((len(hits), width), dtype=torch.long, device=device)
+    for i, (n, _) in enumerate(hits):
+        if n:
+            mask[i, width - n :] = 1
+    data = []
+    for layer in range(layers):
+        pair = []
+        for j in (0, 1):  # keys, values
+            like = next(kv[layer][j] for n, kv in hits if n)
+            empty = like.new_zeros((*like.shape[:-2], 0, like.shape[-1]))
+            pair.append(torch.stack([_pad_left(kv[layer][j] if n else empty, width) for n, kv in hits]).to(device))
+        data.append(tuple(pair))
+    return DynamicCache(ddp_cache_data=data), mask
 
 
 def _names_kwarg(names: list[str | None] | None) -> dict:

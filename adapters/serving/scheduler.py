@@ -16,6 +16,7 @@ moved them. Not thread-safe itself: one thread (the server's batcher) drives it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from adapters.constants import PEFT_BASE
 from adapters.modeling.decoding import DecodeState
 from adapters.modeling.generation import DecodedRow, SamplingParams, TokenLogprobs
+from adapters.modeling.prefix_cache import PrefixCache
 from adapters.serving.passes import generate_prompt_learning
 from adapters.serving.peft_layers import PeftLayers
 from adapters.serving.planner import forward_for
@@ -31,6 +33,7 @@ from adapters.serving.slots import SlotPool
 
 _MIXED = "mixed"  # the batch of base rows and rows of mixable adapters
 _PROMPT_LEARNING = "prompt-learning:"  # rows generated whole at admission
+_BASE_OWNER = ("base",)  # the prefix cache's owner of base rows (adapter owners are (folder key, load id))
 
 
 @dataclass(eq=False)
@@ -62,7 +65,8 @@ class DecodeScheduler:
     """Running decode batches over one engine's model: admit rows, step them, cancel them.
 
     ``lock``: the engine's model lock. ``pool`` / ``layers``: its resident adapters and peft layers.
-    ``stop_token_ids``: EOS ids; ``device``: where inputs go.
+    ``stop_token_ids``: EOS ids; ``device``: where inputs go. ``prefix_cache``: the engine's (shared with its
+    window batches), or None.
     """
 
     def __init__(
@@ -73,8 +77,9 @@ class DecodeScheduler:
         tokenizer,
         stop_token_ids: set[int],
         device: torch.device,
+        prefix_cache: PrefixCache | None = None,
     ):
-        self._lock, self._pool, self._layers = lock, pool, layers
+        self._lock, self._pool, self._layers, self.prefix_cache = lock, pool, layers, prefix_cache
         self.tokenizer, self.stop_token_ids, self.device = tokenizer, stop_token_ids, device
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stop_token_ids), 0)
         self._batches: dict[str, DecodeState] = {}
@@ -205,13 +210,16 @@ class DecodeScheduler:
                     self._pool.unpin(row.adapter.key)
 
     def _prefill(self, batch: str, rows: list[tuple[LiveRow, str]]) -> None:
-        state = self._batches.get(batch) or DecodeState(self.tokenizer, self.stop_token_ids, self._pad_id, self.device)
+        state = self._batches.get(batch) or DecodeState(
+            self.tokenizer, self.stop_token_ids, self._pad_id, self.device, self.prefix_cache
+        )
         state.add(
             self._forward,
             [r for r, _ in rows],
             [r.prompt_ids for r, _ in rows],
             [r.params for r, _ in rows],
             [slot for _, slot in rows],
+            prefix_owners(self._pool, [r.adapter for r, _ in rows]),
         )
         self._batches[batch] = state
         self._rows.setdefault(batch, {}).update(rows)
@@ -239,6 +247,12 @@ class DecodeScheduler:
     def _drop_batch(self, batch: str) -> None:
         self._batches.pop(batch, None)
         self._rows.pop(batch, None)
+
+
+def prefix_owners(pool: SlotPool, adapters: list[ResolvedAdapter | None]) -> list[Hashable]:
+    """Per row, whose weights make its keys and values (the prefix cache's owner): the base's, or the current
+    load of its (resident) adapter."""
+    return [_BASE_OWNER if a is None else pool.resident[a.key].owner for a in adapters]
 
 
 def _batch_of(adapter: ResolvedAdapter | None, mix: bool = True) -> str:

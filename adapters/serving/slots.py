@@ -11,6 +11,7 @@ Not thread-safe: the engine calls it under its lock.
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from adapters.errors import ConfigError
 from adapters.serving.peft_layers import PeftLayers
 from adapters.serving.resolver import ResolvedAdapter
 from adapters.serving.slot_buffers import SlotBuffers
+
+_LOAD_IDS = itertools.count()
 
 
 @dataclass
@@ -33,6 +36,9 @@ class ResidentAdapter:
     load_seconds: float
     uses: int = 0
     refs: set[str] = field(default_factory=set)
+    # Unique per load: the owner of this load's prompt prefixes in the prefix cache (a reload, or another
+    # adapter refilled into the same slot, is another owner, so no keys and values outlive their weights).
+    load_id: int = field(default_factory=lambda: next(_LOAD_IDS))
 
     def summary(self) -> dict:
         """A JSON-ready description (folder key, slot, references, name, version, method, labels, uses)."""
@@ -48,6 +54,11 @@ class ResidentAdapter:
             "uses": self.uses,
             "load_seconds": round(self.load_seconds, 4),
         }
+
+    @property
+    def owner(self) -> tuple[str, int]:
+        """Whose keys and values a row of this adapter makes (adapters.modeling.prefix_cache): this load's."""
+        return (self.adapter.key, self.load_id)
 
 
 @dataclass

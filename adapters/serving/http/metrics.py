@@ -18,7 +18,8 @@ class EngineCollector:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        """Yield cache hits, misses, loads and evictions (counters), resident adapters and capacity (gauges)."""
+        """Yield cache hits, misses, loads and evictions (counters), resident adapters and capacity (gauges), and
+        the prefix cache's counters."""
         s = self.engine.stats
         for name, value, doc in (
             ("adapterkit_adapter_cache_hits", s.hits, "Adapter look-ups served by a resident adapter."),
@@ -35,6 +36,22 @@ class EngineCollector:
         capacity = GaugeMetricFamily("adapterkit_adapter_capacity", "Most adapters resident at once.")
         capacity.add_metric([], self.engine.capacity)
         yield capacity
+        yield from _prefix_cache_metrics(self.engine.prefix_cache.stats())
+
+
+def _prefix_cache_metrics(p: dict) -> Iterator[Metric]:
+    """The prefix cache's lookups, hits and reused prompt tokens (counters) and bytes held (gauge)."""
+    for name, value, doc in (
+        ("adapterkit_prefix_cache_lookups", p["lookups"], "Prompts looked up in the prefix cache."),
+        ("adapterkit_prefix_cache_hits", p["hits"], "Prompts that reused a cached prefix."),
+        ("adapterkit_prefix_cache_hit_tokens", p["hit_tokens"], "Prompt tokens copied from the cache, not computed."),
+    ):
+        family = CounterMetricFamily(name, doc)
+        family.add_metric([], value)
+        yield family
+    held = GaugeMetricFamily("adapterkit_prefix_cache_bytes", "Bytes of keys and values in the prefix cache.")
+    held.add_metric([], p["bytes"])
+    yield held
 
 
 class ServerMetrics:

@@ -152,6 +152,14 @@ def test_health_docs_metrics(client):
     hits = metric_value(text, "adapterkit_adapter_cache_hits_total")
     misses = metric_value(text, "adapterkit_adapter_cache_misses_total")
     assert hits >= 1 and misses >= 1
+    # the prefix cache: a long prompt sent twice reuses its first send's keys and values
+    before = metric_value(text, "adapterkit_prefix_cache_hit_tokens_total")
+    prompt = "Tell me, in one sentence, what a LoRA adapter is and why it is small. Then stop."
+    for _ in range(2):
+        client.post("/v1/completions", json={"model": "alpha", "prompt": prompt, "max_tokens": 1})
+    text = client.get("/metrics").text
+    assert metric_value(text, "adapterkit_prefix_cache_hit_tokens_total") - before >= 10
+    assert metric_value(text, "adapterkit_prefix_cache_bytes") > 0
 
 
 def test_bearer_token(lm_engine, monkeypatch):

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from adapters.modeling.prefix_cache import PrefixCache
 from adapters.serving.http.app import create_app
 from adapters.serving.http.middleware import APIError, handle_api_error
 from adapters.serving.http.routes import models, operations
@@ -44,6 +45,7 @@ def stub_engine():
         store_of=StubStore,
         loaded_at=1_700_000_000.0,
         stats=SimpleNamespace(hits=5, misses=1, loads=1, evictions=0),
+        prefix_cache=PrefixCache(0),
     )
 
 
