@@ -28,6 +28,17 @@ from adapters.serving.standalone import StandaloneEngine
 from adapters.serving.vllm_runtime import serve_with_vllm
 
 
+def _mib(text: str) -> float:
+    """A size in MiB: a finite number >= 0 (argparse turns the ValueError into a usage error, exit 2)."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+_mib.__name__ = "size in MiB (a number >= 0)"  # argparse names the type in its message
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The serve command's options: model, adapters to preload, address, auth, limits, batching, traffic log."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,11 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=int, default=16, help="adapters resident at once (LRU beyond)")
     p.add_argument(
         "--prefix-cache-mib",
-        type=float,
+        type=_mib,
         default=DEFAULT_PREFIX_CACHE_MIB,
         metavar="MIB",
         help="memory for the keys and values of prompts already prefilled; a prompt of the same adapter that "
-        "starts the same way (a chat system prompt) copies them instead of computing them (0: off)",
+        "starts the same way (a chat system prompt) copies them instead of computing them (0: off; --engine vllm "
+        "uses vLLM's own prefix caching)",
     )
     p.add_argument("--store", help="adapter store root (default $ADAPTERKIT_STORE or the cache's store)")
     p.add_argument(

@@ -102,6 +102,15 @@ def test_serve_refuses_an_unknown_dtype(capsys):
     assert "--dtype: invalid choice: 'float8'" in err and "bfloat16" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("size", ["-1", "nan", "inf", "lots"])
+def test_serve_refuses_a_bad_prefix_cache_size(size, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        serve_main(["--base", "x", "--prefix-cache-mib", size])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--prefix-cache-mib: invalid size in MiB (a number >= 0) value: '{size}'" in err and "Traceback" not in err
+
+
 def test_serve_refuses_a_preload_before_starting_vllm(published, tiny_llama_dir, capsys):
     args = ["--engine", "vllm", "--base", str(tiny_llama_dir), "--store", str(published.root), "--preload", "ia3"]
     assert serve_main(args) == 2
