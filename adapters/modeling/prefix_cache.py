@@ -92,7 +92,8 @@ class PrefixCache:
         self.nbytes += nbytes
 
     def drop(self, owner: Hashable) -> None:
-        """Forget every entry of ``owner`` (its adapter was unloaded: a later load is another owner anyway)."""
+        """Forget every entry of ``owner`` (its adapter was unloaded or evicted: a later load is another owner,
+        so they would only hold memory until least-recently-used eviction reached them)."""
         for key in [k for k in self._entries if k[0] == owner]:
             self._evict(key)
 

@@ -199,6 +199,7 @@ class InferenceEngine:
         self._layers = PeftLayers(model, fast_mixed_lora)
         self._pool = SlotPool(self._layers, capacity, self.stats)
         self.prefix_cache = PrefixCache(int(prefix_cache_mib * 2**20))
+        self._pool.on_evict = lambda entry: self.prefix_cache.drop(entry.owner)  # no later row can use them
         self.scheduler = DecodeScheduler(
             self._lock, self._pool, self._layers, self.tokenizer, self._stop_ids, self.device, self.prefix_cache
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapters.constants import ADAPTER_WEIGHTS
@@ -90,6 +91,9 @@ class SlotPool:
         self._next_slot = 0
         self.in_use: Counter[str] = Counter()  # key -> running decode rows that use it: never evicted
         self.unload_after: set[str] = set()  # keys unloaded while in use: evicted when their last row leaves
+        # Called with each entry that stops being resident (evicted or unloaded): the engine forgets that load's
+        # prompt prefixes, which no later row can use.
+        self.on_evict: Callable[[ResidentAdapter], None] | None = None
 
     def slots(self) -> list[str]:
         """The resident adapters' slots, least recently used first."""
@@ -216,6 +220,8 @@ class SlotPool:
         """Make the adapter of folder ``key`` non-resident; its slot joins the pool for the next adapter
         of its shape."""
         entry = self.resident.pop(key)
+        if self.on_evict is not None:
+            self.on_evict(entry)
         if self.layers.active_slot == entry.slot:
             self.layers.activate(next(iter(self.slots()), None))
         self.free[entry.slot] = self._signature.get(entry.slot, "")

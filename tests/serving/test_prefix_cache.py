@@ -86,6 +86,28 @@ def test_an_adapter_refilled_into_a_slot_does_not_reuse_its_predecessors_prefixe
     assert engine.prefix_cache.hits == 0
     engine.generate([request(a, TAILS[1])])
     assert engine.prefix_cache.hits == 1  # this load's prefix is reused
+    # evicted loads' prefixes went with them (no later row can use them): only the resident load's are kept
+    owners = {key[0] for key in engine.prefix_cache._entries}
+    assert owners == {entry.owner for entry in engine._pool.resident.values()}
+    engine.unload(a)
+    assert len(engine.prefix_cache) == 0 and engine.prefix_cache.nbytes == 0
+
+
+def test_in_bfloat16_reuse_moves_logprobs_no_more_than_batching_does(tiny_llama_dir, tmp_path, one_torch_thread):
+    """bfloat16 rounds differently for every batch shape: prefilling a suffix after cached keys is one more
+    shape, so first-token logprobs move within bfloat16's rounding (as a batch neighbour moves them), no more."""
+    cached, plain = (
+        InferenceEngine(str(tiny_llama_dir), store=tmp_path, dtype="bfloat16", prefix_cache_mib=mib) for mib in (64, 0)
+    )
+    first = [request("base", TAILS[0], 1)]
+    cached.generate(first)
+    rows = [request("base", tail, 1) for tail in TAILS[1:]]
+    on = [r.logprobs.logprobs[0] for r in cached.generate(rows)]
+    off = [r.logprobs.logprobs[0] for r in plain.generate(rows)]
+    alone = [plain.generate([row])[0].logprobs.logprobs[0] for row in rows]
+    assert cached.prefix_cache.hits == len(rows)
+    batching = max(abs(a - b) for a, b in zip(off, alone))
+    assert max(abs(a - b) for a, b in zip(on, off)) <= max(2 * batching, 0.01)
 
 
 def test_a_negative_prefix_cache_size_is_refused(tiny_llama_dir, tmp_path):
