@@ -86,7 +86,12 @@ def _top_k(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
     if k == 0:
         return [[] for _ in range(logprobs.shape[0])]
     values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]), dim=-1)  # [positions, k] each
-    return [list(zip(row_ids, row_values)) for row_ids, row_values in zip(ids.tolist(), values.tolist())]
+    # torch.topk orders ties arbitrarily; list them lowest id first, so a greedy row's token (torch.argmax takes
+    # the first maximum) comes first among equals, as clients expect of top_logprobs
+    return [
+        sorted(zip(row_ids, row_values), key=lambda pair: (-pair[1], pair[0]))
+        for row_ids, row_values in zip(ids.tolist(), values.tolist())
+    ]
 
 
 def score_prompt(logits: torch.Tensor, prompt: list[int], k: int) -> TokenLogprobs:
