@@ -101,9 +101,7 @@ def _left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torc
     width = max(len(p) for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if not p:
-            raise ConfigError("empty prompt: nothing to continue from")
+    for i, p in enumerate(prompts):  # DecodeState.add refused empty prompts; a cached prefix leaves >= 1 token
         input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p) :] = 1
     return input_ids, mask

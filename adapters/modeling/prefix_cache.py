@@ -55,13 +55,9 @@ class PrefixCache:
         length, head dim], views of the entry's tensors: do not modify them). At most ``len(prompt) - 1``
         tokens (the last one is computed, for its logits) and at least MIN_PREFIX_TOKENS, else (0, [])."""
         self.lookups += 1
-        best, best_key = 0, None
-        for key in self._index.get((owner, tuple(prompt[:_INDEX_TOKENS])), ()):
-            n = _common_prefix(self._entries[key].tokens, prompt)
-            if n > best:
-                best, best_key = n, key
+        best, best_key = self._longest(owner, prompt)
         best = min(best, len(prompt) - 1)
-        if best < MIN_PREFIX_TOKENS or best_key is None:
+        if best < MIN_PREFIX_TOKENS:
             return 0, []
         self._entries.move_to_end(best_key)
         self.hits += 1
@@ -70,10 +66,7 @@ class PrefixCache:
 
     def covered(self, owner: Hashable, prompt: list[int]) -> bool:
         """Whether an entry of ``owner`` already starts with all of ``prompt`` (storing it would add nothing)."""
-        for key in self._index.get((owner, tuple(prompt[:_INDEX_TOKENS])), ()):
-            if _common_prefix(self._entries[key].tokens, prompt) == len(prompt):
-                return True
-        return False
+        return self._longest(owner, prompt)[0] == len(prompt)
 
     def store(self, owner: Hashable, prompt: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Remember ``prompt``'s per-layer keys/values [kv heads, len(prompt), head dim] (cloned here) for
@@ -113,6 +106,15 @@ class PrefixCache:
             "hits": self.hits,
             "hit_tokens": self.hit_tokens,
         }
+
+    def _longest(self, owner: Hashable, prompt: list[int]) -> tuple[int, tuple | None]:
+        """The entry of ``owner`` sharing the most leading tokens with ``prompt``: (how many, its key), or (0, None)."""
+        best, best_key = 0, None
+        for key in self._index.get((owner, tuple(prompt[:_INDEX_TOKENS])), ()):
+            n = _common_prefix(self._entries[key].tokens, prompt)
+            if n > best:
+                best, best_key = n, key
+        return best, best_key
 
     def _evict(self, key: tuple) -> None:
         entry = self._entries.pop(key)

@@ -18,14 +18,17 @@ class EngineCollector:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        """Yield cache hits, misses, loads and evictions (counters), resident adapters and capacity (gauges), and
-        the prefix cache's counters."""
-        s = self.engine.stats
+        """Yield cache hits, misses, loads and evictions and the prefix cache's lookups, hits and reused tokens
+        (counters), resident adapters, capacity and the prefix cache's bytes (gauges)."""
+        s, p = self.engine.stats, self.engine.prefix_cache.stats()
         for name, value, doc in (
             ("adapterkit_adapter_cache_hits", s.hits, "Adapter look-ups served by a resident adapter."),
             ("adapterkit_adapter_cache_misses", s.misses, "Adapter look-ups that had to load the adapter."),
             ("adapterkit_adapter_loads", s.loads, "Adapters loaded."),
             ("adapterkit_adapter_evictions", s.evictions, "Adapters deleted from memory (LRU or unload)."),
+            ("adapterkit_prefix_cache_lookups", p["lookups"], "Prompts looked up in the prefix cache."),
+            ("adapterkit_prefix_cache_hits", p["hits"], "Prompts that reused a cached prefix."),
+            ("adapterkit_prefix_cache_hit_tokens", p["hit_tokens"], "Prompt tokens copied, not computed."),
         ):
             family = CounterMetricFamily(name, doc)
             family.add_metric([], value)
@@ -36,22 +39,9 @@ class EngineCollector:
         capacity = GaugeMetricFamily("adapterkit_adapter_capacity", "Most adapters resident at once.")
         capacity.add_metric([], self.engine.capacity)
         yield capacity
-        yield from _prefix_cache_metrics(self.engine.prefix_cache.stats())
-
-
-def _prefix_cache_metrics(p: dict) -> Iterator[Metric]:
-    """The prefix cache's lookups, hits and reused prompt tokens (counters) and bytes held (gauge)."""
-    for name, value, doc in (
-        ("adapterkit_prefix_cache_lookups", p["lookups"], "Prompts looked up in the prefix cache."),
-        ("adapterkit_prefix_cache_hits", p["hits"], "Prompts that reused a cached prefix."),
-        ("adapterkit_prefix_cache_hit_tokens", p["hit_tokens"], "Prompt tokens copied from the cache, not computed."),
-    ):
-        family = CounterMetricFamily(name, doc)
-        family.add_metric([], value)
-        yield family
-    held = GaugeMetricFamily("adapterkit_prefix_cache_bytes", "Bytes of keys and values in the prefix cache.")
-    held.add_metric([], p["bytes"])
-    yield held
+        held = GaugeMetricFamily("adapterkit_prefix_cache_bytes", "Bytes of keys and values in the prefix cache.")
+        held.add_metric([], p["bytes"])
+        yield held
 
 
 class ServerMetrics:
